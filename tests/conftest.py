@@ -1,0 +1,27 @@
+"""Shared fixtures: one real LocalCluster with worker processes for the whole run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+from hypothesis import settings
+
+from unet_volume.cluster import local_cluster_config
+
+settings.register_profile("ci", max_examples=50, deadline=None)
+settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Client]:
+    """Two single-threaded worker processes, so pickling and per-worker model loading really happen."""
+    with dask.config.set(local_cluster_config()):
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            host="127.0.0.1",
+        )
+    with cluster, Client(cluster) as client:
+        yield client

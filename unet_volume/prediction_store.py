@@ -1,0 +1,193 @@
+"""The prediction output: a Zarr v3 group that xarray, napari and neuroglancer read.
+
+Layout of ``OUTPUT`` (all arrays carry ``dimension_names``, which is what
+``xarray.open_zarr`` needs on Zarr v3)::
+
+    OUTPUT/
+      zarr.json          group attributes: model, geometry, input, status
+      probabilities      (class, z, y, x)  float32 | float16 | uint8 (p * 255, rounded)
+      segmentation       (z, y, x)         uint8 argmax of the float probabilities
+      class, z, y, x     1-D coordinates: class index; voxel centres in physical units
+
+Chunks are the block grid (one chunk per block and array), so each block task
+writes its own chunks and no two tasks touch the same one. Compression is
+Blosc-zstd with bit-shuffle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import fsspec
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from unet_volume.errors import InputError, OutputExistsError
+from unet_volume.geometry import Box, Shape
+from unet_volume.storage import Volume, exists
+
+OutputDtype = Literal["float32", "float16", "uint8"]
+OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
+DIMS = ("z", "y", "x")
+COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+ATTRS_KEY = "unet_volume"
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionStore:
+    """Where a prediction is written, and how; picklable, reopened by URL in each task."""
+
+    url: str
+    output_dtype: OutputDtype
+
+    def write(self, box: Box, probabilities: np.ndarray) -> None:
+        """Write float ``(class, *box.shape)`` probabilities and their argmax into ``box``.
+
+        ``box`` must be a whole chunk (a block's write box): one writer per chunk.
+        """
+        group = zarr.open_group(self.url, mode="r+", zarr_format=3)
+        slices = box.to_slices()
+        group["segmentation"][slices] = np.argmax(probabilities, axis=0).astype(np.uint8)
+        group["probabilities"][(slice(None), *slices)] = encode_probabilities(
+            probabilities, self.output_dtype
+        )
+
+
+def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -> np.ndarray:
+    """Cast to the stored dtype; uint8 stores ``round(p * 255)``.
+
+    >>> encode_probabilities(np.array([0.0, 0.5, 1.0]), "uint8").tolist()
+    [0, 128, 255]
+    """
+    if output_dtype == "uint8":
+        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return probabilities.astype(output_dtype)
+
+
+def check_output_dtype(value: str) -> OutputDtype:
+    if value not in OUTPUT_DTYPES:
+        raise InputError(
+            f"output dtype {value!r} is not supported; pass one of {', '.join(OUTPUT_DTYPES)}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def check_output(url: str, *, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``."""
+    if not overwrite and exists(url):
+        raise OutputExistsError(
+            f"output {url} already exists; pass --overwrite (overwrite=True) to replace it, "
+            "or choose another output path"
+        )
+
+
+def prepare_output(url: str, *, overwrite: bool) -> None:
+    """Make room for a new output: refuse an existing one unless ``overwrite``, then remove it."""
+    check_output(url, overwrite=overwrite)
+    remove_output(url)
+
+
+def remove_output(url: str) -> None:
+    """Delete whatever is stored at ``url`` (nothing if it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def create_prediction(
+    url: str,
+    *,
+    volume: Volume,
+    num_classes: int,
+    block_shape: Shape,
+    output_dtype: OutputDtype,
+    attrs: Mapping[str, Any],
+) -> PredictionStore:
+    """Create the output group with its arrays, coordinates and metadata (no voxel data yet)."""
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    chunks = tuple(min(b, s) for b, s in zip(block_shape, volume.shape))
+    group.create_array(
+        "probabilities",
+        shape=(num_classes, *volume.shape),
+        chunks=(num_classes, *chunks),
+        dtype=output_dtype,
+        compressors=[COMPRESSOR],
+        dimension_names=("class", *DIMS),
+        fill_value=0,
+        attributes={"long_name": "class probability", "encoding": _encoding(output_dtype)},
+    )
+    group.create_array(
+        "segmentation",
+        shape=volume.shape,
+        chunks=chunks,
+        dtype="uint8",
+        compressors=[COMPRESSOR],
+        dimension_names=DIMS,
+        fill_value=0,
+        attributes={"long_name": "most probable class"},
+    )
+    _write_coordinate(group, "class", np.arange(num_classes, dtype=np.int64), {})
+    for axis, name in enumerate(DIMS):
+        spacing = volume.voxel_size[axis] if volume.voxel_size else 1.0
+        units = {"units": volume.units} if volume.voxel_size and volume.units else {}
+        centres = np.arange(volume.shape[axis], dtype=np.float64) * spacing
+        _write_coordinate(group, name, centres, units)
+    group.attrs.update({ATTRS_KEY: {**attrs, "complete": False}})
+    return PredictionStore(url=url, output_dtype=output_dtype)
+
+
+def _encoding(output_dtype: str) -> str:
+    return "p * 255, rounded" if output_dtype == "uint8" else "p"
+
+
+def _write_coordinate(group: zarr.Group, name: str, values: np.ndarray, attrs: dict[str, str]) -> None:
+    array = group.create_array(
+        name, shape=values.shape, dtype=values.dtype, dimension_names=(name,), attributes=attrs
+    )
+    array[:] = values
+
+
+def finish_prediction(url: str, extra: Mapping[str, Any]) -> None:
+    """Mark the output complete, record ``extra`` (e.g. the run report) and consolidate metadata.
+
+    Consolidated metadata lets ``xarray.open_zarr(url)`` open the group with one read
+    and without its "consolidated metadata" warning.
+    """
+    group = zarr.open_group(url, mode="r+", zarr_format=3)
+    info = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
+    group.attrs[ATTRS_KEY] = {**info, **extra, "complete": True}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(url, zarr_format=3)
+
+
+def open_prediction(url: str) -> xr.Dataset:
+    """Open a prediction as an xarray Dataset with dims (class, z, y, x), lazily (dask).
+
+    >>> # ds = open_prediction("out.zarr"); ds.segmentation.sel(z=100.0)
+    """
+    if not exists(url):
+        raise InputError(f"prediction {url} does not exist; run `unet-volume predict` first")
+    group = zarr.open_group(url, mode="r", zarr_format=3)
+    consolidated = group.metadata.consolidated_metadata is not None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return xr.open_zarr(url, consolidated=consolidated, zarr_format=3)
+
+
+def volume_attrs(volume: Volume) -> dict[str, Any]:
+    """The input's description, as recorded in the output's attributes."""
+    return {
+        "url": volume.url,
+        "shape": list(volume.shape),
+        "channels": volume.channels,
+        "dtype": volume.dtype,
+        "voxel_size": list(volume.voxel_size) if volume.voxel_size else None,
+        "units": volume.units,
+    }
+

@@ -1,0 +1,212 @@
+"""Reading input volumes and writing prediction stores.
+
+Inputs are Zarr arrays (v2 or v3, a local path or any fsspec URL) or TIFF stacks
+(read through tifffile's Zarr view, page by page, never whole), with shape
+``(z, y, x)`` or ``(c, z, y, x)``. A :class:`Volume` is a small picklable
+description of one: workers re-open it from its URL and read only their own box.
+
+Border convention: voxels outside the volume are **mirrored without repeating
+the edge voxel** (numpy's ``np.pad(mode="reflect")``; ``4 3 2 1 | 0 1 2 3``), as
+in the U-Net authors' release. Note that dask's ``boundary="reflect"`` and
+numpy's ``"symmetric"`` repeat the edge voxel instead; we do not.
+
+Outputs are Zarr v3 groups that ``xarray.open_zarr`` reads (see
+:mod:`unet_volume.prediction_store`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import fsspec
+import numpy as np
+import tifffile
+import zarr
+
+from unet_volume.errors import InputError
+from unet_volume.geometry import Box, Shape
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class ArrayLike(Protocol):
+    """Anything sliceable with a shape: a numpy array, a zarr array."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+
+def mirror_indices(begin: int, end: int, size: int) -> np.ndarray:
+    """Indices into an axis of ``size`` for coordinates ``[begin, end)``, mirrored.
+
+    Coordinates outside ``[0, size)`` reflect about the edge voxels without repeating
+    them (period ``2 * (size - 1)``), any number of times; a size-1 axis repeats.
+
+    >>> mirror_indices(-3, 6, 4).tolist()
+    [3, 2, 1, 0, 1, 2, 3, 2, 1]
+    """
+    coords = np.arange(begin, end)
+    if size == 1:
+        return np.zeros_like(coords)
+    period = 2 * (size - 1)
+    folded = np.mod(coords, period)
+    return np.where(folded < size, folded, period - folded)
+
+
+def read_box(array: ArrayLike, box: Box) -> np.ndarray:
+    """Read ``box`` (spatial, may reach outside) from a ``(z, y, x)`` or ``(c, z, y, x)`` array.
+
+    Only the part of the array the mirrored box touches is read (one slice per axis),
+    so a block at the volume border reads no more than an interior one. Returns
+    ``(c, *box.shape)`` (``c = 1`` for arrays without a channel axis).
+    """
+    spatial = tuple(array.shape[-box.ndim :])
+    if box.is_empty():
+        channels = array.shape[0] if len(array.shape) > box.ndim else 1
+        return np.zeros((channels, *box.shape), dtype=np.dtype(array.dtype))  # type: ignore[attr-defined]
+    indices = [mirror_indices(b, e, n) for b, e, n in zip(box.begin, box.end, spatial)]
+    window = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+    data = np.asarray(array[(Ellipsis, *window)])
+    if data.ndim == box.ndim:
+        data = data[np.newaxis]
+    local = [i - w.start for i, w in zip(indices, window)]
+    if all(np.array_equal(i, np.arange(len(i))) and len(i) == d for i, d in zip(local, data.shape[1:])):
+        return data
+    return data[np.ix_(np.arange(data.shape[0]), *local)]
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    """An input volume: where it is and what it holds; reopened by URL wherever it is read.
+
+    ``shape`` is spatial ``(z, y, x)``; ``channels`` counts the leading channel axis
+    (1 when the array has none). ``voxel_size`` is ``(z, y, x)`` in ``units``, or None
+    when neither the input nor the caller gives one.
+    """
+
+    url: str
+    kind: Literal["zarr", "tiff"]
+    shape: Shape
+    channels: int
+    dtype: str
+    voxel_size: tuple[float, float, float] | None
+    units: str | None
+
+    def open_array(self) -> ArrayLike:
+        """The underlying array (lazy: reading a box reads only that box's chunks)."""
+        if self.kind == "tiff":
+            return zarr.open_array(tifffile.imread(self.url, aszarr=True), mode="r")
+        return zarr.open_array(self.url, mode="r")
+
+    def read(self, box: Box) -> np.ndarray:
+        """Read a spatial box, mirrored outside the volume: ``(channels, *box.shape)``."""
+        return read_box(self.open_array(), box)
+
+    @property
+    def box(self) -> Box:
+        return Box.from_shape(self.shape)
+
+
+def is_tiff(url: str) -> bool:
+    return url.lower().endswith(TIFF_SUFFIXES)
+
+
+def exists(url: str) -> bool:
+    """Whether anything is stored at ``url`` (a path or an fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return bool(fs.exists(path))
+
+
+def open_volume(
+    url: str | Path,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    units: str | None = None,
+) -> Volume:
+    """Open and validate an input volume; ``voxel_size`` (z, y, x) overrides the stored one.
+
+    Raises :class:`InputError` with the fix for: a missing or unreadable input, a rank
+    other than 3 or 4, an empty array, a non-numeric dtype.
+    """
+    url = str(url)
+    if not exists(url):
+        raise InputError(f"input {url} does not exist; pass a Zarr array or a TIFF stack")
+    kind: Literal["zarr", "tiff"] = "tiff" if is_tiff(url) else "zarr"
+    try:
+        array = _open_any(url, kind)
+    except InputError:
+        raise
+    except Exception as error:  # zarr/tifffile raise many types for unreadable data
+        raise InputError(
+            f"input {url} is not a readable {kind} array ({type(error).__name__}: {error}); "
+            "pass a Zarr array (v2 or v3) or a TIFF stack"
+        ) from error
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) not in (3, 4):
+        raise InputError(
+            f"input {url} has shape {shape}; expected (z, y, x) or (c, z, y, x): "
+            "give a 2D image a z axis of size 1"
+        )
+    if 0 in shape:
+        raise InputError(f"input {url} is empty (shape {shape}); pass a volume with data")
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in "uif":
+        raise InputError(f"input {url} has dtype {dtype}; expected integer or float voxels")
+    stored_size, stored_units = _stored_voxel_size(array, url, kind)
+    size = tuple(float(v) for v in voxel_size) if voxel_size is not None else stored_size
+    if size is not None and (len(size) != 3 or any(v <= 0 for v in size)):
+        raise InputError(f"voxel size {size} must be 3 positive numbers (z, y, x), e.g. 50,4,4")
+    return Volume(
+        url=url,
+        kind=kind,
+        shape=shape[-3:],
+        channels=shape[0] if len(shape) == 4 else 1,
+        dtype=dtype.str,
+        voxel_size=size,  # type: ignore[arg-type]
+        units=units or stored_units or ("nm" if size is not None else None),
+    )
+
+
+def _open_any(url: str, kind: str) -> Any:
+    if kind == "tiff":
+        return zarr.open_array(tifffile.imread(url, aszarr=True), mode="r")
+    node = zarr.open(url, mode="r")
+    if isinstance(node, zarr.Group):
+        names = sorted(name for name, _ in node.arrays())
+        raise InputError(
+            f"input {url} is a Zarr group, not an array; pass one of its arrays, "
+            f"e.g. {url.rstrip('/')}/{names[0] if names else 'ARRAY'}"
+        )
+    return node
+
+
+def _stored_voxel_size(array: Any, url: str, kind: str) -> tuple[tuple[float, float, float] | None, str | None]:
+    """Voxel size from Zarr attributes (``voxel_size``/``resolution``, ``units``) or ImageJ TIFF tags."""
+    if kind == "tiff":
+        return _tiff_voxel_size(url)
+    attrs = dict(array.attrs)
+    for key in ("voxel_size", "resolution"):
+        value = attrs.get(key)
+        if isinstance(value, list | tuple) and len(value) >= 3:
+            return tuple(float(v) for v in value[-3:]), attrs.get("units")  # type: ignore[return-value]
+    return None, None
+
+
+def _tiff_voxel_size(url: str) -> tuple[tuple[float, float, float] | None, str | None]:
+    with fsspec.open(url, "rb") as handle, tifffile.TiffFile(handle) as tif:
+        meta = tif.imagej_metadata or {}
+        page = tif.pages.first
+        tags = page.tags
+        if "spacing" not in meta or "XResolution" not in tags:
+            return None, None
+        x_num, x_den = tags["XResolution"].value
+        y_num, y_den = tags["YResolution"].value
+        size = (float(meta["spacing"]), y_den / y_num, x_den / x_num)
+        unit = meta.get("unit")
+        return size, {"micron": "um", "\u00b5m": "um"}.get(unit, unit) or None
