@@ -5,7 +5,7 @@ Layout of ``OUTPUT`` (all arrays carry ``dimension_names``, which is what
 
     OUTPUT/
       zarr.json          group attributes: model, geometry, input, status
-      probabilities      (class, z, y, x)  float32 | float16 | uint8 (p * 255, rounded)
+      probabilities      (class, z, y, x)  float32 | float16 | uint8 (p * 255, rounded) | float64
       segmentation       (z, y, x)         uint8 argmax of the float probabilities
       class, z, y, x     1-D coordinates: class index; voxel centres in physical units
 
@@ -31,7 +31,7 @@ from unet_volume.errors import InputError, OutputExistsError
 from unet_volume.geometry import Box, Shape
 from unet_volume.storage import Volume, exists
 
-OutputDtype = Literal["float32", "float16", "uint8"]
+OutputDtype = Literal["float32", "float16", "uint8", "float64"]
 OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
 DIMS = ("z", "y", "x")
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")

@@ -17,7 +17,8 @@ Outputs are Zarr v3 groups that ``xarray.open_zarr`` reads (see
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -98,15 +99,13 @@ class Volume:
     voxel_size: tuple[float, float, float] | None
     units: str | None
 
-    def open_array(self) -> ArrayLike:
-        """The underlying array (lazy: reading a box reads only that box's chunks)."""
-        if self.kind == "tiff":
-            return zarr.open_array(tifffile.imread(self.url, aszarr=True), mode="r")
-        return zarr.open_array(self.url, mode="r")
-
     def read(self, box: Box) -> np.ndarray:
-        """Read a spatial box, mirrored outside the volume: ``(channels, *box.shape)``."""
-        return read_box(self.open_array(), box)
+        """Read a spatial box, mirrored outside the volume: ``(channels, *box.shape)``.
+
+        Only the chunks (TIFF pages) the box touches are read.
+        """
+        with opened_array(self.url, self.kind) as array:
+            return read_box(array, box)
 
     @property
     def box(self) -> Box:
@@ -139,14 +138,20 @@ def open_volume(
         raise InputError(f"input {url} does not exist; pass a Zarr array or a TIFF stack")
     kind: Literal["zarr", "tiff"] = "tiff" if is_tiff(url) else "zarr"
     try:
-        array = _open_any(url, kind)
+        with opened_array(url, kind) as array:
+            return _describe(array, url, kind, voxel_size, units)
     except InputError:
         raise
     except Exception as error:  # zarr/tifffile raise many types for unreadable data
         raise InputError(
-            f"input {url} is not a readable {kind} array ({type(error).__name__}: {error}); "
-            "pass a Zarr array (v2 or v3) or a TIFF stack"
+            f"input {url} is not a readable {kind} array ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); pass a Zarr array (v2 or v3) or a TIFF stack"
         ) from error
+
+
+def _describe(
+    array: Any, url: str, kind: Literal["zarr", "tiff"], voxel_size: Sequence[float] | None, units: str | None
+) -> Volume:
     shape = tuple(int(s) for s in array.shape)
     if len(shape) not in (3, 4):
         raise InputError(
@@ -173,9 +178,13 @@ def open_volume(
     )
 
 
-def _open_any(url: str, kind: str) -> Any:
+@contextmanager
+def opened_array(url: str, kind: str) -> Iterator[Any]:
+    """The array at ``url``, lazily readable; a TIFF's file handle is closed on exit."""
     if kind == "tiff":
-        return zarr.open_array(tifffile.imread(url, aszarr=True), mode="r")
+        with tifffile.imread(url, aszarr=True) as store:
+            yield zarr.open_array(store, mode="r")
+        return
     node = zarr.open(url, mode="r")
     if isinstance(node, zarr.Group):
         names = sorted(name for name, _ in node.arrays())
@@ -183,7 +192,7 @@ def _open_any(url: str, kind: str) -> Any:
             f"input {url} is a Zarr group, not an array; pass one of its arrays, "
             f"e.g. {url.rstrip('/')}/{names[0] if names else 'ARRAY'}"
         )
-    return node
+    yield node
 
 
 def _stored_voxel_size(array: Any, url: str, kind: str) -> tuple[tuple[float, float, float] | None, str | None]:

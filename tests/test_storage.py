@@ -1,0 +1,106 @@
+"""Input volumes: validation, lazy reads and the mirror border convention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unet_volume.errors import InputError
+from unet_volume.geometry import Box
+from unet_volume.storage import mirror_indices, open_volume, read_box
+from unet_volume.testing import boxes
+
+
+def test_storage_mirror_does_not_repeat_the_edge_voxel() -> None:
+    # Row 0 1 2 3 with 4 voxels of halo each side: 4 3 2 1 | 0 1 2 3 | 2 1 0 ... as np.pad(mode="reflect").
+    assert mirror_indices(-4, 8, 4).tolist() == [2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1]
+    assert mirror_indices(-2, 2, 1).tolist() == [0, 0, 0, 0]
+
+
+@given(
+    st.tuples(st.integers(1, 6), st.integers(1, 7), st.integers(1, 8)),
+    boxes(ndim=3, low=-15, high=20),
+    st.booleans(),
+)
+def test_storage_read_box_equals_numpy_reflect_padding(shape: tuple[int, int, int], box: Box, channels: bool) -> None:
+    data = np.arange(np.prod(shape) * (2 if channels else 1)).reshape(((2,) if channels else ()) + shape)
+    pad = 40
+    padded = np.pad(data, [(0, 0)] * (data.ndim - 3) + [(pad, pad)] * 3, mode="reflect")
+    expected = padded[(Ellipsis, *box.shift(pad).to_slices())]
+    got = read_box(data, box)
+    np.testing.assert_array_equal(got, expected if channels else expected[np.newaxis])
+
+
+def test_storage_read_box_reads_only_the_voxels_it_needs(tmp_path: Path) -> None:
+    # A box deep inside a chunked Zarr array must not touch chunks away from it.
+    array = zarr.create_array(tmp_path / "v.zarr", shape=(4, 64, 64), chunks=(1, 16, 16), dtype="uint16")
+    array[:] = np.arange(4 * 64 * 64).reshape(4, 64, 64)
+    (tmp_path / "v.zarr" / "c" / "0" / "3" / "3").write_bytes(b"garbage")  # a far chunk: reading it fails
+    got = read_box(array, Box((1, 2, 2), (3, 20, 20)))
+    np.testing.assert_array_equal(got[0], np.asarray(array[1:3, 2:20, 2:20]))
+
+
+def _zarr(path: Path, data: np.ndarray, **kwargs: object) -> str:
+    array = zarr.create_array(path, shape=data.shape, dtype=data.dtype, **kwargs)  # type: ignore[arg-type]
+    array[:] = data
+    return str(path)
+
+
+def _text(path: Path) -> str:
+    path.write_text("not an image")
+    return str(path)
+
+
+def test_storage_opens_zarr_v3_v2_tiff_and_fsspec_urls(tmp_path: Path) -> None:
+    data = np.arange(2 * 5 * 6, dtype=np.uint8).reshape(2, 5, 6)
+    v3 = _zarr(tmp_path / "v3.zarr", data, attributes={"voxel_size": [40, 4, 4], "units": "nm"})
+    v2 = _zarr(tmp_path / "v2.zarr", data, zarr_format=2)
+    tiff = str(tmp_path / "v.tif")
+    tifffile.imwrite(tiff, data, imagej=True, resolution=(1 / 8, 1 / 8), metadata={"spacing": 30, "unit": "nm"})
+    for url in (v3, v2, tiff, "file://" + v3):
+        volume = open_volume(url)
+        assert volume.shape == (2, 5, 6) and volume.channels == 1
+        np.testing.assert_array_equal(volume.read(volume.box)[0], data)
+    assert open_volume(v3).voxel_size == (40.0, 4.0, 4.0)
+    assert open_volume(tiff).voxel_size == (30.0, 8.0, 8.0)
+    assert open_volume(v2).voxel_size is None
+    assert open_volume(v2, voxel_size=(50, 4, 4)).voxel_size == (50.0, 4.0, 4.0)
+
+
+def test_storage_channel_axis_comes_first(tmp_path: Path) -> None:
+    url = _zarr(tmp_path / "c.zarr", np.zeros((3, 2, 5, 6), dtype=np.float32))
+    volume = open_volume(url)
+    assert volume.channels == 3 and volume.shape == (2, 5, 6)
+    assert volume.read(Box((0, -1, -1), (1, 2, 2))).shape == (3, 1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(lambda p: str(p / "missing.zarr"), "does not exist", id="missing"),
+        pytest.param(lambda p: _zarr(p / "r2.zarr", np.zeros((4, 4))), r"expected \(z, y, x\)", id="rank-2"),
+        pytest.param(lambda p: _zarr(p / "e.zarr", np.zeros((0, 4, 4))), "is empty", id="empty"),
+        pytest.param(lambda p: str(zarr.open_group(p / "g.zarr", mode="w").store_path.store.root), "is a Zarr group",
+                     id="group"),
+        pytest.param(lambda p: _text(p / "junk.tif"), "not a readable tiff", id="junk-tiff"),
+        pytest.param(lambda p: _text(p / "junk.zarr"), "not a readable zarr", id="junk-zarr"),
+        pytest.param(lambda p: _zarr(p / "b.zarr", np.zeros((1, 2, 2), dtype=bool)), "dtype bool", id="bool"),
+    ],
+)
+def test_storage_bad_input_is_one_clear_line(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
+    url = make(tmp_path)
+    with pytest.raises(InputError, match=message) as info:
+        open_volume(url)
+    assert "\n" not in str(info.value)
+
+
+def test_storage_voxel_size_must_be_three_positive_numbers(tmp_path: Path) -> None:
+    url = _zarr(tmp_path / "v.zarr", np.zeros((1, 2, 2)))
+    with pytest.raises(InputError, match="3 positive numbers"):
+        open_volume(url, voxel_size=(4, 4))

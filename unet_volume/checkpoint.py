@@ -1,0 +1,245 @@
+"""Checkpoints: a U-Net's weights together with what is needed to use and trust them.
+
+A checkpoint is one file written by ``torch.save``: a dict with a format tag and version, the
+:class:`~unet_volume.model.UNetConfig` as plain values, free metadata as a JSON string
+(normalisation mean/std, class names, training recipe, metrics) and the state dict. Like
+torchvision's ``Weights`` records, it carries everything needed to rebuild the exact model.
+
+Files are read only with ``torch.load(weights_only=True)``: a checkpoint cannot run code when it
+is loaded, whoever wrote it. Anything that is not one of our checkpoints (a TIFF, a plain state
+dict, a truncated download, a missing path) raises :class:`~unet_volume.errors.CheckpointError`
+with a one-line message. The bytes variants serve the prediction engine, which ships a
+checkpoint to each Dask worker once and builds the model there.
+
+Usage:
+
+>>> model = UNet(depth=2, base_channels=4)
+>>> data = checkpoint_bytes(model, {"classes": ["background", "cell"]})
+>>> model_from_bytes(data).config == model.config
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unet_volume.errors import CheckpointError, InputError
+from unet_volume.model import UNet, UNetConfig
+
+FORMAT = "unet-volume-checkpoint"
+VERSION = 1
+_ZIP_MAGIC = b"PK\x03\x04"
+_FIX = "pass a file written by `unet-volume train` or `save_model`"
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint as read from disk, validated against its own config.
+
+    ``num_params`` counts the parameters the config implies (buffers such as batch-norm
+    statistics excluded); ``sha256`` is the hash of the file's bytes, to pin a run to its model.
+    """
+
+    config: UNetConfig
+    state_dict: StateDict
+    metadata: dict[str, Any]
+    num_params: int
+    sha256: str
+
+    def to_model(self) -> UNet:
+        """A new model with these weights, on their device, in eval mode (dropout off)."""
+        with torch.device("meta"):  # no memory and no init: the weights come next
+            model = UNet.from_config(self.config)
+        weights = {k: v.clone() for k, v in self.state_dict.items()}  # models never share them
+        model.load_state_dict(weights, assign=True)
+        return model.eval()
+
+
+def _check_json(value: object, where: str) -> None:
+    """Raise InputError unless ``value`` survives a JSON round trip unchanged."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InputError(f"{where} has key {key!r}, not a str; JSON keys must be str")
+            _check_json(item, f"{where}[{key!r}]")
+        return
+    raise InputError(
+        f"{where} is a {type(value).__name__}, which JSON cannot hold exactly; "
+        "pass plain dict/list/str/int/float/bool/None values (e.g. array.tolist(), list(tuple))"
+    )
+
+
+def checkpoint_bytes(model: UNet, metadata: dict[str, Any] | None = None) -> bytes:
+    """The bytes of a checkpoint of ``model``: what :func:`save_model` writes."""
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise InputError(f"metadata must be a dict, got {type(metadata).__name__}")
+    _check_json(metadata, "metadata")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "metadata": json.dumps(metadata),
+        # On CPU, so a checkpoint written on a GPU loads anywhere.
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def save_model(
+    model: UNet, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a checkpoint of ``model`` to ``path`` and return the path.
+
+    The file appears atomically (written beside it, then renamed), so a crash mid-write never
+    leaves a truncated checkpoint under the final name.
+    """
+    path = Path(path)
+    data = checkpoint_bytes(model, metadata)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the checkpoint at ``path``, validated, e.g. to ship to Dask workers.
+
+    Validated here so that a bad file is reported with its path, not as anonymous bytes.
+    """
+    data = _read_file(Path(path))
+    _parse(data, str(path), "cpu")
+    return data
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Read and validate the checkpoint at ``path``, tensors on ``device``."""
+    return _parse(_read_file(Path(path)), str(path), device)
+
+
+def checkpoint_from_bytes(data: bytes, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Validate checkpoint ``data`` (from :func:`checkpoint_bytes`), tensors on ``device``."""
+    return _parse(data, "checkpoint bytes", device)
+
+
+def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> UNet:
+    """The model saved at ``path``, on ``device``, in eval mode (call ``.train()`` to train on)."""
+    return read_checkpoint(path, device=device).to_model()
+
+
+def model_from_bytes(data: bytes, *, device: str | torch.device = "cpu") -> UNet:
+    """The model in checkpoint ``data`` (from :func:`checkpoint_bytes`), in eval mode."""
+    return checkpoint_from_bytes(data, device=device).to_model()
+
+
+def _read_file(path: Path) -> bytes:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; {_FIX}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file; {_FIX}")
+    return path.read_bytes()
+
+
+def _load_failure(error: Exception) -> str:
+    """One line on why ``torch.load`` failed, from its (often many-line) message."""
+    lines = str(error).splitlines()
+    refused = [line.strip() for line in lines if "Unsupported global" in line]
+    if refused:  # the weights-only unpickler met a class or function: code, not weights
+        return f"it holds objects that are not weights: {refused[0]}"
+    first = lines[0].strip() if lines else ""
+    return f"damaged or truncated archive: {type(error).__name__}: {first[:100]}"
+
+
+def _not_ours(source: str, reason: str) -> CheckpointError:
+    return CheckpointError(f"{source} is not a unet-volume checkpoint ({reason}); {_FIX}")
+
+
+def _parse(data: bytes, source: str, device: str | torch.device) -> Checkpoint:
+    """Unpickle ``data`` with torch's weights-only unpickler and validate every field."""
+    if not data.startswith(_ZIP_MAGIC):  # torch.save writes a zip archive
+        raise _not_ours(source, f"not a torch.save archive; it starts with {data[:8]!r}")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or damaged files
+        raise _not_ours(source, _load_failure(error)) from error
+    if not isinstance(payload, dict):
+        raise _not_ours(source, f"it holds a {type(payload).__name__}, not a dict")
+    if payload.get("format") != FORMAT:
+        if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            raise _not_ours(source, "it is a plain state dict without the model's config")
+        raise _not_ours(source, f"format tag {payload.get('format')!r}, expected {FORMAT!r}")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{source} is a version {payload.get('version')!r} checkpoint but this unet-volume "
+            f"reads version {VERSION}; use the unet-volume release that wrote it"
+        )
+    config = _read_config(payload.get("config"), source)
+    metadata = _read_metadata(payload.get("metadata"), source)
+    state_dict = _read_state_dict(payload.get("state_dict"), config, source)
+    with torch.device("meta"):
+        num_params = UNet.from_config(config).num_params()
+    return Checkpoint(config, state_dict, metadata, num_params, hashlib.sha256(data).hexdigest())
+
+
+def _read_config(value: object, source: str) -> UNetConfig:
+    if not isinstance(value, dict):
+        kind = type(value).__name__
+        raise CheckpointError(f"{source} is damaged: its config is a {kind}; {_FIX}")
+    try:
+        return UNetConfig.from_dict(value)
+    except InputError as error:
+        raise CheckpointError(f"{source} has an invalid config ({error}); {_FIX}") from error
+
+
+def _read_metadata(value: object, source: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{source} is damaged: its metadata is not a JSON object; {_FIX}")
+    return metadata
+
+
+def _read_state_dict(value: object, config: UNetConfig, source: str) -> StateDict:
+    """The state dict, checked key by key and shape by shape against ``config``."""
+    if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):
+        raise CheckpointError(f"{source} is damaged: its state dict is not tensors; {_FIX}")
+    with torch.device("meta"):  # the expected shapes, without allocating or initialising
+        expected = {k: v.shape for k, v in UNet.from_config(config).state_dict().items()}
+    found = {k: v.shape for k, v in value.items()}
+    if found != expected:
+        differ = sorted(set(found).symmetric_difference(expected)) or sorted(
+            k for k in expected if found[k] != expected[k]
+        )
+        raise CheckpointError(
+            f"{source} is damaged: its weights do not fit its config {config} "
+            f"(first mismatch: {differ[0]!r}); {_FIX}"
+        )
+    return value

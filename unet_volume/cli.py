@@ -1,0 +1,182 @@
+"""The ``unet-volume`` command: ``train`` and ``predict``.
+
+Thin over the library: parse, call, report. A :class:`UnetVolumeError` (bad
+input, existing output, not a checkpoint, ...) becomes one line on stderr and
+exit code 2, with no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from unet_volume.errors import InputError, UnetVolumeError
+from unet_volume.prediction_store import OUTPUT_DTYPES
+
+EXIT_USAGE = 2
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"1,512,512"`` -> ``(1, 512, 512)``."""
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,512,512, got {text!r}") from None
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """``"50,4,4"`` -> ``(50.0, 4.0, 4.0)``."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 50,4,4, got {text!r}") from None
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``"0:20"`` -> ``(0, 20)`` (half-open)."""
+    try:
+        begin, end = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BEGIN:END like 0:20, got {text!r}") from None
+    return begin, end
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unet-volume",
+        description="Train a U-Net on annotated slices and segment whole microscopy volumes with it.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(commands.add_parser(
+        "predict", help="segment a volume with a trained model",
+        description="Predict class probabilities and a segmentation for a whole volume, block by "
+        "block on a Dask cluster (overlap-tile: exact stitching, no seams, no blending).",
+    ))
+    _add_train(commands.add_parser(
+        "train", help="train a U-Net on an image volume and its labels",
+        description="Train a U-Net on random tiles of IMAGE with LABELS (soft-max cross entropy) "
+        "and save the model to --out.",
+    ))
+    return parser
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input volume: a Zarr array (path or fsspec URL, v2 or v3) or a TIFF "
+                   "stack, shape (z, y, x) or (c, z, y, x)")
+    p.add_argument("output", help="output Zarr v3 group to create (probabilities, segmentation, coordinates)")
+    p.add_argument("--model", required=True, help="checkpoint written by `unet-volume train` or save_model")
+    p.add_argument("--block-shape", type=parse_ints, metavar="Z,Y,X",
+                   help="voxels per task and per output chunk; multiples of 2**depth on convolved "
+                   "axes (default 1,512,512 for 2D models, 64,64,64 for 3D)")
+    p.add_argument("--tile-shape", type=parse_ints, metavar="Z,Y,X",
+                   help="smallest output of one forward pass; a block runs several tiles when "
+                   "it is larger (default: the block shape)")
+    p.add_argument("--output-dtype", default="uint8", choices=OUTPUT_DTYPES,
+                   help="stored probability type; uint8 stores round(p * 255) (default uint8)")
+    p.add_argument("--voxel-size", type=parse_floats, metavar="Z,Y,X",
+                   help="physical voxel size for the output coordinates (default: read from the input)")
+    p.add_argument("--units", help="units of the voxel size (default: the input's, else nm)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                   "(default: start a LocalCluster)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes of the LocalCluster, one thread each (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_predict)
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image volume: Zarr array or TIFF stack, (z, y, x) or (c, z, y, x)")
+    p.add_argument("labels", help="label volume of the same (z, y, x) shape: class indices; with 2 "
+                   "classes any nonzero label is class 1")
+    p.add_argument("--out", required=True, help="checkpoint file to write (and update during training)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
+    p.add_argument("--steps", type=int, help="stop after this many steps (default: only --minutes)")
+    p.add_argument("--z-range", type=parse_range, metavar="BEGIN:END",
+                   help="train on slices BEGIN..END-1 only, e.g. 0:20 (default: all)")
+    p.add_argument("--ndim", type=int, default=2, choices=(2, 3), help="2D or 3D U-Net (default 2)")
+    p.add_argument("--depth", type=int, default=4, help="number of poolings (default 4, as the paper)")
+    p.add_argument("--base-channels", type=int, default=16,
+                   help="channels of the first level (the paper: 64; default 16 for CPUs)")
+    p.add_argument("--classes", type=int, default=2, help="number of classes (default 2)")
+    p.add_argument("--tile-output", type=parse_ints, metavar="Z,Y,X",
+                   help="output shape of one training tile (default 1,132,132)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per step (default 4)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="adam, or sgd with momentum 0.99 as the paper (default adam)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the optimizer's default)")
+    p.add_argument("--no-augment", action="store_true", help="no random flips and rotations")
+    p.add_argument("--no-class-balance", action="store_true", help="unweighted cross entropy")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_train)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from unet_volume.cluster import open_client
+    from unet_volume.predict import plan_prediction, run_plan
+
+    plan = plan_prediction(
+        args.model, args.input, args.output, block_shape=args.block_shape, tile_shape=args.tile_shape,
+        output_dtype=args.output_dtype, voxel_size=args.voxel_size, units=args.units,
+        overwrite=args.overwrite,
+    )
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers} must be at least 1")
+    _say(f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a {_fmt(plan.volume.shape)} volume; "
+         f"tile {_fmt(plan.geometry.input_shape)} -> {_fmt(plan.geometry.output_shape)}")
+    with open_client(args.scheduler, n_workers=args.workers) as client:
+        _say(f"Dask dashboard: {client.dashboard_link}")
+        report = run_plan(plan, client, progress=not args.no_progress)
+    _say(f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
+         f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s)")
+    _say("open it with:\n"
+         f"    import xarray as xr; ds = xr.open_zarr({report.output_url!r})\n"
+         f"    # or: from unet_volume import open_prediction; ds = open_prediction({report.output_url!r})")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from unet_volume.train import TrainConfig, train
+
+    options = {
+        "base_channels": args.base_channels, "depth": args.depth, "ndim": args.ndim,
+        "num_classes": args.classes, "batch_size": args.batch_size, "optimizer": args.optimizer,
+        "minutes": args.minutes, "steps": args.steps, "z_range": args.z_range, "seed": args.seed,
+        "augment": not args.no_augment, "class_balance": not args.no_class_balance,
+    }
+    if args.tile_output is not None:
+        options["tile_output"] = args.tile_output
+    if args.lr is not None:
+        options["learning_rate"] = args.lr
+    report = train(args.image, args.labels, args.out, TrainConfig(**options), progress=not args.no_progress)
+    _say(f"trained {report.steps} steps in {report.seconds:.0f} s, final loss {report.final_loss:.4f}; "
+         f"model saved to {report.checkpoint}")
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for bad input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        run(args)
+    except UnetVolumeError as error:
+        print(f"unet-volume {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"unet-volume {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
