@@ -22,6 +22,9 @@ def client() -> Iterator[Client]:
         cluster = LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
             host="127.0.0.1",
+            # The scheduler's web server still starts without a dashboard: a free port, so a
+            # Dask cluster or benchmark already on 8787 cannot break the suite.
+            scheduler_kwargs={"dashboard_address": ":0"},
         )
     with cluster, Client(cluster) as client:
         yield client

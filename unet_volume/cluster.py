@@ -58,6 +58,8 @@ def open_client(
             threads_per_worker=1,
             processes=True,
             dashboard_address=":0" if dashboard else None,
+            # Without a dashboard the scheduler still serves HTTP: on a free port, not 8787.
+            scheduler_kwargs={"dashboard_address": ":0"},
         )
     with cluster, Client(cluster) as client:
         yield client

@@ -1,0 +1,109 @@
+"""The import graph: layers import downwards only, and the torch-free core stays torch-free.
+
+Imports form a DAG::
+
+    geometry <- tiling <- storage <- prediction_store <- predict <- cli
+    (errors is a leaf that every layer may import)
+
+Only ``model``, ``checkpoint``, ``train`` and ``predict`` import torch, so planning, storage and
+the cluster tooling import in a fraction of a second and run where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import unet_volume
+
+PACKAGE_DIR = Path(unet_volume.__file__).parent
+
+TORCH_FREE = [
+    "unet_volume",
+    "unet_volume.errors",
+    "unet_volume.geometry",
+    "unet_volume.tiling",
+    "unet_volume.storage",
+    "unet_volume.prediction_store",
+    "unet_volume.cluster",
+]
+
+# What each lower-layer module may import from the package: the layers below it, and the leaf
+# `errors`. "__init__" is the package root, which imports nothing of ours eagerly.
+ALLOWED_IMPORTS = {
+    "errors": set(),
+    "geometry": set(),
+    "tiling": {"errors", "geometry"},
+    "storage": {"errors", "geometry", "tiling"},
+    "prediction_store": {"errors", "geometry", "tiling", "storage", "__init__"},
+}
+UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
+
+
+def test_layering_core_modules_import_without_torch(tmp_path: Path) -> None:
+    # A fresh interpreter: this test process has imported torch long ago.
+    script = textwrap.dedent(f"""
+        import importlib, sys
+        for name in {TORCH_FREE!r}:
+            importlib.import_module(name)
+            torch = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+            if torch:
+                sys.exit(f"importing {{name}} imported {{torch[:3]}}")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_layering_public_names_resolve() -> None:
+    # `from unet_volume import ...` works for every public name; torch-backed ones load on first use.
+    assert {"UNet", "save_model", "load_model", "predict_volume", "open_prediction"} <= set(unet_volume.__all__)
+    for name in unet_volume.__all__:
+        assert getattr(unet_volume, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'predict_voluem'"):
+        _ = unet_volume.predict_voluem  # type: ignore[attr-defined]
+
+
+def package_imports(module: str) -> set[str]:
+    """The package modules ``module`` imports anywhere in its source (top level or in functions)."""
+    tree = ast.parse((PACKAGE_DIR / f"{module}.py").read_text(), filename=f"{module}.py")
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:  # `from .x import y`, `from . import x`
+            names = [f"unet_volume.{node.module}"] if node.module else [f"unet_volume.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "unet_volume":  # `from unet_volume import x`
+            names = [f"unet_volume.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "unet_volume":
+                continue
+            submodule = parts[1] if len(parts) > 1 else "__init__"
+            found.add(submodule if (PACKAGE_DIR / f"{submodule}.py").exists() else "__init__")
+    return found
+
+
+@pytest.mark.parametrize(
+    "module",
+    [pytest.param(module, id=module) for module in ALLOWED_IMPORTS],
+)
+def test_layering_lower_layers_import_only_downwards(module: str) -> None:
+    imported = package_imports(module)
+    assert not imported & UPPER_LAYERS, f"{module} imports {sorted(imported & UPPER_LAYERS)}"
+    assert imported <= ALLOWED_IMPORTS[module], f"{module} imports {sorted(imported - ALLOWED_IMPORTS[module])}"
+
+
+def test_layering_import_scanner_finds_imports_inside_functions() -> None:
+    # The scanner itself, on cli: it imports predict, train and cluster lazily, inside functions.
+    assert {"cluster", "predict", "train", "errors", "prediction_store"} <= package_imports("cli")

@@ -1,0 +1,281 @@
+"""Training specifications, on tiny real Zarr and TIFF volumes and a tiny U-Net.
+
+The tiny net is 2D, depth 2, 4 base channels: a tile output of 12 needs an input of 52
+(margin 20 = 6 * 2**2 - 4), so a (6, 48, 48) volume gives plenty of distinct tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from unet_volume import train as train_module
+from unet_volume.checkpoint import load_model, read_checkpoint
+from unet_volume.errors import InputError
+from unet_volume.geometry import Box
+from unet_volume.storage import open_volume
+from unet_volume.train import (
+    PatchSampler,
+    TrainConfig,
+    augment_tile,
+    class_weights,
+    to_classes,
+    train,
+)
+
+SHAPE = (6, 48, 48)
+TINY = {"depth": 2, "base_channels": 4, "tile_output": (1, 12, 12), "batch_size": 4, "minutes": None}
+
+
+def blobs(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright discs on a dark noisy ramp, and their mask (0/255, as ISBI's labels)."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(12 * shape[0]):
+        cz, cy, cx = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(0, shape[2])
+        mask[cz] |= ((y[cz] - cy) ** 2 + (x[cz] - cx) ** 2) < rng.integers(9, 30)
+    image = 40 + 0.5 * x + 120 * mask + rng.normal(0, 15, shape)
+    return np.clip(image, 0, 255).astype(np.uint8), (255 * mask).astype(np.uint8)
+
+
+def write_zarr(path: Path, data: np.ndarray) -> str:
+    chunks = (1,) * (data.ndim - 2) + (20, 20)  # odd chunks: tiles straddle them
+    array = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, chunks=chunks)
+    array[...] = data
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny nets gain nothing from threads, and 2 threads stall on a busy 2-core machine.
+
+    ``train`` keeps the thread count the user chose through OMP_NUM_THREADS.
+    """
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def volumes(tmp_path: Path) -> tuple[str, str]:
+    image, labels = blobs(SHAPE)
+    return write_zarr(tmp_path / "image.zarr", image), write_zarr(tmp_path / "labels.zarr", labels)
+
+
+def test_train_loss_decreases_and_checkpoint_loads(volumes: tuple[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "model.pt"
+    config = TrainConfig(**TINY, steps=60, learning_rate=1e-2, dropout=0.0)
+    report = train(*volumes, out, config)
+    # Means over 10 steps each, so one lucky or unlucky batch cannot decide the test.
+    first, last = np.mean(report.losses[:10]), np.mean(report.losses[-10:])
+    assert report.steps == len(report.losses) == 60
+    assert last < 0.7 * first, (first, last)
+    assert report.final_loss == pytest.approx(np.mean(report.losses[-20:]))
+    assert report.checkpoint == out and out.is_file()
+    assert load_model(out).config.base_channels == 4
+    metadata = read_checkpoint(out).metadata
+    assert set(metadata["normalization"]) == {"mean", "std"}
+    assert metadata["classes"] == ["background/membrane", "foreground/interior"]
+    assert metadata["training"]["steps"] == 60
+    assert metadata["training"]["config"]["tile_output"] == [1, 12, 12]
+
+
+def test_train_normalization_estimates_the_volume_statistics(volumes: tuple[str, str], tmp_path: Path) -> None:
+    train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=1))
+    norm = read_checkpoint(tmp_path / "m.pt").metadata["normalization"]
+    image = zarr.open_array(volumes[0], mode="r")[...].astype(float)
+    # Estimated from 32 sampled (mirrored) tiles, not the whole volume: close, not equal.
+    assert norm["mean"] == pytest.approx(image.mean(), rel=0.1)
+    assert norm["std"] == pytest.approx(image.std(), rel=0.2)
+
+
+def test_train_same_seed_gives_identical_weights(volumes: tuple[str, str], tmp_path: Path) -> None:
+    config = TrainConfig(**TINY, steps=5)
+    a = train(*volumes, tmp_path / "a.pt", config)
+    b = train(*volumes, tmp_path / "b.pt", config)
+    assert a.losses == b.losses
+    wa, wb = load_model(a.checkpoint).state_dict(), load_model(b.checkpoint).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train(*volumes, tmp_path / "c.pt", TrainConfig(**{**TINY, "steps": 5, "seed": 1}))
+    assert c.losses != a.losses
+
+
+@pytest.mark.parametrize("steps, expected", [
+    pytest.param(5, [2, 4, 5], id="and-at-the-end"),
+    pytest.param(4, [2, 4], id="last-save-not-repeated"),
+])
+def test_train_checkpoints_every_n_steps(volumes: tuple[str, str], tmp_path: Path, steps: int,
+                                         expected: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    saved: list[int] = []
+    real_save = train_module.save_model
+
+    def spy(model: Any, path: Path, *, metadata: dict[str, Any]) -> Path:
+        saved.append(metadata["training"]["steps"])
+        return real_save(model, path, metadata=metadata)
+
+    monkeypatch.setattr(train_module, "save_model", spy)
+    train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=steps, checkpoint_every=2))
+    assert saved == expected  # every 2 steps, and at the end
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({"optimizer": "sgd"}, id="sgd-momentum"),
+    pytest.param({"augment": False, "class_balance": False}, id="plain"),
+    pytest.param({"ndim": 3, "depth": 1, "tile_output": (4, 4, 4), "batch_size": 1}, id="3d"),
+    pytest.param({"tile_output": (2, 8, 12), "z_range": (1, 5)}, id="non-square-two-slices"),
+])
+def test_train_runs_with_options(volumes: tuple[str, str], tmp_path: Path, options: dict[str, Any]) -> None:
+    report = train(*volumes, tmp_path / "m.pt", TrainConfig(**{**TINY, "steps": 2, **options}))
+    assert report.steps == 2 and np.isfinite(report.final_loss)
+    assert load_model(report.checkpoint).config.ndim == options.get("ndim", 2)
+
+
+def test_train_reads_tiff_stacks(tmp_path: Path) -> None:
+    image, labels = blobs(SHAPE, seed=3)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    report = train(tmp_path / "image.tif", tmp_path / "labels.tif", tmp_path / "m.pt",
+                   TrainConfig(**TINY, steps=3, z_range=(0, 4)), progress=True)
+    assert report.steps == 3
+    assert load_model(tmp_path / "m.pt").config.in_channels == 1
+
+
+def test_train_multi_channel_image_sets_in_channels(tmp_path: Path) -> None:
+    image, labels = blobs(SHAPE)
+    stacked = np.stack([image, 255 - image])  # (c, z, y, x)
+    report = train(write_zarr(tmp_path / "i.zarr", stacked), write_zarr(tmp_path / "l.zarr", labels),
+                   tmp_path / "m.pt", TrainConfig(**TINY, steps=1))
+    assert load_model(report.checkpoint).config.in_channels == 2
+
+
+def test_train_time_budget_stops_the_run(volumes: tuple[str, str], tmp_path: Path) -> None:
+    report = train(*volumes, tmp_path / "m.pt", TrainConfig(**{**TINY, "minutes": 0.02}))  # 1.2 s
+    assert report.steps >= 1 and 1.2 <= report.seconds < 6
+
+
+# --- bad input: one InputError naming the value and the fix, and no checkpoint ------------------
+
+
+def test_train_rejects_mismatched_shapes(tmp_path: Path) -> None:
+    image, labels = blobs(SHAPE)
+    with pytest.raises(InputError, match=r"shape \(6, 48, 48\).*\(6, 48, 40\).*same"):
+        train(write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels[..., :40]),
+              tmp_path / "out" / "m.pt", TrainConfig(**TINY, steps=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
+    image, labels = blobs(SHAPE)
+    labels = (labels > 0).astype(np.uint8) * 3  # values 0 and 3; 3 classes are 0, 1, 2
+    with pytest.raises(InputError, match=r"value 3.*\[0, 3\).*num_classes=4"):
+        train(write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels),
+              tmp_path / "out" / "m.pt", TrainConfig(**TINY, steps=1, num_classes=3))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    pytest.param({"minutes": None, "steps": None}, "no stopping criterion.*steps=", id="no-stopping"),
+    pytest.param({"tile_output": (1, 10, 10)}, r"\(1, 10, 10\).*\(1, 12, 12\)", id="invalid-tile"),
+    pytest.param({"optimizer": "rmsprop"}, "'rmsprop'.*'adam' or 'sgd'", id="optimizer"),
+    pytest.param({"z_range": (3, 3)}, r"z_range \(3, 3\)", id="empty-z-range"),
+    pytest.param({"batch_size": 0}, "batch_size.*>= 1", id="batch-size"),
+    pytest.param({"num_classes": 1}, "num_classes.*>= 2", id="one-class"),
+    pytest.param({"seed": -1}, "seed must be an int >= 0", id="negative-seed"),
+])
+def test_train_config_rejects_bad_values(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        TrainConfig(**{**TINY, "steps": 1, **options})
+
+
+@pytest.mark.parametrize("options, message", [
+    pytest.param({"z_range": (0, 9)}, r"z_range \(0, 9\).*6 slices", id="z-range-past-volume"),
+    pytest.param({"tile_output": (1, 52, 52)}, r"smaller than one tile output", id="tile-too-big"),
+])
+def test_train_rejects_regions_that_do_not_fit(volumes: tuple[str, str], tmp_path: Path,
+                                               options: dict[str, Any], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        train(*volumes, tmp_path / "out" / "m.pt", TrainConfig(**{**TINY, "steps": 1, **options}))
+    assert not (tmp_path / "out").exists()
+
+
+# --- the sampler: lazy tiles, inside the z range, halo'd image boxes ----------------------------
+
+
+def test_sampler_reads_output_boxes_in_z_range_and_input_boxes_grown_by_the_halo(
+        volumes: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[Box] = []
+    real_read = train_module.read_box
+
+    def spy(array: Any, box: Box) -> np.ndarray:
+        reads.append(box)
+        return real_read(array, box)
+
+    monkeypatch.setattr(train_module, "read_box", spy)
+    config = TrainConfig(**TINY, steps=1, z_range=(2, 5))
+    geometry = config.geometry()  # output (1, 12, 12), input (1, 52, 52): halo (0, 20, 20)
+    sampler = PatchSampler(*(open_volume(v) for v in volumes), geometry, num_classes=2, z_range=(2, 5))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        image, labels = sampler.sample_patch(rng)
+        assert image.shape == (1, 1, 52, 52) and labels.shape == (1, 12, 12)
+    sampler.close()
+    image_boxes, label_boxes = reads[0::2], reads[1::2]
+    assert all(Box((2, 0, 0), (5, 48, 48)).contains(b) for b in label_boxes)
+    assert {b.begin[0] for b in label_boxes} == {2, 3, 4}
+    assert all(i == o.grow((0, 20, 20)) for i, o in zip(image_boxes, label_boxes))
+
+
+def test_sampler_tile_is_the_mirrored_volume_at_its_box(volumes: tuple[str, str]) -> None:
+    image = zarr.open_array(volumes[0], mode="r")[...]
+    labels = zarr.open_array(volumes[1], mode="r")[...]
+    geometry = TrainConfig(**TINY, steps=1).geometry()
+    sampler = PatchSampler(*(open_volume(v) for v in volumes), geometry, num_classes=2)
+    got_image, got_labels = sampler.read(Box((3, 0, 36), (4, 12, 48)))  # touches two borders
+    sampler.close()
+    padded = np.pad(image, ((0, 0), (20, 20), (20, 20)), mode="reflect")
+    np.testing.assert_array_equal(got_image[0], padded[3:4, 0:52, 36:88])
+    np.testing.assert_array_equal(got_labels, labels[3:4, 0:12, 36:48] > 0)
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [pytest.param((1, 2, 9, 9), id="square"),
+                                   pytest.param((1, 2, 6, 9), id="non-square")])
+def test_augment_tile_moves_image_and_labels_together(shape: tuple[int, ...]) -> None:
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    labels = image[0].astype(np.int64)  # labels are a copy of the image: any mismatch shows
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(64):
+        new_image, new_labels = augment_tile(image, labels, rng)
+        np.testing.assert_array_equal(new_image[0], new_labels)
+        assert new_image.shape == image.shape  # batches keep one shape
+        seen.add(new_image.tobytes())
+    assert len(seen) == (8 if shape[-1] == shape[-2] else 4)  # the dihedral group, or its shape-keeping half
+
+
+def test_to_classes_binary_treats_any_nonzero_as_class_1() -> None:
+    assert to_classes(np.array([0, 1, 255, 7]), 2).tolist() == [0, 1, 1, 1]
+    assert to_classes(np.array([0, 1, 2]), 3).tolist() == [0, 1, 2]
+    with pytest.raises(InputError, match="value 1.5"):
+        to_classes(np.array([0.0, 1.5]), 3)
+
+
+def test_class_weights_balance_the_classes() -> None:
+    counts = np.array([100, 300, 0])
+    weights = class_weights(counts)
+    # 1 / (3 * 0.25) = 4/3 and 1 / (3 * 0.75) = 4/9: both classes then weigh 1/3 in total.
+    np.testing.assert_allclose(weights, [4 / 3, 4 / 9, 1.0])
+    assert weights[0] * 100 == pytest.approx(weights[1] * 300)
