@@ -309,7 +309,7 @@ def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pytest.C
     image, labels = write_training_pair(tmp_path, (2, 32, 32))
     out = tmp_path / "model.pt"
     assert main(["train", image, labels, "--out", str(out), *TRAIN_TINY]) == EXIT_OK
-    assert f"model saved to {out}" in capsys.readouterr().err
+    assert f"model saved to {out}" in capsys.readouterr().out  # the result goes to stdout, progress to stderr
     model = load_model(out)
     assert (model.config.depth, model.config.base_channels, model.config.ndim) == (2, 4, 2)
 

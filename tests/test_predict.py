@@ -14,7 +14,7 @@ from distributed import Client
 from unet_volume.checkpoint import checkpoint_bytes, save_model
 from unet_volume.errors import BlockError, CheckpointError, GeometryError, InputError, OutputExistsError
 from unet_volume.model import UNet
-from unet_volume.predict import ModelPredictor, plan_prediction, predict_volume, run_prediction
+from unet_volume.predict import ModelPredictor, PredictOptions, plan_prediction, predict_volume, run_prediction
 from unet_volume.prediction_store import create_prediction, open_prediction
 from unet_volume.storage import open_volume
 from unet_volume.testing import CropPredictor, blob_volume, predict_whole
@@ -178,7 +178,7 @@ def test_predict_failed_block_names_the_block_and_leaves_no_output(client: Clien
     from unet_volume.predict import run_plan
 
     source = write_zarr(tmp_path / "in.zarr", np.arange(400, dtype=np.float32).reshape(1, 20, 20))
-    plan = plan_prediction(tiny_unet(), source, tmp_path / "out.zarr", block_shape=(1, 4, 4))
+    plan = plan_prediction(tiny_unet(), source, tmp_path / "out.zarr", PredictOptions(block_shape=(1, 4, 4)))
     failing = FailingPredictor(plan.geometry)
     with pytest.raises(BlockError, match=r"predict-block-.*simulated failure"):
         run_plan(plan, client, predictor=failing)
@@ -208,6 +208,6 @@ def test_predict_bad_input_is_refused_before_anything_is_written(
             args[key] = str(tmp_path / args[key])
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(error, match=message) as info:
-        plan_prediction(args.pop("model"), args.pop("source"), args.pop("output"), **args)
+        plan_prediction(args.pop("model"), args.pop("source"), args.pop("output"), PredictOptions(**args))
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -118,13 +118,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from unet_volume.cluster import open_client
-    from unet_volume.predict import plan_prediction, run_plan
+    from unet_volume.predict import PredictOptions, plan_prediction, run_plan
 
-    plan = plan_prediction(
-        args.model, args.input, args.output, block_shape=args.block_shape, tile_shape=args.tile_shape,
-        output_dtype=args.output_dtype, voxel_size=args.voxel_size, units=args.units,
-        overwrite=args.overwrite,
-    )
+    options = PredictOptions(args.block_shape, args.tile_shape, args.output_dtype, args.voxel_size,
+                             args.units, args.overwrite)
+    plan = plan_prediction(args.model, args.input, args.output, options)
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers} must be at least 1")
     _say(f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a {_fmt(plan.volume.shape)} volume; "
@@ -132,11 +130,11 @@ def _predict(args: argparse.Namespace) -> None:
     with open_client(args.scheduler, n_workers=args.workers) as client:
         _say(f"Dask dashboard: {client.dashboard_link}")
         report = run_plan(plan, client, progress=not args.no_progress)
-    _say(f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
-         f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s)")
-    _say("open it with:\n"
-         f"    import xarray as xr; ds = xr.open_zarr({report.output_url!r})\n"
-         f"    # or: from unet_volume import open_prediction; ds = open_prediction({report.output_url!r})")
+    print(f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
+          f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s)\n"
+          "open it with:\n"
+          f"    import xarray as xr; ds = xr.open_zarr({report.output_url!r})\n"
+          f"    # or: from unet_volume import open_prediction; ds = open_prediction({report.output_url!r})")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -153,8 +151,8 @@ def _train(args: argparse.Namespace) -> None:
     if args.lr is not None:
         options["learning_rate"] = args.lr
     report = train(args.image, args.labels, args.out, TrainConfig(**options), progress=not args.no_progress)
-    _say(f"trained {report.steps} steps in {report.seconds:.0f} s, final loss {report.final_loss:.4f}; "
-         f"model saved to {report.checkpoint}")
+    print(f"trained {report.steps} steps in {report.seconds:.0f} s, final loss {report.final_loss:.4f}; "
+          f"model saved to {report.checkpoint}")
 
 
 def _fmt(shape: Sequence[int]) -> str:
@@ -168,8 +166,9 @@ def _say(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distributed").setLevel(level)  # it sets INFO on its own loggers
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)

@@ -262,17 +262,20 @@ class PredictionPlan:
         return count_blocks(self.volume.shape, self.block_shape)
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict: the options of :func:`predict_volume` and ``unet-volume predict``."""
+
+    block_shape: Sequence[int] | None = None
+    tile_shape: Sequence[int] | None = None
+    output_dtype: str = "uint8"
+    voxel_size: Sequence[float] | None = None
+    units: str | None = None
+    overwrite: bool = False
+
+
 def plan_prediction(
-    model: UNet | str | Path,
-    source: str | Path,
-    output: str | Path,
-    *,
-    block_shape: Sequence[int] | None = None,
-    tile_shape: Sequence[int] | None = None,
-    output_dtype: str = "uint8",
-    voxel_size: Sequence[float] | None = None,
-    units: str | None = None,
-    overwrite: bool = False,
+    model: UNet | str | Path, source: str | Path, output: str | Path, options: PredictOptions = PredictOptions()
 ) -> PredictionPlan:
     """Validate a run (see :func:`predict_volume`) without writing anything.
 
@@ -282,17 +285,17 @@ def plan_prediction(
     """
     checkpoint = _checkpoint_of(model)
     info = checkpoint_from_bytes(checkpoint)
-    volume = open_volume(source, voxel_size=voxel_size, units=units)
+    volume = open_volume(source, voxel_size=options.voxel_size, units=options.units)
     if volume.channels != info.config.in_channels:
         raise InputError(
             f"input {volume.url} has {volume.channels} channel(s) but the model expects "
             f"{info.config.in_channels}; pass a (c, z, y, x) array with {info.config.in_channels} channels"
         )
-    dtype = check_output_dtype(output_dtype)
-    shape, geometry = plan_geometry(info, volume, block_shape, tile_shape)
+    dtype = check_output_dtype(options.output_dtype)
+    shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
     output_url = str(output)
-    check_output(output_url, overwrite=overwrite)
-    return PredictionPlan(checkpoint, info, volume, output_url, shape, geometry, dtype, overwrite)
+    check_output(output_url, overwrite=options.overwrite)
+    return PredictionPlan(checkpoint, info, volume, output_url, shape, geometry, dtype, options.overwrite)
 
 
 def run_plan(
@@ -358,10 +361,8 @@ def predict_volume(
 
     Everything is validated before anything is written (:func:`plan_prediction`).
     """
-    plan = plan_prediction(
-        model, source, output, block_shape=block_shape, tile_shape=tile_shape,
-        output_dtype=output_dtype, voxel_size=voxel_size, units=units, overwrite=overwrite,
-    )
+    options = PredictOptions(block_shape, tile_shape, output_dtype, voxel_size, units, overwrite)
+    plan = plan_prediction(model, source, output, options)
     with nullcontext(client) if client is not None else open_client() as active:
         return run_plan(plan, active, progress=progress)
 

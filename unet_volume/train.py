@@ -1,6 +1,6 @@
 """Training: random tiles of a volume, class-balanced soft-max cross entropy, periodic checkpoints.
 
-The basic recipe that worked best on a short CPU budget (see ``docs/stack-notes.md`` section 10):
+The basic recipe that worked best on a short CPU budget (measured on 2-core machines):
 random flips and 90-degree rotations, cross entropy weighted by inverse class frequency, Adam.
 The paper's border weight maps and elastic deformations are left to a later issue.
 
