@@ -73,3 +73,13 @@ def test_box_snap_grow_contains_and_snap_shrink_is_contained(a: Box) -> None:
     grown, shrunk = a.snap((4, 8, 16)), a.snap((4, 8, 16), mode="shrink")
     assert grown.is_aligned((4, 8, 16)) and grown.contains(a)
     assert shrunk.is_aligned((4, 8, 16)) and a.contains(shrunk)
+
+
+@given(boxes(low=-30, high=60), boxes(low=0, high=40))
+def test_box_outside_plus_inside_is_the_whole_box(a: Box, volume: Box) -> None:
+    # A read box = its part inside the volume + what must be mirrored below and above it.
+    inside = a.intersect(volume)
+    low, high = a.outside(volume)
+    if inside.is_empty():
+        return
+    assert inside.grow(low, high) == a

@@ -170,6 +170,20 @@ class Box:
             for sb, se, ob, oe in zip(self.begin, self.end, other.begin, other.end)
         )
 
+    def outside(self, volume: Box) -> tuple[Shape, Shape]:
+        """How far this box reaches below ``volume.begin`` and above ``volume.end``, per axis.
+
+        These are the widths a reader fills by mirroring, e.g. for a block's read box
+        at the volume border.
+
+        >>> Box((-92, 0), (156, 512)).outside(Box.from_shape((100, 512)))
+        ((92, 0), (56, 0))
+        """
+        self._check_rank(volume)
+        low = tuple(max(0, v - b) for b, v in zip(self.begin, volume.begin))
+        high = tuple(max(0, e - v) for e, v in zip(self.end, volume.end))
+        return low, high
+
     def is_aligned(self, grid: Sequence[int]) -> bool:
         """Whether ``begin`` and ``end`` both lie on the lattice of spacing ``grid``."""
         g = as_shape(grid, self.ndim)

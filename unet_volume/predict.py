@@ -94,14 +94,14 @@ class ModelPredictor:
         self,
         checkpoint: bytes,
         *,
-        device: str = "cpu",
+        device: str = "auto",
         dtype: Literal["float32", "float64"] = "float32",
     ) -> None:
         self.checkpoint = checkpoint
-        self.device = device
+        self.requested_device = device
         self.dtype = dtype
         info = checkpoint_from_bytes(checkpoint)
-        self.key = (info.sha256, device, dtype)
+        self.sha256 = info.sha256
         self.ndim = info.config.ndim
         norm = info.metadata.get("normalization", {})
         self.mean = float(norm.get("mean", 0.0))
@@ -118,6 +118,17 @@ class ModelPredictor:
             return torch.contiguous_format
         return torch.channels_last if self.ndim == 2 else torch.channels_last_3d
 
+    @property
+    def device(self) -> str:
+        """Resolved where the predictor runs: ``"auto"`` is CUDA on a worker that has it."""
+        if self.requested_device != "auto":
+            return self.requested_device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.sha256, self.device, self.dtype)
+
     def network(self) -> UNet:
         """The network of this process, built on first use (once per worker)."""
         if self.key not in _MODELS:
@@ -126,7 +137,8 @@ class ModelPredictor:
             if threads:
                 torch.set_num_threads(threads)
             model = checkpoint_from_bytes(self.checkpoint).to_model()
-            model = model.to(device=self.device, dtype=getattr(torch, self.dtype), memory_format=self.layout)
+            model = model.to(device=self.device, dtype=getattr(torch, self.dtype))
+            model = model.to(memory_format=self.layout)  # type: ignore[call-overload]
             _MODELS[self.key] = model
         return _MODELS[self.key]
 
@@ -316,7 +328,7 @@ def run_plan(
         attrs=_run_attrs(plan),
     )
     if predictor is None:
-        predictor = ModelPredictor(plan.checkpoint, device="cuda" if torch.cuda.is_available() else "cpu")
+        predictor = ModelPredictor(plan.checkpoint)
     try:
         report = run_prediction(
             client, predictor=predictor, geometry=plan.geometry, volume=plan.volume,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import fsspec
 import numpy as np
@@ -52,10 +52,10 @@ class PredictionStore:
         """
         group = zarr.open_group(self.url, mode="r+", zarr_format=3)
         slices = box.to_slices()
-        group["segmentation"][slices] = np.argmax(probabilities, axis=0).astype(np.uint8)
-        group["probabilities"][(slice(None), *slices)] = encode_probabilities(
-            probabilities, self.output_dtype
-        )
+        segmentation = cast("zarr.Array[Any]", group["segmentation"])
+        segmentation[slices] = np.argmax(probabilities, axis=0).astype(np.uint8)
+        stored = cast("zarr.Array[Any]", group["probabilities"])
+        stored[(slice(None), *slices)] = encode_probabilities(probabilities, self.output_dtype)
 
 
 def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -> np.ndarray:
@@ -64,9 +64,12 @@ def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -
     >>> encode_probabilities(np.array([0.0, 0.5, 1.0]), "uint8").tolist()
     [0, 128, 255]
     """
+    encoded: np.ndarray
     if output_dtype == "uint8":
-        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return probabilities.astype(output_dtype)
+        encoded = np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        encoded = probabilities.astype(output_dtype)
+    return encoded
 
 
 def check_output_dtype(value: str) -> OutputDtype:
@@ -134,7 +137,7 @@ def create_prediction(
     _write_coordinate(group, "class", np.arange(num_classes, dtype=np.int64), {})
     for axis, name in enumerate(DIMS):
         spacing = volume.voxel_size[axis] if volume.voxel_size else 1.0
-        units = {"units": volume.units} if volume.voxel_size and volume.units else {}
+        units: dict[str, Any] = {"units": volume.units} if volume.voxel_size and volume.units else {}
         centres = np.arange(volume.shape[axis], dtype=np.float64) * spacing
         _write_coordinate(group, name, centres, units)
     group.attrs.update({ATTRS_KEY: {**attrs, "complete": False}})
@@ -145,7 +148,7 @@ def _encoding(output_dtype: str) -> str:
     return "p * 255, rounded" if output_dtype == "uint8" else "p"
 
 
-def _write_coordinate(group: zarr.Group, name: str, values: np.ndarray, attrs: dict[str, str]) -> None:
+def _write_coordinate(group: zarr.Group, name: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
     array = group.create_array(
         name, shape=values.shape, dtype=values.dtype, dimension_names=(name,), attributes=attrs
     )
@@ -177,7 +180,8 @@ def open_prediction(url: str) -> xr.Dataset:
     consolidated = group.metadata.consolidated_metadata is not None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        return xr.open_zarr(url, consolidated=consolidated, zarr_format=3)
+        dataset: xr.Dataset = xr.open_zarr(url, consolidated=consolidated, zarr_format=3)
+        return dataset
 
 
 def volume_attrs(volume: Volume) -> dict[str, Any]:

@@ -40,6 +40,9 @@ class ArrayLike(Protocol):
     @property
     def shape(self) -> tuple[int, ...]: ...
 
+    @property
+    def dtype(self) -> Any: ...
+
     def __getitem__(self, key: Any) -> Any: ...
 
 
@@ -68,18 +71,21 @@ def read_box(array: ArrayLike, box: Box) -> np.ndarray:
     ``(c, *box.shape)`` (``c = 1`` for arrays without a channel axis).
     """
     spatial = tuple(array.shape[-box.ndim :])
+    volume = Box.from_shape(spatial)
     if box.is_empty():
         channels = array.shape[0] if len(array.shape) > box.ndim else 1
-        return np.zeros((channels, *box.shape), dtype=np.dtype(array.dtype))  # type: ignore[attr-defined]
+        empty: np.ndarray = np.zeros((channels, *box.shape), dtype=np.dtype(array.dtype))
+        return empty
     indices = [mirror_indices(b, e, n) for b, e, n in zip(box.begin, box.end, spatial)]
     window = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
-    data = np.asarray(array[(Ellipsis, *window)])
+    data: np.ndarray = np.asarray(array[(Ellipsis, *window)])
     if data.ndim == box.ndim:
         data = data[np.newaxis]
-    local = [i - w.start for i, w in zip(indices, window)]
-    if all(np.array_equal(i, np.arange(len(i))) and len(i) == d for i, d in zip(local, data.shape[1:])):
+    if volume.contains(box):  # nothing to mirror: the window is the box
         return data
-    return data[np.ix_(np.arange(data.shape[0]), *local)]
+    local = [i - w.start for i, w in zip(indices, window)]
+    mirrored: np.ndarray = data[np.ix_(np.arange(data.shape[0]), *local)]
+    return mirrored
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +179,7 @@ def _describe(
         shape=shape[-3:],
         channels=shape[0] if len(shape) == 4 else 1,
         dtype=dtype.str,
-        voxel_size=size,  # type: ignore[arg-type]
+        voxel_size=size,
         units=units or stored_units or ("nm" if size is not None else None),
     )
 
@@ -217,5 +223,5 @@ def _tiff_voxel_size(url: str) -> tuple[tuple[float, float, float] | None, str |
         x_num, x_den = tags["XResolution"].value
         y_num, y_den = tags["YResolution"].value
         size = (float(meta["spacing"]), y_den / y_num, x_den / x_num)
-        unit = meta.get("unit")
+        unit = str(meta.get("unit") or "")
         return size, {"micron": "um", "\u00b5m": "um"}.get(unit, unit) or None

@@ -59,7 +59,7 @@ class UNetShape:
 
     @property
     def period(self) -> int:
-        return 2**self.depth
+        return 1 << self.depth
 
     def output_size(self, input_size: int) -> int | None:
         """Output size for ``input_size`` along one axis, or None if it is not valid."""
