@@ -104,3 +104,14 @@ def test_storage_voxel_size_must_be_three_positive_numbers(tmp_path: Path) -> No
     url = _zarr(tmp_path / "v.zarr", np.zeros((1, 2, 2)))
     with pytest.raises(InputError, match="3 positive numbers"):
         open_volume(url, voxel_size=(4, 4))
+
+
+def test_storage_reads_the_isbi_stack_lazily_page_by_page() -> None:
+    # The real ISBI 2012 stack shipped in data/ (see its README): 25 slices of 512 x 512 uint8.
+    url = str(Path(__file__).parents[1] / "data" / "isbi2012" / "train-volume.tif")
+    volume = open_volume(url)
+    assert (volume.shape, volume.channels, volume.dtype) == ((25, 512, 512), 1, "|u1")
+    corner = volume.read(Box((24, -2, 510), (26, 2, 514)))  # past the last slice and two edges
+    full = tifffile.imread(url)
+    padded = np.pad(full, 2, mode="reflect")
+    np.testing.assert_array_equal(corner[0], padded[26:28, 0:4, 512:516])
