@@ -8,6 +8,6 @@ bash scripts/setup.sh
 out=${1:-runs/demo}
 mkdir -p "$out"
 .venv/bin/unet-volume train data/isbi2012/train-volume.tif data/isbi2012/train-labels.tif \
-  --out "$out/model.pt" --z-range 0:20 --minutes "${MINUTES:-3}"
+  --out "$out/model.pt" --z-range 0:20 --validation-z-range 20:25 --minutes "${MINUTES:-3}"
 .venv/bin/unet-volume predict data/isbi2012/train-volume.tif "$out/prediction.zarr" \
   --model "$out/model.pt" --voxel-size 50,4,4 --units nm --overwrite

@@ -16,19 +16,14 @@ import tifffile
 import torch
 import zarr
 
-from unet_volume import train as train_module
+import unet_volume.train as train_module
+from unet_volume import sampling as sampling_module
 from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
 from unet_volume.storage import open_volume
-from unet_volume.train import (
-    PatchSampler,
-    TrainConfig,
-    augment_tile,
-    class_weights,
-    to_classes,
-    train,
-)
+from unet_volume.sampling import Patch, PatchSampler, TrainingData, to_classes
+from unet_volume.train import TrainConfig, augment_tile, class_weights, train
 
 SHAPE = (6, 48, 48)
 TINY = {"depth": 2, "base_channels": 4, "tile_output": (1, 12, 12), "batch_size": 4, "minutes": None}
@@ -199,7 +194,7 @@ def test_train_config_rejects_bad_values(options: dict[str, Any], message: str) 
 
 
 @pytest.mark.parametrize("options, message", [
-    pytest.param({"z_range": (0, 9)}, r"z_range \(0, 9\).*6 slices", id="z-range-past-volume"),
+    pytest.param({"z_range": (0, 9)}, r"z range 0:9 does not lie within the volume.s 6 slices", id="z-range-past-volume"),
     pytest.param({"tile_output": (1, 52, 52)}, r"smaller than one tile output", id="tile-too-big"),
 ])
 def test_train_rejects_regions_that_do_not_fit(volumes: tuple[str, str], tmp_path: Path,
@@ -215,20 +210,20 @@ def test_train_rejects_regions_that_do_not_fit(volumes: tuple[str, str], tmp_pat
 def test_sampler_reads_output_boxes_in_z_range_and_input_boxes_grown_by_the_halo(
         volumes: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[Box] = []
-    real_read = train_module.read_box
+    real_read = sampling_module.read_box
 
     def spy(array: Any, box: Box) -> np.ndarray:
         reads.append(box)
         return real_read(array, box)
 
-    monkeypatch.setattr(train_module, "read_box", spy)
+    monkeypatch.setattr(sampling_module, "read_box", spy)
     config = TrainConfig(**TINY, steps=1, z_range=(2, 5))
     geometry = config.geometry()  # output (1, 12, 12), input (1, 52, 52): halo (0, 20, 20)
-    sampler = PatchSampler(*(open_volume(v) for v in volumes), geometry, num_classes=2, z_range=(2, 5))
+    sampler = PatchSampler(TrainingData.open(*volumes, z_range=(2, 5)), geometry, num_classes=2)
     rng = np.random.default_rng(0)
     for _ in range(50):
-        image, labels = sampler.sample_patch(rng)
-        assert image.shape == (1, 1, 52, 52) and labels.shape == (1, 12, 12)
+        patch = sampler.sample(rng)
+        assert patch.image.shape == (1, 1, 52, 52) and patch.labels.shape == (1, 12, 12)
     sampler.close()
     image_boxes, label_boxes = reads[0::2], reads[1::2]
     assert all(Box((2, 0, 0), (5, 48, 48)).contains(b) for b in label_boxes)
@@ -240,8 +235,9 @@ def test_sampler_tile_is_the_mirrored_volume_at_its_box(volumes: tuple[str, str]
     image = zarr.open_array(volumes[0], mode="r")[...]
     labels = zarr.open_array(volumes[1], mode="r")[...]
     geometry = TrainConfig(**TINY, steps=1).geometry()
-    sampler = PatchSampler(*(open_volume(v) for v in volumes), geometry, num_classes=2)
-    got_image, got_labels = sampler.read(Box((3, 0, 36), (4, 12, 48)))  # touches two borders
+    sampler = PatchSampler(TrainingData.open(*volumes), geometry, num_classes=2)
+    patch = sampler.read(Box((3, 0, 36), (4, 12, 48)))  # touches two borders
+    got_image, got_labels = patch.image, patch.labels
     sampler.close()
     padded = np.pad(image, ((0, 0), (20, 20), (20, 20)), mode="reflect")
     np.testing.assert_array_equal(got_image[0], padded[3:4, 0:52, 36:88])
@@ -259,8 +255,10 @@ def test_augment_tile_moves_image_and_labels_together(shape: tuple[int, ...]) ->
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(64):
-        new_image, new_labels = augment_tile(image, labels, rng)
+        moved = augment_tile(Patch(image, labels, labels.astype(np.float32)), rng)
+        new_image, new_labels = moved.image, moved.labels
         np.testing.assert_array_equal(new_image[0], new_labels)
+        np.testing.assert_array_equal(moved.weights, new_labels)
         assert new_image.shape == image.shape  # batches keep one shape
         seen.add(new_image.tobytes())
     assert len(seen) == (8 if shape[-1] == shape[-2] else 4)  # the dihedral group, or its shape-keeping half
@@ -279,3 +277,63 @@ def test_class_weights_balance_the_classes() -> None:
     # 1 / (3 * 0.25) = 4/3 and 1 / (3 * 0.75) = 4/9: both classes then weigh 1/3 in total.
     np.testing.assert_allclose(weights, [4 / 3, 4 / 9, 1.0])
     assert weights[0] * 100 == pytest.approx(weights[1] * 300)
+
+
+# --- issue 3: masks, weight maps, validation, resume, the weighted loss ------------------------
+
+
+def test_weighted_cross_entropy_ignores_zero_weight_voxels_and_equals_ce_at_unit_weight() -> None:
+    import torch.nn.functional as F
+
+    from unet_volume.train import weighted_cross_entropy
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 2, 5, 5), torch.randint(0, 2, (2, 5, 5))
+    ones = torch.ones(2, 5, 5)
+    assert torch.allclose(weighted_cross_entropy(logits, target, ones), F.cross_entropy(logits, target))
+    masked = ones.clone()
+    masked[:, :, 3:] = 0  # unannotated: whatever the target says there must not matter
+    flipped = target.clone()
+    flipped[:, :, 3:] = 1 - flipped[:, :, 3:]
+    assert weighted_cross_entropy(logits, target, masked) == weighted_cross_entropy(logits, flipped, masked)
+
+
+def test_sampler_mask_zeroes_weights_and_weight_volume_is_read(volumes: tuple[str, str], tmp_path: Path) -> None:
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[:, :24] = 1  # only the top half is annotated
+    weights = np.full(SHAPE, 3.0, dtype=np.float32)
+    data = TrainingData.open(*volumes, weights=write_zarr(tmp_path / "w.zarr", weights),
+                             mask=write_zarr(tmp_path / "m.zarr", mask))
+    sampler = PatchSampler(data, TrainConfig(**TINY, steps=1).geometry(), num_classes=2)
+    patch = sampler.read(Box((0, 18, 0), (1, 30, 12)))  # rows 18..29: 6 annotated, 6 not
+    sampler.close()
+    assert patch.weights[0, :6].tolist() == [[3.0] * 12] * 6 and not patch.weights[0, 6:].any()
+
+
+def test_train_validates_saves_state_and_curve_then_resumes(volumes: tuple[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    config = TrainConfig(**{**TINY, "steps": 4, "validate_every": 2, "validation_z_range": (4, 6),
+                            "z_range": (0, 4), "checkpoint_every": 4})
+    first = train(*volumes, out, config)
+    assert [v["step"] for v in first.curve.validation] == [2.0, 4.0]
+    assert 0 <= first.curve.validation[-1]["pixel_error"] <= 1
+    assert read_checkpoint(out).metadata["training"]["validation"]["step"] == 4.0
+    assert (tmp_path / "m.pt.state.pt").exists() and (tmp_path / "m.pt.curve.png").read_bytes()[:4] == b"\x89PNG"
+    normalization = read_checkpoint(out).metadata["normalization"]
+    resumed = train(*volumes, out, TrainConfig(**{**config.__dict__, "steps": 6}), resume=out)
+    assert resumed.steps == 6 and resumed.losses[:4] == first.losses  # the curve goes on
+    assert read_checkpoint(out).metadata["normalization"] == normalization  # kept, not re-estimated
+
+
+def test_train_resume_refuses_a_different_architecture(volumes: tuple[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    train(*volumes, out, TrainConfig(**TINY, steps=1))
+    with pytest.raises(InputError, match=r"\(ndim, depth, classes\) = \(2, 2, 2\)"):
+        train(*volumes, tmp_path / "n.pt", TrainConfig(**{**TINY, "depth": 1, "tile_output": (1, 4, 4)}, steps=1),
+              resume=out)
+    assert not (tmp_path / "n.pt").exists()
+
+
+def test_train_reads_and_augments_in_dataloader_workers(volumes: tuple[str, str], tmp_path: Path) -> None:
+    report = train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=3, loader_workers=1))
+    assert report.steps == 3 and np.isfinite(report.final_loss)

@@ -23,7 +23,6 @@ _LAZY = {
     "predict_volume": "unet_volume.predict",
     "RunReport": "unet_volume.predict",
     "open_prediction": "unet_volume.prediction_store",
-    "train": "unet_volume.train",
 }
 
 __all__ = ["__version__", *_LAZY]

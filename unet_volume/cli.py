@@ -98,6 +98,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="stop after this many steps (default: only --minutes)")
     p.add_argument("--z-range", type=parse_range, metavar="BEGIN:END",
                    help="train on slices BEGIN..END-1 only, e.g. 0:20 (default: all)")
+    p.add_argument("--validation-z-range", type=parse_range, metavar="BEGIN:END",
+                   help="held-out slices scored every --validate-every steps, e.g. 20:25 (default: none)")
+    p.add_argument("--validate-every", type=int, default=100, help="steps between validations (default 100)")
+    p.add_argument("--weights", metavar="VOLUME",
+                   help="per-voxel loss weights of the same shape, e.g. from `unet-volume weights` "
+                   "(default: inverse class frequencies)")
+    p.add_argument("--mask", metavar="VOLUME",
+                   help="annotation mask of the same shape: voxels where it is 0 do not count")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue from this checkpoint (weights, optimizer, curve); --steps counts the total")
     p.add_argument("--ndim", type=int, default=2, choices=(2, 3), help="2D or 3D U-Net (default 2)")
     p.add_argument("--depth", type=int, default=4, help="number of poolings (default 4, as the paper)")
     p.add_argument("--base-channels", type=int, default=16,
@@ -109,6 +119,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="adam, or sgd with momentum 0.99 as the paper (default adam)")
     p.add_argument("--lr", type=float, help="learning rate (default: the optimizer's default)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine decay over the run's steps or minutes, or constant (default cosine)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="processes that read and augment tiles (default 0: in the training process)")
     p.add_argument("--no-augment", action="store_true", help="no random flips and rotations")
     p.add_argument("--no-class-balance", action="store_true", help="unweighted cross entropy")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -145,14 +160,20 @@ def _train(args: argparse.Namespace) -> None:
         "num_classes": args.classes, "batch_size": args.batch_size, "optimizer": args.optimizer,
         "minutes": args.minutes, "steps": args.steps, "z_range": args.z_range, "seed": args.seed,
         "augment": not args.no_augment, "class_balance": not args.no_class_balance,
+        "validation_z_range": args.validation_z_range, "validate_every": args.validate_every,
+        "lr_schedule": args.lr_schedule, "checkpoint_every": args.checkpoint_every,
+        "loader_workers": args.loader_workers,
     }
     if args.tile_output is not None:
         options["tile_output"] = args.tile_output
     if args.lr is not None:
         options["learning_rate"] = args.lr
-    report = train(args.image, args.labels, args.out, TrainConfig(**options), progress=not args.no_progress)
-    print(f"trained {report.steps} steps in {report.seconds:.0f} s, final loss {report.final_loss:.4f}; "
-          f"model saved to {report.checkpoint}")
+    report = train(args.image, args.labels, args.out, TrainConfig(**options), weights=args.weights,
+                   mask=args.mask, resume=args.resume, progress=not args.no_progress)
+    validation = report.curve.validation[-1] if report.curve.validation else None
+    scores = f", validation pixel error {validation['pixel_error']:.4f}" if validation else ""
+    print(f"trained {report.steps} steps in {report.seconds:.0f} s, final loss {report.final_loss:.4f}{scores}; "
+          f"model saved to {report.checkpoint} (curve: {report.checkpoint}.curve.png)")
 
 
 def _fmt(shape: Sequence[int]) -> str:
