@@ -27,7 +27,8 @@ import zarr
 from unet_volume.checkpoint import checkpoint_bytes, save_model
 from unet_volume.cluster import open_client
 from unet_volume.model import UNet
-from unet_volume.predict import ModelPredictor, predict_volume
+from unet_volume.predict import predict_volume
+from unet_volume.predictor import ModelPredictor
 
 BLOCK = (1, 512, 512)
 VOLUME = (16, 1024, 1024)

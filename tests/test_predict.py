@@ -14,7 +14,8 @@ from distributed import Client
 from unet_volume.checkpoint import checkpoint_bytes, save_model
 from unet_volume.errors import BlockError, CheckpointError, GeometryError, InputError, OutputExistsError
 from unet_volume.model import UNet
-from unet_volume.predict import ModelPredictor, PredictOptions, plan_prediction, predict_volume, run_prediction
+from unet_volume.predict import PredictOptions, plan_prediction, predict_volume, run_prediction
+from unet_volume.predictor import ModelPredictor
 from unet_volume.prediction_store import create_prediction, open_prediction
 from unet_volume.storage import open_volume
 from unet_volume.testing import CropPredictor, blob_volume, predict_whole

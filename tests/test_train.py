@@ -21,7 +21,6 @@ from unet_volume import sampling as sampling_module
 from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.storage import open_volume
 from unet_volume.sampling import Patch, PatchSampler, TrainingData, to_classes
 from unet_volume.train import TrainConfig, augment_tile, class_weights, train
 

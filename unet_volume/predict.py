@@ -25,16 +25,16 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
 from unet_volume import __version__
 from unet_volume.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_from_bytes, read_checkpoint_bytes
-from unet_volume.cluster import open_client, tune_worker_process, worker_threads
+from unet_volume.predictor import ModelPredictor
+from unet_volume.cluster import open_client
 from unet_volume.errors import BlockError, GeometryError, InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.model import UNet
@@ -59,10 +59,6 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
 
-_MODELS: dict[tuple[str, str, str], UNet] = {}
-"""Networks built in this process, by (checkpoint sha256, device, dtype): one per worker."""
-
-
 @dataclass(frozen=True, slots=True)
 class RunReport:
     """What a run did: counts and timing, recorded in the output's attributes too."""
@@ -80,81 +76,6 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "voxels_per_second": self.voxels_per_second}
-
-
-class ModelPredictor:
-    """A picklable predictor around checkpoint bytes; the network is built once per process.
-
-    Applies the checkpoint's input normalisation, runs the net (a 2D net takes the
-    tile's z slices as its batch), and returns soft-max probabilities as float32
-    (or float64 with ``dtype="float64"``, for exactness tests).
-    """
-
-    def __init__(
-        self,
-        checkpoint: bytes,
-        *,
-        device: str = "auto",
-        dtype: Literal["float32", "float64"] = "float32",
-    ) -> None:
-        self.checkpoint = checkpoint
-        self.requested_device = device
-        self.dtype = dtype
-        info = checkpoint_from_bytes(checkpoint)
-        self.sha256 = info.sha256
-        self.ndim = info.config.ndim
-        norm = info.metadata.get("normalization", {})
-        self.mean = float(norm.get("mean", 0.0))
-        self.std = float(norm.get("std", 1.0))
-
-    @property
-    def layout(self) -> torch.memory_format:
-        """Channels-last for float32: oneDNN's fast layout (1.7x single-threaded on CPU, measured).
-
-        float64 has no oneDNN kernels, so it keeps torch's reference layout, whose
-        2D convolutions sum in the same order for every tile size (bit-exact stitching).
-        """
-        if self.dtype != "float32":
-            return torch.contiguous_format
-        return torch.channels_last if self.ndim == 2 else torch.channels_last_3d
-
-    @property
-    def device(self) -> str:
-        """Resolved where the predictor runs: ``"auto"`` is CUDA on a worker that has it."""
-        if self.requested_device != "auto":
-            return self.requested_device
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.sha256, self.device, self.dtype)
-
-    def network(self) -> UNet:
-        """The network of this process, built on first use (once per worker)."""
-        if self.key not in _MODELS:
-            tune_worker_process()
-            threads = worker_threads()
-            if threads:
-                torch.set_num_threads(threads)
-            model = checkpoint_from_bytes(self.checkpoint).to_model()
-            model = model.to(device=self.device, dtype=getattr(torch, self.dtype))
-            model = model.to(memory_format=self.layout)  # type: ignore[call-overload]
-            _MODELS[self.key] = model
-        return _MODELS[self.key]
-
-    def __call__(self, tile: np.ndarray) -> np.ndarray:
-        net = self.network()
-        x = (tile.astype(self.dtype) - self.mean) / self.std  # (c, z, y, x)
-        batch = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        if self.ndim == 2:
-            batch = batch.permute(1, 0, 2, 3)  # (z, c, y, x): slices are the batch
-        else:
-            batch = batch[None]  # (1, c, z, y, x)
-        batch = batch.contiguous(memory_format=self.layout)
-        with torch.inference_mode():
-            probs = torch.softmax(net(batch), dim=1)
-        probs = probs.permute(1, 0, 2, 3) if self.ndim == 2 else probs[0]  # (k, z, y, x)
-        return np.asarray(probs.cpu().numpy())
 
 
 def predict_tiles(data: np.ndarray, read_box: Box, write_box: Box, *, predictor: Predictor, geometry: TileGeometry) -> np.ndarray:
