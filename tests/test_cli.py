@@ -107,6 +107,7 @@ def assert_help_explains(text: str, actions: list[argparse.Action]) -> None:
     [
         pytest.param("predict", id="predict"),
         pytest.param("train", id="train"),
+        pytest.param("evaluate", id="evaluate"),
     ],
 )
 def test_cli_help_names_and_explains_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,7 +117,7 @@ def test_cli_help_names_and_explains_every_option(command: str, capsys: pytest.C
     text = capsys.readouterr().out
     assert text.startswith(f"usage: unet-volume {command} ")
     actions = subparser(command)._actions
-    assert len(actions) >= 12  # -h, two positionals and the options
+    assert len(actions) >= 5  # -h, two positionals and the options
     assert_help_explains(text, actions)
 
 
@@ -127,7 +128,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(commands.choices) == ["predict", "train"]
+    assert sorted(commands.choices) == ["evaluate", "predict", "train"]
     # The commands, each with its one-line help; and the options (-h, -v) of the top level.
     assert_help_explains(text, [*commands._choices_actions, *(a for a in parser._actions if a.option_strings)])
 
@@ -324,3 +325,20 @@ def test_cli_train_mismatched_labels_exit_2_without_a_checkpoint(
     assert code == EXIT_USAGE
     assert "(2, 32, 30)" in assert_one_error_line(capsys.readouterr().err, "train")
     assert snapshot(tmp_path) == before  # no checkpoint, no temporary file
+
+
+def test_cli_evaluate_prints_the_metrics_table_and_writes_json(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import tifffile
+
+    labels = np.zeros((2, 16, 16), dtype=np.uint8)
+    labels[:, 2:7, 2:7] = labels[:, 9:14, 9:14] = 255  # two cells per slice
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    code = main(["evaluate", str(tmp_path / "labels.tif"), str(tmp_path / "labels.tif"),
+                 "--json", str(tmp_path / "scores.json")])
+    assert code == EXIT_OK
+    assert "pixel_error" in capsys.readouterr().out  # the table
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["volume"]["pixel_error"] == 0.0 and scores["volume"]["rand_error"] == 0.0

@@ -31,6 +31,9 @@ TORCH_FREE = [
     "unet_volume.storage",
     "unet_volume.prediction_store",
     "unet_volume.cluster",
+    "unet_volume.metrics",
+    "unet_volume.augment",
+    "unet_volume.weight_map",
 ]
 
 # What each lower-layer module may import from the package: the layers below it, and the leaf
@@ -41,6 +44,8 @@ ALLOWED_IMPORTS = {
     "tiling": {"errors", "geometry"},
     "storage": {"errors", "geometry", "tiling"},
     "prediction_store": {"errors", "geometry", "tiling", "storage", "__init__"},
+    "metrics": {"errors", "storage", "prediction_store", "__init__"},
+    "augment": {"errors"},
 }
 UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
 

@@ -22,6 +22,7 @@ from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
 from unet_volume.sampling import Patch, PatchSampler, TrainingData, to_classes
+from unet_volume.augment import AugmentConfig
 from unet_volume.train import TrainConfig, augment_tile, class_weights, train
 
 SHAPE = (6, 48, 48)
@@ -125,7 +126,8 @@ def test_train_checkpoints_every_n_steps(volumes: tuple[str, str], tmp_path: Pat
 
 @pytest.mark.parametrize("options", [
     pytest.param({"optimizer": "sgd"}, id="sgd-momentum"),
-    pytest.param({"augment": False, "class_balance": False}, id="plain"),
+    pytest.param({"augment": "none", "class_balance": False}, id="plain"),
+    pytest.param({"augment": "paper"}, id="paper-augmentation"),
     pytest.param({"ndim": 3, "depth": 1, "tile_output": (4, 4, 4), "batch_size": 1}, id="3d"),
     pytest.param({"tile_output": (2, 8, 12), "z_range": (1, 5)}, id="non-square-two-slices"),
 ])
@@ -246,15 +248,15 @@ def test_sampler_tile_is_the_mirrored_volume_at_its_box(volumes: tuple[str, str]
 # --- the pieces ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [pytest.param((1, 2, 9, 9), id="square"),
-                                   pytest.param((1, 2, 6, 9), id="non-square")])
+@pytest.mark.parametrize("shape", [pytest.param((1, 1, 9, 9), id="square"),
+                                   pytest.param((1, 1, 6, 9), id="non-square")])
 def test_augment_tile_moves_image_and_labels_together(shape: tuple[int, ...]) -> None:
     image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
     labels = image[0].astype(np.int64)  # labels are a copy of the image: any mismatch shows
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(64):
-        moved = augment_tile(Patch(image, labels, labels.astype(np.float32)), rng)
+        moved = augment_tile(Patch(image, labels, labels.astype(np.float32)), AugmentConfig.plain(), rng, ndim=2)
         new_image, new_labels = moved.image, moved.labels
         np.testing.assert_array_equal(new_image[0], new_labels)
         np.testing.assert_array_equal(moved.weights, new_labels)

@@ -1,4 +1,4 @@
-"""The ``unet-volume`` command: ``train`` and ``predict``.
+"""The ``unet-volume`` command: ``train``, ``predict``, ``evaluate`` and ``weights``.
 
 Thin over the library: parse, call, report. A :class:`UnetVolumeError` (bad
 input, existing output, not a checkpoint, ...) becomes one line on stderr and
@@ -60,7 +60,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a U-Net on random tiles of IMAGE with LABELS (soft-max cross entropy) "
         "and save the model to --out.",
     ))
+    _add_evaluate(commands.add_parser(
+        "evaluate", help="score a prediction against labels: pixel error, Rand error, VOI, IoU, Dice",
+        description="Score PREDICTION against LABELS slice by slice and for the whole volume (ISBI 2012 "
+        "metrics: pixel error, adapted Rand error, variation of information; IoU and Dice of the foreground).",
+    ))
     return parser
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prediction", help="prediction group written by `unet-volume predict` (its segmentation is "
+                   "scored), or a Zarr array / TIFF stack of class indices")
+    p.add_argument("labels", help="labels of the same (z, y, x) shape: Zarr array or TIFF stack; with 2 classes "
+                   "any nonzero label is class 1 (0/255 ISBI labels work)")
+    p.add_argument("--z-range", type=parse_range, metavar="BEGIN:END",
+                   help="score slices BEGIN..END-1 only, e.g. 20:25 (default: all)")
+    p.add_argument("--json", metavar="FILE", help="also write the report to FILE as JSON")
+    p.set_defaults(run=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from unet_volume.metrics import evaluate
+
+    report = evaluate(args.prediction, args.labels, z_range=args.z_range)
+    print(report.to_table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -124,7 +152,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="processes that read and augment tiles (default 0: in the training process)")
-    p.add_argument("--no-augment", action="store_true", help="no random flips and rotations")
+    p.add_argument("--augment", choices=("plain", "paper", "none"), default="plain",
+                   help="plain: random flips and right-angle turns; paper: elastic deformation (3x3 grid, "
+                   "10 px), any rotation, flips and gray-value changes; none (default plain)")
     p.add_argument("--no-class-balance", action="store_true", help="unweighted cross entropy")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -159,7 +189,7 @@ def _train(args: argparse.Namespace) -> None:
         "base_channels": args.base_channels, "depth": args.depth, "ndim": args.ndim,
         "num_classes": args.classes, "batch_size": args.batch_size, "optimizer": args.optimizer,
         "minutes": args.minutes, "steps": args.steps, "z_range": args.z_range, "seed": args.seed,
-        "augment": not args.no_augment, "class_balance": not args.no_class_balance,
+        "augment": args.augment, "class_balance": not args.no_class_balance,
         "validation_z_range": args.validation_z_range, "validate_every": args.validate_every,
         "lr_schedule": args.lr_schedule, "checkpoint_every": args.checkpoint_every,
         "loader_workers": args.loader_workers,

@@ -82,11 +82,15 @@ def _check_same_shape(image: Volume, other: Volume, name: str) -> None:
 
 @dataclass
 class Patch:
-    """One training tile: image ``(c, *input_shape)`` float32; targets over ``(*output_shape)``."""
+    """One training tile: image ``(c, *input_shape)`` float32; targets over ``(*output_shape)``.
+
+    Each array may carry ``context`` extra voxels per side (for augmentation to warp from).
+    """
 
     image: np.ndarray
     labels: np.ndarray  # int64 class indices
     weights: np.ndarray  # float32 loss weight per voxel (mask applied; 1 where no weights are given)
+    context: tuple[int, ...] = (0, 0, 0)
 
 
 class PatchSampler:
@@ -96,19 +100,23 @@ class PatchSampler:
     DataLoader workers) and stay open (a TIFF is parsed once) until :meth:`close`.
     """
 
-    def __init__(self, data: TrainingData, geometry: TileGeometry, *, num_classes: int) -> None:
+    def __init__(self, data: TrainingData, geometry: TileGeometry, *, num_classes: int,
+                 context: tuple[int, ...] = (0, 0, 0)) -> None:
         if any(r < t for r, t in zip(data.region.shape, geometry.output_shape)):
             raise InputError(f"the training region {data.region.shape} (z, y, x) is smaller than one tile "
                              f"output {geometry.output_shape}; pass a smaller tile output or a wider z range")
         self.data, self.geometry, self.num_classes = data, geometry, num_classes
+        self.context = tuple(context)
         self._arrays: dict[str, ArrayLike] | None = None
         self._stack: ExitStack | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"data": self.data, "geometry": self.geometry, "num_classes": self.num_classes}
+        return {"data": self.data, "geometry": self.geometry, "num_classes": self.num_classes,
+                "context": self.context}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["data"], state["geometry"], num_classes=state["num_classes"])  # type: ignore[misc]
+        self.__init__(state["data"], state["geometry"], num_classes=state["num_classes"],  # type: ignore[misc]
+                      context=state["context"])
 
     def _open(self) -> dict[str, ArrayLike]:
         if self._arrays is None:
@@ -126,16 +134,17 @@ class PatchSampler:
         return Box.from_shape(shape, begin=begin)
 
     def read(self, output_box: Box) -> Patch:
-        """The tile whose output is ``output_box``."""
+        """The tile whose output is ``output_box``, with the sampler's context around it."""
         arrays = self._open()
-        image = read_box(arrays["image"], self.geometry.input_box(output_box)).astype(np.float32)
-        labels = to_classes(read_box(arrays["labels"], output_box)[0], self.num_classes, self.data.labels.url)
-        weights = np.ones(output_box.shape, dtype=np.float32)
+        target_box = output_box.grow(self.context)
+        image = read_box(arrays["image"], self.geometry.input_box(target_box)).astype(np.float32)
+        labels = to_classes(read_box(arrays["labels"], target_box)[0], self.num_classes, self.data.labels.url)
+        weights = np.ones(target_box.shape, dtype=np.float32)
         if "weights" in arrays:
-            weights = read_box(arrays["weights"], output_box)[0].astype(np.float32)
+            weights = read_box(arrays["weights"], target_box)[0].astype(np.float32)
         if "mask" in arrays:
-            weights = weights * (read_box(arrays["mask"], output_box)[0] != 0)
-        return Patch(image, labels, weights)
+            weights = weights * (read_box(arrays["mask"], target_box)[0] != 0)
+        return Patch(image, labels, weights, self.context)
 
     def sample(self, rng: np.random.Generator) -> Patch:
         return self.read(self.output_box(rng))

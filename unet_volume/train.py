@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from unet_volume.augment import AugmentConfig, augment, required_context
 from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.learning_curve import LearningCurve
@@ -70,20 +71,11 @@ class TrainReport:
         return self.steps / self.seconds if self.seconds > 0 else 0.0
 
 
-def augment_tile(patch: Patch, rng: np.random.Generator) -> Patch:
-    """The same random flip and 90-degree rotation in (y, x) of a tile's image and targets.
-
-    Non-square tiles rotate by 0 or 180 degrees only, so every tile of a batch keeps its shape.
-    """
-    square = patch.image.shape[-1] == patch.image.shape[-2]
-    turns = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
-    flip = bool(rng.integers(2))
-
-    def move(array: np.ndarray) -> np.ndarray:
-        array = np.rot90(array, turns, axes=(-2, -1))
-        return np.ascontiguousarray(array[..., ::-1] if flip else array)
-
-    return Patch(move(patch.image), move(patch.labels), move(patch.weights))
+def augment_tile(patch: Patch, config: AugmentConfig, rng: np.random.Generator, *, ndim: int) -> Patch:
+    """One random transform of the tile's image, labels and weights alike, cropped to the tile."""
+    image, targets = augment(patch.image, {"labels": patch.labels, "weights": patch.weights}, config, rng,
+                             ndim=ndim, context=patch.context)
+    return Patch(image, targets["labels"], targets["weights"])
 
 
 class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -103,9 +95,7 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         info = get_worker_info()
         rng = np.random.default_rng([self.config.seed, 0 if info is None else info.id + 1])
         while True:
-            patch = self.sampler.sample(rng)
-            if self.config.augment:
-                patch = augment_tile(patch, rng)
+            patch = augment_tile(self.sampler.sample(rng), self.config.augmentation(), rng, ndim=self.config.ndim)
             weights = patch.weights
             if self.sampler.data.weights is None:  # no weight map: balance classes per voxel
                 weights = weights * self.class_weights[patch.labels]
@@ -186,7 +176,8 @@ def train(image: str | Path, labels: str | Path, out: str | Path, config: TrainC
     """
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
     geometry = config.geometry()
-    sampler = PatchSampler(data, geometry, num_classes=config.num_classes)
+    context = required_context(config.augmentation(), geometry.input_shape, ndim=config.ndim)
+    sampler = PatchSampler(data, geometry, num_classes=config.num_classes, context=_frame(context))
     validation = None
     if config.validation_z_range is not None:
         validation = PatchSampler(data.with_region(config.validation_z_range), geometry,
@@ -214,6 +205,12 @@ def train(image: str | Path, labels: str | Path, out: str | Path, config: TrainC
         sampler.close()
         if validation is not None:
             validation.close()
+
+
+def _frame(context: tuple[int, ...]) -> tuple[int, int, int]:
+    """Context per (z, y, x) axis from :func:`required_context`, which omits z for 2D nets."""
+    padded = (0,) * (3 - len(context)) + tuple(context)
+    return (padded[0], padded[1], padded[2])
 
 
 def _read_resume(resume: str | Path, config: TrainConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from unet_volume.augment import AugmentConfig
 from unet_volume.errors import InputError
 from unet_volume.tiling import TileGeometry
 
@@ -44,7 +45,7 @@ class TrainConfig:
     z_range: tuple[int, int] | None = None
     validation_z_range: tuple[int, int] | None = None
     class_balance: bool = True
-    augment: bool = True
+    augment: Literal["none", "plain", "paper"] = "plain"
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     validate_every: int = 100
     validation_tiles: int = 8
@@ -66,6 +67,9 @@ class TrainConfig:
             raise InputError(f"num_classes must be an int >= 2, got {self.num_classes!r}; pass 2 for binary")
         if self.optimizer not in DEFAULT_LEARNING_RATE:
             raise InputError(f"optimizer {self.optimizer!r} is unknown; pass 'adam' or 'sgd'")
+        if self.augment not in ("none", "plain", "paper"):
+            raise InputError(f"augment {self.augment!r} is unknown; pass 'none', 'plain' (flips and right-angle "
+                             "turns) or 'paper' (elastic deformation, rotations, flips, gray values)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise InputError(f"lr_schedule {self.lr_schedule!r} is unknown; pass 'constant' or 'cosine'")
         if self.learning_rate is not None and not (_is_number(self.learning_rate) and self.learning_rate > 0):
@@ -103,6 +107,10 @@ class TrainConfig:
 
     def resolved_learning_rate(self) -> float:
         return float(self.learning_rate or DEFAULT_LEARNING_RATE[self.optimizer])
+
+    def augmentation(self) -> AugmentConfig:
+        """The augmentation recipe: none, plain (flips + right-angle turns) or the paper's."""
+        return {"none": AugmentConfig.none(), "plain": AugmentConfig.plain(), "paper": AugmentConfig()}[self.augment]
 
     def learning_rate_at(self, progress: float) -> float:
         """The learning rate at ``progress`` in [0, 1] of the run (steps or time, whichever is further).

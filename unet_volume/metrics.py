@@ -1,0 +1,400 @@
+"""Segmentation metrics: pixel error, adapted Rand error, variation of information, IoU and Dice.
+
+The paper scores ISBI 2012 by pixel error (1 - accuracy of the binary map) and Rand error (the
+challenge's adapted Rand error: 1 - F-score of the Rand index over voxel pairs). Conventions:
+
+- Arguments are ``(prediction, truth)``; scikit-image's are ``(image_true, image_test)``.
+- Rand and VOI compare *instances*: :func:`instances_from_binary` labels the connected components
+  of the foreground, **4-connected** (``connectivity=1``) as the ISBI 2012 evaluation script
+  (Fiji's ``RandError``) does, not 8-connected as ``skimage.measure.label``; per z slice.
+- Truth label 0 (ISBI: membrane) is ignored by Rand and VOI (``ignore_gt_zero=True``), as by
+  ``skimage.metrics.adapted_rand_error`` (its ``variation_of_information`` ignores nothing).
+- Predicted label 0 is one more segment by default, as scikit-image counts it (``"segment"``).
+  :func:`evaluate` uses ``seg_background="singletons"``: each such voxel its own segment, as the
+  ISBI script prunes the proposal's zero component, so predicted membrane inside true cells
+  does not merge them all.
+- Rand precision = true pairs / predicted pairs (1: no false merges), recall = true pairs / true
+  pairs (1: no false splits), as skimage's docstring says; its code swaps them (issue #6485).
+- VOI split = H(pred|truth) (over-segmentation), merge = H(truth|pred) (under-segmentation), in
+  bits: ``skimage.metrics.variation_of_information(truth, pred)``, in that order.
+- Nothing to score is no error: Rand (0, 1, 1) without pairs, VOI (0, 0), IoU and Dice 1.
+
+All metrics come from additive counts (:class:`OverlapCounts`, :class:`PairCounts`): a volume's
+are the sums of its slices' when instance ids are unique per slice, so :func:`evaluate` reads one
+slice at a time and gets whole-volume numbers from the same counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, Self, get_args
+
+import numpy as np
+import scipy.ndimage as ndi
+import zarr
+
+from unet_volume.errors import InputError
+from unet_volume.prediction_store import open_prediction
+from unet_volume.storage import exists, is_tiff, open_volume, opened_array
+
+SegBackground = Literal["segment", "singletons"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Additive:
+    """Counts that add field by field (disjoint voxel sets give the counts of their union)."""
+
+    def __add__(self, other: Self) -> Self:
+        return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+@dataclass(frozen=True, slots=True)
+class OverlapCounts(_Additive):
+    """Voxel counts of a binary prediction against a binary truth."""
+
+    voxels: int = 0  # voxels compared
+    agree: int = 0  # voxels where prediction and truth agree
+    pred: int = 0  # predicted foreground
+    true: int = 0  # true foreground
+    both: int = 0  # foreground in both
+
+    @classmethod
+    def of(cls, pred: np.ndarray, true: np.ndarray) -> OverlapCounts:
+        p, t = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)
+        p_n, t_n, both = (int(np.count_nonzero(x)) for x in (p, t, p & t))
+        return cls(p.size, p.size - (p_n + t_n - 2 * both), p_n, t_n, both)
+
+    def pixel_error(self) -> float:
+        return (self.voxels - self.agree) / self.voxels if self.voxels else 0.0
+
+    def iou(self) -> float:
+        union = self.pred + self.true - self.both
+        return self.both / union if union else 1.0
+
+    def dice(self) -> float:
+        total = self.pred + self.true
+        return 2 * self.both / total if total else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PairCounts(_Additive):
+    """The contingency table of a segmentation against the truth, reduced to what the metrics need.
+
+    With n_ij the voxels in true segment i and predicted segment j, a_i and b_j its row and
+    column sums and n the voxels counted: ``joint``, ``true`` and ``pred`` count ordered pairs
+    of distinct voxels in one segment of both, of the truth, of the prediction (sum n_ij^2 - n,
+    sum a_i^2 - n, sum b_j^2 - n); ``split_bits`` = sum n_ij log2(a_i / n_ij) = n H(pred|truth)
+    and ``merge_bits`` = sum n_ij log2(b_j / n_ij) = n H(truth|pred). Integers are exact; the
+    bits are sums of non-negative terms, each exactly 0 where a segment matches.
+    """
+
+    voxels: int = 0
+    joint: int = 0
+    true: int = 0
+    pred: int = 0
+    split_bits: float = 0.0
+    merge_bits: float = 0.0
+
+    @classmethod
+    def of(cls, seg: np.ndarray, gt: np.ndarray, *, ignore_gt_zero: bool = True,
+           seg_background: SegBackground = "segment") -> PairCounts:
+        """Count in O(voxels) memory: ``np.unique`` over (truth, prediction) id pairs, no dense table."""
+        if seg_background not in get_args(SegBackground):
+            raise InputError(f"seg_background {seg_background!r} is not supported; pass 'segment' or 'singletons'")
+        seg, gt = np.ravel(seg), np.ravel(gt)
+        if ignore_gt_zero:
+            seg, gt = seg[gt != 0], gt[gt != 0]
+        if gt.size == 0:
+            return cls()
+        gt_ids, gt_index = np.unique(gt, return_inverse=True)
+        seg_ids, seg_index = np.unique(seg, return_inverse=True)
+        seg_index, n_seg = _split_background(seg, seg_ids, seg_index, seg_background)
+        pair_keys, n_ij = np.unique(gt_index.astype(np.int64) * n_seg + seg_index, return_counts=True)
+        a_i = np.bincount(gt_index, minlength=gt_ids.size)[pair_keys // n_seg]  # per pair: its true segment's size
+        b_j = np.bincount(seg_index, minlength=n_seg)[pair_keys % n_seg]  # ... and its predicted segment's
+        return cls(int(gt.size), _pairs(n_ij), _pairs(np.bincount(gt_index)), _pairs(np.bincount(seg_index)),
+                   float(np.sum(n_ij * np.log2(a_i / n_ij))), float(np.sum(n_ij * np.log2(b_j / n_ij))))
+
+    def rand(self) -> tuple[float, float, float]:
+        """(adapted Rand error, precision, recall); see the module docstring for the conventions."""
+        precision = self.joint / self.pred if self.pred else 1.0
+        recall = self.joint / self.true if self.true else 1.0
+        pairs = self.pred + self.true
+        return (1.0 - 2 * self.joint / pairs if pairs else 0.0), precision, recall
+
+    def voi(self) -> tuple[float, float]:
+        """(split, merge) = (H(pred|truth), H(truth|pred)) in bits."""
+        if not self.voxels:
+            return 0.0, 0.0
+        return self.split_bits / self.voxels, self.merge_bits / self.voxels
+
+
+def _pairs(sizes: np.ndarray) -> int:
+    """Ordered pairs of distinct voxels within segments of these sizes: sum s^2 - sum s (exact)."""
+    sizes = sizes.astype(np.int64)
+    return int(np.sum(sizes * sizes)) - int(np.sum(sizes))
+
+
+def _split_background(seg: np.ndarray, seg_ids: np.ndarray, seg_index: np.ndarray,
+                      seg_background: SegBackground) -> tuple[np.ndarray, int]:
+    """Predicted segment indices, each label-0 voxel its own segment under ``"singletons"``."""
+    if seg_background == "segment" or not np.any(seg_ids == 0):
+        return seg_index, int(seg_ids.size)
+    background = seg == 0
+    singles = np.arange(seg_ids.size, seg_ids.size + int(np.count_nonzero(background)))
+    seg_index = seg_index.astype(np.int64)
+    seg_index[background] = singles
+    return seg_index, int(seg_ids.size + singles.size)
+
+
+def _check_same_shape(pred: np.ndarray, true: np.ndarray) -> None:
+    if np.shape(pred) != np.shape(true):
+        raise InputError(f"prediction has shape {np.shape(pred)} but truth has {np.shape(true)}; pass equal shapes")
+
+
+def pixel_error(pred_binary: np.ndarray, true_binary: np.ndarray) -> float:
+    """1 - pixel accuracy of two binary maps (any nonzero value is foreground), as the paper scores ISBI.
+
+    >>> pixel_error(np.array([0, 1, 1, 0]), np.array([0, 255, 0, 0]))
+    0.25
+    """
+    _check_same_shape(pred_binary, true_binary)
+    return OverlapCounts.of(pred_binary, true_binary).pixel_error()
+
+
+def iou(pred: np.ndarray, true: np.ndarray, label: int = 1) -> float:
+    """Intersection over union of ``pred == label`` and ``true == label`` (class maps, or binary with 1)."""
+    _check_same_shape(pred, true)
+    return OverlapCounts.of(np.asarray(pred) == label, np.asarray(true) == label).iou()
+
+
+def dice(pred: np.ndarray, true: np.ndarray, label: int = 1) -> float:
+    """Dice coefficient 2|P & T| / (|P| + |T|) of ``pred == label`` and ``true == label``."""
+    _check_same_shape(pred, true)
+    return OverlapCounts.of(np.asarray(pred) == label, np.asarray(true) == label).dice()
+
+
+def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, *, ignore_gt_zero: bool = True,
+                       seg_background: SegBackground = "segment") -> tuple[float, float, float]:
+    """(error, precision, recall) of instance labels ``seg`` against ``gt``: the ISBI 2012 / SNEMI3D
+    adapted Rand error, ``skimage.metrics.adapted_rand_error(gt, seg)[0]``. A true cell split in
+    halves: no false merges (precision 1), a third of the true pairs found (recall 1/3).
+
+    >>> adapted_rand_error(np.array([1, 1, 2, 2]), np.array([1, 1, 1, 1]))
+    (0.5, 1.0, 0.3333333333333333)
+    """
+    _check_same_shape(seg, gt)
+    return PairCounts.of(seg, gt, ignore_gt_zero=ignore_gt_zero, seg_background=seg_background).rand()
+
+
+def variation_of_information(seg: np.ndarray, gt: np.ndarray, *, ignore_gt_zero: bool = True,
+                             seg_background: SegBackground = "segment") -> tuple[float, float]:
+    """(split, merge) = (H(seg|gt), H(gt|seg)) in bits; their sum is the variation of information.
+
+    >>> variation_of_information(np.array([1, 1, 2, 2]), np.array([1, 1, 1, 1]))
+    (1.0, 0.0)
+    """
+    _check_same_shape(seg, gt)
+    return PairCounts.of(seg, gt, ignore_gt_zero=ignore_gt_zero, seg_background=seg_background).voi()
+
+
+def instances_from_binary(mask: np.ndarray, *, per_slice: bool = True, connectivity: int = 1) -> np.ndarray:
+    """Instance ids (int64, 0 = background) of the connected components of ``mask != 0``.
+
+    ``connectivity=1`` joins face neighbours only (4-connected in 2D, as the ISBI script);
+    ``mask.ndim`` joins all neighbours (8-connected in 2D). With ``per_slice`` a ``(z, y, x)``
+    mask is labelled slice by slice, ids numbered on across slices so that each is unique.
+
+    >>> instances_from_binary(np.array([[1, 0], [0, 1]])).tolist()
+    [[1, 0], [0, 2]]
+    >>> instances_from_binary(np.array([[1, 0], [0, 1]]), connectivity=2).tolist()
+    [[1, 0], [0, 1]]
+    """
+    mask = np.asarray(mask) != 0
+    if per_slice and mask.ndim == 3:
+        labels = np.zeros(mask.shape, dtype=np.int64)
+        offset = 0
+        for z, plane in enumerate(mask):
+            labels[z], count = _components(plane, connectivity)
+            labels[z][labels[z] > 0] += offset
+            offset += count
+        return labels
+    return _components(mask, connectivity)[0]
+
+
+def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    if not 1 <= connectivity <= max(mask.ndim, 1):
+        raise InputError(f"connectivity {connectivity} must be in 1..{mask.ndim} for {mask.ndim}D; "
+                         "pass 1 for face neighbours (4-connected in 2D)")
+    labels = np.zeros(mask.shape, dtype=np.int64)
+    count = ndi.label(mask, structure=ndi.generate_binary_structure(mask.ndim, connectivity), output=labels)
+    return labels, int(count)
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """The metrics of one slice or of the whole volume; see the module docstring for definitions."""
+
+    pixel_error: float
+    rand_error: float
+    rand_precision: float
+    rand_recall: float
+    voi_split: float
+    voi_merge: float
+    iou: float
+    dice: float
+
+    @classmethod
+    def of(cls, overlap: OverlapCounts, pairs: PairCounts) -> Scores:
+        return cls(overlap.pixel_error(), *pairs.rand(), *pairs.voi(), overlap.iou(), overlap.dice())
+
+
+@dataclass(frozen=True, slots=True)
+class SliceScores:
+    z: int
+    scores: Scores
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationReport:
+    """Metrics of a prediction against labels: the whole ``z_range`` and each slice in it.
+
+    Whole-volume numbers pool the voxels (and, for Rand and VOI, the voxel pairs) of all slices;
+    they are not the mean of the per-slice numbers.
+    """
+
+    prediction: str
+    labels: str
+    z_range: tuple[int, int]
+    foreground_class: int
+    per_slice: bool
+    connectivity: int
+    seg_background: SegBackground
+    volume: Scores
+    slices: tuple[SliceScores, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (``json.dumps(report.to_dict())``)."""
+        info = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("volume", "slices")}
+        return {**info, "z_range": list(self.z_range), "volume": asdict(self.volume),
+                "slices": [{"z": s.z, **asdict(s.scores)} for s in self.slices]}
+
+    def to_table(self) -> str:
+        """A plain-text table for the terminal: one row per slice, then the whole volume."""
+        head = (f"{self.prediction} vs {self.labels}: z {self.z_range[0]}:{self.z_range[1]}, foreground class "
+                f"{self.foreground_class}, {'2D' if self.per_slice else '3D'} instances, connectivity "
+                f"{self.connectivity}, predicted background as {self.seg_background}")
+        names = [f.name for f in fields(Scores)]
+        rows = [f"{'z':>6}" + "".join(f"{name:>15}" for name in names)]
+        for label, scores in [*((str(s.z), s.scores) for s in self.slices), ("volume", self.volume)]:
+            rows.append(f"{label:>6}" + "".join(f"{getattr(scores, name):>15.6f}" for name in names))
+        return "\n".join([head, *rows])
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """A (z, y, x) label or class map read one slice at a time; a prediction group knows its classes."""
+
+    name: str
+    shape: tuple[int, ...]
+    num_classes: int | None
+    read: Callable[[int], np.ndarray]
+
+
+def evaluate(prediction: str | Path | np.ndarray, labels: str | Path | np.ndarray, *, foreground_class: int = 1,
+             num_classes: int | None = None, per_slice: bool = True, z_range: tuple[int, int] | None = None,
+             connectivity: int = 1, seg_background: SegBackground = "singletons") -> EvaluationReport:
+    """Score a prediction against labels, slice by slice and for the whole ``z_range`` (half-open).
+
+    Each input is a prediction group (its ``segmentation`` is read), a Zarr array, a TIFF stack
+    or an array, ``(z, y, x)`` (or ``(y, x)``: one slice). Values are class indices; with
+    ``num_classes`` 2 (the default, unless a prediction group says otherwise) any nonzero value
+    is class 1, so 0/255 ISBI labels work. Voxels of ``foreground_class`` are the foreground
+    (ISBI: 1, cell interior); instances are its connected components, per slice unless
+    ``per_slice=False`` (3D components: the whole ``z_range`` is then read into memory).
+    """
+    with ExitStack() as stack:
+        pred, true = _open_source(prediction, "prediction", stack), _open_source(labels, "labels", stack)
+        if pred.shape != true.shape:
+            raise InputError(f"prediction {pred.name} has shape {pred.shape} but labels {true.name} have "
+                             f"{true.shape}; pass labels of the same (z, y, x) shape")
+        z_begin, z_end = _check_z_range(z_range, pred.shape[0])
+        classes = num_classes or pred.num_classes or true.num_classes or 2
+        planes = ((z, _foreground(pred.read(z), classes, foreground_class),
+                   _foreground(true.read(z), classes, foreground_class)) for z in range(z_begin, z_end))
+        slices, volume = _score(planes, per_slice=per_slice, connectivity=connectivity,
+                                seg_background=seg_background)
+    return EvaluationReport(pred.name, true.name, (z_begin, z_end), foreground_class, per_slice,
+                            connectivity, seg_background, volume, slices)
+
+
+def _score(planes: Iterator[tuple[int, np.ndarray, np.ndarray]], *, per_slice: bool, connectivity: int,
+           seg_background: SegBackground) -> tuple[tuple[SliceScores, ...], Scores]:
+    """Per-slice and whole-volume scores of ``(z, predicted foreground, true foreground)`` planes.
+
+    2D instances: one plane in memory at a time, and the volume's counts are the sum of the
+    slices'. 3D instances span slices, so the range is labelled, and its pairs counted, whole.
+    """
+    label = partial(instances_from_binary, per_slice=per_slice, connectivity=connectivity)
+    if per_slice:
+        instances: Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (
+            (z, p, t, label(p), label(t)) for z, p, t in planes)
+    else:
+        zs, preds, trues = zip(*planes)
+        seg, gt = label(np.stack(preds)), label(np.stack(trues))
+        instances = zip(zs, preds, trues, seg, gt)
+    rows: list[SliceScores] = []
+    overlap, pairs = OverlapCounts(), PairCounts()
+    for z, pred, true, slice_seg, slice_gt in instances:
+        slice_overlap = OverlapCounts.of(pred, true)
+        slice_pairs = PairCounts.of(slice_seg, slice_gt, seg_background=seg_background)
+        rows.append(SliceScores(z, Scores.of(slice_overlap, slice_pairs)))
+        overlap, pairs = overlap + slice_overlap, pairs + slice_pairs
+    if not per_slice:
+        pairs = PairCounts.of(seg, gt, seg_background=seg_background)
+    return tuple(rows), Scores.of(overlap, pairs)
+
+
+def _foreground(values: np.ndarray, num_classes: int, foreground_class: int) -> np.ndarray:
+    """The foreground of a class map; with 2 classes any nonzero value is class 1 (0/255 masks)."""
+    if num_classes == 2:
+        return np.asarray(values != 0) if foreground_class == 1 else np.asarray(values == 0)
+    return np.asarray(values == foreground_class)
+
+
+def _check_z_range(z_range: tuple[int, int] | None, depth: int) -> tuple[int, int]:
+    begin, end = z_range if z_range is not None else (0, depth)
+    if not 0 <= begin < end <= depth:
+        raise InputError(f"z range {begin}:{end} is not a non-empty part of the volume's {depth} slices; "
+                         f"pass BEGIN:END with 0 <= BEGIN < END <= {depth}")
+    return int(begin), int(end)
+
+
+def _open_source(source: str | Path | np.ndarray, role: str, stack: ExitStack) -> _Source:
+    """A prediction group's segmentation, a Zarr array, a TIFF stack or an array, read per slice."""
+    if isinstance(source, np.ndarray):
+        planes = source[np.newaxis] if source.ndim == 2 else source
+        if planes.ndim != 3:
+            raise InputError(f"{role} array has shape {source.shape}; pass (z, y, x) or (y, x)")
+        return _Source("array", tuple(planes.shape), None, lambda z: np.asarray(planes[z]))
+    url = str(source)
+    if not exists(url):
+        raise InputError(f"{role} {url} does not exist; pass a prediction group, a Zarr array or a TIFF stack")
+    if not is_tiff(url) and isinstance(zarr.open(url, mode="r"), zarr.Group):
+        dataset = open_prediction(url)
+        if "segmentation" not in dataset:
+            raise InputError(f"{role} {url} is a Zarr group without a segmentation; pass a prediction group "
+                             "written by `unet-volume predict`, or one of its arrays")
+        segmentation = dataset["segmentation"]
+        return _Source(url, tuple(segmentation.shape), int(dataset.sizes["class"]),
+                       lambda z: np.asarray(segmentation[z].values))
+    volume = open_volume(url)
+    if volume.channels != 1:
+        raise InputError(f"{role} {url} has {volume.channels} channels; pass one (z, y, x) label volume")
+    array = stack.enter_context(opened_array(volume.url, volume.kind))
+    lead = (0,) * (array.ndim - 3)  # a (1, z, y, x) array's channel
+    return _Source(url, volume.shape, None, lambda z: np.asarray(array[(*lead, z)]))
