@@ -108,6 +108,7 @@ def assert_help_explains(text: str, actions: list[argparse.Action]) -> None:
         pytest.param("predict", id="predict"),
         pytest.param("train", id="train"),
         pytest.param("evaluate", id="evaluate"),
+        pytest.param("weights", id="weights"),
     ],
 )
 def test_cli_help_names_and_explains_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,7 +129,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(commands.choices) == ["evaluate", "predict", "train"]
+    assert sorted(commands.choices) == ["evaluate", "predict", "train", "weights"]
     # The commands, each with its one-line help; and the options (-h, -v) of the top level.
     assert_help_explains(text, [*commands._choices_actions, *(a for a in parser._actions if a.option_strings)])
 
@@ -342,3 +343,17 @@ def test_cli_evaluate_prints_the_metrics_table_and_writes_json(tmp_path: Path,
     assert "pixel_error" in capsys.readouterr().out  # the table
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["volume"]["pixel_error"] == 0.0 and scores["volume"]["rand_error"] == 0.0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_weights_then_train_with_them(client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The paper's recipe end to end: weight map of the labels, then a run weighted by it.
+    image, labels = write_training_pair(tmp_path, (2, 32, 32))
+    weights = str(tmp_path / "weights.zarr")
+    code = main(["weights", labels, weights, "--scheduler", client.scheduler.address, "--chunk-shape", "1,32,32"])
+    assert code == EXIT_OK and f"wrote {weights}" in capsys.readouterr().out
+    stored = zarr.open_array(weights, mode="r")
+    assert stored.shape == (2, 32, 32) and float(np.asarray(stored[:]).min()) > 0
+    out = tmp_path / "model.pt"
+    assert main(["train", image, labels, "--out", str(out), "--weights", weights, *TRAIN_TINY]) == EXIT_OK
+    assert load_model(out).config.depth == 2

@@ -46,6 +46,7 @@ ALLOWED_IMPORTS = {
     "prediction_store": {"errors", "geometry", "tiling", "storage", "__init__"},
     "metrics": {"errors", "storage", "prediction_store", "__init__"},
     "augment": {"errors"},
+    "weight_map": {"errors", "geometry", "storage", "prediction_store"},
 }
 UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
 

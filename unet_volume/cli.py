@@ -65,7 +65,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score PREDICTION against LABELS slice by slice and for the whole volume (ISBI 2012 "
         "metrics: pixel error, adapted Rand error, variation of information; IoU and Dice of the foreground).",
     ))
+    _add_weights(commands.add_parser(
+        "weights", help="compute the paper's loss-weight map of a label volume",
+        description="Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS (0 = background, "
+        "cells 1..n, or a binary mask whose connected components are the cells) to OUTPUT, chunk by chunk "
+        "on a Dask cluster. Pass OUTPUT to `unet-volume train --weights`.",
+    ))
     return parser
+
+
+def _add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("labels", help="instance labels or binary mask: Zarr array or TIFF stack, (z, y, x)")
+    p.add_argument("output", help="Zarr v3 float32 array to create")
+    p.add_argument("--w0", type=float, default=10.0, help="border weight w0 (default 10, as the paper)")
+    p.add_argument("--sigma", type=float, default=5.0,
+                   help="border width sigma, in voxels or in --voxel-size units (default 5, as the paper)")
+    p.add_argument("--ndim", type=int, choices=(2, 3), default=2,
+                   help="2: cells and distances per z slice (default); 3: in the volume")
+    p.add_argument("--voxel-size", type=parse_floats, metavar="Z,Y,X",
+                   help="physical voxel size: distances and sigma become physical (anisotropic volumes)")
+    p.add_argument("--chunk-shape", type=parse_ints, metavar="Z,Y,X",
+                   help="voxels per task and output chunk (default 1,1024,1024 in 2D, 128,128,128 in 3D)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="address of an existing Dask scheduler "
+                   "(default: start a LocalCluster)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes of the LocalCluster, one thread each (default: one per core)")
+    p.set_defaults(run=_weights)
+
+
+def _weights(args: argparse.Namespace) -> None:
+    from unet_volume.cluster import open_client
+    from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
+
+    config = WeightMapConfig(w0=args.w0, sigma=args.sigma, ndim=args.ndim, voxel_size=args.voxel_size)
+    chunks = args.chunk_shape or ((1, 1024, 1024) if args.ndim == 2 else (128, 128, 128))
+    with open_client(args.scheduler, n_workers=args.workers) as client:
+        _say(f"Dask dashboard: {client.dashboard_link}")
+        report = compute_weight_volume(args.labels, args.output, config, chunk_shape=chunks, client=client,
+                                       overwrite=args.overwrite)
+    print(f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in {report.seconds:.1f} s "
+          f"({report.voxels_per_second / 1e6:.2f} Mvoxel/s); class weights {report.class_weights}, "
+          f"halo {report.halo}")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
