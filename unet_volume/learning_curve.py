@@ -39,11 +39,11 @@ class LearningCurve:
             error_axis = loss_axis.twinx()
             error_axis.plot(v_steps, [v["pixel_error"] for v in self.validation], "s--", color="C2",
                             label="validation pixel error")
-            error_axis.set_ylabel("pixel error")
-            error_axis.legend(loc="upper center")
+            error_axis.set_ylabel("validation pixel error")
         loss_axis.set_xlabel("step")
         loss_axis.set_ylabel("weighted cross entropy")
-        loss_axis.legend(loc="upper right")
+        lines = [line for axis in fig.axes for line in axis.get_lines()]
+        loss_axis.legend(lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize="small")
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
