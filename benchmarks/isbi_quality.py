@@ -31,6 +31,7 @@ from unet_volume.metrics import evaluate
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
 from unet_volume.train import TrainConfig, train
+from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--tile-output", type=int, default=132, help="y/x output of a training tile")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--weight-map", action="store_true",
+                        help="weigh the loss with the paper's weight map (w0 10, sigma 5) instead of class balance")
     parser.add_argument("--out", type=Path, default=Path("runs/isbi-quality"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +65,14 @@ def main() -> None:
         checkpoint_every=500,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = None
+    if args.weight_map:
+        weights = str(args.out / "weights.zarr")
+        with open_client(n_workers=2, dashboard=False) as client:
+            compute_weight_volume(LABELS, weights, WeightMapConfig(), chunk_shape=(1, 512, 512), client=client,
+                                  overwrite=True)
     start = time.perf_counter()
-    report = train(IMAGE, LABELS, args.out / "model.pt", config)
+    report = train(IMAGE, LABELS, args.out / "model.pt", config, weights=weights)
     train_s = time.perf_counter() - start
     with open_client(n_workers=2, dashboard=False) as client:
         predict_volume(report.checkpoint, IMAGE, args.out / "prediction.zarr", output_dtype="float32",
@@ -71,7 +80,7 @@ def main() -> None:
     interior = open_prediction(str(args.out / "prediction.zarr")).probabilities[1].values
     tuned = min(THRESHOLDS, key=lambda t: scores(interior, TRAIN, t)["rand_error"])
     results = {
-        "settings": {**config.to_dict(), "device": device},
+        "settings": {**config.to_dict(), "device": device, "weight_map": args.weight_map},
         "training": {"seconds": round(train_s, 1), "steps": report.steps, "final_loss": report.final_loss},
         "validation_argmax": scores(interior, VALIDATION, 0.5),
         "threshold_tuned_on_training_slices": tuned,
