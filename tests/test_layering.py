@@ -46,7 +46,7 @@ ALLOWED_IMPORTS = {
     "prediction_store": {"errors", "geometry", "tiling", "storage", "__init__"},
     "metrics": {"errors", "storage", "prediction_store", "__init__"},
     "augment": {"errors"},
-    "weight_map": {"errors", "geometry", "storage", "prediction_store"},
+    "weight_map": {"errors", "geometry", "storage", "prediction_store", "cluster"},
 }
 UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
 

@@ -20,11 +20,18 @@ import ctypes
 import ctypes.util
 import logging
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
+from typing import Any, TypeVar
 
 import dask
-from distributed import Client, LocalCluster, get_worker
+from distributed import Client, LocalCluster, as_completed, get_worker
+
+from unet_volume.errors import BlockError
+
+Item = TypeVar("Item")
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,43 @@ def open_client(
         )
     with cluster, Client(cluster) as client:
         yield client
+
+
+def map_bounded(
+    client: Client,
+    function: Callable[..., Any],
+    items: Iterable[Item],
+    *,
+    name: Callable[[Item], str],
+    window: int | None = None,
+    **kwargs: Any,
+) -> Iterator[Any]:
+    """``function(item, **kwargs)`` as one Dask task per item; yields results as tasks finish.
+
+    At most ``window`` tasks (default: 4 per worker thread) are on the cluster at once, so
+    a 10^6-block volume never floods the scheduler, and ``items`` may be a lazy iterator.
+    Keys are ``name(item)`` plus a run token (unique per call: Dask must never see the same
+    key with another graph). A failed task cancels the rest and raises :class:`BlockError`
+    naming it.
+    """
+    run = uuid.uuid4().hex[:8]
+    todo = iter(items)
+    limit = window or 4 * max(1, sum(client.nthreads().values()))
+
+    def submit(item: Item) -> Any:
+        return client.submit(function, item, key=f"{name(item)}-{run}", pure=False, **kwargs)
+
+    running = as_completed([submit(item) for item in islice(todo, limit)])
+    for future in running:
+        try:
+            result = future.result()
+        except Exception as error:
+            client.cancel(list(running.futures))
+            running.clear()
+            raise BlockError(f"block task {future.key} failed: {error}") from error
+        future.release()
+        running.update(submit(item) for item in islice(todo, 1))
+        yield result
 
 
 def worker_threads() -> int:

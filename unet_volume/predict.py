@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -28,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Client, as_completed
+from distributed import Client
 from tqdm.auto import tqdm
 
 from unet_volume import __version__
 from unet_volume.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_from_bytes, read_checkpoint_bytes
 from unet_volume.predictor import ModelPredictor
-from unet_volume.cluster import open_client
-from unet_volume.errors import BlockError, GeometryError, InputError
+from unet_volume.cluster import map_bounded, open_client
+from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.model import UNet
 from unet_volume.prediction_store import (
@@ -138,43 +137,20 @@ def run_prediction(
     """
     start = time.perf_counter()
     total = count_blocks(volume.shape, block_shape)
-    window = max_in_flight or 4 * max(1, sum(client.nthreads().values()))
     shared = client.scatter(predictor, broadcast=True, hash=False)
-    run = uuid.uuid4().hex[:8]
-    blocks = iter(plan_blocks(volume.shape, block_shape, geometry))
-    running = as_completed()
-    kwargs = {"volume": volume, "store": store, "predictor": shared, "geometry": geometry}
-
-    def submit_next() -> None:
-        block = next(blocks, None)
-        if block is not None:
-            key = f"predict-block-{run}-" + "-".join(map(str, block.index))
-            running.add(client.submit(predict_block, block, key=key, pure=False, **kwargs))
-
-    for _ in range(window):
-        submit_next()
+    results = map_bounded(
+        client, predict_block, plan_blocks(volume.shape, block_shape, geometry),
+        name=lambda block: "predict-block-" + "-".join(map(str, block.index)), window=max_in_flight,
+        volume=volume, store=store, predictor=shared, geometry=geometry,
+    )
     voxels = 0
     stages: Counter[str] = Counter()
     with tqdm(total=total, unit="block", disable=not progress, desc="predict") as bar:
-        for future in running:
-            try:
-                result = future.result()
-                voxels += result["voxels"]
-                stages.update(result["seconds"])
-            except Exception as error:
-                _cancel(client, running)
-                raise BlockError(f"block task {future.key} failed: {error}") from error
-            finally:
-                future.release()
+        for result in results:
+            voxels += result["voxels"]
+            stages.update(result["seconds"])
             bar.update(1)
-            submit_next()
     return RunReport(store.url, total, voxels, time.perf_counter() - start, dict(stages))
-
-
-def _cancel(client: Client, running: as_completed) -> None:
-    pending = list(running.futures)
-    running.clear()
-    client.cancel(pending)
 
 
 @dataclass(frozen=True)

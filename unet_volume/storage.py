@@ -16,7 +16,6 @@ Outputs are Zarr v3 groups that ``xarray.open_zarr`` reads (see
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -39,19 +39,18 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from itertools import islice
 from typing import Any, Literal
 
 import numpy as np
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 from scipy import ndimage
 
 from unet_volume import prediction_store
-from unet_volume.errors import BlockError, InputError
+from unet_volume.cluster import map_bounded
+from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.storage import Volume, open_volume
 
@@ -379,22 +378,6 @@ def _weigh_block(
 
 
 def _run_blocks(client: Client, function: Callable[..., Any], boxes: list[Box], **kwargs: Any) -> list[Any]:
-    """``function(box, **kwargs)`` per box as Dask tasks, 4 per worker thread in flight (as in predict)."""
-    run = f"{function.__name__.strip('_').replace('_', '-')}-{uuid.uuid4().hex[:8]}"
-    todo = iter(enumerate(boxes))
-
-    def submit(item: tuple[int, Box]) -> Any:
-        return client.submit(function, item[1], key=f"{run}-{item[0]}", pure=False, **kwargs)
-
-    running = as_completed([submit(item) for item in islice(todo, 4 * max(1, sum(client.nthreads().values())))])
-    results: list[Any] = []
-    for future in running:
-        try:
-            results.append(future.result())
-        except Exception as error:
-            client.cancel(list(running.futures))
-            running.clear()
-            raise BlockError(f"block task {future.key} failed: {error}") from error
-        future.release()
-        running.update(submit(item) for item in islice(todo, 1))
-    return results
+    """``function(box, **kwargs)`` per box as Dask tasks, a bounded number in flight."""
+    prefix = function.__name__.strip("_").replace("_", "-")
+    return list(map_bounded(client, function, boxes, name=lambda box: prefix + "-" + "-".join(map(str, box.begin)), **kwargs))
