@@ -27,6 +27,12 @@ class ModelPredictor:
     Applies the checkpoint's input normalisation, runs the net (a 2D net takes the
     tile's z slices as its batch), and returns soft-max probabilities as float32
     (or float64 with ``dtype="float64"``, for exactness tests).
+
+    ``tta=True`` averages the probabilities over the 8 flips and right-angle turns of
+    the tile in (y, x), as the paper averaged rotated copies. Stitching stays exact:
+    every valid input size of a depth-d U-Net has the same phase modulo 2^d, so a
+    turned tile's pooling grid sits on one fixed lattice for every tile and for the
+    whole volume alike.
     """
 
     def __init__(
@@ -35,8 +41,10 @@ class ModelPredictor:
         *,
         device: str = "auto",
         dtype: Literal["float32", "float64"] = "float32",
+        tta: bool = False,
     ) -> None:
         self.checkpoint = checkpoint
+        self.tta = tta
         self.requested_device = device
         self.dtype = dtype
         info = checkpoint_from_bytes(checkpoint)
@@ -89,8 +97,21 @@ class ModelPredictor:
             batch = batch.permute(1, 0, 2, 3)  # (z, c, y, x): slices are the batch
         else:
             batch = batch[None]  # (1, c, z, y, x)
-        batch = batch.contiguous(memory_format=self.layout)
         with torch.inference_mode():
-            probs = torch.softmax(net(batch), dim=1)
+            if self.tta:
+                probs = torch.stack([self._turned(net, batch, k) for k in range(8)]).mean(dim=0)
+            else:
+                probs = torch.softmax(net(batch.contiguous(memory_format=self.layout)), dim=1)
         probs = probs.permute(1, 0, 2, 3) if self.ndim == 2 else probs[0]  # (k, z, y, x)
         return np.asarray(probs.cpu().numpy())
+
+    def _turned(self, net: UNet, batch: torch.Tensor, k: int) -> torch.Tensor:
+        """Soft-max of the net on the batch turned by ``k % 4`` quarter turns and flipped if ``k >= 4``."""
+        y, x = batch.ndim - 2, batch.ndim - 1
+        turned = torch.rot90(batch, k % 4, dims=(y, x))
+        if k >= 4:
+            turned = torch.flip(turned, dims=(x,))
+        probs = torch.softmax(net(turned.contiguous(memory_format=self.layout)), dim=1)
+        if k >= 4:
+            probs = torch.flip(probs, dims=(x,))
+        return torch.rot90(probs, -(k % 4), dims=(y, x))
