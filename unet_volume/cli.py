@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ))
     _add_train(commands.add_parser(
         "train", help="train a U-Net on an image volume and its labels",
-        description="Train a U-Net on random tiles of IMAGE with LABELS (soft-max cross entropy) "
+        description="Train a U-Net on random tiles of IMAGE with LABELS (weighted soft-max cross entropy) "
         "and save the model to --out.",
     ))
     _add_evaluate(commands.add_parser(
