@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import dask
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from hypothesis import settings
 
 from unet_volume.cluster import local_cluster_config
@@ -27,4 +27,19 @@ def client() -> Iterator[Client]:
             scheduler_kwargs={"dashboard_address": ":0"},
         )
     with cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def gpu_client() -> Iterator[Client]:
+    """One worker that advertises ``GPU=1`` (as deploy/ starts GPU workers) and one that does not."""
+    workers = {
+        "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+        "cpu": {"cls": Nanny, "options": {"nthreads": 1}},
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
+    with dask.config.set(local_cluster_config()):
+        cluster = SpecCluster(workers=workers, scheduler=scheduler)
+    with cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
         yield client

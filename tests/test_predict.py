@@ -9,8 +9,9 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from distributed import Client
+from distributed import Client, get_task_stream
 
+from unet_volume.cluster import gpu_resources
 from unet_volume.checkpoint import checkpoint_bytes, save_model
 from unet_volume.errors import BlockError, CheckpointError, GeometryError, InputError, OutputExistsError
 from unet_volume.model import UNet
@@ -238,3 +239,25 @@ def test_predict_test_time_augmentation_keeps_stitching_exact(
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-15)
     plain = predict_whole(ModelPredictor(model, dtype="float64"), data, ndim, 2)
     assert np.abs(expected - plain).max() > 1e-3  # the averaging did something
+
+
+def test_predict_blocks_run_only_on_gpu_workers(gpu_client: Client, tmp_path: Path) -> None:
+    data = np.arange(2 * 16 * 24, dtype=np.float32).reshape(2, 16, 24)
+    volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
+    geometry = TileGeometry.for_unet(2, 2, min_output=(1, 8, 8))
+    store = create_prediction(str(tmp_path / "out.zarr"), volume=volume, num_classes=1, block_shape=(1, 8, 8),
+                              output_dtype="float32", attrs={})
+    gpu_worker = next(address for address, info in gpu_client.scheduler_info()["workers"].items()
+                      if info["resources"].get("GPU"))
+    with get_task_stream(gpu_client) as stream:
+        run_prediction(gpu_client, predictor=CropPredictor(geometry), geometry=geometry, volume=volume,
+                       store=store, block_shape=(1, 8, 8))
+    blocks = [task for task in stream.data if task["key"].startswith("predict-block-")]
+    assert len(blocks) == 2 * 2 * 3
+    assert {task["worker"] for task in blocks} == {gpu_worker}
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[0], data)
+
+
+def test_predict_blocks_ask_for_no_gpu_where_no_worker_has_one(client: Client) -> None:
+    # Asking for a resource no worker has would wait forever, silently.
+    assert gpu_resources(client) is None

@@ -21,7 +21,7 @@ import ctypes.util
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any, TypeVar
@@ -79,6 +79,7 @@ def map_bounded(
     *,
     name: Callable[[Item], str],
     window: int | None = None,
+    resources: Mapping[str, float] | None = None,
     **kwargs: Any,
 ) -> Iterator[Any]:
     """``function(item, **kwargs)`` as one Dask task per item; yields results as tasks finish.
@@ -87,14 +88,16 @@ def map_bounded(
     a 10^6-block volume never floods the scheduler, and ``items`` may be a lazy iterator.
     Keys are ``name(item)`` plus a run token (unique per call: Dask must never see the same
     key with another graph). A failed task cancels the rest and raises :class:`BlockError`
-    naming it.
+    naming it. ``resources`` (e.g. ``{"GPU": 1}``) restricts every task to workers that
+    advertise them, and runs as many at once on a worker as its amount allows.
     """
     run = uuid.uuid4().hex[:8]
     todo = iter(items)
     limit = window or 4 * max(1, sum(client.nthreads().values()))
 
     def submit(item: Item) -> Any:
-        return client.submit(function, item, key=f"{name(item)}-{run}", pure=False, **kwargs)
+        return client.submit(function, item, key=f"{name(item)}-{run}", pure=False, resources=resources,
+                             **kwargs)
 
     running = as_completed([submit(item) for item in islice(todo, limit)])
     for future in running:
@@ -107,6 +110,20 @@ def map_bounded(
         future.release()
         running.update(submit(item) for item in islice(todo, 1))
         yield result
+
+
+def gpu_resources(client: Client) -> dict[str, float] | None:
+    """``{"GPU": 1}`` when some worker advertises a ``GPU`` resource, else None.
+
+    GPU workers are started with ``--resources GPU=1`` (one per GPU, see ``deploy/``): tasks
+    asking for it run only there, one block per GPU at a time, each worker keeping its model
+    loaded between blocks. Asking only when a worker has it matters: a task that needs a
+    resource no worker has waits forever, with no error.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if any(worker.get("resources", {}).get("GPU", 0) >= 1 for worker in workers):
+        return {"GPU": 1}
+    return None
 
 
 def worker_threads() -> int:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from unet_volume import __version__
 from unet_volume.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_from_bytes, read_checkpoint_bytes
 from unet_volume.predictor import ModelPredictor
-from unet_volume.cluster import map_bounded, open_client
+from unet_volume.cluster import gpu_resources, map_bounded, open_client
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.model import UNet
@@ -133,7 +133,8 @@ def run_prediction(
     """Submit one task per block, keeping at most ``max_in_flight`` on the cluster.
 
     A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
-    flooding the scheduler; the predictor is scattered once to every worker.
+    flooding the scheduler; the predictor is scattered once to every worker. When workers
+    advertise a ``GPU`` resource, blocks run only there, one per GPU at a time.
     """
     start = time.perf_counter()
     total = count_blocks(volume.shape, block_shape)
@@ -141,7 +142,7 @@ def run_prediction(
     results = map_bounded(
         client, predict_block, plan_blocks(volume.shape, block_shape, geometry),
         name=lambda block: "predict-block-" + "-".join(map(str, block.index)), window=max_in_flight,
-        volume=volume, store=store, predictor=shared, geometry=geometry,
+        resources=gpu_resources(client), volume=volume, store=store, predictor=shared, geometry=geometry,
     )
     voxels = 0
     stages: Counter[str] = Counter()
