@@ -34,6 +34,9 @@ TORCH_FREE = [
     "unet_volume.metrics",
     "unet_volume.augment",
     "unet_volume.weight_map",
+    "unet_volume.preview",
+    "unet_volume.landing",
+    "unet_volume.cluster_spec",
 ]
 
 # What each lower-layer module may import from the package: the layers below it, and the leaf
@@ -47,6 +50,9 @@ ALLOWED_IMPORTS = {
     "metrics": {"errors", "storage", "prediction_store", "__init__"},
     "augment": {"errors"},
     "weight_map": {"errors", "geometry", "storage", "prediction_store", "cluster"},
+    "preview": {"errors", "geometry", "storage", "prediction_store"},
+    "landing": {"errors", "storage", "prediction_store"},
+    "cluster_spec": {"errors", "cluster"},
 }
 UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
 

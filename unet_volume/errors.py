@@ -32,3 +32,13 @@ class OutputExistsError(UnetVolumeError, FileExistsError):
 
 class BlockError(UnetVolumeError, RuntimeError):
     """A block task failed during a run; the message names the block."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether trying again may succeed: a dropped connection or a timeout, as object stores and
+    network file systems have under load, but never an error we raised about the input itself.
+
+    >>> is_transient(ConnectionResetError()), is_transient(InputError("bad shape"))
+    (True, False)
+    """
+    return isinstance(error, ConnectionError | TimeoutError) and not isinstance(error, UnetVolumeError)

@@ -16,6 +16,8 @@ Blosc-zstd with bit-shuffle.
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -161,12 +163,54 @@ def finish_prediction(url: str, extra: Mapping[str, Any]) -> None:
     Consolidated metadata lets ``xarray.open_zarr(url)`` open the group with one read
     and without its "consolidated metadata" warning.
     """
+    _update_run_info(url, {**extra, "complete": True})
+
+
+def record_provenance(url: str, provenance: Mapping[str, Any]) -> None:
+    """Record who made a finished prediction and how (e.g. flow run, parameters, package versions).
+
+    Kept beside the data, so the output tells its own history wherever it is copied.
+    """
+    info = run_info(url)
+    if info is None or not info.get("complete"):
+        raise InputError(f"{url} is not a finished prediction; record provenance after the run completes")
+    _update_run_info(url, {"provenance": dict(provenance)})
+
+
+def environment() -> dict[str, Any]:
+    """The host and the versions of the packages a prediction depends on."""
+    versions: dict[str, str | None] = {}
+    for package in ("unet-volume", "torch", "numpy", "zarr", "dask", "distributed", "prefect"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"host": platform.node(), "python": platform.python_version(), "packages": versions}
+
+
+def _update_run_info(url: str, extra: Mapping[str, Any]) -> None:
+    """Merge ``extra`` into the run attributes, then re-consolidate the metadata."""
     group = zarr.open_group(url, mode="r+", zarr_format=3)
     info = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
-    group.attrs[ATTRS_KEY] = {**info, **extra, "complete": True}
+    group.attrs[ATTRS_KEY] = {**info, **extra}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         zarr.consolidate_metadata(url, zarr_format=3)
+
+
+def run_info(url: str) -> dict[str, Any] | None:
+    """What the prediction at ``url`` records of its run (model, input, ``complete``), or None if there is none.
+
+    A group that is not a prediction (no ``unet_volume`` attributes) counts as none, too.
+    """
+    if not exists(url):
+        return None
+    try:
+        group = zarr.open_group(url, mode="r", zarr_format=3)
+    except (FileNotFoundError, ValueError, TypeError):  # not a Zarr v3 group
+        return None
+    info = group.attrs.get(ATTRS_KEY)
+    return dict(info) if isinstance(info, dict) else None
 
 
 def open_prediction(url: str) -> xr.Dataset:

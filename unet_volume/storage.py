@@ -145,8 +145,8 @@ def open_volume(
     try:
         with opened_array(url, kind) as array:
             return _describe(array, url, kind, voxel_size, units)
-    except InputError:
-        raise
+    except (InputError, ConnectionError, TimeoutError):
+        raise  # transient storage errors stay themselves, so callers can retry them
     except Exception as error:  # zarr/tifffile raise many types for unreadable data
         raise InputError(
             f"input {url} is not a readable {kind} array ({type(error).__name__}: "

@@ -1,0 +1,56 @@
+"""What the flows share: the cluster they run blocks on, and which failures are worth a retry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+from prefect import Task
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from unet_volume.cluster import open_client
+from unet_volume.cluster_spec import load_cluster_spec, make_cluster
+from unet_volume.errors import is_transient
+
+CLUSTERS = Path(os.environ.get("UNET_VOLUME_CLUSTERS", "deploy/clusters"))
+"""Where cluster spec names are looked up (relative to the working directory of the flow run)."""
+
+
+def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry dropped connections and timeouts of storage; bad input fails at once, it would fail again."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and is_transient(error)
+
+
+STORAGE_RETRIES: dict[str, Any] = {
+    "retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": retry_if_transient,
+}
+"""Task options for stages that read storage: object stores drop connections under load."""
+
+
+@contextmanager
+def dask_client(scheduler: str | None, cluster: str | None) -> Iterator[Client]:
+    """A client of the scheduler at ``scheduler``, of a cluster started from the spec named
+    ``cluster`` (``deploy/clusters/<name>.yaml`` or a path), or of a fresh LocalCluster."""
+    if scheduler or not cluster:
+        with open_client(scheduler, dashboard=False) as client:
+            yield client
+        return
+    with make_cluster(load_cluster_spec(cluster, directory=CLUSTERS)) as started, Client(started) as client:
+        yield client
+
+
+@contextmanager
+def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[str]:
+    """The address of a scheduler that lives as long as the block: ``scheduler``, or a cluster started
+    as :func:`dask_client` does, so that several subflows share one cluster."""
+    if scheduler:
+        yield scheduler
+        return
+    with dask_client(None, cluster) as client:
+        yield client.scheduler.address

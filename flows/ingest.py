@@ -1,0 +1,56 @@
+"""The ``ingest`` flow: find new volumes in a landing location and predict each one once."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from unet_volume.checkpoint import read_checkpoint_bytes
+from unet_volume.landing import Arrival, due, find_volumes
+from unet_volume_flows.common import STORAGE_RETRIES, scheduler_address
+from unet_volume_flows.predict import predict_flow
+
+
+@task(**STORAGE_RETRIES, timeout_seconds=300, cache_policy=NO_CACHE)
+def scan(landing: str, outputs: str, model: str, reprocess: bool) -> list[Arrival]:
+    """The volumes in ``landing`` with no complete prediction in ``outputs`` (or, with ``reprocess``,
+    one made by another model)."""
+    sha256 = hashlib.sha256(read_checkpoint_bytes(model)).hexdigest()
+    return due(find_volumes(landing), outputs, sha256, reprocess=reprocess)
+
+
+@flow(name="ingest")
+def ingest_flow(
+    landing: str, outputs: str, model: str, *, reprocess: bool = False, tta: bool = False,
+    scheduler: str | None = None, cluster: str | None = None,
+) -> list[dict[str, Any]]:
+    """Predict every volume of ``landing`` (folder or fsspec URL) that has no prediction in ``outputs`` yet.
+
+    Idempotent: what is done is read from the outputs, so a second run finds nothing to do.
+    A new ``model`` leaves finished predictions alone unless ``reprocess``. One failing volume
+    does not stop the others; the flow fails at the end, naming it.
+    """
+    log = get_run_logger()
+    arrivals = scan(landing, outputs, model, reprocess)
+    log.info("%d volume(s) due in %s", len(arrivals), landing)
+    done, failed = [], []
+    if arrivals:
+        with scheduler_address(scheduler, cluster) as address:  # one cluster for all volumes
+            for arrival in arrivals:
+                try:
+                    report = predict_flow(arrival.source, model, arrival.output, tta=tta, scheduler=address,
+                                          overwrite=arrival.reason != "new")
+                    done.append({"source": arrival.source, "output": arrival.output, "reason": arrival.reason,
+                                 "seconds": round(report["seconds"], 1)})
+                except Exception as error:  # reported below, after the other volumes had their turn
+                    log.error("%s failed: %s", arrival.source, error)
+                    failed.append(arrival.source)
+    create_table_artifact(done or [{"source": "(nothing new)"}], key="ingest-run",
+                          description=f"volumes predicted from {landing}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(arrivals)} volume(s) failed: {', '.join(failed)}")
+    return done

@@ -1,0 +1,43 @@
+"""Serve the three flows on this machine; ``ingest`` runs on a cron schedule.
+
+Schedules need a Prefect server (the ephemeral API cannot schedule), and no account::
+
+    PREFECT_UI_ENABLED=false prefect server start --host 127.0.0.1 --port 4200 &
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m unet_volume_flows.serve --landing /data/landing --outputs /data/predictions \\
+        --model runs/demo/model.pt --cron "*/10 * * * *"
+
+``train`` and ``predict`` are served without a schedule: start them with
+``prefect deployment run 'predict/predict' --param image=... --param model=... --param out=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from prefect import serve
+
+from unet_volume_flows.ingest import ingest_flow
+from unet_volume_flows.predict import predict_flow
+from unet_volume_flows.train import train_flow
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unet_volume_flows.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--landing", required=True, help="folder or fsspec URL where new volumes arrive")
+    parser.add_argument("--outputs", required=True, help="folder or fsspec URL for the predictions")
+    parser.add_argument("--model", required=True, help="the checkpoint that ingest predicts with")
+    parser.add_argument("--cron", default="*/10 * * * *", help="when ingest scans (default every 10 minutes)")
+    parser.add_argument("--cluster", help="cluster spec name (deploy/clusters) or path; default a LocalCluster")
+    args = parser.parse_args(argv)
+    serve(
+        ingest_flow.to_deployment(name="ingest", cron=args.cron, parameters={
+            "landing": args.landing, "outputs": args.outputs, "model": args.model, "cluster": args.cluster}),
+        predict_flow.to_deployment(name="predict"),
+        train_flow.to_deployment(name="train"),
+    )
+
+
+if __name__ == "__main__":
+    main()

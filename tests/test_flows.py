@@ -1,0 +1,159 @@
+"""The Prefect flows: real flow runs on Prefect's local test API and the shared LocalCluster."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from distributed import Client
+from fsspec.implementations.local import LocalFileSystem
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ParameterTypeError
+from prefect.testing.utilities import prefect_test_harness
+
+from unet_volume.checkpoint import save_model
+from unet_volume.model import UNet
+from unet_volume.predict import predict_volume
+from unet_volume.prediction_store import run_info
+from unet_volume.testing import blob_volume
+from unet_volume_flows.ingest import ingest_flow
+from unet_volume_flows.predict import predict_flow
+from unet_volume_flows.train import train_flow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api() -> Iterator[None]:
+    """Prefect's test API on a throw-away SQLite database; 120 s for a cold start on 2 cores."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_model(path: Path, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    save_model(UNet(in_channels=1, base_channels=8, depth=2, ndim=2, dropout=0.0), path)
+    return str(path)
+
+
+def write_zarr(path: Path, data: np.ndarray) -> str:
+    array = zarr.create_array(path, shape=data.shape, dtype=data.dtype, chunks=(1, 16, 16))
+    array[:] = data
+    return str(path)
+
+
+def artifact(key: str) -> Any:
+    """The newest Prefect artifact with ``key``, read back from the API."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as api:
+        found = api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                   sort="CREATED_DESC", limit=1)
+    assert found, f"no artifact {key}"
+    return found[0]
+
+
+def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Path) -> None:
+    image = write_zarr(tmp_path / "in.zarr", blob_volume((3, 40, 36)))
+    model = tiny_model(tmp_path / "m.pt")
+    report = predict_flow(image, model, str(tmp_path / "flow.zarr"), block_shape=(1, 16, 16),
+                          scheduler=client.scheduler.address)
+    predict_volume(model, image, tmp_path / "library.zarr", block_shape=(1, 16, 16), client=client)
+    for name in ("probabilities", "segmentation"):
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / "flow.zarr" / name)[:],
+                                      zarr.open_array(tmp_path / "library.zarr" / name)[:])
+    assert report["blocks"] == 3 * 3 * 3 and report["voxels"] == 3 * 40 * 36
+
+
+def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(client: Client, tmp_path: Path) -> None:
+    image = write_zarr(tmp_path / "in.zarr", blob_volume((2, 32, 32)))
+    report = predict_flow(image, tiny_model(tmp_path / "m.pt"), str(tmp_path / "out.zarr"),
+                          scheduler=client.scheduler.address)
+    provenance = run_info(str(tmp_path / "out.zarr"))["provenance"]  # type: ignore[index]
+    assert provenance["parameters"]["image"] == image
+    assert provenance["flow_run"] and provenance["environment"]["packages"]["torch"]
+    assert Path(report["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads(artifact("prediction-run").data)
+    assert table[0]["voxels"] == 2 * 32 * 32 and table[0]["output"] == str(tmp_path / "out.zarr")
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        pytest.param({"block_shape": (1, 0, 16)}, "greater than 0", id="zero-block-side"),
+        pytest.param({"output_dtype": "int7"}, "uint8", id="unknown-dtype"),
+    ],
+)
+def test_predict_flow_refuses_bad_parameters_before_running(
+    tmp_path: Path, parameters: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ParameterTypeError, match=message):
+        predict_flow("in.zarr", "m.pt", str(tmp_path / "out.zarr"), **parameters)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_ingest_flow_predicts_each_new_volume_once(client: Client, tmp_path: Path) -> None:
+    landing, outputs = tmp_path / "landing", tmp_path / "predictions"
+    landing.mkdir()
+    write_zarr(landing / "a.zarr", blob_volume((2, 32, 32), seed=1))
+    tifffile.imwrite(landing / "b.tif", blob_volume((2, 32, 32), seed=2))
+    (landing / "notes.txt").write_text("not a volume")
+    model = tiny_model(tmp_path / "m.pt")
+    run = {"scheduler": client.scheduler.address}
+
+    first = ingest_flow(str(landing), str(outputs), model, **run)
+    assert sorted((r["output"], r["reason"]) for r in first) == [
+        (str(outputs / "a.zarr"), "new"), (str(outputs / "b.zarr"), "new")]
+    assert ingest_flow(str(landing), str(outputs), model, **run) == []  # idempotent
+
+    # A new model leaves finished predictions alone unless reprocessing is asked for.
+    retrained = tiny_model(tmp_path / "m2.pt", seed=1)
+    assert ingest_flow(str(landing), str(outputs), retrained, **run) == []
+    again = ingest_flow(str(landing), str(outputs), retrained, reprocess=True, **run)
+    assert sorted(r["reason"] for r in again) == ["model changed", "model changed"]
+    assert ingest_flow(str(landing), str(outputs), retrained, reprocess=True, **run) == []
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """A local folder behind a connection that drops the first listing, as an object store under load does."""
+
+    protocol = "flaky"
+    failures_left = 1
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
+        if FlakyFileSystem.failures_left > 0:
+            FlakyFileSystem.failures_left -= 1
+            raise ConnectionResetError("connection reset by peer (simulated)")
+        return super().ls(path, detail=detail, **kwargs)
+
+
+def test_ingest_flow_retries_a_failed_read_of_the_landing_location(client: Client, tmp_path: Path) -> None:
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    write_zarr(landing / "a.zarr", blob_volume((1, 32, 32)))
+    FlakyFileSystem.failures_left = 1
+    done = ingest_flow(f"flaky://{landing}", str(tmp_path / "out"), tiny_model(tmp_path / "m.pt"),
+                       scheduler=client.scheduler.address)
+    assert FlakyFileSystem.failures_left == 0  # the first scan failed ...
+    assert [r["reason"] for r in done] == ["new"]  # ... and the retry found the volume
+
+
+def test_train_flow_trains_evaluates_and_registers_the_model(client: Client, tmp_path: Path) -> None:
+    image = blob_volume((4, 48, 48))
+    labels = (image > 140).astype(np.uint8)
+    model = tmp_path / "model.pt"
+    figures = train_flow(write_zarr(tmp_path / "image.zarr", image), write_zarr(tmp_path / "labels.zarr", labels),
+                         str(model), minutes=None, steps=3, z_range=(0, 3), validation_z_range=(3, 4),
+                         weight_map=True, base_channels=8, depth=2, tile_output=16,
+                         scheduler=client.scheduler.address)
+    assert model.exists() and Path(f"{model}.curve.png").exists() and Path(f"{model}.preview.png").exists()
+    assert figures["steps"] == 3 and 0 <= figures["validation_pixel_error"] <= 1
+    assert run_info(f"{model}.evaluation.zarr")["complete"]  # type: ignore[index]
+    assert json.loads(artifact("model-metrics").data)[0]["checkpoint"] == str(model)

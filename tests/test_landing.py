@@ -1,0 +1,86 @@
+"""Which volumes in a landing location are due: read from the outputs, never from a side database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from unet_volume.errors import InputError
+from unet_volume.landing import Arrival, due, find_volumes, output_for
+from unet_volume.prediction_store import create_prediction, finish_prediction
+from unet_volume.storage import open_volume
+
+
+def landing_with(tmp_path: Path, *names: str) -> Path:
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for name in names:
+        if name.endswith(".zarr"):
+            zarr.create_array(landing / name, shape=(1, 8, 8), dtype="uint8")
+        elif name.endswith((".tif", ".tiff")):
+            tifffile.imwrite(landing / name, np.zeros((1, 8, 8), np.uint8))
+        else:
+            (landing / name).write_text("x")
+    return landing
+
+
+def prediction(url: str, source: str, sha256: str, *, complete: bool = True) -> None:
+    create_prediction(url, volume=open_volume(source), num_classes=2, block_shape=(1, 8, 8), output_dtype="uint8",
+                      attrs={"model": {"sha256": sha256}})
+    if complete:
+        finish_prediction(url, {})
+
+
+def test_find_volumes_lists_zarr_and_tiff_sorted_and_skips_the_rest(tmp_path: Path) -> None:
+    landing = landing_with(tmp_path, "b.tif", "a.zarr", "c.TIFF", "notes.txt", ".d.tif")
+    # ".d.tif": a transfer tool's hidden temporary file is not a volume yet.
+    assert find_volumes(str(landing)) == [str(landing / n) for n in ("a.zarr", "b.tif", "c.TIFF")]
+
+
+def test_find_volumes_refuses_a_landing_location_that_is_not_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="is not a folder; pass the folder"):
+        find_volumes(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        pytest.param("/l/a.zarr", "/out/a.zarr", id="zarr"),
+        pytest.param("/l/a.zarr/", "/out/a.zarr", id="trailing-slash"),
+        pytest.param("s3://bucket/l/b.ome.tif", "/out/b.ome.zarr", id="tiff-url"),
+        pytest.param("/l/c.TIFF", "/out/c.zarr", id="upper-case-suffix"),
+    ],
+)
+def test_output_for_names_the_prediction_after_the_volume(source: str, expected: str) -> None:
+    assert output_for(source, "/out/") == expected
+
+
+def test_due_sorts_new_incomplete_finished_and_other_model_volumes(tmp_path: Path) -> None:
+    landing = landing_with(tmp_path, "new.zarr", "half.zarr", "done.zarr", "old.zarr")
+    out = tmp_path / "out"
+    volumes = find_volumes(str(landing))
+    prediction(str(out / "half.zarr"), str(landing / "half.zarr"), "m1", complete=False)  # an interrupted run
+    prediction(str(out / "done.zarr"), str(landing / "done.zarr"), "m1")
+    prediction(str(out / "old.zarr"), str(landing / "old.zarr"), "m0")
+    assert due(volumes, str(out), "m1") == [
+        Arrival(str(landing / "half.zarr"), str(out / "half.zarr"), "incomplete"),
+        Arrival(str(landing / "new.zarr"), str(out / "new.zarr"), "new"),
+    ]
+    assert [a.reason for a in due(volumes, str(out), "m1", reprocess=True)] == ["incomplete", "new", "model changed"]
+
+
+def test_due_refuses_two_volumes_with_the_same_output(tmp_path: Path) -> None:
+    landing = landing_with(tmp_path, "a.zarr", "a.tif")
+    with pytest.raises(InputError, match="would both be predicted to .*a.zarr; rename one"):
+        due(find_volumes(str(landing)), str(tmp_path / "out"), "m1")
+
+
+def test_due_refuses_to_overwrite_data_that_is_not_a_prediction(tmp_path: Path) -> None:
+    landing = landing_with(tmp_path, "a.zarr")
+    zarr.create_array(tmp_path / "out" / "a.zarr", shape=(2,), dtype="uint8")  # someone else's array
+    with pytest.raises(InputError, match="is not a unet-volume prediction; move it away"):
+        due(find_volumes(str(landing)), str(tmp_path / "out"), "m1")
