@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.storage import mirror_indices, open_volume, read_box
+from unet_volume.storage import convert_to_zarr, mirror_indices, open_volume, read_box
 from unet_volume.testing import boxes
 
 
@@ -115,3 +115,21 @@ def test_storage_reads_the_isbi_stack_lazily_page_by_page() -> None:
     full = tifffile.imread(url)
     padded = np.pad(full, 2, mode="reflect")
     np.testing.assert_array_equal(corner[0], padded[26:28, 0:4, 512:516])
+
+
+def test_convert_to_zarr_copies_a_tiff_stack_with_named_dims_and_voxel_size(tmp_path: Path) -> None:
+    data = np.arange(5 * 9 * 11, dtype=np.uint16).reshape(5, 9, 11)
+    tifffile.imwrite(tmp_path / "stack.tif", data)
+    volume = convert_to_zarr(tmp_path / "stack.tif", tmp_path / "stack.zarr", chunks=(2, 4, 4),
+                             voxel_size=(50, 4, 4))
+    array = zarr.open_array(tmp_path / "stack.zarr")
+    np.testing.assert_array_equal(array[:], data)
+    assert array.chunks == (2, 4, 4) and array.metadata.dimension_names == ("z", "y", "x")
+    assert volume.voxel_size == (50.0, 4.0, 4.0) and volume.units == "nm"
+
+
+def test_convert_to_zarr_refuses_an_existing_output(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((2, 4, 4), np.uint8))
+    (tmp_path / "out.zarr").mkdir()
+    with pytest.raises(InputError, match="already exists; pass overwrite=True"):
+        convert_to_zarr(tmp_path / "stack.tif", tmp_path / "out.zarr")

@@ -71,7 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
         "cells 1..n, or a binary mask whose connected components are the cells) to OUTPUT, chunk by chunk "
         "on a Dask cluster. Pass OUTPUT to `unet-volume train --weights`.",
     ))
+    _add_convert(commands.add_parser(
+        "convert", help="copy a TIFF stack (or any input) into a chunked Zarr v3 array",
+        description="Copy INPUT into a Zarr v3 array with dims (z, y, x) and its voxel size, chunk by chunk, "
+        "so that prediction blocks read only their own region.",
+    ))
     return parser
+
+
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="TIFF stack or Zarr array, (z, y, x) or (c, z, y, x)")
+    p.add_argument("output", help="the Zarr array to write (path or fsspec URL)")
+    p.add_argument("--chunks", type=parse_ints, default=(1, 512, 512), metavar="Z,Y,X",
+                   help="chunk shape (default 1,512,512)")
+    p.add_argument("--voxel-size", type=parse_floats, metavar="Z,Y,X", help="physical voxel size, e.g. 50,4,4")
+    p.add_argument("--units", help="units of --voxel-size (default nm)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(run=_convert)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from unet_volume.storage import convert_to_zarr
+
+    volume = convert_to_zarr(args.input, args.output, chunks=args.chunks, voxel_size=args.voxel_size,
+                             units=args.units, overwrite=args.overwrite)
+    print(f"wrote {volume.url}: {_fmt(volume.shape)} {volume.dtype}, voxel size {volume.voxel_size} {volume.units}")
 
 
 def _add_weights(p: argparse.ArgumentParser) -> None:

@@ -224,3 +224,39 @@ def _tiff_voxel_size(url: str) -> tuple[tuple[float, float, float] | None, str |
         size = (float(meta["spacing"]), y_den / y_num, x_den / x_num)
         unit = str(meta.get("unit") or "")
         return size, {"micron": "um", "\u00b5m": "um"}.get(unit, unit) or None
+
+
+def convert_to_zarr(
+    source: str | Path, out: str | Path, *, chunks: Sequence[int] = (1, 512, 512),
+    voxel_size: Sequence[float] | None = None, units: str | None = None, overwrite: bool = False,
+) -> Volume:
+    """Copy a volume (e.g. a TIFF stack) into a chunked Zarr v3 array with named dims and its voxel size.
+
+    Zarr's chunks let every block task read just its own region; a TIFF must be read page by
+    page. The copy goes one slab of ``chunks[0]`` slices at a time, so memory stays bounded,
+    and a failed copy leaves nothing behind.
+    """
+    volume = open_volume(source, voxel_size=voxel_size, units=units)
+    out = str(out)
+    fs, path = fsspec.core.url_to_fs(out)
+    if fs.exists(path):
+        if not overwrite:
+            raise InputError(f"output {out} already exists; pass overwrite=True (--overwrite) or another path")
+        fs.rm(path, recursive=True)
+    lead = (volume.channels,) if volume.channels > 1 else ()
+    names = ("c", "z", "y", "x")[-len(lead) - 3:]
+    chunk_shape = lead + tuple(min(c, n) for c, n in zip(chunks, volume.shape))
+    attrs = {"voxel_size": list(volume.voxel_size), "units": volume.units} if volume.voxel_size else {}
+    try:
+        target = zarr.create_array(out, shape=lead + volume.shape, chunks=chunk_shape, dtype=volume.dtype,
+                                   dimension_names=names, attributes={**attrs, "source": volume.url},
+                                   compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3))
+        with opened_array(volume.url, volume.kind) as array:
+            for z in range(0, volume.shape[0], chunk_shape[len(lead)]):
+                slab = (..., slice(z, min(z + chunk_shape[len(lead)], volume.shape[0])), slice(None), slice(None))
+                target[slab] = array[slab]
+    except BaseException:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        raise
+    return open_volume(out)
