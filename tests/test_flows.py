@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import yaml
 import zarr
 from distributed import Client
 from fsspec.implementations.local import LocalFileSystem
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ParameterTypeError
+from prefect.flows import load_flow_from_entrypoint
 from prefect.testing.utilities import prefect_test_harness
 
 from unet_volume.checkpoint import save_model
@@ -157,3 +160,21 @@ def test_train_flow_trains_evaluates_and_registers_the_model(client: Client, tmp
     assert figures["steps"] == 3 and 0 <= figures["validation_pixel_error"] <= 1
     assert run_info(f"{model}.evaluation.zarr")["complete"]  # type: ignore[index]
     assert json.loads(artifact("model-metrics").data)[0]["checkpoint"] == str(model)
+
+
+PREFECT_YAML = Path(__file__).parents[1] / "deploy" / "prefect.yaml"
+
+
+@pytest.mark.parametrize("name", ["ingest", "predict", "train"])
+def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a worker does after the pull step: entrypoints are relative to the checkout.
+    monkeypatch.chdir(PREFECT_YAML.parents[1])
+    spec = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == name)
+    loaded = load_flow_from_entrypoint(spec["entrypoint"])
+    assert loaded.name == name and spec["work_pool"]["name"] == "unet-volume"
+    required = {p for p, info in loaded.parameters.properties.items() if p in loaded.parameters.required}
+    parameters = {**dict.fromkeys(required, "x"), **spec["parameters"]}  # required values come per run
+    assert set(parameters) <= set(loaded.parameters.properties), "a parameter the flow does not take"
+    loaded.validate_parameters(parameters)  # raises ParameterTypeError on a bad value
+    for schedule in spec.get("schedules", []):
+        assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
