@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from distributed import Client
@@ -16,9 +14,6 @@ from prefect.states import State
 from unet_volume.cluster import open_client
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster
 from unet_volume.errors import is_transient
-
-CLUSTERS = Path(os.environ.get("UNET_VOLUME_CLUSTERS", "deploy/clusters"))
-"""Where cluster spec names are looked up (relative to the working directory of the flow run)."""
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -41,7 +36,10 @@ def dask_client(scheduler: str | None, cluster: str | None) -> Iterator[Client]:
         with open_client(scheduler, dashboard=False) as client:
             yield client
         return
-    with make_cluster(load_cluster_spec(cluster, directory=CLUSTERS)) as started, Client(started) as client:
+    spec = load_cluster_spec(cluster)  # by name: $UNET_VOLUME_CLUSTERS or ./deploy/clusters
+    with make_cluster(spec) as started, Client(started) as client:
+        # Batch jobs and pods join later: wait for one, so blocks see whether workers have GPUs.
+        client.wait_for_workers(1)
         yield client
 
 

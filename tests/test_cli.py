@@ -129,7 +129,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(commands.choices) == ["evaluate", "predict", "train", "weights"]
+    assert sorted(commands.choices) == ["convert", "evaluate", "predict", "train", "weights"]
     # The commands, each with its one-line help; and the options (-h, -v) of the top level.
     assert_help_explains(text, [*commands._choices_actions, *(a for a in parser._actions if a.option_strings)])
 

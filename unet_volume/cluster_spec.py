@@ -1,0 +1,165 @@
+"""Cluster specs: a Dask cluster described as data in ``deploy/clusters/*.yaml``.
+
+A spec names the upstream cluster manager with ``kind`` and passes every other key,
+verbatim, to its constructor (``local``: ``distributed.LocalCluster``, ``slurm``:
+``dask_jobqueue.SLURMCluster``, ``kubernetes``: ``dask_kubernetes.operator.KubeCluster``);
+an optional ``scale`` key asks for that many workers (SLURM jobs, worker pods) once it
+has started::
+
+    kind: slurm
+    scale: 4
+    cores: 1
+    memory: 32GiB
+
+Keeping settings as data means one code path for every site: a site edits its own
+copy of a spec (account, partition, image), never the code, and the upstream
+projects keep owning scheduling, queues and pods. This module imports neither
+torch nor the optional backends, so it loads anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+import dask
+import yaml
+from distributed import LocalCluster
+from distributed.deploy.cluster import Cluster
+
+from unet_volume.cluster import local_cluster_config
+from unet_volume.errors import InputError
+
+Kind = Literal["local", "slurm", "kubernetes"]
+KINDS: tuple[str, ...] = get_args(Kind)
+DIRECTORY_VARIABLE = "UNET_VOLUME_CLUSTERS"
+DEFAULT_DIRECTORY = Path("deploy", "clusters")
+# Options naming a file that the upstream constructor opens: relative to the spec file,
+# so a spec works from any working directory.
+PATH_OPTIONS: dict[str, tuple[str, ...]] = {"kubernetes": ("custom_cluster_spec",)}
+LOCAL_START_TIMEOUT = 60.0  # seconds for local worker processes to start
+EXTRAS = {"slurm": ("dask-jobqueue", "slurm"), "kubernetes": ("dask-kubernetes", "k8s")}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """One cluster spec file: the backend ``kind`` plus its constructor's ``options``.
+
+    ``options`` go verbatim to the upstream constructor; ``scale`` (None: leave the
+    constructor's default) is requested after start; ``name`` is the file's stem.
+
+    >>> spec = ClusterSpec("one", "local", {"n_workers": 1}, None, Path("one.yaml"))
+    >>> spec.kind, spec.options["n_workers"], spec.scale
+    ('local', 1, None)
+    """
+
+    name: str
+    kind: Kind
+    options: dict[str, Any] = field(hash=False)
+    scale: int | None
+    path: Path
+
+
+def load_cluster_spec(name_or_path: str | Path, *, directory: Path | None = None) -> ClusterSpec:
+    """Read a spec from a YAML file, or by bare name from ``directory/<name>.yaml``.
+
+    A string with a path separator or a ``.yaml``/``.yml`` suffix (or any ``Path``) is a
+    file; anything else is a name. ``directory`` defaults to ``$UNET_VOLUME_CLUSTERS``,
+    else ``deploy/clusters`` under the working directory (the repository root). Every
+    problem raises :class:`InputError` with a one-line message saying how to fix it.
+    """
+    path = _find_spec(name_or_path, directory)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read cluster spec {path}: {error}; pass a readable YAML file") from error
+    except yaml.YAMLError as error:
+        problem = " ".join(str(error).split())
+        raise InputError(f"cluster spec {path} is not valid YAML ({problem}); fix the file") from error
+    if not isinstance(data, dict):
+        raise InputError(f"cluster spec {path} must be a YAML mapping, got {type(data).__name__} "
+                         f"{data!r:.40}; write keys such as 'kind: local'")
+    options = dict(data)
+    kind = options.pop("kind", None)
+    if kind not in KINDS:
+        raise InputError(f"cluster spec {path} has kind {kind!r}; set 'kind:' to one of {', '.join(KINDS)}")
+    scale = options.pop("scale", None)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 0):
+        raise InputError(f"cluster spec {path} has scale {scale!r}; "
+                         "set 'scale:' to a worker count >= 0 or null")
+    if bad := [key for key in options if not isinstance(key, str)]:
+        raise InputError(f"cluster spec {path} has non-string keys {bad!r}; quote them or remove them")
+    for key in PATH_OPTIONS.get(kind, ()):
+        if isinstance(options.get(key), str):
+            options[key] = str((path.parent / Path(options[key]).expanduser()).resolve())
+    return ClusterSpec(path.stem, cast(Kind, kind), options, scale, path)
+
+
+def make_cluster(spec: ClusterSpec) -> Cluster:
+    """Start the upstream cluster the spec describes, then scale it to ``spec.scale``.
+
+    The caller owns the result (``with make_cluster(spec) as cluster, Client(cluster)``).
+    LocalCluster workers started here, including those ``scale`` asks for (waited for, as
+    ``scale`` only schedules them), spawn without the nanny's ``MALLOC_TRIM_THRESHOLD_``
+    (it slows torch ~40%); workers added later by ``cluster.scale``/``adapt``, and remote
+    workers, rely on ``tune_worker_process`` instead. The optional backends are imported
+    here only, so a missing one names the extra to install.
+    """
+    if spec.kind == "local":
+        with dask.config.set(local_cluster_config()):
+            local = LocalCluster(**spec.options)  # type: ignore[no-untyped-call]
+            return _scaled(local, spec.scale, wait=True)
+    if spec.kind == "slurm":
+        SLURMCluster = _import_backend(spec, "dask_jobqueue", "SLURMCluster")
+        return _scaled(SLURMCluster(**spec.options), spec.scale)
+    KubeCluster = _import_backend(spec, "dask_kubernetes.operator", "KubeCluster")
+    return _scaled(KubeCluster(**spec.options), spec.scale)
+
+
+def _scaled(cluster: Cluster, scale: int | None, *, wait: bool = False) -> Cluster:
+    """``cluster`` asked for ``scale`` workers (None: as started); closed if that fails.
+
+    ``wait`` blocks until they run: right for local processes, wrong for a batch queue.
+    """
+    if scale is None:
+        return cluster
+    try:
+        cluster.scale(scale)
+        if wait and scale > 0:
+            cluster.wait_for_workers(scale, timeout=LOCAL_START_TIMEOUT)
+    except BaseException:
+        cluster.close()  # never leak a started scheduler, SLURM jobs or pods
+        raise
+    return cluster
+
+
+def _find_spec(name_or_path: str | Path, directory: Path | None) -> Path:
+    """The spec file a name or path refers to; unknown names list the known ones."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise InputError(f"cluster spec file {path} does not exist; pass an existing YAML file "
+                             "or the name of a spec in deploy/clusters")
+        return path.resolve()
+    folder = directory or Path(os.environ.get(DIRECTORY_VARIABLE) or DEFAULT_DIRECTORY)
+    path = folder / f"{text}.yaml"
+    if not path.is_file():
+        names = sorted(candidate.stem for candidate in folder.glob("*.yaml"))
+        known = f"one of {', '.join(names)}" if names else f"a path to a spec file (no specs in {folder})"
+        raise InputError(f"unknown cluster spec {text!r} (looked for {path}); pass {known}, "
+                         f"or set {DIRECTORY_VARIABLE} to the folder holding it")
+    return path.resolve()
+
+
+def _import_backend(spec: ClusterSpec, module: str, attribute: str) -> Any:
+    """``module.attribute``, or an InputError naming the extra that provides it."""
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ImportError as error:
+        package, extra = EXTRAS[spec.kind]
+        raise InputError(f"cluster spec {spec.path} has kind {spec.kind!r}, which needs {package} "
+                         f"({error}); pip install 'unet-volume[{extra}]'") from error
