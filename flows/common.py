@@ -6,13 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from distributed import Client
 from prefect import Task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from unet_volume.cluster import open_client
-from unet_volume.cluster_spec import load_cluster_spec, make_cluster
+from unet_volume.cluster_spec import connect
 from unet_volume.errors import is_transient
 
 
@@ -29,26 +27,11 @@ STORAGE_RETRIES: dict[str, Any] = {
 
 
 @contextmanager
-def dask_client(scheduler: str | None, cluster: str | None) -> Iterator[Client]:
-    """A client of the scheduler at ``scheduler``, of a cluster started from the spec named
-    ``cluster`` (``deploy/clusters/<name>.yaml`` or a path), or of a fresh LocalCluster."""
-    if scheduler or not cluster:
-        with open_client(scheduler, dashboard=False) as client:
-            yield client
-        return
-    spec = load_cluster_spec(cluster)  # by name: $UNET_VOLUME_CLUSTERS or ./deploy/clusters
-    with make_cluster(spec) as started, Client(started) as client:
-        # Batch jobs and pods join later: wait for one, so blocks see whether workers have GPUs.
-        client.wait_for_workers(1)
-        yield client
-
-
-@contextmanager
 def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[str]:
     """The address of a scheduler that lives as long as the block: ``scheduler``, or a cluster started
-    as :func:`dask_client` does, so that several subflows share one cluster."""
+    as :func:`~unet_volume.cluster_spec.connect` does, so that several subflows share one cluster."""
     if scheduler:
         yield scheduler
         return
-    with dask_client(None, cluster) as client:
+    with connect(None, cluster, dashboard=False) as client:
         yield client.scheduler.address

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, runtime, task
@@ -10,10 +10,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import PositiveFloat, PositiveInt
 
+from unet_volume.cluster_spec import connect
 from unet_volume.predict import PredictionPlan, PredictOptions, RunReport, plan_prediction, run_plan
 from unet_volume.prediction_store import environment, record_provenance
 from unet_volume.preview import write_preview
-from unet_volume_flows.common import STORAGE_RETRIES, dask_client
+from unet_volume_flows.common import STORAGE_RETRIES
 
 Shape = tuple[PositiveInt, PositiveInt, PositiveInt]
 
@@ -27,7 +28,7 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
 @task(cache_policy=NO_CACHE)  # no timeout: a 10^12-voxel volume takes as long as it takes
 def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | None) -> RunReport:
     """Every block on the Dask cluster; a failed run leaves no output."""
-    with dask_client(scheduler, cluster) as client:
+    with connect(scheduler, cluster, dashboard=False) as client:
         get_run_logger().info("%d blocks on %s", prediction.num_blocks, client.scheduler.address)
         return run_plan(prediction, client)
 
@@ -54,6 +55,12 @@ def publish(report: RunReport, image: str, preview: str) -> str:
     return str(png)
 
 
+def default_preview(out: str) -> str:
+    """Beside a local output (``out.zarr`` -> ``out.preview.png``); in the working folder for a URL."""
+    name = f"{PurePosixPath(out.rstrip('/')).stem}.preview.png"
+    return name if "://" in out else str(Path(out.rstrip("/")).with_name(name))
+
+
 @flow(name="predict")
 def predict_flow(
     image: str, model: str, out: str, *, block_shape: Shape | None = None,
@@ -73,5 +80,5 @@ def predict_flow(
     report = predict(planned, scheduler, cluster)
     record(report, {"image": image, "model": model, "out": out, "block_shape": planned.block_shape,
                     "output_dtype": output_dtype, "tta": tta, "voxel_size": voxel_size})
-    png = publish(report, image, preview or str(Path(out).with_suffix(".preview.png")))
+    png = publish(report, image, preview or default_preview(out))
     return {**report.to_dict(), "preview": png}

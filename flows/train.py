@@ -10,12 +10,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from unet_volume.cluster_spec import connect
 from unet_volume.metrics import EvaluationReport, evaluate
 from unet_volume.predict import PredictOptions, plan_prediction, run_plan
 from unet_volume.preview import write_preview
 from unet_volume.train import TrainConfig, TrainReport, train
 from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
-from unet_volume_flows.common import STORAGE_RETRIES, dask_client
+from unet_volume_flows.common import STORAGE_RETRIES
 
 ZRange = tuple[NonNegativeInt, PositiveInt]
 
@@ -23,7 +24,7 @@ ZRange = tuple[NonNegativeInt, PositiveInt]
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
 def weigh(labels: str, out: str, scheduler: str | None, cluster: str | None) -> str:
     """The paper's weight map (borders between touching cells weigh more), one Dask task per chunk."""
-    with dask_client(scheduler, cluster) as client:
+    with connect(scheduler, cluster, dashboard=False) as client:
         return compute_weight_volume(labels, out, WeightMapConfig(), chunk_shape=(1, 512, 512), client=client,
                                      overwrite=True).output_url
 
@@ -40,7 +41,7 @@ def assess(image: str, labels: str, model: str, z_range: tuple[int, int], schedu
     """Predict the image with the new model and score the held-out slices (pixel, Rand, VOI, IoU)."""
     out = f"{model}.evaluation.zarr"
     prediction = plan_prediction(model, image, out, PredictOptions(overwrite=True))
-    with dask_client(scheduler, cluster) as client:
+    with connect(scheduler, cluster, dashboard=False) as client:
         run_plan(prediction, client)
     return evaluate(out, labels, z_range=z_range)
 

@@ -283,6 +283,28 @@ def test_cli_predict_output_is_byte_identical_to_the_library(
         np.testing.assert_array_equal(cli_array[...], library_array[...])
 
 
+def test_cli_predict_on_a_cluster_spec_starts_and_closes_that_cluster(
+    tmp_path: Path, volume_path: str, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "one.yaml"
+    spec.write_text("kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\ndashboard_address: null\n")
+    output = tmp_path / "out.zarr"
+    args = ["predict", volume_path, str(output), "--model", str(model_path), "--block-shape", "1,16,16",
+            "--cluster", str(spec), "--no-progress"]
+    assert main(args) == EXIT_OK
+    assert xr.open_zarr(output).attrs["unet_volume"]["report"]["blocks"] == 27
+
+
+def test_cli_predict_takes_a_scheduler_or_a_cluster_spec_not_both(
+    volume_path: str, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", volume_path, "out.zarr", "--model", str(model_path), "--scheduler", "tcp://h:8786",
+              "--cluster", "local"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 

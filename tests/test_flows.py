@@ -17,18 +17,20 @@ import zarr
 from distributed import Client
 from fsspec.implementations.local import LocalFileSystem
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ParameterTypeError
 from prefect.flows import load_flow_from_entrypoint
 from prefect.testing.utilities import prefect_test_harness
 
 from unet_volume.checkpoint import save_model
+from unet_volume.errors import InputError
 from unet_volume.model import UNet
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import run_info
 from unet_volume.testing import blob_volume
 from unet_volume_flows.ingest import ingest_flow
-from unet_volume_flows.predict import predict_flow
+from unet_volume_flows.predict import default_preview, predict_flow
 from unet_volume_flows.train import train_flow
 
 
@@ -178,3 +180,30 @@ def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(name: str,
     loaded.validate_parameters(parameters)  # raises ParameterTypeError on a bad value
     for schedule in spec.get("schedules", []):
         assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+
+
+def test_predict_flow_fails_bad_input_at_once_without_retrying(tmp_path: Path) -> None:
+    # A missing input is not transient: retrying it would only delay the one-line error.
+    state = predict_flow(str(tmp_path / "missing.zarr"), tiny_model(tmp_path / "m.pt"), str(tmp_path / "out.zarr"),
+                         return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as api:
+        runs = api.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    plan_run = next(run for run in runs if run.task_key.startswith("plan"))
+    assert plan_run.run_count == 1
+    with pytest.raises(InputError, match="does not exist; pass a Zarr array or a TIFF stack"):
+        state.result()
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        pytest.param("/data/v1.zarr", "/data/v1.preview.png", id="local"),
+        pytest.param("/data/v1.zarr/", "/data/v1.preview.png", id="trailing-slash"),
+        pytest.param("s3://bucket/v1.zarr", "v1.preview.png", id="url-to-working-folder"),
+    ],
+)
+def test_predict_flow_preview_goes_beside_a_local_output(out: str, expected: str) -> None:
+    assert default_preview(out) == expected

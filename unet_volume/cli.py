@@ -11,9 +11,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from unet_volume.errors import InputError, UnetVolumeError
 from unet_volume.prediction_store import OUTPUT_DTYPES
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 EXIT_USAGE = 2
 
@@ -111,20 +116,37 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-shape", type=parse_ints, metavar="Z,Y,X",
                    help="voxels per task and output chunk (default 1,1024,1024 in 2D, 128,128,128 in 3D)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="address of an existing Dask scheduler "
-                   "(default: start a LocalCluster)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="worker processes of the LocalCluster, one thread each (default: one per core)")
+    _add_cluster_options(p)
     p.set_defaults(run=_weights)
 
 
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
+                       "(default: start a LocalCluster)")
+    where.add_argument("--cluster", metavar="SPEC",
+                       help="start the cluster a spec describes: a name in deploy/clusters (local, slurm-gpu, "
+                       "k8s-gpu) or a YAML path")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes of the LocalCluster, one thread each (default: one per core)")
+
+
+def _client(args: argparse.Namespace) -> AbstractContextManager[Client]:
+    """The Dask client the cluster options ask for."""
+    from unet_volume.cluster_spec import connect
+
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers} must be at least 1")
+    return connect(args.scheduler, args.cluster, n_workers=args.workers)
+
+
 def _weights(args: argparse.Namespace) -> None:
-    from unet_volume.cluster import open_client
     from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
 
     config = WeightMapConfig(w0=args.w0, sigma=args.sigma, ndim=args.ndim, voxel_size=args.voxel_size)
     chunks = args.chunk_shape or ((1, 1024, 1024) if args.ndim == 2 else (128, 128, 128))
-    with open_client(args.scheduler, n_workers=args.workers) as client:
+    with _client(args) as client:
         _say(f"Dask dashboard: {client.dashboard_link}")
         report = compute_weight_volume(args.labels, args.output, config, chunk_shape=chunks, client=client,
                                        overwrite=args.overwrite)
@@ -176,11 +198,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the 8 flips and quarter turns of each tile "
                    "(8x slower; stitching stays exact)")
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
-                   "(default: start a LocalCluster)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="worker processes of the LocalCluster, one thread each (default: one per core)")
+    _add_cluster_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_predict)
 
@@ -230,19 +248,17 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from unet_volume.cluster import open_client
     from unet_volume.predict import PredictOptions, plan_prediction, run_plan
 
     options = PredictOptions(args.block_shape, args.tile_shape, args.output_dtype, args.voxel_size,
                              args.units, args.overwrite, args.tta)
     plan = plan_prediction(args.model, args.input, args.output, options)
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers {args.workers} must be at least 1")
+    client = _client(args)  # options checked before anything is said or started
     _say(f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a {_fmt(plan.volume.shape)} volume; "
          f"tile {_fmt(plan.geometry.input_shape)} -> {_fmt(plan.geometry.output_shape)}")
-    with open_client(args.scheduler, n_workers=args.workers) as client:
-        _say(f"Dask dashboard: {client.dashboard_link}")
-        report = run_plan(plan, client, progress=not args.no_progress)
+    with client as active:
+        _say(f"Dask dashboard: {active.dashboard_link}")
+        report = run_plan(plan, active, progress=not args.no_progress)
     print(f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
           f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s)\n"
           "open it with:\n"

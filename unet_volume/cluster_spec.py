@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import dask
 import yaml
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 from distributed.deploy.cluster import Cluster
 
-from unet_volume.cluster import local_cluster_config
+from unet_volume.cluster import local_cluster_config, open_client
 from unet_volume.errors import InputError
 
 Kind = Literal["local", "slurm", "kubernetes"]
@@ -163,3 +165,26 @@ def _import_backend(spec: ClusterSpec, module: str, attribute: str) -> Any:
         package, extra = EXTRAS[spec.kind]
         raise InputError(f"cluster spec {spec.path} has kind {spec.kind!r}, which needs {package} "
                          f"({error}); pip install 'unet-volume[{extra}]'") from error
+
+
+@contextmanager
+def connect(
+    scheduler: str | None = None, cluster: str | Path | None = None, *, n_workers: int | None = None,
+    dashboard: bool = True,
+) -> Iterator[Client]:
+    """A client of the scheduler at ``scheduler``, of a cluster started from the spec ``cluster``
+    (a name in ``deploy/clusters`` or a path; closed on exit), or else of a fresh LocalCluster.
+
+    A spec's workers may join late (batch jobs, pods): the client waits for the first one, so
+    that the blocks see whether workers have GPUs before they are submitted.
+    """
+    if scheduler and cluster:
+        raise InputError(f"got both a scheduler address ({scheduler}) and a cluster spec ({cluster}); "
+                         "pass one of them")
+    if not cluster:
+        with open_client(scheduler, n_workers=n_workers, dashboard=dashboard) as client:
+            yield client
+        return
+    with make_cluster(load_cluster_spec(cluster)) as started, Client(started) as client:
+        client.wait_for_workers(1)
+        yield client

@@ -26,6 +26,7 @@ import fsspec
 import numpy as np
 import tifffile
 import zarr
+from zarr.codecs import BloscCodec
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
@@ -250,7 +251,7 @@ def convert_to_zarr(
     try:
         target = zarr.create_array(out, shape=lead + volume.shape, chunks=chunk_shape, dtype=volume.dtype,
                                    dimension_names=names, attributes={**attrs, "source": volume.url},
-                                   compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3))
+                                   compressors=BloscCodec(cname="zstd", clevel=3))
         with opened_array(volume.url, volume.kind) as array:
             for z in range(0, volume.shape[0], chunk_shape[len(lead)]):
                 slab = (..., slice(z, min(z + chunk_shape[len(lead)], volume.shape[0])), slice(None), slice(None))
