@@ -51,12 +51,12 @@ def register(report: TrainReport, scores: EvaluationReport | None, image: str) -
     """The checkpoint with its figures as Prefect artifacts: a metrics table, the curve and a preview."""
     figures: dict[str, Any] = {"checkpoint": str(report.checkpoint), "steps": report.steps,
                                "seconds": round(report.seconds, 1), "final_loss": round(report.final_loss, 4)}
-    lines = [f"# Model `{report.checkpoint}`", "", f"Learning curve: {Path(f'{report.checkpoint}.curve.png').as_uri()}"]
+    lines = [f"# Model `{report.checkpoint}`", "", f"Learning curve: {Path(f'{report.checkpoint}.curve.png').resolve().as_uri()}"]
     if scores is not None:
         figures.update({f"validation_{k}": round(v, 4) for k, v in scores.to_dict()["volume"].items()})
         png = write_preview(image, scores.prediction, f"{report.checkpoint}.preview.png",
                             slices=[scores.z_range[0], scores.z_range[1] - 1])
-        lines.append(f"Validation preview (z {scores.z_range[0]}:{scores.z_range[1]}): {png.as_uri()}")
+        lines.append(f"Validation preview (z {scores.z_range[0]}:{scores.z_range[1]}): {png.resolve().as_uri()}")
     create_table_artifact([figures], key="model-metrics", description=f"model {report.checkpoint}")
     create_markdown_artifact("\n".join(lines) + "\n", key="model-card")
     return figures

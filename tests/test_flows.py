@@ -76,11 +76,13 @@ def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Pat
     assert report["blocks"] == 3 * 3 * 3 and report["voxels"] == 3 * 40 * 36
 
 
-def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(client: Client, tmp_path: Path) -> None:
-    image = write_zarr(tmp_path / "in.zarr", blob_volume((2, 32, 32)))
-    report = predict_flow(image, tiny_model(tmp_path / "m.pt"), str(tmp_path / "out.zarr"),
-                          scheduler=client.scheduler.address)
-    provenance = run_info(str(tmp_path / "out.zarr"))["provenance"]  # type: ignore[index]
+def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    image = write_zarr(Path("in.zarr"), blob_volume((2, 32, 32)))
+    report = predict_flow(image, tiny_model(Path("m.pt")), "out.zarr", scheduler=client.scheduler.address)
+    provenance = run_info("out.zarr")["provenance"]  # type: ignore[index]
     assert provenance["parameters"]["image"] == image
     assert provenance["flow_run"] and provenance["environment"]["packages"]["torch"]
     assert Path(report["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,11 +152,14 @@ def test_ingest_flow_retries_a_failed_read_of_the_landing_location(client: Clien
     assert [r["reason"] for r in done] == ["new"]  # ... and the retry found the volume
 
 
-def test_train_flow_trains_evaluates_and_registers_the_model(client: Client, tmp_path: Path) -> None:
+def test_train_flow_trains_evaluates_and_registers_the_model(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
     image = blob_volume((4, 48, 48))
     labels = (image > 140).astype(np.uint8)
-    model = tmp_path / "model.pt"
-    figures = train_flow(write_zarr(tmp_path / "image.zarr", image), write_zarr(tmp_path / "labels.zarr", labels),
+    model = Path("model.pt")
+    figures = train_flow(write_zarr(Path("image.zarr"), image), write_zarr(Path("labels.zarr"), labels),
                          str(model), minutes=None, steps=3, z_range=(0, 3), validation_z_range=(3, 4),
                          weight_map=True, base_channels=8, depth=2, tile_output=16,
                          scheduler=client.scheduler.address)

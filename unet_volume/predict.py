@@ -48,7 +48,7 @@ from unet_volume.prediction_store import (
     remove_output,
     volume_attrs,
 )
-from unet_volume.storage import Volume, open_volume
+from unet_volume.storage import Volume, absolute, open_volume
 from unet_volume.tiling import Block, TileGeometry, check_block_shape, count_blocks, plan_blocks, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,8 @@ def plan_prediction(
         )
     dtype = check_output_dtype(options.output_dtype)
     shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
-    output_url = str(output)
-    check_output(output_url, overwrite=options.overwrite)
+    check_output(str(output), overwrite=options.overwrite)
+    output_url = absolute(output)  # workers may not share our working directory
     return PredictionPlan(checkpoint, info, volume, output_url, shape, geometry, dtype, options.overwrite,
                           options.tta)
 

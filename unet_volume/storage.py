@@ -122,6 +122,19 @@ def is_tiff(url: str) -> bool:
     return url.lower().endswith(TIFF_SUFFIXES)
 
 
+def absolute(url: str | Path) -> str:
+    """``url`` with a local path made absolute; URLs (``s3://...``) as they are.
+
+    Dask workers resolve relative paths against their own working directory, which on a
+    cluster (or a scheduler started elsewhere) is not the caller's.
+
+    >>> absolute("s3://bucket/v.zarr"), absolute("/data/v.zarr")
+    ('s3://bucket/v.zarr', '/data/v.zarr')
+    """
+    url = str(url)
+    return url if "://" in url else str(Path(url).expanduser().absolute())
+
+
 def exists(url: str) -> bool:
     """Whether anything is stored at ``url`` (a path or an fsspec URL)."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -174,7 +187,7 @@ def _describe(
     if size is not None and (len(size) != 3 or any(v <= 0 for v in size)):
         raise InputError(f"voxel size {size} must be 3 positive numbers (z, y, x), e.g. 50,4,4")
     return Volume(
-        url=url,
+        url=absolute(url),  # messages name the path as given; workers get one they can open
         kind=kind,
         shape=shape[-3:],
         channels=shape[0] if len(shape) == 4 else 1,

@@ -52,7 +52,7 @@ from unet_volume import prediction_store
 from unet_volume.cluster import map_bounded
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
-from unet_volume.storage import Volume, open_volume
+from unet_volume.storage import Volume, absolute, open_volume
 
 TOLERANCE = 1e-7  # largest relative change the cutoff may cause (chunked runs promise 1e-5)
 BALANCED_FLOOR = 0.5  # balanced class weights total / (2 * count) are >= 1/2: the cutoff's w_min
@@ -296,13 +296,13 @@ def compute_weight_volume(
     mask needs chunks spanning its components (whole (y, x) slices for ``ndim=2``, the volume for ``ndim=3``);
     otherwise label it first. A failed run leaves no output.
     """
-    start, out_url = time.perf_counter(), str(out_url)
+    start, given, out_url = time.perf_counter(), str(out_url), absolute(out_url)  # workers: another cwd
     volume = _open_labels(str(labels_url))
     chunks = tuple(int(c) for c in chunk_shape)
     if len(chunks) != 3 or min(chunks) < 1:
         raise InputError(f"chunk shape {tuple(chunk_shape)} must be 3 positive ints (z, y, x), e.g. (64, 64, 64)")
     chunks = tuple(min(c, n) for c, n in zip(chunks, volume.shape))
-    prediction_store.check_output(out_url, overwrite=overwrite)
+    prediction_store.check_output(given, overwrite=overwrite)
     boxes = [box for _, box in volume.box.grid(chunks)]
     config = _resolve_binary(config, _run_blocks(client, _label_range, boxes, volume=volume), volume, chunks)
     weights = config.class_weights or balanced_class_weights(
