@@ -119,3 +119,31 @@ def test_layering_lower_layers_import_only_downwards(module: str) -> None:
 def test_layering_import_scanner_finds_imports_inside_functions() -> None:
     # The scanner itself, on cli: it imports predict, train and cluster_spec lazily, inside functions.
     assert {"cluster_spec", "predict", "train", "errors", "prediction_store"} <= package_imports("cli")
+
+
+FLOWS_DIR = Path(__file__).parents[1] / "flows"
+FLOW_IMPORTS = {"prefect", "pydantic", "unet_volume", "unet_volume_flows"}
+
+
+def import_roots(path: Path) -> set[str]:
+    """The top-level names of every absolute import in a file."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=path.name)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in sorted(FLOWS_DIR.glob("*.py"))])
+def test_layering_flows_are_glue_over_prefect_and_the_library(path: Path) -> None:
+    # Flows import Prefect (and its pydantic parameter types), the library and the stdlib: nothing
+    # that computes, and no cluster settings (those are data in deploy/).
+    third_party = import_roots(path) - FLOW_IMPORTS - set(sys.stdlib_module_names) - {"__future__"}
+    assert not third_party, f"{path.name} imports {sorted(third_party)}"
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in sorted(PACKAGE_DIR.glob("*.py"))])
+def test_layering_library_never_imports_prefect_or_the_flows(path: Path) -> None:
+    assert not import_roots(path) & {"prefect", "unet_volume_flows"}, path.name

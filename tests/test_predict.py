@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from unet_volume.cluster import gpu_resources
 from unet_volume.checkpoint import checkpoint_bytes, save_model
 from unet_volume.errors import BlockError, CheckpointError, GeometryError, InputError, OutputExistsError
 from unet_volume.model import UNet
-from unet_volume.predict import PredictOptions, plan_prediction, predict_volume, run_prediction
+from unet_volume.predict import PredictOptions, RunReport, plan_prediction, predict_volume, run_prediction
 from unet_volume.predictor import ModelPredictor
 from unet_volume.prediction_store import create_prediction, open_prediction
 from unet_volume.storage import open_volume
@@ -155,16 +156,23 @@ def test_predict_tiff_input_with_channels_and_a_checkpoint_file(client: Client, 
     assert_close_in_float32(open_prediction(str(tmp_path / "out.zarr")).probabilities.values, expected)
 
 
-def test_predict_bounded_window_of_one_task_gives_the_same_output(client: Client, tmp_path: Path) -> None:
-    data = np.arange(3 * 20 * 20, dtype=np.float32).reshape(3, 20, 20)
+def crop_probe_run(client: Client, tmp_path: Path, shape: tuple[int, int, int], block: tuple[int, int, int],
+                   **options: Any) -> RunReport:
+    """A 2D depth-2 crop probe over an arange volume; its output must equal the volume."""
+    data = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
     volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
     geometry = TileGeometry.for_unet(2, 2, min_output=(1, 4, 4))
-    store = create_prediction(str(tmp_path / "out.zarr"), volume=volume, num_classes=1, block_shape=(1, 4, 8),
+    store = create_prediction(str(tmp_path / "out.zarr"), volume=volume, num_classes=1, block_shape=block,
                               output_dtype="float32", attrs={})
     report = run_prediction(client, predictor=CropPredictor(geometry), geometry=geometry, volume=volume,
-                            store=store, block_shape=(1, 4, 8), max_in_flight=1)
-    assert report.blocks == 3 * 5 * 3
+                            store=store, block_shape=block, **options)
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[0], data)
+    return report
+
+
+def test_predict_bounded_window_of_one_task_gives_the_same_output(client: Client, tmp_path: Path) -> None:
+    report = crop_probe_run(client, tmp_path, (3, 20, 20), (1, 4, 8), max_in_flight=1)
+    assert report.blocks == 3 * 5 * 3
 
 
 class FailingPredictor(CropPredictor):
@@ -242,20 +250,13 @@ def test_predict_test_time_augmentation_keeps_stitching_exact(
 
 
 def test_predict_blocks_run_only_on_gpu_workers(gpu_client: Client, tmp_path: Path) -> None:
-    data = np.arange(2 * 16 * 24, dtype=np.float32).reshape(2, 16, 24)
-    volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
-    geometry = TileGeometry.for_unet(2, 2, min_output=(1, 8, 8))
-    store = create_prediction(str(tmp_path / "out.zarr"), volume=volume, num_classes=1, block_shape=(1, 8, 8),
-                              output_dtype="float32", attrs={})
     gpu_worker = next(address for address, info in gpu_client.scheduler_info()["workers"].items()
                       if info["resources"].get("GPU"))
     with get_task_stream(gpu_client) as stream:
-        run_prediction(gpu_client, predictor=CropPredictor(geometry), geometry=geometry, volume=volume,
-                       store=store, block_shape=(1, 8, 8))
+        report = crop_probe_run(gpu_client, tmp_path, (2, 16, 24), (1, 8, 8))
     blocks = [task for task in stream.data if task["key"].startswith("predict-block-")]
-    assert len(blocks) == 2 * 2 * 3
+    assert len(blocks) == report.blocks == 2 * 2 * 3
     assert {task["worker"] for task in blocks} == {gpu_worker}
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[0], data)
 
 
 def test_predict_blocks_ask_for_no_gpu_where_no_worker_has_one(client: Client) -> None:
