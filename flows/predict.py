@@ -28,8 +28,9 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
 @task(cache_policy=NO_CACHE)  # no timeout: a 10^12-voxel volume takes as long as it takes
 def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | None) -> RunReport:
     """Every block on the Dask cluster; a failed run leaves no output."""
-    with connect(scheduler, cluster, dashboard=False) as client:
-        get_run_logger().info("%d blocks on %s", prediction.num_blocks, client.scheduler.address)
+    with connect(scheduler, cluster) as client:
+        get_run_logger().info("%d blocks on %s (dashboard %s)", prediction.num_blocks, client.scheduler.address,
+                              client.dashboard_link)
         return run_plan(prediction, client)
 
 
