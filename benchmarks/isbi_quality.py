@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 
 from unet_volume.cluster import open_client
@@ -32,7 +31,7 @@ from unet_volume.metrics import evaluate
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
 from unet_volume.train import TrainConfig, train
-from unet_volume.weight_map import WeightMapConfig, balanced_class_weights, compute_weight_volume
+from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")
@@ -87,10 +86,8 @@ def main() -> None:
         weights = str(args.out / "weights.zarr")
         with open_client(n_workers=2, dashboard=False) as client:
             # class frequencies from the training slices only: the validation slices stay unseen
-            cells = tifffile.imread(LABELS)[slice(*TRAIN)] != 0
-            balance = balanced_class_weights(int(cells.sum()), cells.size)
-            compute_weight_volume(LABELS, weights, WeightMapConfig(class_weights=balance), chunk_shape=(1, 512, 512),
-                                  client=client, overwrite=True)
+            compute_weight_volume(LABELS, weights, WeightMapConfig(), chunk_shape=(1, 512, 512), client=client,
+                                  overwrite=True, balance_z_range=TRAIN)
     start = time.perf_counter()
     report = train(IMAGE, LABELS, args.out / "model.pt", config, weights=weights)
     train_s = time.perf_counter() - start

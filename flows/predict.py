@@ -51,8 +51,8 @@ def publish(report: RunReport, image: str, preview: str) -> str:
         "seconds": round(report.seconds, 2), "Mvoxel/s": round(report.voxels_per_second / 1e6, 3),
     }], key="prediction-run", description=f"prediction of {image}")
     create_markdown_artifact(f"# Prediction of `{image}`\n\nOutput: `{report.output_url}`\n\n"
-                             f"Preview (input, segmentation overlaid, probability): [{png}]({png.resolve().as_uri()})\n",
-                             key="prediction-preview")
+                             "Preview (input, segmentation overlaid, probability): "
+                             f"[{png}]({png.resolve().as_uri()})\n", key="prediction-preview")
     return str(png)
 
 

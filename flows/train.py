@@ -22,11 +22,12 @@ ZRange = tuple[NonNegativeInt, PositiveInt]
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
-def weigh(labels: str, out: str, scheduler: str | None, cluster: str | None) -> str:
-    """The paper's weight map (borders between touching cells weigh more), one Dask task per chunk."""
+def weigh(labels: str, out: str, z_range: tuple[int, int] | None, scheduler: str | None, cluster: str | None) -> str:
+    """The paper's weight map (borders between touching cells weigh more), one Dask task per chunk;
+    class frequencies from the training slices ``z_range`` only."""
     with connect(scheduler, cluster, dashboard=False) as client:
         return compute_weight_volume(labels, out, WeightMapConfig(), chunk_shape=(1, 512, 512), client=client,
-                                     overwrite=True).output_url
+                                     overwrite=True, balance_z_range=z_range).output_url
 
 
 @task(cache_policy=NO_CACHE)
@@ -51,7 +52,8 @@ def register(report: TrainReport, scores: EvaluationReport | None, image: str) -
     """The checkpoint with its figures as Prefect artifacts: a metrics table, the curve and a preview."""
     figures: dict[str, Any] = {"checkpoint": str(report.checkpoint), "steps": report.steps,
                                "seconds": round(report.seconds, 1), "final_loss": round(report.final_loss, 4)}
-    lines = [f"# Model `{report.checkpoint}`", "", f"Learning curve: {Path(f'{report.checkpoint}.curve.png').resolve().as_uri()}"]
+    curve = Path(f"{report.checkpoint}.curve.png").resolve()
+    lines = [f"# Model `{report.checkpoint}`", "", f"Learning curve: {curve.as_uri()}"]
     if scores is not None:
         figures.update({f"validation_{k}": round(v, 4) for k, v in scores.to_dict()["volume"].items()})
         png = write_preview(image, scores.prediction, f"{report.checkpoint}.preview.png",
@@ -79,7 +81,7 @@ def train_flow(
     config = TrainConfig(base_channels=base_channels, depth=depth, tile_output=(1, tile_output, tile_output),
                          minutes=minutes, steps=steps, z_range=z_range, validation_z_range=validation_z_range,
                          augment=augment, seed=seed)
-    weights = weigh(labels, f"{model}.weights.zarr", scheduler, cluster) if weight_map else None
+    weights = weigh(labels, f"{model}.weights.zarr", z_range, scheduler, cluster) if weight_map else None
     report = fit(image, labels, model, config, weights)
     scores = assess(image, labels, model, validation_z_range, scheduler, cluster) if validation_z_range else None
     return register(report, scores, image)

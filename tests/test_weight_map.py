@@ -22,6 +22,7 @@ from unet_volume.errors import InputError, OutputExistsError
 from unet_volume.geometry import Box
 from unet_volume.weight_map import (
     WeightMapConfig,
+    balanced_class_weights,
     compute_weight_volume,
     cutoff_distance,
     halo_for,
@@ -301,6 +302,18 @@ def test_compute_weight_volume_writes_a_float32_zarr_v3_array(client: Client, tm
     assert array.attrs["unet_volume"]["weights"]["border"] == "background (0) outside the volume"
 
 
+def test_compute_weight_volume_balances_classes_over_the_given_slices_only(client: Client, tmp_path: Path) -> None:
+    # Slices 0-1 are 1/4 cells, slices 2-3 (held out) all cells: only 0-1 may set the class weights.
+    labels = np.zeros((4, 8, 8), np.uint16)
+    labels[0:2, :4, :4] = 1
+    labels[2:4] = 2
+    report = compute_weight_volume(write_zarr(tmp_path / "l.zarr", labels), str(tmp_path / "w.zarr"),
+                                   WeightMapConfig(w0=0.0), chunk_shape=(1, 8, 8), client=client,
+                                   balance_z_range=(0, 2))
+    # One cell per slice touches no other: no separation borders, so 2 x 16 of 2 x 64 voxels are target.
+    assert report.class_weights == balanced_class_weights(2 * 16, 2 * 64)
+
+
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name -> (labels URL, extra arguments) for each bad input."""
     fine = blobs((4, 12, 12), 4)
@@ -314,6 +327,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[str, dict[str, Any]]]:
         "exists": (write_zarr(tmp_path / "ok.zarr", fine), {"out_url": str(tmp_path / "exists.zarr")}),
         "chunks": (str(tmp_path / "ok.zarr"), {"chunk_shape": (4, 4)}),
         "binary": (write_zarr(tmp_path / "b.zarr", (fine > 0).astype(np.uint8)), {"config": WeightMapConfig(ndim=3)}),
+        "balance": (str(tmp_path / "ok.zarr"), {"balance_z_range": (3, 9)}),
     }
 
 
@@ -328,6 +342,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[str, dict[str, Any]]]:
         pytest.param("exists", OutputExistsError, "already exists", id="existing-output"),
         pytest.param("chunks", InputError, "chunk shape", id="chunk-rank"),
         pytest.param("binary", InputError, "label the cells first", id="binary-mask-across-chunks"),
+        pytest.param("balance", InputError, "class-balance z range 3:9", id="balance-range-outside"),
     ],
 )
 def test_compute_weight_volume_rejects_bad_input_in_one_line(

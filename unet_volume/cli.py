@@ -115,6 +115,9 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
                    help="physical voxel size: distances and sigma become physical (anisotropic volumes)")
     p.add_argument("--chunk-shape", type=parse_ints, metavar="Z,Y,X",
                    help="voxels per task and output chunk (default 1,1024,1024 in 2D, 128,128,128 in 3D)")
+    p.add_argument("--balance-z-range", type=parse_range, metavar="BEGIN:END",
+                   help="count the class frequencies over these slices only (the training slices, so "
+                   "held-out ones stay unseen); default all")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     _add_cluster_options(p)
     p.set_defaults(run=_weights)
@@ -149,7 +152,7 @@ def _weights(args: argparse.Namespace) -> None:
     with _client(args) as client:
         _say(f"Dask dashboard: {client.dashboard_link}")
         report = compute_weight_volume(args.labels, args.output, config, chunk_shape=chunks, client=client,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, balance_z_range=args.balance_z_range)
     print(f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in {report.seconds:.1f} s "
           f"({report.voxels_per_second / 1e6:.2f} Mvoxel/s); class weights {report.class_weights}, "
           f"halo {report.halo}")

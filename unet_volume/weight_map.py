@@ -286,7 +286,7 @@ class WeightReport:
 
 def compute_weight_volume(
     labels_url: str, out_url: str, config: WeightMapConfig, *, chunk_shape: Sequence[int], client: Client,
-    overwrite: bool = False,
+    overwrite: bool = False, balance_z_range: tuple[int, int] | None = None,
 ) -> WeightReport:
     """Write the weight map of the labels at ``labels_url`` as a float32 Zarr v3 array at ``out_url``.
 
@@ -294,7 +294,8 @@ def compute_weight_volume(
     volume) and writes its chunk. Two cheap passes come first: the label range (binary or not; no negative
     labels) and the target's class counts, so every block uses the whole volume's class weights. A binary
     mask needs chunks spanning its components (whole (y, x) slices for ``ndim=2``, the volume for ``ndim=3``);
-    otherwise label it first. A failed run leaves no output.
+    otherwise label it first. ``balance_z_range`` (half-open) counts the class frequencies over those slices
+    only, e.g. the training region, so that held-out slices stay unseen. A failed run leaves no output.
     """
     start, given, out_url = time.perf_counter(), str(out_url), absolute(out_url)  # workers: another cwd
     volume = _open_labels(str(labels_url))
@@ -305,8 +306,10 @@ def compute_weight_volume(
     prediction_store.check_output(given, overwrite=overwrite)
     boxes = [box for _, box in volume.box.grid(chunks)]
     config = _resolve_binary(config, _run_blocks(client, _label_range, boxes, volume=volume), volume, chunks)
+    region = _balance_region(volume.box, balance_z_range)
+    counted = [box.intersect(region) for box in boxes if not box.intersect(region).is_empty()]
     weights = config.class_weights or balanced_class_weights(
-        sum(_run_blocks(client, _count_target, boxes, volume=volume, config=config)), volume.box.size)
+        sum(_run_blocks(client, _count_target, counted, volume=volume, config=config)), region.size)
     halo = halo_for(config)
     prediction_store.prepare_output(out_url, overwrite=overwrite)
     attrs = {**asdict(config), "class_weights": list(weights), "halo": list(halo), "labels": volume.url,
@@ -321,6 +324,17 @@ def compute_weight_volume(
         prediction_store.remove_output(out_url)  # no partial weights left behind
         raise
     return WeightReport(out_url, len(boxes), volume.box.size, time.perf_counter() - start, weights, halo, sum(spent))
+
+
+def _balance_region(volume: Box, z_range: tuple[int, int] | None) -> Box:
+    """The slices whose class frequencies set the class weights: ``z_range``, else the whole volume."""
+    if z_range is None:
+        return volume
+    begin, end = z_range
+    if not 0 <= begin < end <= volume.shape[0]:
+        raise InputError(f"class-balance z range {begin}:{end} is not a non-empty part of the labels' "
+                         f"{volume.shape[0]} slices; pass BEGIN:END with 0 <= BEGIN < END <= {volume.shape[0]}")
+    return Box((begin, *volume.begin[1:]), (end, *volume.end[1:]))
 
 
 def _open_labels(url: str) -> Volume:
