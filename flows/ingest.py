@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from unet_volume.checkpoint import read_checkpoint_bytes
+from unet_volume.checkpoint import read_checkpoint
 from unet_volume.landing import Arrival, due, find_volumes
 from unet_volume_flows.common import STORAGE_RETRIES, scheduler_address
 from unet_volume_flows.predict import predict_flow
@@ -19,8 +18,7 @@ from unet_volume_flows.predict import predict_flow
 def scan(landing: str, outputs: str, model: str, reprocess: bool) -> list[Arrival]:
     """The volumes in ``landing`` with no complete prediction in ``outputs`` (or, with ``reprocess``,
     one made by another model)."""
-    sha256 = hashlib.sha256(read_checkpoint_bytes(model)).hexdigest()
-    return due(find_volumes(landing), outputs, sha256, reprocess=reprocess)
+    return due(find_volumes(landing), outputs, read_checkpoint(model).sha256, reprocess=reprocess)
 
 
 @flow(name="ingest")

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
-import fsspec
 import numpy as np
 import xarray as xr
 import zarr
@@ -31,7 +30,7 @@ from zarr.codecs import BloscCodec
 
 from unet_volume.errors import InputError, OutputExistsError
 from unet_volume.geometry import Box, Shape
-from unet_volume.storage import Volume, exists
+from unet_volume.storage import Volume, exists, remove_output
 
 OutputDtype = Literal["float32", "float16", "uint8", "float64"]
 OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
@@ -95,13 +94,6 @@ def prepare_output(url: str, *, overwrite: bool) -> None:
     """Make room for a new output: refuse an existing one unless ``overwrite``, then remove it."""
     check_output(url, overwrite=overwrite)
     remove_output(url)
-
-
-def remove_output(url: str) -> None:
-    """Delete whatever is stored at ``url`` (nothing if it does not exist)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def create_prediction(

@@ -135,6 +135,13 @@ def absolute(url: str | Path) -> str:
     return url if "://" in url else str(Path(url).expanduser().absolute())
 
 
+def remove_output(url: str) -> None:
+    """Delete whatever is stored at ``url`` (nothing if it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def exists(url: str) -> bool:
     """Whether anything is stored at ``url`` (a path or an fsspec URL)."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -252,25 +259,23 @@ def convert_to_zarr(
     """
     volume = open_volume(source, voxel_size=voxel_size, units=units)
     out = str(out)
-    fs, path = fsspec.core.url_to_fs(out)
-    if fs.exists(path):
-        if not overwrite:
-            raise InputError(f"output {out} already exists; pass overwrite=True (--overwrite) or another path")
-        fs.rm(path, recursive=True)
+    if exists(out) and not overwrite:
+        raise InputError(f"output {out} already exists; pass overwrite=True (--overwrite) or another path")
+    remove_output(out)
     lead = (volume.channels,) if volume.channels > 1 else ()
     names = ("c", "z", "y", "x")[-len(lead) - 3:]
     chunk_shape = lead + tuple(min(c, n) for c, n in zip(chunks, volume.shape))
+    depth, step = volume.shape[0], chunk_shape[len(lead)]
     attrs = {"voxel_size": list(volume.voxel_size), "units": volume.units} if volume.voxel_size else {}
     try:
         target = zarr.create_array(out, shape=lead + volume.shape, chunks=chunk_shape, dtype=volume.dtype,
                                    dimension_names=names, attributes={**attrs, "source": volume.url},
                                    compressors=BloscCodec(cname="zstd", clevel=3))
         with opened_array(volume.url, volume.kind) as array:
-            for z in range(0, volume.shape[0], chunk_shape[len(lead)]):
-                slab = (..., slice(z, min(z + chunk_shape[len(lead)], volume.shape[0])), slice(None), slice(None))
+            for z in range(0, depth, step):
+                slab = (..., slice(z, min(z + step, depth)), slice(None), slice(None))
                 target[slab] = array[slab]
     except BaseException:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        remove_output(out)  # no partial copy left behind
         raise
     return open_volume(out)
