@@ -52,7 +52,9 @@ def read_outs(model: Path, out: Path) -> dict[str, object]:
         for tta in (False, True):
             suffix = "_tta" if tta else ""
             path = out / f"prediction{suffix}.zarr"
-            predict_volume(model, IMAGE, path, output_dtype="float32", overwrite=True, tta=tta, client=client)
+            predict_volume(
+                model, IMAGE, path, output_dtype="float32", overwrite=True, tta=tta, client=client
+            )
             interior = open_prediction(str(path)).probabilities[1].values
             tuned = min(THRESHOLDS, key=lambda t: scores(interior, TRAIN, t)["rand_error"])
             results[f"validation_argmax{suffix}"] = scores(interior, VALIDATION, 0.5)
@@ -62,22 +64,35 @@ def read_outs(model: Path, out: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=25.0, help="training budget (default 25)")
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--augment", choices=("none", "plain", "paper"), default="plain")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    parser.add_argument("--tile-output", type=int, default=132, help="y/x output of a training tile")
+    parser.add_argument(
+        "--tile-output", type=int, default=132, help="y/x output of a training tile"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--weight-map", action="store_true",
-                        help="weigh the loss with the paper's weight map (w0 10, sigma 5) instead of class balance")
+    parser.add_argument(
+        "--weight-map",
+        action="store_true",
+        help="weigh the loss with the paper's weight map (w0 10, sigma 5) instead of class balance",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/isbi-quality"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
-        base_channels=args.base_channels, augment=args.augment, optimizer=args.optimizer,
-        tile_output=(1, args.tile_output, args.tile_output), batch_size=args.batch_size,
-        minutes=args.minutes, z_range=TRAIN, validation_z_range=VALIDATION, validate_every=250,
+        base_channels=args.base_channels,
+        augment=args.augment,
+        optimizer=args.optimizer,
+        tile_output=(1, args.tile_output, args.tile_output),
+        batch_size=args.batch_size,
+        minutes=args.minutes,
+        z_range=TRAIN,
+        validation_z_range=VALIDATION,
+        validate_every=250,
         checkpoint_every=500,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,25 +101,42 @@ def main() -> None:
         weights = str(args.out / "weights.zarr")
         with open_client(n_workers=2, dashboard=False) as client:
             # class frequencies from the training slices only: the validation slices stay unseen
-            compute_weight_volume(LABELS, weights, WeightMapConfig(), chunk_shape=(1, 512, 512), client=client,
-                                  overwrite=True, balance_z_range=TRAIN)
+            compute_weight_volume(
+                LABELS,
+                weights,
+                WeightMapConfig(),
+                chunk_shape=(1, 512, 512),
+                client=client,
+                overwrite=True,
+                balance_z_range=TRAIN,
+            )
     start = time.perf_counter()
     report = train(IMAGE, LABELS, args.out / "model.pt", config, weights=weights)
     train_s = time.perf_counter() - start
     results = {
         "settings": {**config.to_dict(), "device": device, "weight_map": args.weight_map},
-        "training": {"seconds": round(train_s, 1), "steps": report.steps, "final_loss": report.final_loss},
+        "training": {
+            "seconds": round(train_s, 1),
+            "steps": report.steps,
+            "final_loss": report.final_loss,
+        },
         **read_outs(report.checkpoint, args.out),
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["settings"]))
-    print(f"training: {report.steps} steps in {train_s:.0f} s on {device} ({report.steps_per_second:.2f} steps/s), "
-          f"final loss {report.final_loss:.4f}")
+    print(
+        f"training: {report.steps} steps in {train_s:.0f} s on {device} ({report.steps_per_second:.2f} steps/s), "
+        f"final loss {report.final_loss:.4f}"
+    )
     for key, value in results.items():
         if key.startswith("validation"):
-            print(f"slices 20-24, {key:>28}: pixel error {value['pixel_error']:.4f}  "
-                  f"Rand error {value['rand_error']:.4f}")
-    print(f"(threshold tuned on training slices: {results['threshold']}, with tta: {results['threshold_tta']})")
+            print(
+                f"slices 20-24, {key:>28}: pixel error {value['pixel_error']:.4f}  "
+                f"Rand error {value['rand_error']:.4f}"
+            )
+    print(
+        f"(threshold tuned on training slices: {results['threshold']}, with tta: {results['threshold_tta']})"
+    )
     print("paper (ISBI test set):            pixel error 0.0611  Rand error 0.0382")
 
 

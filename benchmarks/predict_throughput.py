@@ -47,36 +47,48 @@ def bare_model(model: UNet, repeats: int) -> float:
         start = time.perf_counter()
         predictor(tile)
         times.append(time.perf_counter() - start)
-    print(f"(a) bare model: tile {geometry.input_shape} -> {geometry.output_shape}, 2 torch threads, "
-          f"{statistics.median(times):.3f} s median of {repeats} (min {min(times):.3f})")
+    print(
+        f"(a) bare model: tile {geometry.input_shape} -> {geometry.output_shape}, 2 torch threads, "
+        f"{statistics.median(times):.3f} s median of {repeats} (min {min(times):.3f})"
+    )
     return int(np.prod(BLOCK)) / statistics.median(times)
 
 
 def engine(model_path: Path, workdir: Path, repeats: int) -> float:
     """Output voxels per second of predict_volume over the whole volume, 2 workers x 1 thread."""
     source = workdir / "volume.zarr"
-    array = zarr.create_array(source, shape=VOLUME, chunks=(1, 256, 256), dtype="uint8", overwrite=True)
+    array = zarr.create_array(
+        source, shape=VOLUME, chunks=(1, 256, 256), dtype="uint8", overwrite=True
+    )
     rng = np.random.default_rng(0)
     for z in range(VOLUME[0]):
         array[z] = rng.integers(0, 256, VOLUME[1:], dtype=np.uint8)
     warm = workdir / "warm.zarr"
-    zarr.create_array(warm, shape=(1, 512, 512), chunks=(1, 512, 512), dtype="uint8", overwrite=True)[:] = 7
+    zarr.create_array(
+        warm, shape=(1, 512, 512), chunks=(1, 512, 512), dtype="uint8", overwrite=True
+    )[:] = 7
     times = []
     with open_client(n_workers=2, dashboard=False) as client:
         predict_volume(model_path, warm, workdir / "warm-out.zarr", client=client, overwrite=True)
         for _ in range(repeats):
-            report = predict_volume(model_path, source, workdir / "out.zarr", client=client, overwrite=True)
+            report = predict_volume(
+                model_path, source, workdir / "out.zarr", client=client, overwrite=True
+            )
             times.append(report.seconds)
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.task_seconds.items())
             print(f"    run: {report.seconds:.2f} s; summed over tasks: {stages}")
     voxels = int(np.prod(VOLUME))
-    print(f"(b) predict_volume: {VOLUME} uint8, blocks {BLOCK}, 2 workers x 1 thread, "
-          f"{statistics.median(times):.2f} s median of {repeats} (min {min(times):.2f})")
+    print(
+        f"(b) predict_volume: {VOLUME} uint8, blocks {BLOCK}, 2 workers x 1 thread, "
+        f"{statistics.median(times):.2f} s median of {repeats} (min {min(times):.2f})"
+    )
     return voxels / statistics.median(times)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()

@@ -57,33 +57,51 @@ def bare(labels: np.ndarray, chunk: int) -> None:
     start = time.perf_counter()
     weight_map(cube, CONFIG)
     seconds = time.perf_counter() - start
-    print(f"(a) weight_map on one {chunk}^3 array: {seconds:.2f} s, {cube.size / seconds / 1e6:.2f} Mvoxel/s, "
-          f"{len(np.unique(cube)) - 1} cells")
+    print(
+        f"(a) weight_map on one {chunk}^3 array: {seconds:.2f} s, {cube.size / seconds / 1e6:.2f} Mvoxel/s, "
+        f"{len(np.unique(cube)) - 1} cells"
+    )
     halo = halo_for(CONFIG)
-    write = Box.from_shape((chunk,) * 3, begin=halo)  # an interior block: its read box starts at the origin
+    write = Box.from_shape(
+        (chunk,) * 3, begin=halo
+    )  # an interior block: its read box starts at the origin
     read = write.grow(halo)
     start = time.perf_counter()
     weight_map(labels[read.to_slices()], CONFIG, write_box=Box.from_shape(write.shape, begin=halo))
     seconds = time.perf_counter() - start
-    print(f"(b) one block: write box {write} with halo {halo} (read {read.shape}): {seconds:.2f} s, "
-          f"{write.size / seconds / 1e6:.2f} Mvoxel/s of output")
+    print(
+        f"(b) one block: write box {write} with halo {halo} (read {read.shape}): {seconds:.2f} s, "
+        f"{write.size / seconds / 1e6:.2f} Mvoxel/s of output"
+    )
 
 
 def chunked(labels: np.ndarray, chunk: int, workdir: Path) -> None:
     """(c): compute_weight_volume over the whole volume on 2 worker processes."""
-    source = zarr.create_array(workdir / "labels.zarr", shape=labels.shape, chunks=(chunk,) * 3, dtype="uint32")
+    source = zarr.create_array(
+        workdir / "labels.zarr", shape=labels.shape, chunks=(chunk,) * 3, dtype="uint32"
+    )
     source[:] = labels
     with open_client(n_workers=2, dashboard=False) as client:
-        report = compute_weight_volume(str(workdir / "labels.zarr"), str(workdir / "weights.zarr"), CONFIG,
-                                       chunk_shape=(chunk,) * 3, client=client, overwrite=True)
-    print(f"(c) compute_weight_volume: {labels.shape} uint32, chunks {(chunk,) * 3}, {report.blocks} blocks, "
-          f"halo {report.halo}, 2 workers x 1 thread: {report.seconds:.1f} s, "
-          f"{report.voxels_per_second / 1e6:.2f} Mvoxel/s; weight tasks summed {report.task_seconds:.1f} s; "
-          f"class weights {tuple(round(w, 3) for w in report.class_weights)}")
+        report = compute_weight_volume(
+            str(workdir / "labels.zarr"),
+            str(workdir / "weights.zarr"),
+            CONFIG,
+            chunk_shape=(chunk,) * 3,
+            client=client,
+            overwrite=True,
+        )
+    print(
+        f"(c) compute_weight_volume: {labels.shape} uint32, chunks {(chunk,) * 3}, {report.blocks} blocks, "
+        f"halo {report.halo}, 2 workers x 1 thread: {report.seconds:.1f} s, "
+        f"{report.voxels_per_second / 1e6:.2f} Mvoxel/s; weight tasks summed {report.task_seconds:.1f} s; "
+        f"class weights {tuple(round(w, 3) for w in report.class_weights)}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--cells", type=int, default=10_000)
     parser.add_argument("--chunk", type=int, default=128)
@@ -93,8 +111,10 @@ def main() -> None:
     start = time.perf_counter()
     labels = voronoi_labels(args.side, args.cells, args.drop)
     cells = len(np.unique(labels)) - 1
-    print(f"labels: {labels.shape}, {cells} cells (drop {args.drop}), background {np.mean(labels == 0):.1%}, "
-          f"generated in {time.perf_counter() - start:.1f} s; config {CONFIG}")
+    print(
+        f"labels: {labels.shape}, {cells} cells (drop {args.drop}), background {np.mean(labels == 0):.1%}, "
+        f"generated in {time.perf_counter() - start:.1f} s; config {CONFIG}"
+    )
     bare(labels, args.chunk)
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         chunked(labels, args.chunk, Path(workdir))

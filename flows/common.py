@@ -21,7 +21,9 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
 
 
 STORAGE_RETRIES: dict[str, Any] = {
-    "retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": retry_if_transient,
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": retry_if_transient,
 }
 """Task options for stages that read storage: object stores drop connections under load."""
 

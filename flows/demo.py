@@ -26,30 +26,56 @@ def demo_flow(data: str, out: str, minutes: float = 3.0) -> dict[str, object]:
     """Convert the ISBI stack, train for ``minutes`` on slices 0-19, score 20-24, predict all 25."""
     root = Path(out)
     image, labels = str(root / "isbi-volume.zarr"), str(root / "isbi-labels.zarr")
-    for tiff, zarr_url in ((f"{data}/train-volume.tif", image), (f"{data}/train-labels.tif", labels)):
+    for tiff, zarr_url in (
+        (f"{data}/train-volume.tif", image),
+        (f"{data}/train-labels.tif", labels),
+    ):
         convert_to_zarr(tiff, zarr_url, voxel_size=(50, 4, 4), units="nm", overwrite=True)
-    figures = train_flow(image, labels, str(root / "model.pt"), minutes=minutes, z_range=TRAIN,
-                         validation_z_range=VALIDATION)
-    report = predict_flow(image, str(root / "model.pt"), str(root / "prediction.zarr"), overwrite=True,
-                          preview=str(root / "prediction.preview.png"))
+    figures = train_flow(
+        image,
+        labels,
+        str(root / "model.pt"),
+        minutes=minutes,
+        z_range=TRAIN,
+        validation_z_range=VALIDATION,
+    )
+    report = predict_flow(
+        image,
+        str(root / "model.pt"),
+        str(root / "prediction.zarr"),
+        overwrite=True,
+        preview=str(root / "prediction.preview.png"),
+    )
     return {"train": figures, "predict": report}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unet_volume_flows.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default="data/isbi2012", help="folder with train-volume.tif, train-labels.tif")
-    parser.add_argument("--out", default="runs/demo", help="where everything is written (default runs/demo)")
+    parser = argparse.ArgumentParser(
+        prog="python -m unet_volume_flows.demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--data", default="data/isbi2012", help="folder with train-volume.tif, train-labels.tif"
+    )
+    parser.add_argument(
+        "--out", default="runs/demo", help="where everything is written (default runs/demo)"
+    )
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget (default 3)")
     args = parser.parse_args(argv)
     result = demo_flow(args.data, args.out, args.minutes)
     train, predict = result["train"], result["predict"]
     assert isinstance(train, dict) and isinstance(predict, dict)
-    print(f"\nprediction: {predict['output_url']} ({predict['blocks']} blocks, {predict['seconds']:.1f} s)")
+    print(
+        f"\nprediction: {predict['output_url']} ({predict['blocks']} blocks, {predict['seconds']:.1f} s)"
+    )
     print(open_prediction(predict["output_url"]))
-    scores = {k.removeprefix("validation_"): v for k, v in train.items() if k.startswith("validation_")}
+    scores = {
+        k.removeprefix("validation_"): v for k, v in train.items() if k.startswith("validation_")
+    }
     print(f"\nvalidation metrics, slices {VALIDATION[0]}-{VALIDATION[1] - 1} (never trained on):")
     print(json.dumps(scores, indent=2))
-    print(f"\npreview PNGs: {predict['preview']}  {train['checkpoint']}.preview.png  {train['checkpoint']}.curve.png")
+    print(
+        f"\npreview PNGs: {predict['preview']}  {train['checkpoint']}.preview.png  {train['checkpoint']}.curve.png"
+    )
 
 
 if __name__ == "__main__":

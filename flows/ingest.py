@@ -23,8 +23,14 @@ def scan(landing: str, outputs: str, model: str, reprocess: bool) -> list[Arriva
 
 @flow(name="ingest")
 def ingest_flow(
-    landing: str, outputs: str, model: str, *, reprocess: bool = False, tta: bool = False,
-    scheduler: str | None = None, cluster: str | None = None,
+    landing: str,
+    outputs: str,
+    model: str,
+    *,
+    reprocess: bool = False,
+    tta: bool = False,
+    scheduler: str | None = None,
+    cluster: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every volume of ``landing`` (folder or fsspec URL) that has no prediction in ``outputs`` yet.
 
@@ -40,15 +46,32 @@ def ingest_flow(
         with scheduler_address(scheduler, cluster) as address:  # one cluster for all volumes
             for arrival in arrivals:
                 try:
-                    report = predict_flow(arrival.source, model, arrival.output, tta=tta, scheduler=address,
-                                          overwrite=arrival.reason != "new")
-                    done.append({"source": arrival.source, "output": arrival.output, "reason": arrival.reason,
-                                 "seconds": round(report["seconds"], 1)})
+                    report = predict_flow(
+                        arrival.source,
+                        model,
+                        arrival.output,
+                        tta=tta,
+                        scheduler=address,
+                        overwrite=arrival.reason != "new",
+                    )
+                    done.append(
+                        {
+                            "source": arrival.source,
+                            "output": arrival.output,
+                            "reason": arrival.reason,
+                            "seconds": round(report["seconds"], 1),
+                        }
+                    )
                 except Exception as error:  # reported below, after the other volumes had their turn
                     log.error("%s failed: %s", arrival.source, error)
                     failed.append(arrival.source)
-    create_table_artifact(done or [{"source": "(nothing new)"}], key="ingest-run",
-                          description=f"volumes predicted from {landing}")
+    create_table_artifact(
+        done or [{"source": "(nothing new)"}],
+        key="ingest-run",
+        description=f"volumes predicted from {landing}",
+    )
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(arrivals)} volume(s) failed: {', '.join(failed)}")
+        raise RuntimeError(
+            f"{len(failed)} of {len(arrivals)} volume(s) failed: {', '.join(failed)}"
+        )
     return done

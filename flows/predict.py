@@ -29,30 +29,51 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
 def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | None) -> RunReport:
     """Every block on the Dask cluster; a failed run leaves no output."""
     with connect(scheduler, cluster) as client:
-        get_run_logger().info("%d blocks on %s (dashboard %s)", prediction.num_blocks, client.scheduler.address,
-                              client.dashboard_link)
+        get_run_logger().info(
+            "%d blocks on %s (dashboard %s)",
+            prediction.num_blocks,
+            client.scheduler.address,
+            client.dashboard_link,
+        )
         return run_plan(prediction, client)
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
 def record(report: RunReport, parameters: dict[str, Any]) -> None:
     """Write who made the output and how next to the data."""
-    run = {"flow_run": str(runtime.flow_run.id), "flow_run_name": runtime.flow_run.name,
-           "deployment": runtime.deployment.name}
-    record_provenance(report.output_url, {**run, "parameters": parameters, "environment": environment()})
+    run = {
+        "flow_run": str(runtime.flow_run.id),
+        "flow_run_name": runtime.flow_run.name,
+        "deployment": runtime.deployment.name,
+    }
+    record_provenance(
+        report.output_url, {**run, "parameters": parameters, "environment": environment()}
+    )
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
 def publish(report: RunReport, image: str, preview: str) -> str:
     """A table of the run's figures and a preview image of a few slices, as Prefect artifacts."""
     png = write_preview(image, report.output_url, preview)
-    create_table_artifact([{
-        "output": report.output_url, "voxels": report.voxels, "blocks": report.blocks,
-        "seconds": round(report.seconds, 2), "Mvoxel/s": round(report.voxels_per_second / 1e6, 3),
-    }], key="prediction-run", description=f"prediction of {image}")
-    create_markdown_artifact(f"# Prediction of `{image}`\n\nOutput: `{report.output_url}`\n\n"
-                             "Preview (input, segmentation overlaid, probability): "
-                             f"[{png}]({png.resolve().as_uri()})\n", key="prediction-preview")
+    create_table_artifact(
+        [
+            {
+                "output": report.output_url,
+                "voxels": report.voxels,
+                "blocks": report.blocks,
+                "seconds": round(report.seconds, 2),
+                "Mvoxel/s": round(report.voxels_per_second / 1e6, 3),
+            }
+        ],
+        key="prediction-run",
+        description=f"prediction of {image}",
+    )
+    create_markdown_artifact(
+        f"# Prediction of `{image}`\n\nOutput: `{report.output_url}`\n\n"
+        "Preview (input, segmentation overlaid, probability): "
+        f"[{png}]({png.resolve().as_uri()})\n",
+        key="prediction-preview",
+    )
     return str(png)
 
 
@@ -64,10 +85,18 @@ def default_preview(out: str) -> str:
 
 @flow(name="predict")
 def predict_flow(
-    image: str, model: str, out: str, *, block_shape: Shape | None = None,
-    output_dtype: Literal["uint8", "float16", "float32"] = "uint8", tta: bool = False,
-    voxel_size: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None, overwrite: bool = False,
-    scheduler: str | None = None, cluster: str | None = None, preview: str | None = None,
+    image: str,
+    model: str,
+    out: str,
+    *,
+    block_shape: Shape | None = None,
+    output_dtype: Literal["uint8", "float16", "float32"] = "uint8",
+    tta: bool = False,
+    voxel_size: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None,
+    overwrite: bool = False,
+    scheduler: str | None = None,
+    cluster: str | None = None,
+    preview: str | None = None,
 ) -> dict[str, Any]:
     """Predict ``image`` (Zarr array or TIFF stack) with the checkpoint ``model`` into the Zarr group ``out``.
 
@@ -75,11 +104,26 @@ def predict_flow(
     ``cluster`` (``deploy/clusters``), or on a LocalCluster. ``preview`` is the PNG to write
     (default: beside the output). Returns the run report as a dict.
     """
-    options = PredictOptions(block_shape=block_shape, output_dtype=output_dtype, voxel_size=voxel_size,
-                             overwrite=overwrite, tta=tta)
+    options = PredictOptions(
+        block_shape=block_shape,
+        output_dtype=output_dtype,
+        voxel_size=voxel_size,
+        overwrite=overwrite,
+        tta=tta,
+    )
     planned = plan(image, model, out, options)
     report = predict(planned, scheduler, cluster)
-    record(report, {"image": image, "model": model, "out": out, "block_shape": planned.block_shape,
-                    "output_dtype": output_dtype, "tta": tta, "voxel_size": voxel_size})
+    record(
+        report,
+        {
+            "image": image,
+            "model": model,
+            "out": out,
+            "block_shape": planned.block_shape,
+            "output_dtype": output_dtype,
+            "tta": tta,
+            "voxel_size": voxel_size,
+        },
+    )
     png = publish(report, image, preview or default_preview(out))
     return {**report.to_dict(), "preview": png}

@@ -24,16 +24,32 @@ from unet_volume_flows.train import train_flow
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unet_volume_flows.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--landing", required=True, help="folder or fsspec URL where new volumes arrive")
+    parser = argparse.ArgumentParser(
+        prog="python -m unet_volume_flows.serve", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--landing", required=True, help="folder or fsspec URL where new volumes arrive"
+    )
     parser.add_argument("--outputs", required=True, help="folder or fsspec URL for the predictions")
     parser.add_argument("--model", required=True, help="the checkpoint that ingest predicts with")
-    parser.add_argument("--cron", default="*/10 * * * *", help="when ingest scans (default every 10 minutes)")
-    parser.add_argument("--cluster", help="cluster spec name (deploy/clusters) or path; default a LocalCluster")
+    parser.add_argument(
+        "--cron", default="*/10 * * * *", help="when ingest scans (default every 10 minutes)"
+    )
+    parser.add_argument(
+        "--cluster", help="cluster spec name (deploy/clusters) or path; default a LocalCluster"
+    )
     args = parser.parse_args(argv)
     serve(
-        ingest_flow.to_deployment(name="ingest", cron=args.cron, parameters={
-            "landing": args.landing, "outputs": args.outputs, "model": args.model, "cluster": args.cluster}),
+        ingest_flow.to_deployment(
+            name="ingest",
+            cron=args.cron,
+            parameters={
+                "landing": args.landing,
+                "outputs": args.outputs,
+                "model": args.model,
+                "cluster": args.cluster,
+            },
+        ),
         predict_flow.to_deployment(name="predict"),
         train_flow.to_deployment(name="train"),
     )

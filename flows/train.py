@@ -22,23 +22,44 @@ ZRange = tuple[NonNegativeInt, PositiveInt]
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
-def weigh(labels: str, out: str, z_range: tuple[int, int] | None, scheduler: str | None, cluster: str | None) -> str:
+def weigh(
+    labels: str,
+    out: str,
+    z_range: tuple[int, int] | None,
+    scheduler: str | None,
+    cluster: str | None,
+) -> str:
     """The paper's weight map (borders between touching cells weigh more), one Dask task per chunk;
     class frequencies from the training slices ``z_range`` only."""
     with connect(scheduler, cluster, dashboard=False) as client:
-        return compute_weight_volume(labels, out, WeightMapConfig(), chunk_shape=(1, 512, 512), client=client,
-                                     overwrite=True, balance_z_range=z_range).output_url
+        return compute_weight_volume(
+            labels,
+            out,
+            WeightMapConfig(),
+            chunk_shape=(1, 512, 512),
+            client=client,
+            overwrite=True,
+            balance_z_range=z_range,
+        ).output_url
 
 
 @task(cache_policy=NO_CACHE)
-def fit(image: str, labels: str, model: str, config: TrainConfig, weights: str | None) -> TrainReport:
+def fit(
+    image: str, labels: str, model: str, config: TrainConfig, weights: str | None
+) -> TrainReport:
     """Train on this machine (all its cores, or its GPU); checkpoint and learning curve beside ``model``."""
     return train(image, labels, model, config, weights=weights)
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
-def assess(image: str, labels: str, model: str, z_range: tuple[int, int], scheduler: str | None,
-           cluster: str | None) -> EvaluationReport:
+def assess(
+    image: str,
+    labels: str,
+    model: str,
+    z_range: tuple[int, int],
+    scheduler: str | None,
+    cluster: str | None,
+) -> EvaluationReport:
     """Predict the image with the new model and score the held-out slices (pixel, Rand, VOI, IoU)."""
     out = f"{model}.evaluation.zarr"
     prediction = plan_prediction(model, image, out, PredictOptions(overwrite=True))
@@ -50,15 +71,27 @@ def assess(image: str, labels: str, model: str, z_range: tuple[int, int], schedu
 @task(cache_policy=NO_CACHE)
 def register(report: TrainReport, scores: EvaluationReport | None, image: str) -> dict[str, Any]:
     """The checkpoint with its figures as Prefect artifacts: a metrics table, the curve and a preview."""
-    figures: dict[str, Any] = {"checkpoint": str(report.checkpoint), "steps": report.steps,
-                               "seconds": round(report.seconds, 1), "final_loss": round(report.final_loss, 4)}
+    figures: dict[str, Any] = {
+        "checkpoint": str(report.checkpoint),
+        "steps": report.steps,
+        "seconds": round(report.seconds, 1),
+        "final_loss": round(report.final_loss, 4),
+    }
     curve = Path(f"{report.checkpoint}.curve.png").resolve()
     lines = [f"# Model `{report.checkpoint}`", "", f"Learning curve: {curve.as_uri()}"]
     if scores is not None:
-        figures.update({f"validation_{k}": round(v, 4) for k, v in scores.to_dict()["volume"].items()})
-        png = write_preview(image, scores.prediction, f"{report.checkpoint}.preview.png",
-                            slices=[scores.z_range[0], scores.z_range[1] - 1])
-        lines.append(f"Validation preview (z {scores.z_range[0]}:{scores.z_range[1]}): {png.resolve().as_uri()}")
+        figures.update(
+            {f"validation_{k}": round(v, 4) for k, v in scores.to_dict()["volume"].items()}
+        )
+        png = write_preview(
+            image,
+            scores.prediction,
+            f"{report.checkpoint}.preview.png",
+            slices=[scores.z_range[0], scores.z_range[1] - 1],
+        )
+        lines.append(
+            f"Validation preview (z {scores.z_range[0]}:{scores.z_range[1]}): {png.resolve().as_uri()}"
+        )
     create_table_artifact([figures], key="model-metrics", description=f"model {report.checkpoint}")
     create_markdown_artifact("\n".join(lines) + "\n", key="model-card")
     return figures
@@ -66,11 +99,22 @@ def register(report: TrainReport, scores: EvaluationReport | None, image: str) -
 
 @flow(name="train")
 def train_flow(
-    image: str, labels: str, model: str, *, minutes: PositiveFloat | None = 5.0, steps: PositiveInt | None = None,
-    z_range: ZRange | None = None, validation_z_range: ZRange | None = None,
-    augment: Literal["none", "plain", "paper"] = "plain", weight_map: bool = False,
-    base_channels: PositiveInt = 16, depth: PositiveInt = 4, tile_output: PositiveInt = 132, seed: int = 0,
-    scheduler: str | None = None, cluster: str | None = None,
+    image: str,
+    labels: str,
+    model: str,
+    *,
+    minutes: PositiveFloat | None = 5.0,
+    steps: PositiveInt | None = None,
+    z_range: ZRange | None = None,
+    validation_z_range: ZRange | None = None,
+    augment: Literal["none", "plain", "paper"] = "plain",
+    weight_map: bool = False,
+    base_channels: PositiveInt = 16,
+    depth: PositiveInt = 4,
+    tile_output: PositiveInt = 132,
+    seed: int = 0,
+    scheduler: str | None = None,
+    cluster: str | None = None,
 ) -> dict[str, Any]:
     """Train a U-Net on ``image`` against ``labels`` (slices ``z_range``) and save it to ``model``.
 
@@ -78,10 +122,24 @@ def train_flow(
     the loss is weighted by the paper's weight map, else class-balanced. The net is 2D, ``depth``
     levels deep, trained on tiles of ``tile_output``² output voxels. Returns the figures.
     """
-    config = TrainConfig(base_channels=base_channels, depth=depth, tile_output=(1, tile_output, tile_output),
-                         minutes=minutes, steps=steps, z_range=z_range, validation_z_range=validation_z_range,
-                         augment=augment, seed=seed)
-    weights = weigh(labels, f"{model}.weights.zarr", z_range, scheduler, cluster) if weight_map else None
+    config = TrainConfig(
+        base_channels=base_channels,
+        depth=depth,
+        tile_output=(1, tile_output, tile_output),
+        minutes=minutes,
+        steps=steps,
+        z_range=z_range,
+        validation_z_range=validation_z_range,
+        augment=augment,
+        seed=seed,
+    )
+    weights = (
+        weigh(labels, f"{model}.weights.zarr", z_range, scheduler, cluster) if weight_map else None
+    )
     report = fit(image, labels, model, config, weights)
-    scores = assess(image, labels, model, validation_z_range, scheduler, cluster) if validation_z_range else None
+    scores = (
+        assess(image, labels, model, validation_z_range, scheduler, cluster)
+        if validation_z_range
+        else None
+    )
     return register(report, scores, image)

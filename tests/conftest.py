@@ -20,7 +20,10 @@ def client() -> Iterator[Client]:
     """Two single-threaded worker processes, so pickling and per-worker model loading really happen."""
     with dask.config.set(local_cluster_config()):
         cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
             host="127.0.0.1",
             # The scheduler's web server still starts without a dashboard: a free port, so a
             # Dask cluster or benchmark already on 8787 cannot break the suite.

@@ -44,7 +44,7 @@ def tiny_unet(seed: int = 0) -> UNet:
 
 def write_zarr(path: Path, data: np.ndarray) -> str:
     """A real Zarr v3 array on disk with odd chunks (tiles and blocks straddle them)."""
-    chunks = tuple(max(1, min(n, c)) for n, c in zip(data.shape, (2, 2, 17, 19)[-data.ndim:]))
+    chunks = tuple(max(1, min(n, c)) for n, c in zip(data.shape, (2, 2, 17, 19)[-data.ndim :]))
     array = zarr.create_array(path, shape=data.shape, dtype=data.dtype, chunks=chunks)
     if data.size:
         array[...] = data
@@ -55,14 +55,21 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """``python -m unet_volume ARGS`` in a fresh interpreter."""
     return subprocess.run(
         [sys.executable, "-m", "unet_volume", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
     )
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``root``: its bytes and modification time, to show nothing was touched."""
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_error_line(stderr: str, command: str) -> str:
@@ -98,7 +105,9 @@ def assert_help_explains(text: str, actions: list[argparse.Action]) -> None:
     for action in actions:
         name = ", ".join(action.option_strings) or action.metavar or action.dest
         assert action.help, f"{name} has no help"
-        assert re.search(rf"^ +{re.escape(name)}(\s|$)", text, re.MULTILINE), f"{name} missing from the help"
+        assert re.search(rf"^ +{re.escape(name)}(\s|$)", text, re.MULTILINE), (
+            f"{name} missing from the help"
+        )
         assert " ".join(action.help.split()[:4]) in flat, f"the help of {name} is not shown"
 
 
@@ -111,7 +120,9 @@ def assert_help_explains(text: str, actions: list[argparse.Action]) -> None:
         pytest.param("weights", id="weights"),
     ],
 )
-def test_cli_help_names_and_explains_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_help_names_and_explains_every_option(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == EXIT_OK
@@ -131,7 +142,9 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert sorted(commands.choices) == ["convert", "evaluate", "predict", "train", "weights"]
     # The commands, each with its one-line help; and the options (-h, -v) of the top level.
-    assert_help_explains(text, [*commands._choices_actions, *(a for a in parser._actions if a.option_strings)])
+    assert_help_explains(
+        text, [*commands._choices_actions, *(a for a in parser._actions if a.option_strings)]
+    )
 
 
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------
@@ -153,23 +166,45 @@ def bad_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ("args", "message"),
     [
         pytest.param(["missing.zarr"], "input missing.zarr does not exist", id="missing-input"),
-        pytest.param(["flat.zarr"], "has shape (24, 24); expected (z, y, x) or (c, z, y, x)", id="2d-input"),
-        pytest.param(["empty.zarr"], "input empty.zarr is empty (shape (0, 8, 8))", id="empty-input"),
+        pytest.param(
+            ["flat.zarr"], "has shape (24, 24); expected (z, y, x) or (c, z, y, x)", id="2d-input"
+        ),
+        pytest.param(
+            ["empty.zarr"], "input empty.zarr is empty (shape (0, 8, 8))", id="empty-input"
+        ),
         # Depth 2: the period is 2**2 = 4 on y and x, and 18 is not a multiple of 4.
-        pytest.param(["in.zarr", "--block-shape", "1,18,16"], "multiple of the network's period 4", id="block-shape"),
-        pytest.param(["in.zarr", "--model", "notes.txt"], "notes.txt is not a unet-volume checkpoint",
-                     id="text-checkpoint"),
-        pytest.param(["in.zarr", "--model", "image.tif"], "image.tif is not a unet-volume checkpoint",
-                     id="tiff-checkpoint"),
-        pytest.param(["in.zarr", "--workers", "0"], "--workers 0 must be at least 1", id="no-workers"),
+        pytest.param(
+            ["in.zarr", "--block-shape", "1,18,16"],
+            "multiple of the network's period 4",
+            id="block-shape",
+        ),
+        pytest.param(
+            ["in.zarr", "--model", "notes.txt"],
+            "notes.txt is not a unet-volume checkpoint",
+            id="text-checkpoint",
+        ),
+        pytest.param(
+            ["in.zarr", "--model", "image.tif"],
+            "image.tif is not a unet-volume checkpoint",
+            id="tiff-checkpoint",
+        ),
+        pytest.param(
+            ["in.zarr", "--workers", "0"], "--workers 0 must be at least 1", id="no-workers"
+        ),
     ],
 )
 def test_cli_predict_bad_input_exits_2_with_one_line_and_writes_nothing(
-    bad_inputs: Path, model_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    bad_inputs: Path,
+    model_path: Path,
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     before = snapshot(bad_inputs)
     # The last --model wins: the cases that name their own checkpoint replace the good one.
-    code = main(["predict", args[0], "out.zarr", "--model", str(model_path), "--no-progress", *args[1:]])
+    code = main(
+        ["predict", args[0], "out.zarr", "--model", str(model_path), "--no-progress", *args[1:]]
+    )
     captured = capsys.readouterr()
     assert code == EXIT_USAGE
     assert message in assert_one_error_line(captured.err, "predict")
@@ -201,7 +236,9 @@ def test_cli_predict_unparsable_block_shape_is_a_usage_error(
         main(["predict", "in.zarr", "out.zarr", "--model", str(model_path), "--block-shape", "abc"])
     assert exit_info.value.code == EXIT_USAGE
     last = capsys.readouterr().err.splitlines()[-1]
-    assert last.startswith("unet-volume predict: error: argument --block-shape: ") and "'abc'" in last
+    assert (
+        last.startswith("unet-volume predict: error: argument --block-shape: ") and "'abc'" in last
+    )
     assert not (bad_inputs / "out.zarr").exists()
 
 
@@ -209,11 +246,20 @@ def test_cli_predict_unparsable_block_shape_is_a_usage_error(
     ("args", "code", "stdout", "stderr"),
     [
         pytest.param(["--help"], EXIT_OK, r"usage: unet-volume .*", "", id="help"),
-        pytest.param(["predict", "missing.zarr", "out.zarr", "--model", "tiny.pt"], EXIT_USAGE, "",
-                     r"unet-volume predict: error: input missing.zarr does not exist; [^\n]*\n", id="library-error"),
-        pytest.param(["predict", "in.zarr", "out.zarr", "--model", "tiny.pt", "--block-shape", "abc"], EXIT_USAGE, "",
-                     r"usage: unet-volume predict .*\nunet-volume predict: error: argument --block-shape: [^\n]*'abc'\n",
-                     id="argparse-error"),
+        pytest.param(
+            ["predict", "missing.zarr", "out.zarr", "--model", "tiny.pt"],
+            EXIT_USAGE,
+            "",
+            r"unet-volume predict: error: input missing.zarr does not exist; [^\n]*\n",
+            id="library-error",
+        ),
+        pytest.param(
+            ["predict", "in.zarr", "out.zarr", "--model", "tiny.pt", "--block-shape", "abc"],
+            EXIT_USAGE,
+            "",
+            r"usage: unet-volume predict .*\nunet-volume predict: error: argument --block-shape: [^\n]*'abc'\n",
+            id="argparse-error",
+        ),
     ],
 )
 def test_cli_process_exit_code_and_output(
@@ -232,12 +278,28 @@ def test_cli_process_exit_code_and_output(
 
 
 def predict_args(volume_path: str, output: Path, model_path: Path, client: Client) -> list[str]:
-    return ["predict", volume_path, str(output), "--model", str(model_path), "--block-shape", "1,16,16",
-            "--scheduler", client.scheduler.address, "--no-progress", "--voxel-size", "50,4,4"]
+    return [
+        "predict",
+        volume_path,
+        str(output),
+        "--model",
+        str(model_path),
+        "--block-shape",
+        "1,16,16",
+        "--scheduler",
+        client.scheduler.address,
+        "--no-progress",
+        "--voxel-size",
+        "50,4,4",
+    ]
 
 
 def test_cli_predict_writes_an_xarray_dataset_and_says_how_to_open_it(
-    client: Client, tmp_path: Path, volume_path: str, model_path: Path, capsys: pytest.CaptureFixture[str]
+    client: Client,
+    tmp_path: Path,
+    volume_path: str,
+    model_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     output = tmp_path / "out.zarr"
     assert main(predict_args(volume_path, output, model_path, client)) == EXIT_OK
@@ -246,7 +308,11 @@ def test_cli_predict_writes_an_xarray_dataset_and_says_how_to_open_it(
     assert str(output) in said and "xr.open_zarr(" in said and "Dask dashboard: " in said
     assert "27 blocks" in said  # 3 x 3 x 3 blocks of 1 x 16 x 16 over 3 x 40 x 36
     ds = xr.open_zarr(output)  # plain xarray, no help from us
-    assert ds.probabilities.dims == ("class", "z", "y", "x") and ds.segmentation.dims == ("z", "y", "x")
+    assert ds.probabilities.dims == ("class", "z", "y", "x") and ds.segmentation.dims == (
+        "z",
+        "y",
+        "x",
+    )
     assert ds.probabilities.shape == (2, 3, 40, 36)
     assert ds.z.values.tolist() == [0.0, 50.0, 100.0]  # --voxel-size 50,4,4: z in steps of 50 nm
     assert ds.x.values[-1] == 35 * 4.0 and ds.z.attrs["units"] == "nm"
@@ -254,7 +320,11 @@ def test_cli_predict_writes_an_xarray_dataset_and_says_how_to_open_it(
 
 
 def test_cli_predict_again_needs_overwrite(
-    client: Client, tmp_path: Path, volume_path: str, model_path: Path, capsys: pytest.CaptureFixture[str]
+    client: Client,
+    tmp_path: Path,
+    volume_path: str,
+    model_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     output = tmp_path / "out.zarr"
     args = predict_args(volume_path, output, model_path, client)
@@ -267,7 +337,9 @@ def test_cli_predict_again_needs_overwrite(
     assert main([*args, "--overwrite"]) == EXIT_OK
     again = xr.open_zarr(output)
     assert again.attrs["unet_volume"]["complete"] is True
-    np.testing.assert_array_equal(again.segmentation.values, zarr.open_array(output / "segmentation")[...])
+    np.testing.assert_array_equal(
+        again.segmentation.values, zarr.open_array(output / "segmentation")[...]
+    )
 
 
 def test_cli_predict_output_is_byte_identical_to_the_library(
@@ -275,10 +347,19 @@ def test_cli_predict_output_is_byte_identical_to_the_library(
 ) -> None:
     cli_output, library_output = tmp_path / "cli.zarr", tmp_path / "library.zarr"
     assert main(predict_args(volume_path, cli_output, model_path, client)) == EXIT_OK
-    predict_volume(model_path, volume_path, library_output, block_shape=(1, 16, 16), client=client,
-                   voxel_size=(50, 4, 4))
+    predict_volume(
+        model_path,
+        volume_path,
+        library_output,
+        block_shape=(1, 16, 16),
+        client=client,
+        voxel_size=(50, 4, 4),
+    )
     for name in ("probabilities", "segmentation", "class", "z", "y", "x"):
-        cli_array, library_array = zarr.open_array(cli_output / name), zarr.open_array(library_output / name)
+        cli_array, library_array = (
+            zarr.open_array(cli_output / name),
+            zarr.open_array(library_output / name),
+        )
         assert cli_array.dtype == library_array.dtype and cli_array.chunks == library_array.chunks
         np.testing.assert_array_equal(cli_array[...], library_array[...])
 
@@ -287,10 +368,22 @@ def test_cli_predict_on_a_cluster_spec_starts_and_closes_that_cluster(
     tmp_path: Path, volume_path: str, model_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = tmp_path / "one.yaml"
-    spec.write_text("kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\ndashboard_address: null\n")
+    spec.write_text(
+        "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\ndashboard_address: null\n"
+    )
     output = tmp_path / "out.zarr"
-    args = ["predict", volume_path, str(output), "--model", str(model_path), "--block-shape", "1,16,16",
-            "--cluster", str(spec), "--no-progress"]
+    args = [
+        "predict",
+        volume_path,
+        str(output),
+        "--model",
+        str(model_path),
+        "--block-shape",
+        "1,16,16",
+        "--cluster",
+        str(spec),
+        "--no-progress",
+    ]
     assert main(args) == EXIT_OK
     assert xr.open_zarr(output).attrs["unet_volume"]["report"]["blocks"] == 27
 
@@ -299,8 +392,19 @@ def test_cli_predict_takes_a_scheduler_or_a_cluster_spec_not_both(
     volume_path: str, model_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["predict", volume_path, "out.zarr", "--model", str(model_path), "--scheduler", "tcp://h:8786",
-              "--cluster", "local"])
+        main(
+            [
+                "predict",
+                volume_path,
+                "out.zarr",
+                "--model",
+                str(model_path),
+                "--scheduler",
+                "tcp://h:8786",
+                "--cluster",
+                "local",
+            ]
+        )
     assert exit_info.value.code == EXIT_USAGE
     assert "not allowed with argument" in capsys.readouterr().err
 
@@ -320,20 +424,37 @@ def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def write_training_pair(root: Path, labels_shape: tuple[int, int, int]) -> tuple[str, str]:
     image = blob_volume((2, 32, 32))
-    labels = (255 * (blob_volume(labels_shape) > 150)).astype(np.uint8)  # the blobs, as a 0/255 mask
+    labels = (255 * (blob_volume(labels_shape) > 150)).astype(
+        np.uint8
+    )  # the blobs, as a 0/255 mask
     return write_zarr(root / "image.zarr", image), write_zarr(root / "labels.zarr", labels)
 
 
-TRAIN_TINY = ["--steps", "3", "--depth", "2", "--base-channels", "4", "--tile-output", "1,20,20",
-              "--batch-size", "2", "--no-progress"]
+TRAIN_TINY = [
+    "--steps",
+    "3",
+    "--depth",
+    "2",
+    "--base-channels",
+    "4",
+    "--tile-output",
+    "1,20,20",
+    "--batch-size",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_cli_train_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_writes_a_loadable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     image, labels = write_training_pair(tmp_path, (2, 32, 32))
     out = tmp_path / "model.pt"
     assert main(["train", image, labels, "--out", str(out), *TRAIN_TINY]) == EXIT_OK
-    assert f"model saved to {out}" in capsys.readouterr().out  # the result goes to stdout, progress to stderr
+    assert (
+        f"model saved to {out}" in capsys.readouterr().out
+    )  # the result goes to stdout, progress to stderr
     model = load_model(out)
     assert (model.config.depth, model.config.base_channels, model.config.ndim) == (2, 4, 2)
 
@@ -350,8 +471,9 @@ def test_cli_train_mismatched_labels_exit_2_without_a_checkpoint(
     assert snapshot(tmp_path) == before  # no checkpoint, no temporary file
 
 
-def test_cli_evaluate_prints_the_metrics_table_and_writes_json(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_evaluate_prints_the_metrics_table_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     import tifffile
@@ -359,8 +481,15 @@ def test_cli_evaluate_prints_the_metrics_table_and_writes_json(tmp_path: Path,
     labels = np.zeros((2, 16, 16), dtype=np.uint8)
     labels[:, 2:7, 2:7] = labels[:, 9:14, 9:14] = 255  # two cells per slice
     tifffile.imwrite(tmp_path / "labels.tif", labels)
-    code = main(["evaluate", str(tmp_path / "labels.tif"), str(tmp_path / "labels.tif"),
-                 "--json", str(tmp_path / "scores.json")])
+    code = main(
+        [
+            "evaluate",
+            str(tmp_path / "labels.tif"),
+            str(tmp_path / "labels.tif"),
+            "--json",
+            str(tmp_path / "scores.json"),
+        ]
+    )
     assert code == EXIT_OK
     assert "pixel_error" in capsys.readouterr().out  # the table
     scores = json.loads((tmp_path / "scores.json").read_text())
@@ -368,14 +497,29 @@ def test_cli_evaluate_prints_the_metrics_table_and_writes_json(tmp_path: Path,
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_cli_weights_then_train_with_them(client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_weights_then_train_with_them(
+    client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The paper's recipe end to end: weight map of the labels, then a run weighted by it.
     image, labels = write_training_pair(tmp_path, (2, 32, 32))
     weights = str(tmp_path / "weights.zarr")
-    code = main(["weights", labels, weights, "--scheduler", client.scheduler.address, "--chunk-shape", "1,32,32"])
+    code = main(
+        [
+            "weights",
+            labels,
+            weights,
+            "--scheduler",
+            client.scheduler.address,
+            "--chunk-shape",
+            "1,32,32",
+        ]
+    )
     assert code == EXIT_OK and f"wrote {weights}" in capsys.readouterr().out
     stored = zarr.open_array(weights, mode="r")
     assert stored.shape == (2, 32, 32) and float(np.asarray(stored[:]).min()) > 0
     out = tmp_path / "model.pt"
-    assert main(["train", image, labels, "--out", str(out), "--weights", weights, *TRAIN_TINY]) == EXIT_OK
+    assert (
+        main(["train", image, labels, "--out", str(out), "--weights", weights, *TRAIN_TINY])
+        == EXIT_OK
+    )
     assert load_model(out).config.depth == 2

@@ -36,7 +36,9 @@ from unet_volume.errors import InputError
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SPECS = sorted((DEPLOY / "clusters").glob("*.yaml"))
-CRDS = Path(dask_kubernetes.__file__).parent / "operator/deployment/helm/dask-kubernetes-operator/crds"
+CRDS = (
+    Path(dask_kubernetes.__file__).parent / "operator/deployment/helm/dask-kubernetes-operator/crds"
+)
 MANIFESTS = [
     pytest.param("daskcluster.yaml", "daskcluster.yaml", id="daskcluster"),
     pytest.param("gpu-workergroup.yaml", "daskworkergroup.yaml", id="gpu-workergroup"),
@@ -60,8 +62,11 @@ def closed(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     result = {key: closed(value) for key, value in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         result["additionalProperties"] = False
     return result
 
@@ -72,9 +77,11 @@ def crd_validator(crd_file: str) -> jsonschema.Draft4Validator:
     [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = closed(version["schema"]["openAPIV3Schema"])
     # The API server checks these itself; the CRD schema only covers spec and status.
-    schema["properties"] |= {"apiVersion": {"enum": ["kubernetes.dask.org/v1"]},
-                             "kind": {"enum": [crd["spec"]["names"]["kind"]]},
-                             "metadata": {"type": "object"}}
+    schema["properties"] |= {
+        "apiVersion": {"enum": ["kubernetes.dask.org/v1"]},
+        "kind": {"enum": [crd["spec"]["names"]["kind"]]},
+        "metadata": {"type": "object"},
+    }
     return jsonschema.Draft4Validator(schema)
 
 
@@ -84,7 +91,7 @@ def worker_container(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def has_run(items: list[str], run: list[str]) -> bool:
-    return any(items[i:i + len(run)] == run for i in range(len(items)))
+    return any(items[i : i + len(run)] == run for i in range(len(items)))
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in SPECS])
@@ -117,8 +124,12 @@ def test_make_cluster_slurm_spec_renders_one_gpu_worker_per_job() -> None:
     spec = load_cluster_spec("slurm-gpu", directory=DEPLOY / "clusters")
     assert spec.scale == 4
     # No jobs (scale=None), and the scheduler only on loopback: no SLURM is needed.
-    local = dataclasses.replace(spec, scale=None, options=spec.options | {
-        "scheduler_options": {"host": "127.0.0.1", "dashboard_address": ":0"}})
+    local = dataclasses.replace(
+        spec,
+        scale=None,
+        options=spec.options
+        | {"scheduler_options": {"host": "127.0.0.1", "dashboard_address": ":0"}},
+    )
     with make_cluster(local) as cluster:
         assert isinstance(cluster, SLURMCluster)
         script = cluster.job_script()
@@ -139,14 +150,18 @@ def test_k8s_manifest_validates_against_the_operator_crd(manifest_file: str, crd
     assert has_run(container["args"], ["--nthreads", "1"])
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    # Quantities are strings in the CRD: an unquoted 1 is refused by the API server.
-    pytest.param({"nvidia.com/gpu": 1}, "is not of type 'string'", id="integer-quantity"),
-    # A misspelt field would be pruned silently by Kubernetes; the closed schema refuses it.
-    pytest.param({"limit": {}}, "Additional properties", id="unknown-field"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Quantities are strings in the CRD: an unquoted 1 is refused by the API server.
+        pytest.param({"nvidia.com/gpu": 1}, "is not of type 'string'", id="integer-quantity"),
+        # A misspelt field would be pruned silently by Kubernetes; the closed schema refuses it.
+        pytest.param({"limit": {}}, "Additional properties", id="unknown-field"),
+    ],
+)
 def test_k8s_manifest_validation_rejects_what_the_api_server_would_drop(
-        change: dict[str, Any], message: str) -> None:
+    change: dict[str, Any], message: str
+) -> None:
     manifest = read_yaml(DEPLOY / "k8s/daskcluster.yaml")
     resources = worker_container(manifest)["resources"]
     if "limit" in change:
@@ -166,38 +181,59 @@ def test_k8s_manifests_agree_on_cluster_name_image_and_scheduler_ports() -> None
     assert spec.options["name"] == group["spec"]["cluster"] == name
     assert cluster["spec"]["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == name
     [scheduler] = cluster["spec"]["scheduler"]["spec"]["containers"]
-    assert scheduler["image"] == worker_container(cluster)["image"] == worker_container(group)["image"]
-    ports = {port["name"]: port["port"] for port in cluster["spec"]["scheduler"]["service"]["ports"]}
+    assert (
+        scheduler["image"] == worker_container(cluster)["image"] == worker_container(group)["image"]
+    )
+    ports = {
+        port["name"]: port["port"] for port in cluster["spec"]["scheduler"]["service"]["ports"]
+    }
     assert ports == {"tcp-comm": 8786, "http-dashboard": 8787}
     assert "nvidia.com/gpu" not in scheduler["resources"].get("limits", {})
 
 
 def test_load_cluster_spec_resolves_manifest_paths_against_the_spec_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # far from deploy/: "../k8s/..." must not depend on the cwd
     spec = load_cluster_spec(DEPLOY / "clusters/k8s-gpu.yaml")
     assert spec.options["custom_cluster_spec"] == str(DEPLOY / "k8s/daskcluster.yaml")
 
 
 def test_load_cluster_spec_finds_bare_names_in_the_environment_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "mine.yaml").write_text("kind: slurm\nqueue: gpu-long\nscale: 2\n")
     monkeypatch.setenv(DIRECTORY_VARIABLE, str(tmp_path))
     assert load_cluster_spec("mine") == ClusterSpec(
-        "mine", "slurm", {"queue": "gpu-long"}, 2, tmp_path / "mine.yaml")
+        "mine", "slurm", {"queue": "gpu-long"}, 2, tmp_path / "mine.yaml"
+    )
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    pytest.param("kind: pbs\n", r"has kind 'pbs'; set 'kind:' to one of local, slurm, kubernetes",
-                 id="unknown-kind"),
-    pytest.param("cores: 4\n", r"has kind None; set 'kind:' to one of", id="missing-kind"),
-    pytest.param("- kind: local\n", r"must be a YAML mapping, got list .*; write keys such as 'kind: local'",
-                 id="not-a-mapping"),
-    pytest.param("kind: [local\n", r"is not valid YAML \(.*\); fix the file", id="yaml-error"),
-    pytest.param("kind: local\nscale: -1\n", r"has scale -1; set 'scale:' to a worker count",
-                 id="negative-scale"),
-])
-def test_load_cluster_spec_rejects_bad_files_naming_the_fix(tmp_path: Path, text: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "kind: pbs\n",
+            r"has kind 'pbs'; set 'kind:' to one of local, slurm, kubernetes",
+            id="unknown-kind",
+        ),
+        pytest.param("cores: 4\n", r"has kind None; set 'kind:' to one of", id="missing-kind"),
+        pytest.param(
+            "- kind: local\n",
+            r"must be a YAML mapping, got list .*; write keys such as 'kind: local'",
+            id="not-a-mapping",
+        ),
+        pytest.param("kind: [local\n", r"is not valid YAML \(.*\); fix the file", id="yaml-error"),
+        pytest.param(
+            "kind: local\nscale: -1\n",
+            r"has scale -1; set 'scale:' to a worker count",
+            id="negative-scale",
+        ),
+    ],
+)
+def test_load_cluster_spec_rejects_bad_files_naming_the_fix(
+    tmp_path: Path, text: str, message: str
+) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(InputError, match=message) as caught:
@@ -207,7 +243,9 @@ def test_load_cluster_spec_rejects_bad_files_naming_the_fix(tmp_path: Path, text
 
 def test_load_cluster_spec_unknown_name_lists_the_available_ones() -> None:
     # "slurm" is a kind, not a spec name: the message lists the names that exist.
-    with pytest.raises(InputError, match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, slurm-gpu"):
+    with pytest.raises(
+        InputError, match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, slurm-gpu"
+    ):
         load_cluster_spec("slurm", directory=DEPLOY / "clusters")
 
 
@@ -227,8 +265,11 @@ def test_dockerfile_copies_only_the_listed_sources_and_they_exist() -> None:
 
 def test_dockerfile_base_image_torch_satisfies_the_package_range() -> None:
     # pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime -> torch 2.5.1, so pip keeps the CUDA build.
-    [tag] = re.findall(r"^FROM pytorch/pytorch:(\S+)-runtime$", (DEPLOY / "docker/Dockerfile").read_text(),
-                       flags=re.MULTILINE)
+    [tag] = re.findall(
+        r"^FROM pytorch/pytorch:(\S+)-runtime$",
+        (DEPLOY / "docker/Dockerfile").read_text(),
+        flags=re.MULTILINE,
+    )
     version = tag.split("-")[0]
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     [torch] = [Requirement(d) for d in dependencies if Requirement(d).name == "torch"]

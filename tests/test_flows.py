@@ -58,8 +58,11 @@ def artifact(key: str) -> Any:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as api:
-        found = api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                   sort="CREATED_DESC", limit=1)
+        found = api.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort="CREATED_DESC",
+            limit=1,
+        )
     assert found, f"no artifact {key}"
     return found[0]
 
@@ -67,12 +70,19 @@ def artifact(key: str) -> Any:
 def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Path) -> None:
     image = write_zarr(tmp_path / "in.zarr", blob_volume((3, 40, 36)))
     model = tiny_model(tmp_path / "m.pt")
-    report = predict_flow(image, model, str(tmp_path / "flow.zarr"), block_shape=(1, 16, 16),
-                          scheduler=client.scheduler.address)
+    report = predict_flow(
+        image,
+        model,
+        str(tmp_path / "flow.zarr"),
+        block_shape=(1, 16, 16),
+        scheduler=client.scheduler.address,
+    )
     predict_volume(model, image, tmp_path / "library.zarr", block_shape=(1, 16, 16), client=client)
     for name in ("probabilities", "segmentation"):
-        np.testing.assert_array_equal(zarr.open_array(tmp_path / "flow.zarr" / name)[:],
-                                      zarr.open_array(tmp_path / "library.zarr" / name)[:])
+        np.testing.assert_array_equal(
+            zarr.open_array(tmp_path / "flow.zarr" / name)[:],
+            zarr.open_array(tmp_path / "library.zarr" / name)[:],
+        )
     assert report["blocks"] == 3 * 3 * 3 and report["voxels"] == 3 * 40 * 36
 
 
@@ -81,7 +91,9 @@ def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
     image = write_zarr(Path("in.zarr"), blob_volume((2, 32, 32)))
-    report = predict_flow(image, tiny_model(Path("m.pt")), "out.zarr", scheduler=client.scheduler.address)
+    report = predict_flow(
+        image, tiny_model(Path("m.pt")), "out.zarr", scheduler=client.scheduler.address
+    )
     provenance = run_info("out.zarr")["provenance"]  # type: ignore[index]
     assert provenance["parameters"]["image"] == image
     assert provenance["flow_run"] and provenance["environment"]["packages"]["torch"]
@@ -116,7 +128,9 @@ def test_ingest_flow_predicts_each_new_volume_once(client: Client, tmp_path: Pat
 
     first = ingest_flow(str(landing), str(outputs), model, **run)
     assert sorted((r["output"], r["reason"]) for r in first) == [
-        (str(outputs / "a.zarr"), "new"), (str(outputs / "b.zarr"), "new")]
+        (str(outputs / "a.zarr"), "new"),
+        (str(outputs / "b.zarr"), "new"),
+    ]
     assert ingest_flow(str(landing), str(outputs), model, **run) == []  # idempotent
 
     # A new model leaves finished predictions alone unless reprocessing is asked for.
@@ -140,14 +154,20 @@ class FlakyFileSystem(LocalFileSystem):
         return super().ls(path, detail=detail, **kwargs)
 
 
-def test_ingest_flow_retries_a_failed_read_of_the_landing_location(client: Client, tmp_path: Path) -> None:
+def test_ingest_flow_retries_a_failed_read_of_the_landing_location(
+    client: Client, tmp_path: Path
+) -> None:
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
     landing = tmp_path / "landing"
     landing.mkdir()
     write_zarr(landing / "a.zarr", blob_volume((1, 32, 32)))
     FlakyFileSystem.failures_left = 1
-    done = ingest_flow(f"flaky://{landing}", str(tmp_path / "out"), tiny_model(tmp_path / "m.pt"),
-                       scheduler=client.scheduler.address)
+    done = ingest_flow(
+        f"flaky://{landing}",
+        str(tmp_path / "out"),
+        tiny_model(tmp_path / "m.pt"),
+        scheduler=client.scheduler.address,
+    )
     assert FlakyFileSystem.failures_left == 0  # the first scan failed ...
     assert [r["reason"] for r in done] == ["new"]  # ... and the retry found the volume
 
@@ -159,11 +179,25 @@ def test_train_flow_trains_evaluates_and_registers_the_model(
     image = blob_volume((4, 48, 48))
     labels = (image > 140).astype(np.uint8)
     model = Path("model.pt")
-    figures = train_flow(write_zarr(Path("image.zarr"), image), write_zarr(Path("labels.zarr"), labels),
-                         str(model), minutes=None, steps=3, z_range=(0, 3), validation_z_range=(3, 4),
-                         weight_map=True, base_channels=8, depth=2, tile_output=16,
-                         scheduler=client.scheduler.address)
-    assert model.exists() and Path(f"{model}.curve.png").exists() and Path(f"{model}.preview.png").exists()
+    figures = train_flow(
+        write_zarr(Path("image.zarr"), image),
+        write_zarr(Path("labels.zarr"), labels),
+        str(model),
+        minutes=None,
+        steps=3,
+        z_range=(0, 3),
+        validation_z_range=(3, 4),
+        weight_map=True,
+        base_channels=8,
+        depth=2,
+        tile_output=16,
+        scheduler=client.scheduler.address,
+    )
+    assert (
+        model.exists()
+        and Path(f"{model}.curve.png").exists()
+        and Path(f"{model}.preview.png").exists()
+    )
     assert figures["steps"] == 3 and 0 <= figures["validation_pixel_error"] <= 1
     assert run_info(f"{model}.evaluation.zarr")["complete"]  # type: ignore[index]
     assert json.loads(artifact("model-metrics").data)[0]["checkpoint"] == str(model)
@@ -173,15 +207,26 @@ PREFECT_YAML = Path(__file__).parents[1] / "deploy" / "prefect.yaml"
 
 
 @pytest.mark.parametrize("name", ["ingest", "predict", "train"])
-def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # As a worker does after the pull step: entrypoints are relative to the checkout.
     monkeypatch.chdir(PREFECT_YAML.parents[1])
-    spec = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == name)
+    spec = next(
+        d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == name
+    )
     loaded = load_flow_from_entrypoint(spec["entrypoint"])
     assert loaded.name == name and spec["work_pool"]["name"] == "unet-volume"
-    required = {p for p, info in loaded.parameters.properties.items() if p in loaded.parameters.required}
-    parameters = {**dict.fromkeys(required, "x"), **spec["parameters"]}  # required values come per run
-    assert set(parameters) <= set(loaded.parameters.properties), "a parameter the flow does not take"
+    required = {
+        p for p, info in loaded.parameters.properties.items() if p in loaded.parameters.required
+    }
+    parameters = {
+        **dict.fromkeys(required, "x"),
+        **spec["parameters"],
+    }  # required values come per run
+    assert set(parameters) <= set(loaded.parameters.properties), (
+        "a parameter the flow does not take"
+    )
     loaded.validate_parameters(parameters)  # raises ParameterTypeError on a bad value
     for schedule in spec.get("schedules", []):
         assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
@@ -189,12 +234,19 @@ def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(name: str,
 
 def test_predict_flow_fails_bad_input_at_once_without_retrying(tmp_path: Path) -> None:
     # A missing input is not transient: retrying it would only delay the one-line error.
-    state = predict_flow(str(tmp_path / "missing.zarr"), tiny_model(tmp_path / "m.pt"), str(tmp_path / "out.zarr"),
-                         return_state=True)
+    state = predict_flow(
+        str(tmp_path / "missing.zarr"),
+        tiny_model(tmp_path / "m.pt"),
+        str(tmp_path / "out.zarr"),
+        return_state=True,
+    )
     assert state.is_failed()
     with get_client(sync_client=True) as api:
         runs = api.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
     plan_run = next(run for run in runs if run.task_key.startswith("plan"))
     assert plan_run.run_count == 1
     with pytest.raises(InputError, match="does not exist; pass a Zarr array or a TIFF stack"):

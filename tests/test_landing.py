@@ -29,8 +29,14 @@ def landing_with(tmp_path: Path, *names: str) -> Path:
 
 
 def prediction(url: str, source: str, sha256: str, *, complete: bool = True) -> None:
-    create_prediction(url, volume=open_volume(source), num_classes=2, block_shape=(1, 8, 8), output_dtype="uint8",
-                      attrs={"model": {"sha256": sha256}})
+    create_prediction(
+        url,
+        volume=open_volume(source),
+        num_classes=2,
+        block_shape=(1, 8, 8),
+        output_dtype="uint8",
+        attrs={"model": {"sha256": sha256}},
+    )
     if complete:
         finish_prediction(url, {})
 
@@ -63,14 +69,20 @@ def test_due_sorts_new_incomplete_finished_and_other_model_volumes(tmp_path: Pat
     landing = landing_with(tmp_path, "new.zarr", "half.zarr", "done.zarr", "old.zarr")
     out = tmp_path / "out"
     volumes = find_volumes(str(landing))
-    prediction(str(out / "half.zarr"), str(landing / "half.zarr"), "m1", complete=False)  # an interrupted run
+    prediction(
+        str(out / "half.zarr"), str(landing / "half.zarr"), "m1", complete=False
+    )  # an interrupted run
     prediction(str(out / "done.zarr"), str(landing / "done.zarr"), "m1")
     prediction(str(out / "old.zarr"), str(landing / "old.zarr"), "m0")
     assert due(volumes, str(out), "m1") == [
         Arrival(str(landing / "half.zarr"), str(out / "half.zarr"), "incomplete"),
         Arrival(str(landing / "new.zarr"), str(out / "new.zarr"), "new"),
     ]
-    assert [a.reason for a in due(volumes, str(out), "m1", reprocess=True)] == ["incomplete", "new", "model changed"]
+    assert [a.reason for a in due(volumes, str(out), "m1", reprocess=True)] == [
+        "incomplete",
+        "new",
+        "model changed",
+    ]
 
 
 def test_due_refuses_two_volumes_with_the_same_output(tmp_path: Path) -> None:
@@ -81,6 +93,8 @@ def test_due_refuses_two_volumes_with_the_same_output(tmp_path: Path) -> None:
 
 def test_due_refuses_to_overwrite_data_that_is_not_a_prediction(tmp_path: Path) -> None:
     landing = landing_with(tmp_path, "a.zarr")
-    zarr.create_array(tmp_path / "out" / "a.zarr", shape=(2,), dtype="uint8")  # someone else's array
+    zarr.create_array(
+        tmp_path / "out" / "a.zarr", shape=(2,), dtype="uint8"
+    )  # someone else's array
     with pytest.raises(InputError, match="is not a unet-volume prediction; move it away"):
         due(find_volumes(str(landing)), str(tmp_path / "out"), "m1")

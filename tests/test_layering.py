@@ -67,15 +67,23 @@ def test_layering_core_modules_import_without_torch(tmp_path: Path) -> None:
             if torch:
                 sys.exit(f"importing {{name}} imported {{torch[:3]}}")
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
 
 
 def test_layering_public_names_resolve() -> None:
     # `from unet_volume import ...` works for every public name; torch-backed ones load on first use.
-    assert {"UNet", "save_model", "load_model", "predict_volume", "open_prediction"} <= set(unet_volume.__all__)
+    assert {"UNet", "save_model", "load_model", "predict_volume", "open_prediction"} <= set(
+        unet_volume.__all__
+    )
     for name in unet_volume.__all__:
         assert getattr(unet_volume, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'predict_voluem'"):
@@ -89,9 +97,17 @@ def package_imports(module: str) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level > 0:  # `from .x import y`, `from . import x`
-            names = [f"unet_volume.{node.module}"] if node.module else [f"unet_volume.{a.name}" for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module == "unet_volume":  # `from unet_volume import x`
+        elif (
+            isinstance(node, ast.ImportFrom) and node.level > 0
+        ):  # `from .x import y`, `from . import x`
+            names = (
+                [f"unet_volume.{node.module}"]
+                if node.module
+                else [f"unet_volume.{a.name}" for a in node.names]
+            )
+        elif (
+            isinstance(node, ast.ImportFrom) and node.module == "unet_volume"
+        ):  # `from unet_volume import x`
             names = [f"unet_volume.{a.name}" for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             names = [node.module or ""]
@@ -113,12 +129,16 @@ def package_imports(module: str) -> set[str]:
 def test_layering_lower_layers_import_only_downwards(module: str) -> None:
     imported = package_imports(module)
     assert not imported & UPPER_LAYERS, f"{module} imports {sorted(imported & UPPER_LAYERS)}"
-    assert imported <= ALLOWED_IMPORTS[module], f"{module} imports {sorted(imported - ALLOWED_IMPORTS[module])}"
+    assert imported <= ALLOWED_IMPORTS[module], (
+        f"{module} imports {sorted(imported - ALLOWED_IMPORTS[module])}"
+    )
 
 
 def test_layering_import_scanner_finds_imports_inside_functions() -> None:
     # The scanner itself, on cli: it imports predict, train and cluster_spec lazily, inside functions.
-    assert {"cluster_spec", "predict", "train", "errors", "prediction_store"} <= package_imports("cli")
+    assert {"cluster_spec", "predict", "train", "errors", "prediction_store"} <= package_imports(
+        "cli"
+    )
 
 
 FLOWS_DIR = Path(__file__).parents[1] / "flows"
@@ -136,7 +156,9 @@ def import_roots(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in sorted(FLOWS_DIR.glob("*.py"))])
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, id=p.name) for p in sorted(FLOWS_DIR.glob("*.py"))]
+)
 def test_layering_flows_are_glue_over_prefect_and_the_library(path: Path) -> None:
     # Flows import Prefect (and its pydantic parameter types), the library and the stdlib: nothing
     # that computes, and no cluster settings (those are data in deploy/).
@@ -144,6 +166,8 @@ def test_layering_flows_are_glue_over_prefect_and_the_library(path: Path) -> Non
     assert not third_party, f"{path.name} imports {sorted(third_party)}"
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in sorted(PACKAGE_DIR.glob("*.py"))])
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, id=p.name) for p in sorted(PACKAGE_DIR.glob("*.py"))]
+)
 def test_layering_library_never_imports_prefect_or_the_flows(path: Path) -> None:
     assert not import_roots(path) & {"prefect", "unet_volume_flows"}, path.name

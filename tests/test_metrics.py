@@ -37,13 +37,16 @@ ISBI_LABELS = Path(__file__).parents[1] / "data" / "isbi2012" / "train-labels.ti
 def label_pairs(max_label: int = 5) -> st.SearchStrategy[tuple[np.ndarray, np.ndarray]]:
     """Two label images of one random (z, y, x) shape, ids 0..max_label: (segmentation, truth)."""
     shapes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9))
-    return shapes.flatmap(lambda shape: st.tuples(
-        arrays(np.int64, shape, elements=st.integers(0, max_label)),
-        arrays(np.int64, shape, elements=st.integers(0, max_label)),
-    ))
+    return shapes.flatmap(
+        lambda shape: st.tuples(
+            arrays(np.int64, shape, elements=st.integers(0, max_label)),
+            arrays(np.int64, shape, elements=st.integers(0, max_label)),
+        )
+    )
 
 
 # --- hand-made cases ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("seg", "gt", "expected"),
@@ -62,7 +65,9 @@ def label_pairs(max_label: int = 5) -> st.SearchStrategy[tuple[np.ndarray, np.nd
         pytest.param([1, 2, 3], [4, 5, 6], (0.0, 1.0, 1.0), id="no-pairs"),
     ],
 )
-def test_adapted_rand_error_hand_derived(seg: list[int], gt: list[int], expected: tuple[float, float, float]) -> None:
+def test_adapted_rand_error_hand_derived(
+    seg: list[int], gt: list[int], expected: tuple[float, float, float]
+) -> None:
     assert adapted_rand_error(np.array(seg), np.array(gt)) == expected
 
 
@@ -77,7 +82,9 @@ def test_adapted_rand_error_hand_derived(seg: list[int], gt: list[int], expected
         pytest.param([9, 9, 9, 9], [1, 2, 3, 4], (0.0, 2.0), id="four-merged"),
     ],
 )
-def test_variation_of_information_hand_derived(seg: list[int], gt: list[int], expected: tuple[float, float]) -> None:
+def test_variation_of_information_hand_derived(
+    seg: list[int], gt: list[int], expected: tuple[float, float]
+) -> None:
     assert variation_of_information(np.array(seg), np.array(gt)) == expected
 
 
@@ -105,22 +112,31 @@ def test_adapted_rand_error_background_conventions_on_a_thick_membrane() -> None
         pytest.param([1, 1], [0, 0], 1, 0.0, 0.0, id="disjoint"),
     ],
 )
-def test_iou_and_dice_hand_derived(pred: list[int], true: list[int], label: int, expected_iou: float,
-                                   expected_dice: float) -> None:
+def test_iou_and_dice_hand_derived(
+    pred: list[int], true: list[int], label: int, expected_iou: float, expected_dice: float
+) -> None:
     assert iou(np.array(pred), np.array(true), label) == expected_iou
     assert dice(np.array(pred), np.array(true), label) == expected_dice
 
 
 def test_pixel_error_counts_binary_disagreement_with_any_nonzero_as_foreground() -> None:
     # 0/255 truth against a 0/1 prediction: voxels 1 and 3 disagree, 2 of 8.
-    assert pixel_error(np.array([0, 1, 0, 1, 1, 0, 0, 0]), np.array([0, 0, 0, 255, 255, 255, 0, 0])) == 2 / 8
+    assert (
+        pixel_error(np.array([0, 1, 0, 1, 1, 0, 0, 0]), np.array([0, 0, 0, 255, 255, 255, 0, 0]))
+        == 2 / 8
+    )
 
 
 @pytest.mark.parametrize(
     ("mask", "kwargs", "expected"),
     [
         pytest.param([[1, 0], [0, 1]], {}, [[1, 0], [0, 2]], id="diagonal-apart-4-connected"),
-        pytest.param([[1, 0], [0, 1]], {"connectivity": 2}, [[1, 0], [0, 1]], id="diagonal-joined-8-connected"),
+        pytest.param(
+            [[1, 0], [0, 1]],
+            {"connectivity": 2},
+            [[1, 0], [0, 1]],
+            id="diagonal-joined-8-connected",
+        ),
         pytest.param([[255, 0, 255]], {}, [[1, 0, 2]], id="any-nonzero-is-foreground"),
         # The same blob in two slices: two instances per slice, ids unique across the volume ...
         pytest.param([[[1, 1]], [[1, 1]]], {}, [[[1, 1]], [[2, 2]]], id="per-slice-ids-unique"),
@@ -128,14 +144,16 @@ def test_pixel_error_counts_binary_disagreement_with_any_nonzero_as_foreground()
         pytest.param([[[1, 1]], [[1, 1]]], {"per_slice": False}, [[[1, 1]], [[1, 1]]], id="3d"),
     ],
 )
-def test_instances_from_binary_connected_components(mask: list[object], kwargs: dict[str, object],
-                                                    expected: list[object]) -> None:
+def test_instances_from_binary_connected_components(
+    mask: list[object], kwargs: dict[str, object], expected: list[object]
+) -> None:
     got = instances_from_binary(np.array(mask), **kwargs)  # type: ignore[arg-type]
     np.testing.assert_array_equal(got, np.array(expected))
     assert got.dtype == np.int64
 
 
 # --- agreement with scikit-image ---------------------------------------------------------------
+
 
 @given(label_pairs())
 def test_adapted_rand_error_equals_scikit_image(pair: tuple[np.ndarray, np.ndarray]) -> None:
@@ -146,11 +164,15 @@ def test_adapted_rand_error_equals_scikit_image(pair: tuple[np.ndarray, np.ndarr
     sk_error, sk_first, sk_second = skimage_rand(gt, seg)
     # scikit-image's code returns (error, pairs/true pairs, pairs/predicted pairs), the reverse of
     # its docstring (scikit-image issue #6485); we return precision = pairs / predicted pairs.
-    np.testing.assert_allclose([error, precision, recall], [sk_error, sk_second, sk_first], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        [error, precision, recall], [sk_error, sk_second, sk_first], rtol=0, atol=1e-12
+    )
 
 
 @given(label_pairs(), st.booleans())
-def test_variation_of_information_equals_scikit_image(pair: tuple[np.ndarray, np.ndarray], ignore: bool) -> None:
+def test_variation_of_information_equals_scikit_image(
+    pair: tuple[np.ndarray, np.ndarray], ignore: bool
+) -> None:
     seg, gt = pair
     assume(not ignore or np.any(gt != 0))  # scikit-image divides by the voxels counted
     got = variation_of_information(seg, gt, ignore_gt_zero=ignore)
@@ -167,16 +189,27 @@ def test_singletons_background_equals_scikit_image_on_relabelled_background(
     relabelled = seg.copy()
     background = seg == 0
     relabelled[background] = seg.max() + 1 + np.arange(np.count_nonzero(background))
-    assert adapted_rand_error(seg, gt, seg_background="singletons") == adapted_rand_error(relabelled, gt)
+    assert adapted_rand_error(seg, gt, seg_background="singletons") == adapted_rand_error(
+        relabelled, gt
+    )
     counts = PairCounts.of(relabelled, gt)
     assume(counts.true > 0 and counts.pred > 0)
-    np.testing.assert_allclose(adapted_rand_error(seg, gt, seg_background="singletons")[0],
-                               skimage_rand(gt, relabelled)[0], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(np.array(variation_of_information(seg, gt, seg_background="singletons")),
-                               skimage_voi(gt, relabelled, ignore_labels=(0,)), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        adapted_rand_error(seg, gt, seg_background="singletons")[0],
+        skimage_rand(gt, relabelled)[0],
+        rtol=0,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        np.array(variation_of_information(seg, gt, seg_background="singletons")),
+        skimage_voi(gt, relabelled, ignore_labels=(0,)),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 # --- evaluate: per slice and whole volume ------------------------------------------------------
+
 
 def test_evaluate_hand_derived_missed_membrane() -> None:
     # Truth: two cells of 4 x 2 voxels either side of a membrane column; the prediction misses the
@@ -188,17 +221,24 @@ def test_evaluate_hand_derived_missed_membrane() -> None:
     assert scores.pixel_error == 4 / 20  # the 4 membrane voxels
     # 16 truth-foreground voxels: pairs in truth 2 * (64 - 8) = 112, in the prediction 256 - 16 = 240,
     # in both 112: precision 112/240 = 7/15, recall 1, error 1 - 2*112/352 = 1 - 7/11.
-    assert (scores.rand_error, scores.rand_precision, scores.rand_recall) == (1 - 7 / 11, 7 / 15, 1.0)
+    assert (scores.rand_error, scores.rand_precision, scores.rand_recall) == (
+        1 - 7 / 11,
+        7 / 15,
+        1.0,
+    )
     # Each true cell is half of the predicted one: 1 bit of merge, no split.
     assert (scores.voi_split, scores.voi_merge) == (0.0, 1.0)
     assert (scores.iou, scores.dice) == (16 / 20, 32 / 36)
     assert report.slices[0].scores == scores  # one slice: the volume is that slice
 
 
-@pytest.mark.parametrize("per_slice", [pytest.param(True, id="2d-instances"), pytest.param(False, id="3d-instances")])
+@pytest.mark.parametrize(
+    "per_slice", [pytest.param(True, id="2d-instances"), pytest.param(False, id="3d-instances")]
+)
 @given(pair=label_pairs(max_label=1))
 def test_evaluate_volume_scores_come_from_the_same_counts_as_the_slices(
-    per_slice: bool, pair: tuple[np.ndarray, np.ndarray],
+    per_slice: bool,
+    pair: tuple[np.ndarray, np.ndarray],
 ) -> None:
     pred, true = pair
     report = evaluate(pred, true, per_slice=per_slice)
@@ -208,14 +248,21 @@ def test_evaluate_volume_scores_come_from_the_same_counts_as_the_slices(
     volume = report.volume
     # Integer counts summed over slices equal the whole volume's: bit-identical.
     assert (volume.rand_error, volume.rand_precision, volume.rand_recall) == rand
-    assert (volume.pixel_error, volume.iou, volume.dice) == (pixel_error(pred, true), iou(pred, true), dice(pred, true))
+    assert (volume.pixel_error, volume.iou, volume.dice) == (
+        pixel_error(pred, true),
+        iou(pred, true),
+        dice(pred, true),
+    )
     # The bits are float sums taken in another order: equal to rounding.
     voi = variation_of_information(seg, gt, seg_background="singletons")
     np.testing.assert_allclose([volume.voi_split, volume.voi_merge], voi, rtol=0, atol=1e-12)
     assert [row.z for row in report.slices] == list(range(pred.shape[0]))
     for row in report.slices:
         z = row.z
-        assert row.scores.rand_error == adapted_rand_error(seg[z], gt[z], seg_background="singletons")[0]
+        assert (
+            row.scores.rand_error
+            == adapted_rand_error(seg[z], gt[z], seg_background="singletons")[0]
+        )
         assert row.scores.pixel_error == pixel_error(pred[z], true[z])
 
 
@@ -223,8 +270,18 @@ def test_evaluate_isbi_labels_against_themselves_score_perfectly() -> None:
     report = evaluate(ISBI_LABELS, ISBI_LABELS)  # the TIFF stack as prediction and as labels
     assert len(report.slices) == 25
     for scores in [report.volume, *(row.scores for row in report.slices)]:
-        assert (scores.pixel_error, scores.rand_error, scores.voi_split, scores.voi_merge) == (0.0, 0.0, 0.0, 0.0)
-        assert (scores.rand_precision, scores.rand_recall, scores.iou, scores.dice) == (1.0, 1.0, 1.0, 1.0)
+        assert (scores.pixel_error, scores.rand_error, scores.voi_split, scores.voi_merge) == (
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+        )
+        assert (scores.rand_precision, scores.rand_recall, scores.iou, scores.dice) == (
+            1.0,
+            1.0,
+            1.0,
+            1.0,
+        )
 
 
 def test_evaluate_isbi_labels_shifted_by_three_pixels_score_plausibly() -> None:
@@ -258,8 +315,14 @@ def test_evaluate_reads_a_prediction_group_and_tiff_labels(tmp_path: Path) -> No
     tiff_path = str(tmp_path / "labels.tif")
     tifffile.imwrite(tiff_path, labels, photometric="minisblack")  # 3 pages, not RGB
     volume = open_volume(tiff_path)
-    store = create_prediction(str(tmp_path / "out.zarr"), volume=volume, num_classes=2, block_shape=(1, 20, 24),
-                              output_dtype="float32", attrs={})
+    store = create_prediction(
+        str(tmp_path / "out.zarr"),
+        volume=volume,
+        num_classes=2,
+        block_shape=(1, 20, 24),
+        output_dtype="float32",
+        attrs={},
+    )
     for z in range(3):  # one block per slice, as predict writes them
         one_hot = np.stack([1 - predicted[z : z + 1], predicted[z : z + 1]]).astype(np.float64)
         store.write(Box((z, 0, 0), (z + 1, 20, 24)), one_hot)
@@ -279,8 +342,17 @@ def test_evaluation_report_renders_as_json_and_a_table() -> None:
     assert data["volume"]["rand_error"] == 0.0 and [row["z"] for row in data["slices"]] == [0, 1]
     lines = report.to_table().splitlines()
     assert len(lines) == 1 + 1 + 2 + 1  # title, column names, two slices, volume
-    assert lines[1].split() == ["z", "pixel_error", "rand_error", "rand_precision", "rand_recall", "voi_split",
-                                "voi_merge", "iou", "dice"]
+    assert lines[1].split() == [
+        "z",
+        "pixel_error",
+        "rand_error",
+        "rand_precision",
+        "rand_recall",
+        "voi_split",
+        "voi_merge",
+        "iou",
+        "dice",
+    ]
     assert lines[-1].split()[0] == "volume"
 
 
@@ -292,19 +364,38 @@ BAD_BACKGROUND: Any = "zero"  # not a SegBackground: the type checker would refu
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        pytest.param(lambda: evaluate(np.zeros((2, 4, 4)), np.zeros((2, 4, 5))),
-                     r"prediction array has shape \(2, 4, 4\) but labels array have \(2, 4, 5\)",
-                     id="shape-mismatch"),
-        pytest.param(lambda: adapted_rand_error(np.zeros(3), np.zeros(4)), r"\(3,\) but truth has \(4,\)",
-                     id="shape-mismatch-arrays"),
-        pytest.param(lambda: evaluate(np.zeros((2, 4, 4)), "/nonexistent/labels.tif"),
-                     "labels /nonexistent/labels.tif does not exist", id="missing-labels"),
-        pytest.param(lambda: evaluate(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), z_range=(1, 3)),
-                     "z range 1:3 .* 2 slices", id="z-range-outside"),
-        pytest.param(lambda: evaluate(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), seg_background=BAD_BACKGROUND),
-                     "seg_background 'zero'", id="unknown-background"),
-        pytest.param(lambda: instances_from_binary(np.zeros((3, 3)), connectivity=3), "connectivity 3",
-                     id="connectivity-beyond-2d"),
+        pytest.param(
+            lambda: evaluate(np.zeros((2, 4, 4)), np.zeros((2, 4, 5))),
+            r"prediction array has shape \(2, 4, 4\) but labels array have \(2, 4, 5\)",
+            id="shape-mismatch",
+        ),
+        pytest.param(
+            lambda: adapted_rand_error(np.zeros(3), np.zeros(4)),
+            r"\(3,\) but truth has \(4,\)",
+            id="shape-mismatch-arrays",
+        ),
+        pytest.param(
+            lambda: evaluate(np.zeros((2, 4, 4)), "/nonexistent/labels.tif"),
+            "labels /nonexistent/labels.tif does not exist",
+            id="missing-labels",
+        ),
+        pytest.param(
+            lambda: evaluate(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), z_range=(1, 3)),
+            "z range 1:3 .* 2 slices",
+            id="z-range-outside",
+        ),
+        pytest.param(
+            lambda: evaluate(
+                np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), seg_background=BAD_BACKGROUND
+            ),
+            "seg_background 'zero'",
+            id="unknown-background",
+        ),
+        pytest.param(
+            lambda: instances_from_binary(np.zeros((3, 3)), connectivity=3),
+            "connectivity 3",
+            id="connectivity-beyond-2d",
+        ),
     ],
 )
 def test_metrics_bad_input_is_one_line_input_error(call: Callable[[], object], match: str) -> None:

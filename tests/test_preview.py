@@ -29,8 +29,14 @@ def _predicted(tmp_path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> tup
     zarr.create_array(image_url, shape=data.shape, dtype=data.dtype, chunks=chunks)[:] = data
     volume = open_volume(image_url)
     prediction_url = str(tmp_path / "prediction.zarr")
-    store = create_prediction(prediction_url, volume=volume, num_classes=2, block_shape=chunks[-3:],
-                              output_dtype="uint8", attrs={})
+    store = create_prediction(
+        prediction_url,
+        volume=volume,
+        num_classes=2,
+        block_shape=chunks[-3:],
+        output_dtype="uint8",
+        attrs={},
+    )
     foreground = (data if data.ndim == 3 else data[0]) / 255.0
     store.write(volume.box, np.stack([1.0 - foreground, foreground]))
     finish_prediction(prediction_url, {})
@@ -73,7 +79,9 @@ def test_preview_reads_only_the_chosen_slices_subsampled_to_max_side(tmp_path: P
 
 
 def test_preview_shows_channel_0_of_a_multichannel_input(tmp_path: Path) -> None:
-    image_url, prediction_url = _predicted(tmp_path, blob_volume((3, 20, 20), channels=2), chunks=(1, 1, 20, 20))
+    image_url, prediction_url = _predicted(
+        tmp_path, blob_volume((3, 20, 20), channels=2), chunks=(1, 1, 20, 20)
+    )
     _corrupt(image_url, lambda index: index[0] == 0)  # channel 1 is unreadable: it must not be read
     out = write_preview(image_url, prediction_url, tmp_path / "preview.png")
     assert out.read_bytes()[:8] == PNG_SIGNATURE
@@ -82,14 +90,25 @@ def test_preview_shows_channel_0_of_a_multichannel_input(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        pytest.param({"slices": [7]}, r"slices \[7\] are not in the volume \(depth 7\); pass z indices from 0 to 6",
-                     id="slice-past-the-end"),
-        pytest.param({"slices": [0, -1]}, r"slices \[-1\] are not in the volume", id="negative-slice"),
+        pytest.param(
+            {"slices": [7]},
+            r"slices \[7\] are not in the volume \(depth 7\); pass z indices from 0 to 6",
+            id="slice-past-the-end",
+        ),
+        pytest.param(
+            {"slices": [0, -1]}, r"slices \[-1\] are not in the volume", id="negative-slice"
+        ),
         pytest.param({"slices": []}, r"slices \[\] are not in the volume", id="no-slices"),
-        pytest.param({"prediction": "missing.zarr"}, r"missing.zarr does not exist; run `unet-volume predict`",
-                     id="missing-prediction"),
-        pytest.param({"image": "missing.zarr"}, r"missing.zarr does not exist; pass a Zarr array",
-                     id="missing-input"),
+        pytest.param(
+            {"prediction": "missing.zarr"},
+            r"missing.zarr does not exist; run `unet-volume predict`",
+            id="missing-prediction",
+        ),
+        pytest.param(
+            {"image": "missing.zarr"},
+            r"missing.zarr does not exist; pass a Zarr array",
+            id="missing-input",
+        ),
         pytest.param({"max_side": 0}, r"max_side 0 must be at least 1", id="max-side-zero"),
     ],
 )
@@ -98,7 +117,9 @@ def test_preview_bad_input_is_one_clear_line_and_leaves_no_file(
 ) -> None:
     image_url, prediction_url = _predicted(tmp_path, blob_volume((7, 16, 16)), chunks=(7, 16, 16))
     image = str(tmp_path / str(case.pop("image"))) if "image" in case else image_url
-    prediction = str(tmp_path / str(case.pop("prediction"))) if "prediction" in case else prediction_url
+    prediction = (
+        str(tmp_path / str(case.pop("prediction"))) if "prediction" in case else prediction_url
+    )
     out = tmp_path / "previews" / "preview.png"
     with pytest.raises(InputError, match=message) as error:
         write_preview(image, prediction, out, **case)  # type: ignore[arg-type]
@@ -126,7 +147,9 @@ def test_preview_refuses_a_prediction_of_another_input(tmp_path: Path) -> None:
         pytest.param(9, 1, [4], id="one-slice-is-the-middle"),
     ],
 )
-def test_choose_slices_spreads_evenly_without_duplicates(depth: int, count: int, expected: list[int]) -> None:
+def test_choose_slices_spreads_evenly_without_duplicates(
+    depth: int, count: int, expected: list[int]
+) -> None:
     assert choose_slices(depth, count) == expected
 
 

@@ -37,7 +37,9 @@ def free_port() -> int:
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     # A session of its own, so the whole process group (server workers, flow runs) can be stopped.
     with log.open("wb") as out:  # the child keeps its own copy of the file descriptor
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -53,10 +55,28 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A Prefect server on a free loopback port with a throw-away home; the environment to reach it."""
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                   env, tmp_path / "server.log")
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    server = start(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env,
+        tmp_path / "server.log",
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 120
@@ -75,20 +95,43 @@ def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
         stop(server)
 
 
-def test_serve_runs_ingest_on_its_cron_schedule(prefect_server: dict[str, str], tmp_path: Path) -> None:
+def test_serve_runs_ingest_on_its_cron_schedule(
+    prefect_server: dict[str, str], tmp_path: Path
+) -> None:
     landing, outputs = tmp_path / "landing", tmp_path / "predictions"
     landing.mkdir()
-    array = zarr.create_array(landing / "a.zarr", shape=(1, 32, 32), dtype="uint8", chunks=(1, 16, 16))
+    array = zarr.create_array(
+        landing / "a.zarr", shape=(1, 32, 32), dtype="uint8", chunks=(1, 16, 16)
+    )
     array[:] = blob_volume((1, 32, 32))
     torch.manual_seed(0)
     model = save_model(UNet(in_channels=1, base_channels=8, depth=2, ndim=2), tmp_path / "m.pt")
-    serve = start([sys.executable, "-m", "unet_volume_flows.serve", "--landing", str(landing), "--outputs",
-                   str(outputs), "--model", str(model), "--cron", "* * * * *"], prefect_server, tmp_path / "serve.log")
+    serve = start(
+        [
+            sys.executable,
+            "-m",
+            "unet_volume_flows.serve",
+            "--landing",
+            str(landing),
+            "--outputs",
+            str(outputs),
+            "--model",
+            str(model),
+            "--cron",
+            "* * * * *",
+        ],
+        prefect_server,
+        tmp_path / "serve.log",
+    )
     try:
         deadline = time.monotonic() + 200  # the next minute's tick, plus the run itself
-        while time.monotonic() < deadline and not (run_info(str(outputs / "a.zarr")) or {}).get("complete"):
+        while time.monotonic() < deadline and not (run_info(str(outputs / "a.zarr")) or {}).get(
+            "complete"
+        ):
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(2)
     finally:
         stop(serve)
-    assert (run_info(str(outputs / "a.zarr")) or {}).get("complete"), (tmp_path / "serve.log").read_text()[-3000:]
+    assert (run_info(str(outputs / "a.zarr")) or {}).get("complete"), (
+        tmp_path / "serve.log"
+    ).read_text()[-3000:]

@@ -28,8 +28,12 @@ def test_storage_mirror_does_not_repeat_the_edge_voxel() -> None:
     boxes(ndim=3, low=-15, high=20),
     st.booleans(),
 )
-def test_storage_read_box_equals_numpy_reflect_padding(shape: tuple[int, int, int], box: Box, channels: bool) -> None:
-    data = np.arange(np.prod(shape) * (2 if channels else 1)).reshape(((2,) if channels else ()) + shape)
+def test_storage_read_box_equals_numpy_reflect_padding(
+    shape: tuple[int, int, int], box: Box, channels: bool
+) -> None:
+    data = np.arange(np.prod(shape) * (2 if channels else 1)).reshape(
+        ((2,) if channels else ()) + shape
+    )
     pad = 40
     padded = np.pad(data, [(0, 0)] * (data.ndim - 3) + [(pad, pad)] * 3, mode="reflect")
     expected = padded[(Ellipsis, *box.shift(pad).to_slices())]
@@ -39,9 +43,13 @@ def test_storage_read_box_equals_numpy_reflect_padding(shape: tuple[int, int, in
 
 def test_storage_read_box_reads_only_the_voxels_it_needs(tmp_path: Path) -> None:
     # A box deep inside a chunked Zarr array must not touch chunks away from it.
-    array = zarr.create_array(tmp_path / "v.zarr", shape=(4, 64, 64), chunks=(1, 16, 16), dtype="uint16")
+    array = zarr.create_array(
+        tmp_path / "v.zarr", shape=(4, 64, 64), chunks=(1, 16, 16), dtype="uint16"
+    )
     array[:] = np.arange(4 * 64 * 64).reshape(4, 64, 64)
-    (tmp_path / "v.zarr" / "c" / "0" / "3" / "3").write_bytes(b"garbage")  # a far chunk: reading it fails
+    (tmp_path / "v.zarr" / "c" / "0" / "3" / "3").write_bytes(
+        b"garbage"
+    )  # a far chunk: reading it fails
     got = read_box(array, Box((1, 2, 2), (3, 20, 20)))
     np.testing.assert_array_equal(got[0], np.asarray(array[1:3, 2:20, 2:20]))
 
@@ -62,7 +70,9 @@ def test_storage_opens_zarr_v3_v2_tiff_and_fsspec_urls(tmp_path: Path) -> None:
     v3 = _zarr(tmp_path / "v3.zarr", data, attributes={"voxel_size": [40, 4, 4], "units": "nm"})
     v2 = _zarr(tmp_path / "v2.zarr", data, zarr_format=2)
     tiff = str(tmp_path / "v.tif")
-    tifffile.imwrite(tiff, data, imagej=True, resolution=(1 / 8, 1 / 8), metadata={"spacing": 30, "unit": "nm"})
+    tifffile.imwrite(
+        tiff, data, imagej=True, resolution=(1 / 8, 1 / 8), metadata={"spacing": 30, "unit": "nm"}
+    )
     for url in (v3, v2, tiff, "file://" + v3):
         volume = open_volume(url)
         assert volume.shape == (2, 5, 6) and volume.channels == 1
@@ -84,13 +94,20 @@ def test_storage_channel_axis_comes_first(tmp_path: Path) -> None:
     ("make", "message"),
     [
         pytest.param(lambda p: str(p / "missing.zarr"), "does not exist", id="missing"),
-        pytest.param(lambda p: _zarr(p / "r2.zarr", np.zeros((4, 4))), r"expected \(z, y, x\)", id="rank-2"),
+        pytest.param(
+            lambda p: _zarr(p / "r2.zarr", np.zeros((4, 4))), r"expected \(z, y, x\)", id="rank-2"
+        ),
         pytest.param(lambda p: _zarr(p / "e.zarr", np.zeros((0, 4, 4))), "is empty", id="empty"),
-        pytest.param(lambda p: str(zarr.open_group(p / "g.zarr", mode="w").store_path.store.root), "is a Zarr group",
-                     id="group"),
+        pytest.param(
+            lambda p: str(zarr.open_group(p / "g.zarr", mode="w").store_path.store.root),
+            "is a Zarr group",
+            id="group",
+        ),
         pytest.param(lambda p: _text(p / "junk.tif"), "not a readable tiff", id="junk-tiff"),
         pytest.param(lambda p: _text(p / "junk.zarr"), "not a readable zarr", id="junk-zarr"),
-        pytest.param(lambda p: _zarr(p / "b.zarr", np.zeros((1, 2, 2), dtype=bool)), "dtype bool", id="bool"),
+        pytest.param(
+            lambda p: _zarr(p / "b.zarr", np.zeros((1, 2, 2), dtype=bool)), "dtype bool", id="bool"
+        ),
     ],
 )
 def test_storage_bad_input_is_one_clear_line(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -120,8 +137,9 @@ def test_storage_reads_the_isbi_stack_lazily_page_by_page() -> None:
 def test_convert_to_zarr_copies_a_tiff_stack_with_named_dims_and_voxel_size(tmp_path: Path) -> None:
     data = np.arange(5 * 9 * 11, dtype=np.uint16).reshape(5, 9, 11)
     tifffile.imwrite(tmp_path / "stack.tif", data)
-    volume = convert_to_zarr(tmp_path / "stack.tif", tmp_path / "stack.zarr", chunks=(2, 4, 4),
-                             voxel_size=(50, 4, 4))
+    volume = convert_to_zarr(
+        tmp_path / "stack.tif", tmp_path / "stack.zarr", chunks=(2, 4, 4), voxel_size=(50, 4, 4)
+    )
     array = zarr.open_array(tmp_path / "stack.zarr")
     np.testing.assert_array_equal(array[:], data)
     assert array.chunks == (2, 4, 4) and array.metadata.dimension_names == ("z", "y", "x")

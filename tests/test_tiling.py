@@ -28,7 +28,8 @@ def test_tiling_paper_numbers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("depth", "margin"), [pytest.param(1, 8, id="d1"), pytest.param(3, 44, id="d3"), pytest.param(4, 92, id="d4")]
+    ("depth", "margin"),
+    [pytest.param(1, 8, id="d1"), pytest.param(3, 44, id="d3"), pytest.param(4, 92, id="d4")],
 )
 def test_tiling_margin_is_6_times_period_minus_4(depth: int, margin: int) -> None:
     assert UNetShape(depth).margin == margin == 6 * 2**depth - 4
@@ -46,7 +47,10 @@ def test_tiling_min_output_is_the_smallest_valid_output(depth: int, wanted: int)
     net = UNetShape(depth)
     out = net.min_output_at_least(wanted)
     assert out >= wanted and net.output_size(net.input_for_output(out)) == out
-    assert all(net.output_size(i) is None or net.output_size(i) < wanted for i in range(1, net.input_for_output(out)))
+    assert all(
+        net.output_size(i) is None or net.output_size(i) < wanted
+        for i in range(1, net.input_for_output(out))
+    )
 
 
 def test_tiling_2d_net_keeps_z_unconvolved() -> None:
@@ -56,7 +60,9 @@ def test_tiling_2d_net_keeps_z_unconvolved() -> None:
 
 def test_tiling_block_shape_off_the_period_is_refused_with_the_fix() -> None:
     g = TileGeometry.for_unet(ndim=2, depth=4, min_output=(1, 1, 1))
-    with pytest.raises(GeometryError, match="not a multiple of the network's period 16.*use 496 or 512"):
+    with pytest.raises(
+        GeometryError, match="not a multiple of the network's period 16.*use 496 or 512"
+    ):
         check_block_shape((1, 500, 512), g)
     with pytest.raises(GeometryError, match="3 positive sizes"):
         check_block_shape((512, 512), g)

@@ -18,15 +18,21 @@ import zarr
 
 import unet_volume.train as train_module
 from unet_volume import sampling as sampling_module
+from unet_volume.augment import AugmentConfig
 from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
 from unet_volume.sampling import Patch, PatchSampler, TrainingData, to_classes
-from unet_volume.augment import AugmentConfig
 from unet_volume.train import TrainConfig, augment_tile, class_weights, train
 
 SHAPE = (6, 48, 48)
-TINY = {"depth": 2, "base_channels": 4, "tile_output": (1, 12, 12), "batch_size": 4, "minutes": None}
+TINY = {
+    "depth": 2,
+    "base_channels": 4,
+    "tile_output": (1, 12, 12),
+    "batch_size": 4,
+    "minutes": None,
+}
 
 
 def blobs(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +73,9 @@ def volumes(tmp_path: Path) -> tuple[str, str]:
     return write_zarr(tmp_path / "image.zarr", image), write_zarr(tmp_path / "labels.zarr", labels)
 
 
-def test_train_loss_decreases_and_checkpoint_loads(volumes: tuple[str, str], tmp_path: Path) -> None:
+def test_train_loss_decreases_and_checkpoint_loads(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
     out = tmp_path / "runs" / "model.pt"
     config = TrainConfig(**TINY, steps=60, learning_rate=1e-2, dropout=0.0)
     report = train(*volumes, out, config)
@@ -85,7 +93,9 @@ def test_train_loss_decreases_and_checkpoint_loads(volumes: tuple[str, str], tmp
     assert metadata["training"]["config"]["tile_output"] == [1, 12, 12]
 
 
-def test_train_normalization_estimates_the_volume_statistics(volumes: tuple[str, str], tmp_path: Path) -> None:
+def test_train_normalization_estimates_the_volume_statistics(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
     train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=1))
     norm = read_checkpoint(tmp_path / "m.pt").metadata["normalization"]
     image = zarr.open_array(volumes[0], mode="r")[...].astype(float)
@@ -105,12 +115,20 @@ def test_train_same_seed_gives_identical_weights(volumes: tuple[str, str], tmp_p
     assert c.losses != a.losses
 
 
-@pytest.mark.parametrize("steps, expected", [
-    pytest.param(5, [2, 4, 5], id="and-at-the-end"),
-    pytest.param(4, [2, 4], id="last-save-not-repeated"),
-])
-def test_train_checkpoints_every_n_steps(volumes: tuple[str, str], tmp_path: Path, steps: int,
-                                         expected: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        pytest.param(5, [2, 4, 5], id="and-at-the-end"),
+        pytest.param(4, [2, 4], id="last-save-not-repeated"),
+    ],
+)
+def test_train_checkpoints_every_n_steps(
+    volumes: tuple[str, str],
+    tmp_path: Path,
+    steps: int,
+    expected: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     saved: list[int] = []
     real_save = train_module.save_model
 
@@ -124,14 +142,19 @@ def test_train_checkpoints_every_n_steps(volumes: tuple[str, str], tmp_path: Pat
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
 
 
-@pytest.mark.parametrize("options", [
-    pytest.param({"optimizer": "sgd"}, id="sgd-momentum"),
-    pytest.param({"augment": "none", "class_balance": False}, id="plain"),
-    pytest.param({"augment": "paper"}, id="paper-augmentation"),
-    pytest.param({"ndim": 3, "depth": 1, "tile_output": (4, 4, 4), "batch_size": 1}, id="3d"),
-    pytest.param({"tile_output": (2, 8, 12), "z_range": (1, 5)}, id="non-square-two-slices"),
-])
-def test_train_runs_with_options(volumes: tuple[str, str], tmp_path: Path, options: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"optimizer": "sgd"}, id="sgd-momentum"),
+        pytest.param({"augment": "none", "class_balance": False}, id="plain"),
+        pytest.param({"augment": "paper"}, id="paper-augmentation"),
+        pytest.param({"ndim": 3, "depth": 1, "tile_output": (4, 4, 4), "batch_size": 1}, id="3d"),
+        pytest.param({"tile_output": (2, 8, 12), "z_range": (1, 5)}, id="non-square-two-slices"),
+    ],
+)
+def test_train_runs_with_options(
+    volumes: tuple[str, str], tmp_path: Path, options: dict[str, Any]
+) -> None:
     report = train(*volumes, tmp_path / "m.pt", TrainConfig(**{**TINY, "steps": 2, **options}))
     assert report.steps == 2 and np.isfinite(report.final_loss)
     assert load_model(report.checkpoint).config.ndim == options.get("ndim", 2)
@@ -141,8 +164,13 @@ def test_train_reads_tiff_stacks(tmp_path: Path) -> None:
     image, labels = blobs(SHAPE, seed=3)
     tifffile.imwrite(tmp_path / "image.tif", image)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
-    report = train(tmp_path / "image.tif", tmp_path / "labels.tif", tmp_path / "m.pt",
-                   TrainConfig(**TINY, steps=3, z_range=(0, 4)), progress=True)
+    report = train(
+        tmp_path / "image.tif",
+        tmp_path / "labels.tif",
+        tmp_path / "m.pt",
+        TrainConfig(**TINY, steps=3, z_range=(0, 4)),
+        progress=True,
+    )
     assert report.steps == 3
     assert load_model(tmp_path / "m.pt").config.in_channels == 1
 
@@ -150,8 +178,12 @@ def test_train_reads_tiff_stacks(tmp_path: Path) -> None:
 def test_train_multi_channel_image_sets_in_channels(tmp_path: Path) -> None:
     image, labels = blobs(SHAPE)
     stacked = np.stack([image, 255 - image])  # (c, z, y, x)
-    report = train(write_zarr(tmp_path / "i.zarr", stacked), write_zarr(tmp_path / "l.zarr", labels),
-                   tmp_path / "m.pt", TrainConfig(**TINY, steps=1))
+    report = train(
+        write_zarr(tmp_path / "i.zarr", stacked),
+        write_zarr(tmp_path / "l.zarr", labels),
+        tmp_path / "m.pt",
+        TrainConfig(**TINY, steps=1),
+    )
     assert load_model(report.checkpoint).config.in_channels == 2
 
 
@@ -166,8 +198,12 @@ def test_train_time_budget_stops_the_run(volumes: tuple[str, str], tmp_path: Pat
 def test_train_rejects_mismatched_shapes(tmp_path: Path) -> None:
     image, labels = blobs(SHAPE)
     with pytest.raises(InputError, match=r"shape \(6, 48, 48\).*\(6, 48, 40\).*same"):
-        train(write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels[..., :40]),
-              tmp_path / "out" / "m.pt", TrainConfig(**TINY, steps=1))
+        train(
+            write_zarr(tmp_path / "i.zarr", image),
+            write_zarr(tmp_path / "l.zarr", labels[..., :40]),
+            tmp_path / "out" / "m.pt",
+            TrainConfig(**TINY, steps=1),
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -175,31 +211,52 @@ def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
     image, labels = blobs(SHAPE)
     labels = (labels > 0).astype(np.uint8) * 3  # values 0 and 3; 3 classes are 0, 1, 2
     with pytest.raises(InputError, match=r"value 3.*\[0, 3\).*num_classes=4"):
-        train(write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels),
-              tmp_path / "out" / "m.pt", TrainConfig(**TINY, steps=1, num_classes=3))
+        train(
+            write_zarr(tmp_path / "i.zarr", image),
+            write_zarr(tmp_path / "l.zarr", labels),
+            tmp_path / "out" / "m.pt",
+            TrainConfig(**TINY, steps=1, num_classes=3),
+        )
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("options, message", [
-    pytest.param({"minutes": None, "steps": None}, "no stopping criterion.*steps=", id="no-stopping"),
-    pytest.param({"tile_output": (1, 10, 10)}, r"\(1, 10, 10\).*\(1, 12, 12\)", id="invalid-tile"),
-    pytest.param({"optimizer": "rmsprop"}, "'rmsprop'.*'adam' or 'sgd'", id="optimizer"),
-    pytest.param({"z_range": (3, 3)}, r"z_range \(3, 3\)", id="empty-z-range"),
-    pytest.param({"batch_size": 0}, "batch_size.*>= 1", id="batch-size"),
-    pytest.param({"num_classes": 1}, "num_classes.*>= 2", id="one-class"),
-    pytest.param({"seed": -1}, "seed must be an int >= 0", id="negative-seed"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        pytest.param(
+            {"minutes": None, "steps": None}, "no stopping criterion.*steps=", id="no-stopping"
+        ),
+        pytest.param(
+            {"tile_output": (1, 10, 10)}, r"\(1, 10, 10\).*\(1, 12, 12\)", id="invalid-tile"
+        ),
+        pytest.param({"optimizer": "rmsprop"}, "'rmsprop'.*'adam' or 'sgd'", id="optimizer"),
+        pytest.param({"z_range": (3, 3)}, r"z_range \(3, 3\)", id="empty-z-range"),
+        pytest.param({"batch_size": 0}, "batch_size.*>= 1", id="batch-size"),
+        pytest.param({"num_classes": 1}, "num_classes.*>= 2", id="one-class"),
+        pytest.param({"seed": -1}, "seed must be an int >= 0", id="negative-seed"),
+    ],
+)
 def test_train_config_rejects_bad_values(options: dict[str, Any], message: str) -> None:
     with pytest.raises(InputError, match=message):
         TrainConfig(**{**TINY, "steps": 1, **options})
 
 
-@pytest.mark.parametrize("options, message", [
-    pytest.param({"z_range": (0, 9)}, r"z range 0:9 does not lie within the volume.s 6 slices", id="z-range-past-volume"),
-    pytest.param({"tile_output": (1, 52, 52)}, r"smaller than one tile output", id="tile-too-big"),
-])
-def test_train_rejects_regions_that_do_not_fit(volumes: tuple[str, str], tmp_path: Path,
-                                               options: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        pytest.param(
+            {"z_range": (0, 9)},
+            r"z range 0:9 does not lie within the volume.s 6 slices",
+            id="z-range-past-volume",
+        ),
+        pytest.param(
+            {"tile_output": (1, 52, 52)}, r"smaller than one tile output", id="tile-too-big"
+        ),
+    ],
+)
+def test_train_rejects_regions_that_do_not_fit(
+    volumes: tuple[str, str], tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
     with pytest.raises(InputError, match=message):
         train(*volumes, tmp_path / "out" / "m.pt", TrainConfig(**{**TINY, "steps": 1, **options}))
     assert not (tmp_path / "out").exists()
@@ -209,7 +266,8 @@ def test_train_rejects_regions_that_do_not_fit(volumes: tuple[str, str], tmp_pat
 
 
 def test_sampler_reads_output_boxes_in_z_range_and_input_boxes_grown_by_the_halo(
-        volumes: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    volumes: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     reads: list[Box] = []
     real_read = sampling_module.read_box
 
@@ -248,21 +306,26 @@ def test_sampler_tile_is_the_mirrored_volume_at_its_box(volumes: tuple[str, str]
 # --- the pieces ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [pytest.param((1, 1, 9, 9), id="square"),
-                                   pytest.param((1, 1, 6, 9), id="non-square")])
+@pytest.mark.parametrize(
+    "shape", [pytest.param((1, 1, 9, 9), id="square"), pytest.param((1, 1, 6, 9), id="non-square")]
+)
 def test_augment_tile_moves_image_and_labels_together(shape: tuple[int, ...]) -> None:
     image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
     labels = image[0].astype(np.int64)  # labels are a copy of the image: any mismatch shows
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(64):
-        moved = augment_tile(Patch(image, labels, labels.astype(np.float32)), AugmentConfig.plain(), rng, ndim=2)
+        moved = augment_tile(
+            Patch(image, labels, labels.astype(np.float32)), AugmentConfig.plain(), rng, ndim=2
+        )
         new_image, new_labels = moved.image, moved.labels
         np.testing.assert_array_equal(new_image[0], new_labels)
         np.testing.assert_array_equal(moved.weights, new_labels)
         assert new_image.shape == image.shape  # batches keep one shape
         seen.add(new_image.tobytes())
-    assert len(seen) == (8 if shape[-1] == shape[-2] else 4)  # the dihedral group, or its shape-keeping half
+    assert len(seen) == (
+        8 if shape[-1] == shape[-2] else 4
+    )  # the dihedral group, or its shape-keeping half
 
 
 def test_to_classes_binary_treats_any_nonzero_as_class_1() -> None:
@@ -291,50 +354,79 @@ def test_weighted_cross_entropy_ignores_zero_weight_voxels_and_equals_ce_at_unit
     torch.manual_seed(0)
     logits, target = torch.randn(2, 2, 5, 5), torch.randint(0, 2, (2, 5, 5))
     ones = torch.ones(2, 5, 5)
-    assert torch.allclose(weighted_cross_entropy(logits, target, ones), F.cross_entropy(logits, target))
+    assert torch.allclose(
+        weighted_cross_entropy(logits, target, ones), F.cross_entropy(logits, target)
+    )
     masked = ones.clone()
     masked[:, :, 3:] = 0  # unannotated: whatever the target says there must not matter
     flipped = target.clone()
     flipped[:, :, 3:] = 1 - flipped[:, :, 3:]
-    assert weighted_cross_entropy(logits, target, masked) == weighted_cross_entropy(logits, flipped, masked)
+    assert weighted_cross_entropy(logits, target, masked) == weighted_cross_entropy(
+        logits, flipped, masked
+    )
 
 
-def test_sampler_mask_zeroes_weights_and_weight_volume_is_read(volumes: tuple[str, str], tmp_path: Path) -> None:
+def test_sampler_mask_zeroes_weights_and_weight_volume_is_read(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
     mask = np.zeros(SHAPE, dtype=np.uint8)
     mask[:, :24] = 1  # only the top half is annotated
     weights = np.full(SHAPE, 3.0, dtype=np.float32)
-    data = TrainingData.open(*volumes, weights=write_zarr(tmp_path / "w.zarr", weights),
-                             mask=write_zarr(tmp_path / "m.zarr", mask))
+    data = TrainingData.open(
+        *volumes,
+        weights=write_zarr(tmp_path / "w.zarr", weights),
+        mask=write_zarr(tmp_path / "m.zarr", mask),
+    )
     sampler = PatchSampler(data, TrainConfig(**TINY, steps=1).geometry(), num_classes=2)
     patch = sampler.read(Box((0, 18, 0), (1, 30, 12)))  # rows 18..29: 6 annotated, 6 not
     sampler.close()
     assert patch.weights[0, :6].tolist() == [[3.0] * 12] * 6 and not patch.weights[0, 6:].any()
 
 
-def test_train_validates_saves_state_and_curve_then_resumes(volumes: tuple[str, str], tmp_path: Path) -> None:
+def test_train_validates_saves_state_and_curve_then_resumes(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
     out = tmp_path / "m.pt"
-    config = TrainConfig(**{**TINY, "steps": 4, "validate_every": 2, "validation_z_range": (4, 6),
-                            "z_range": (0, 4), "checkpoint_every": 4})
+    config = TrainConfig(
+        **{
+            **TINY,
+            "steps": 4,
+            "validate_every": 2,
+            "validation_z_range": (4, 6),
+            "z_range": (0, 4),
+            "checkpoint_every": 4,
+        }
+    )
     first = train(*volumes, out, config)
     assert [v["step"] for v in first.curve.validation] == [2.0, 4.0]
     assert 0 <= first.curve.validation[-1]["pixel_error"] <= 1
     assert read_checkpoint(out).metadata["training"]["validation"]["step"] == 4.0
-    assert (tmp_path / "m.pt.state.pt").exists() and (tmp_path / "m.pt.curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "m.pt.state.pt").exists() and (tmp_path / "m.pt.curve.png").read_bytes()[
+        :4
+    ] == b"\x89PNG"
     normalization = read_checkpoint(out).metadata["normalization"]
     resumed = train(*volumes, out, TrainConfig(**{**config.__dict__, "steps": 6}), resume=out)
     assert resumed.steps == 6 and resumed.losses[:4] == first.losses  # the curve goes on
     assert read_checkpoint(out).metadata["normalization"] == normalization  # kept, not re-estimated
 
 
-def test_train_resume_refuses_a_different_architecture(volumes: tuple[str, str], tmp_path: Path) -> None:
+def test_train_resume_refuses_a_different_architecture(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
     out = tmp_path / "m.pt"
     train(*volumes, out, TrainConfig(**TINY, steps=1))
     with pytest.raises(InputError, match=r"\(ndim, depth, classes\) = \(2, 2, 2\)"):
-        train(*volumes, tmp_path / "n.pt", TrainConfig(**{**TINY, "depth": 1, "tile_output": (1, 4, 4)}, steps=1),
-              resume=out)
+        train(
+            *volumes,
+            tmp_path / "n.pt",
+            TrainConfig(**{**TINY, "depth": 1, "tile_output": (1, 4, 4)}, steps=1),
+            resume=out,
+        )
     assert not (tmp_path / "n.pt").exists()
 
 
-def test_train_reads_and_augments_in_dataloader_workers(volumes: tuple[str, str], tmp_path: Path) -> None:
+def test_train_reads_and_augments_in_dataloader_workers(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
     report = train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=3, loader_workers=1))
     assert report.steps == 3 and np.isfinite(report.final_loss)

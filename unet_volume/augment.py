@@ -61,7 +61,11 @@ Rotate = Literal["any", "quarter", "none"]
 
 
 def _number(value: object, low: float, name: str, example: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (low <= value < math.inf):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (low <= value < math.inf)
+    ):
         raise InputError(f"{name} must be a number >= {low}, got {value!r}; e.g. {name}={example}")
 
 
@@ -93,25 +97,42 @@ class AugmentConfig:
     image_order: Literal[1, 3] = 3
 
     def __post_init__(self) -> None:
-        for name, example in (("elastic_std", "10"), ("shift", "0"), ("brightness", "0.1"), ("gamma", "0.1")):
+        for name, example in (
+            ("elastic_std", "10"),
+            ("shift", "0"),
+            ("brightness", "0.1"),
+            ("gamma", "0.1"),
+        ):
             _number(getattr(self, name), 0, name, example)
         _number(self.contrast, 0, "contrast", "0.1")
         if self.contrast >= 1:
-            raise InputError(f"contrast must be < 1 (a factor in (0, 2)), got {self.contrast!r}; e.g. 0.1")
-        if isinstance(self.elastic_grid, bool) or not isinstance(self.elastic_grid, int) or self.elastic_grid < 2:
-            raise InputError(f"elastic_grid must be an int >= 2, got {self.elastic_grid!r}; the paper's is 3")
+            raise InputError(
+                f"contrast must be < 1 (a factor in (0, 2)), got {self.contrast!r}; e.g. 0.1"
+            )
+        if (
+            isinstance(self.elastic_grid, bool)
+            or not isinstance(self.elastic_grid, int)
+            or self.elastic_grid < 2
+        ):
+            raise InputError(
+                f"elastic_grid must be an int >= 2, got {self.elastic_grid!r}; the paper's is 3"
+            )
         if self.rotate not in ("any", "quarter", "none"):
             raise InputError(f"rotate {self.rotate!r} is unknown; pass 'any', 'quarter' or 'none'")
         if not isinstance(self.flip, bool):
             raise InputError(f"flip must be True or False, got {self.flip!r}")
         order = self.image_order
         if order not in (1, 3) or not isinstance(order, int) or isinstance(order, bool):
-            raise InputError(f"image_order must be 1 or 3, got {self.image_order!r}; 3 is bicubic (the paper)")
+            raise InputError(
+                f"image_order must be 1 or 3, got {self.image_order!r}; 3 is bicubic (the paper)"
+            )
 
     @classmethod
     def none(cls) -> AugmentConfig:
         """The identity: :func:`augment` returns its inputs' tiles unchanged."""
-        return cls(elastic_std=0.0, rotate="none", flip=False, brightness=0.0, contrast=0.0, gamma=0.0)
+        return cls(
+            elastic_std=0.0, rotate="none", flip=False, brightness=0.0, contrast=0.0, gamma=0.0
+        )
 
     @classmethod
     def plain(cls) -> AugmentConfig:
@@ -130,7 +151,9 @@ class AugmentConfig:
         return self.rotate != "any" and self.elastic_std == 0 and self.shift == 0
 
 
-def required_context(config: AugmentConfig, input_shape: Sequence[int], *, ndim: int) -> tuple[int, ...]:
+def required_context(
+    config: AugmentConfig, input_shape: Sequence[int], *, ndim: int
+) -> tuple[int, ...]:
     """Voxels of context per side that keep every source point inside the given arrays.
 
     ``input_shape`` is the image tile's spatial shape, ``(z, y, x)`` or ``(y, x)``; the context
@@ -154,8 +177,15 @@ def required_context(config: AugmentConfig, input_shape: Sequence[int], *, ndim:
     return tuple(context)
 
 
-def augment(image: np.ndarray, targets: Mapping[str, np.ndarray], config: AugmentConfig, rng: np.random.Generator,
-            *, ndim: int, context: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def augment(
+    image: np.ndarray,
+    targets: Mapping[str, np.ndarray],
+    config: AugmentConfig,
+    rng: np.random.Generator,
+    *,
+    ndim: int,
+    context: Sequence[int] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One random transform of an image tile and its per-voxel targets, applied to all alike.
 
     Args:
@@ -176,10 +206,16 @@ def augment(image: np.ndarray, targets: Mapping[str, np.ndarray], config: Augmen
     context = _checked_context(image, targets, ndim, context)
     if ndim == 3 or image.ndim == 3:
         return _augment_tile(image, dict(targets), config, rng, context)
-    slices = [_augment_tile(image[:, k], {name: t[k] for name, t in targets.items()}, config, rng, context[1:])
-              for k in range(image.shape[1])]  # 2D: every slice its own transform
-    return (np.stack([s[0] for s in slices], axis=1),
-            {name: np.stack([s[1][name] for s in slices]) for name in targets})
+    slices = [
+        _augment_tile(
+            image[:, k], {name: t[k] for name, t in targets.items()}, config, rng, context[1:]
+        )
+        for k in range(image.shape[1])
+    ]  # 2D: every slice its own transform
+    return (
+        np.stack([s[0] for s in slices], axis=1),
+        {name: np.stack([s[1][name] for s in slices]) for name in targets},
+    )
 
 
 def _transformed_rank(rank: int, ndim: int) -> int:
@@ -190,53 +226,85 @@ def _checked_rank(shape: Sequence[int], ndim: int) -> tuple[int, ...]:
     if ndim not in (2, 3):
         raise InputError(f"ndim must be 2 or 3, got {ndim!r}; pass ndim=2 (slices) or 3")
     if len(shape) not in ((2, 3) if ndim == 2 else (3,)):
-        raise InputError(f"a {ndim}D tile's spatial shape must be (z, y, x){' or (y, x)' if ndim == 2 else ''}, "
-                         f"got {tuple(shape)}")
+        raise InputError(
+            f"a {ndim}D tile's spatial shape must be (z, y, x){' or (y, x)' if ndim == 2 else ''}, "
+            f"got {tuple(shape)}"
+        )
     return tuple(int(n) for n in shape)
 
 
-def _checked_context(image: np.ndarray, targets: Mapping[str, np.ndarray], ndim: int,
-                    context: Sequence[int] | None) -> tuple[int, ...]:
+def _checked_context(
+    image: np.ndarray, targets: Mapping[str, np.ndarray], ndim: int, context: Sequence[int] | None
+) -> tuple[int, ...]:
     """Raise InputError unless the arrays are tiles grown by ``context`` with targets centred."""
     spatial = _checked_rank(image.shape[1:], ndim)
     context = tuple(context) if context is not None else (0,) * len(spatial)
-    if len(context) != len(spatial) or any(not isinstance(m, int | np.integer) or m < 0 for m in context):
-        raise InputError(f"context {context} must be {len(spatial)} ints >= 0, like the image's {spatial}")
+    if len(context) != len(spatial) or any(
+        not isinstance(m, int | np.integer) or m < 0 for m in context
+    ):
+        raise InputError(
+            f"context {context} must be {len(spatial)} ints >= 0, like the image's {spatial}"
+        )
     if len(spatial) == 3 and ndim == 2 and context[0] != 0:
-        raise InputError(f"context {context} has z context, but a 2D tile's z is a batch; pass (0, y, x)")
+        raise InputError(
+            f"context {context} has z context, but a 2D tile's z is a batch; pass (0, y, x)"
+        )
     tile = [n - 2 * m for n, m in zip(spatial, context)]
     if min(tile) < 1:
-        raise InputError(f"image {spatial} is not larger than twice the context {context}; "
-                         f"pass a smaller context")
+        raise InputError(
+            f"image {spatial} is not larger than twice the context {context}; "
+            f"pass a smaller context"
+        )
     for name, target in targets.items():
         out = [n - 2 * m for n, m in zip(target.shape, context)]
-        if target.ndim != len(spatial) or any(o < 1 or o > t or (t - o) % 2 for o, t in zip(out, tile)) or (
-                ndim == 2 and len(spatial) == 3 and out[0] != tile[0]):
-            raise InputError(f"target {name!r} of shape {target.shape} is not an output tile centred in the "
-                             f"image tile {tuple(tile)} (each grown by context {context}); pass the output box "
-                             f"of this tile, grown by the same context")
+        if (
+            target.ndim != len(spatial)
+            or any(o < 1 or o > t or (t - o) % 2 for o, t in zip(out, tile))
+            or (ndim == 2 and len(spatial) == 3 and out[0] != tile[0])
+        ):
+            raise InputError(
+                f"target {name!r} of shape {target.shape} is not an output tile centred in the "
+                f"image tile {tuple(tile)} (each grown by context {context}); pass the output box "
+                f"of this tile, grown by the same context"
+            )
     return context
 
 
-def _augment_tile(image: np.ndarray, targets: dict[str, np.ndarray], config: AugmentConfig,
-                  rng: np.random.Generator, context: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _augment_tile(
+    image: np.ndarray,
+    targets: dict[str, np.ndarray],
+    config: AugmentConfig,
+    rng: np.random.Generator,
+    context: Sequence[int],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One tile: image ``(c, *S)`` and targets ``(*S')``, every spatial axis transformed."""
-    tiles = [tuple(n - 2 * m for n, m in zip(a.shape[-len(context):], context)) for a in (image, *targets.values())]
+    tiles = [
+        tuple(n - 2 * m for n, m in zip(a.shape[-len(context) :], context))
+        for a in (image, *targets.values())
+    ]
     transform = _Transform.draw(config, tiles, rng)
     if config.is_exact():
         image = transform.index(_crop(image, context))
         targets = {name: transform.index(_crop(t, context)) for name, t in targets.items()}
     else:
-        image = np.stack([_warp(channel, transform.coordinates(tiles[0], channel.shape), config.image_order)
-                          for channel in image])
-        targets = {name: _gather(t, transform.coordinates(tile, t.shape))
-                   for (name, t), tile in zip(targets.items(), tiles[1:])}
+        image = np.stack(
+            [
+                _warp(channel, transform.coordinates(tiles[0], channel.shape), config.image_order)
+                for channel in image
+            ]
+        )
+        targets = {
+            name: _gather(t, transform.coordinates(tile, t.shape))
+            for (name, t), tile in zip(targets.items(), tiles[1:])
+        }
     return _vary_gray(image, config, rng), targets
 
 
 def _crop(array: np.ndarray, context: Sequence[int]) -> np.ndarray:
     lead = (slice(None),) * (array.ndim - len(context))
-    return array[lead + tuple(slice(m, n - m) for m, n in zip(context, array.shape[-len(context):]))]
+    return array[
+        lead + tuple(slice(m, n - m) for m, n in zip(context, array.shape[-len(context) :]))
+    ]
 
 
 @dataclass(frozen=True)
@@ -257,23 +325,37 @@ class _Transform:
     limit: float
 
     @classmethod
-    def draw(cls, config: AugmentConfig, tiles: Sequence[tuple[int, ...]], rng: np.random.Generator) -> _Transform:
+    def draw(
+        cls, config: AugmentConfig, tiles: Sequence[tuple[int, ...]], rng: np.random.Generator
+    ) -> _Transform:
         rank = len(tiles[0])
-        flips = tuple(bool(f) for f in rng.integers(2, size=rank)) if config.flip else (False,) * rank
+        flips = (
+            tuple(bool(f) for f in rng.integers(2, size=rank)) if config.flip else (False,) * rank
+        )
         square = all(t[-1] == t[-2] for t in tiles)
-        turns = (int(rng.integers(4)) if square else 2 * int(rng.integers(2))) if config.rotate == "quarter" else 0
+        turns = (
+            (int(rng.integers(4)) if square else 2 * int(rng.integers(2)))
+            if config.rotate == "quarter"
+            else 0
+        )
         angle = float(rng.uniform(0, 2 * np.pi)) if config.rotate == "any" else 0.0
-        offset = rng.uniform(-config.shift, config.shift, size=rank) if config.shift else np.zeros(rank)
+        offset = (
+            rng.uniform(-config.shift, config.shift, size=rank) if config.shift else np.zeros(rank)
+        )
         coarse = None
         if config.elastic_std:
-            knots = rng.normal(0.0, config.elastic_std, size=(rank,) + (config.elastic_grid,) * rank)
+            knots = rng.normal(
+                0.0, config.elastic_std, size=(rank,) + (config.elastic_grid,) * rank
+            )
             coarse = np.clip(knots, -TRUNCATE * config.elastic_std, TRUNCATE * config.elastic_std)
         # np.rot90 by one turn reads a[x, -y]: the quarter angles go clockwise, exactly.
         quarter = ((1, 0), (0, -1), (-1, 0), (0, 1))[turns]
         cos, sin = quarter if config.rotate != "any" else (np.cos(angle), np.sin(angle))
         rotation = np.eye(rank)
         rotation[-2:, -2:] = [[cos, -sin], [sin, cos]]
-        matrix = np.diag([-1.0 if f else 1.0 for f in flips]) @ rotation  # flip(a) then turn, as index()
+        matrix = (
+            np.diag([-1.0 if f else 1.0 for f in flips]) @ rotation
+        )  # flip(a) then turn, as index()
         half = tuple((n - 1) / 2 for n in tiles[0])
         return cls(flips, turns, matrix, offset, coarse, half, TRUNCATE * config.elastic_std)
 
@@ -281,18 +363,27 @@ class _Transform:
         """The flips and quarter turns as exact index operations on the trailing spatial axes."""
         rank = len(self.flips)
         axes = tuple(a - rank for a, f in enumerate(self.flips) if f)
-        return np.array(np.rot90(np.flip(array, axes), self.turns, axes=(-2, -1)), order="C")  # a copy
+        return np.array(
+            np.rot90(np.flip(array, axes), self.turns, axes=(-2, -1)), order="C"
+        )  # a copy
 
     def coordinates(self, tile: tuple[int, ...], source_shape: tuple[int, ...]) -> np.ndarray:
         """Source points ``(rank, *tile)`` float32 of a tile centred in an array of ``source_shape``."""
         rank = len(tile)
         rel = [np.arange(n) - (n - 1) / 2 for n in tile]
-        grids = [r.reshape((-1,) + (1,) * (rank - 1 - a)) for a, r in enumerate(rel)]  # broadcastable
+        grids = [
+            r.reshape((-1,) + (1,) * (rank - 1 - a)) for a, r in enumerate(rel)
+        ]  # broadcastable
         field = self._displacement(rel)
         points = np.empty((rank, *tile), dtype=np.float32)
         for a in range(rank):
             linear = sum(self.matrix[a, b] * grids[b] for b in range(rank) if self.matrix[a, b])
-            points[a] = (source_shape[a] - 1) / 2 + self.offset[a] + linear + (field[a] if field is not None else 0)
+            points[a] = (
+                (source_shape[a] - 1) / 2
+                + self.offset[a]
+                + linear
+                + (field[a] if field is not None else 0)
+            )
         return points
 
     def _displacement(self, rel: list[np.ndarray]) -> np.ndarray | None:
@@ -300,12 +391,16 @@ class _Transform:
         if self.coarse is None:
             return None
         n = self.coarse.shape[1]
-        bases = [_spline_basis((r + h) * (n - 1) / (2 * h) if h else np.full_like(r, (n - 1) / 2), n)
-                 for r, h in zip(rel, self.half)]
+        bases = [
+            _spline_basis((r + h) * (n - 1) / (2 * h) if h else np.full_like(r, (n - 1) / 2), n)
+            for r, h in zip(rel, self.half)
+        ]
         field = self.coarse
         for axis, basis in enumerate(bases, start=1):  # contract one knot axis at a time
             field = np.moveaxis(np.tensordot(basis, field, axes=(1, axis)), 0, axis)
-        clipped: np.ndarray = np.clip(field, -self.limit, self.limit)  # spline overshoot: keep the bound
+        clipped: np.ndarray = np.clip(
+            field, -self.limit, self.limit
+        )  # spline overshoot: keep the bound
         return clipped
 
 
@@ -316,16 +411,22 @@ def _unit_splines(n: int) -> tuple[np.ndarray, ...]:
 
 def _spline_basis(u: np.ndarray, n: int) -> np.ndarray:
     """``(len(u), n)``: cubic-spline interpolation weights of n knots at knot coordinates u."""
-    return np.stack([ndimage.map_coordinates(c, u[None], order=3, mode="mirror", prefilter=False)
-                     for c in _unit_splines(n)], axis=1)
+    return np.stack(
+        [
+            ndimage.map_coordinates(c, u[None], order=3, mode="mirror", prefilter=False)
+            for c in _unit_splines(n)
+        ],
+        axis=1,
+    )
 
 
 def _warp(channel: np.ndarray, points: np.ndarray, order: int) -> np.ndarray:
     """Interpolate one image channel at ``points``: one spline prefilter, one map_coordinates."""
     if order > 1:
         channel = ndimage.spline_filter(channel, order, mode="mirror", output=np.float32)
-    warped: np.ndarray = ndimage.map_coordinates(channel, points, order=order, mode="mirror", prefilter=False,
-                                                 output=np.float32)
+    warped: np.ndarray = ndimage.map_coordinates(
+        channel, points, order=order, mode="mirror", prefilter=False, output=np.float32
+    )
     return warped
 
 
@@ -350,7 +451,9 @@ def _vary_gray(image: np.ndarray, config: AugmentConfig, rng: np.random.Generato
             image = low + span * ((image - np.float32(low)) / span) ** g
     if config.contrast:
         mean = np.float32(image.mean())
-        image = mean + np.float32(rng.uniform(1 - config.contrast, 1 + config.contrast)) * (image - mean)
+        image = mean + np.float32(rng.uniform(1 - config.contrast, 1 + config.contrast)) * (
+            image - mean
+        )
     if config.brightness:
         image = image + np.float32(rng.uniform(-config.brightness, config.brightness) * image.std())
     return np.asarray(image, dtype=np.float32)

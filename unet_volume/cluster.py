@@ -96,8 +96,9 @@ def map_bounded(
     limit = window or 4 * max(1, sum(client.nthreads().values()))
 
     def submit(item: Item) -> Any:
-        return client.submit(function, item, key=f"{name(item)}-{run}", pure=False, resources=resources,
-                             **kwargs)
+        return client.submit(
+            function, item, key=f"{name(item)}-{run}", pure=False, resources=resources, **kwargs
+        )
 
     running = as_completed([submit(item) for item in islice(todo, limit)])
     for future in running:

@@ -77,23 +77,34 @@ def load_cluster_spec(name_or_path: str | Path, *, directory: Path | None = None
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read cluster spec {path}: {error}; pass a readable YAML file") from error
+        raise InputError(
+            f"cannot read cluster spec {path}: {error}; pass a readable YAML file"
+        ) from error
     except yaml.YAMLError as error:
         problem = " ".join(str(error).split())
-        raise InputError(f"cluster spec {path} is not valid YAML ({problem}); fix the file") from error
+        raise InputError(
+            f"cluster spec {path} is not valid YAML ({problem}); fix the file"
+        ) from error
     if not isinstance(data, dict):
-        raise InputError(f"cluster spec {path} must be a YAML mapping, got {type(data).__name__} "
-                         f"{data!r:.40}; write keys such as 'kind: local'")
+        raise InputError(
+            f"cluster spec {path} must be a YAML mapping, got {type(data).__name__} "
+            f"{data!r:.40}; write keys such as 'kind: local'"
+        )
     options = dict(data)
     kind = options.pop("kind", None)
     if kind not in KINDS:
-        raise InputError(f"cluster spec {path} has kind {kind!r}; set 'kind:' to one of {', '.join(KINDS)}")
+        raise InputError(
+            f"cluster spec {path} has kind {kind!r}; set 'kind:' to one of {', '.join(KINDS)}"
+        )
     scale = options.pop("scale", None)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 0):
-        raise InputError(f"cluster spec {path} has scale {scale!r}; "
-                         "set 'scale:' to a worker count >= 0 or null")
+        raise InputError(
+            f"cluster spec {path} has scale {scale!r}; set 'scale:' to a worker count >= 0 or null"
+        )
     if bad := [key for key in options if not isinstance(key, str)]:
-        raise InputError(f"cluster spec {path} has non-string keys {bad!r}; quote them or remove them")
+        raise InputError(
+            f"cluster spec {path} has non-string keys {bad!r}; quote them or remove them"
+        )
     for key in PATH_OPTIONS.get(kind, ()):
         if isinstance(options.get(key), str):
             options[key] = str((path.parent / Path(options[key]).expanduser()).resolve())
@@ -141,19 +152,32 @@ def _scaled(cluster: Cluster, scale: int | None, *, wait: bool = False) -> Clust
 def _find_spec(name_or_path: str | Path, directory: Path | None) -> Path:
     """The spec file a name or path refers to; unknown names list the known ones."""
     text = str(name_or_path)
-    if isinstance(name_or_path, Path) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+    if (
+        isinstance(name_or_path, Path)
+        or "/" in text
+        or os.sep in text
+        or text.endswith((".yaml", ".yml"))
+    ):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise InputError(f"cluster spec file {path} does not exist; pass an existing YAML file "
-                             "or the name of a spec in deploy/clusters")
+            raise InputError(
+                f"cluster spec file {path} does not exist; pass an existing YAML file "
+                "or the name of a spec in deploy/clusters"
+            )
         return path.resolve()
     folder = directory or Path(os.environ.get(DIRECTORY_VARIABLE) or DEFAULT_DIRECTORY)
     path = folder / f"{text}.yaml"
     if not path.is_file():
         names = sorted(candidate.stem for candidate in folder.glob("*.yaml"))
-        known = f"one of {', '.join(names)}" if names else f"a path to a spec file (no specs in {folder})"
-        raise InputError(f"unknown cluster spec {text!r} (looked for {path}); pass {known}, "
-                         f"or set {DIRECTORY_VARIABLE} to the folder holding it")
+        known = (
+            f"one of {', '.join(names)}"
+            if names
+            else f"a path to a spec file (no specs in {folder})"
+        )
+        raise InputError(
+            f"unknown cluster spec {text!r} (looked for {path}); pass {known}, "
+            f"or set {DIRECTORY_VARIABLE} to the folder holding it"
+        )
     return path.resolve()
 
 
@@ -163,13 +187,18 @@ def _import_backend(spec: ClusterSpec, module: str, attribute: str) -> Any:
         return getattr(importlib.import_module(module), attribute)
     except ImportError as error:
         package, extra = EXTRAS[spec.kind]
-        raise InputError(f"cluster spec {spec.path} has kind {spec.kind!r}, which needs {package} "
-                         f"({error}); pip install 'unet-volume[{extra}]'") from error
+        raise InputError(
+            f"cluster spec {spec.path} has kind {spec.kind!r}, which needs {package} "
+            f"({error}); pip install 'unet-volume[{extra}]'"
+        ) from error
 
 
 @contextmanager
 def connect(
-    scheduler: str | None = None, cluster: str | Path | None = None, *, n_workers: int | None = None,
+    scheduler: str | None = None,
+    cluster: str | Path | None = None,
+    *,
+    n_workers: int | None = None,
     dashboard: bool = True,
 ) -> Iterator[Client]:
     """A client of the scheduler at ``scheduler``, of a cluster started from the spec ``cluster``
@@ -179,8 +208,10 @@ def connect(
     that the blocks see whether workers have GPUs before they are submitted.
     """
     if scheduler and cluster:
-        raise InputError(f"got both a scheduler address ({scheduler}) and a cluster spec ({cluster}); "
-                         "pass one of them")
+        raise InputError(
+            f"got both a scheduler address ({scheduler}) and a cluster spec ({cluster}); "
+            "pass one of them"
+        )
     if not cluster:
         with open_client(scheduler, n_workers=n_workers, dashboard=dashboard) as client:
             yield client

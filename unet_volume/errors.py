@@ -41,4 +41,6 @@ def is_transient(error: BaseException) -> bool:
     >>> is_transient(ConnectionResetError()), is_transient(InputError("bad shape"))
     (True, False)
     """
-    return isinstance(error, ConnectionError | TimeoutError) and not isinstance(error, UnetVolumeError)
+    return isinstance(error, ConnectionError | TimeoutError) and not isinstance(
+        error, UnetVolumeError
+    )

@@ -47,8 +47,10 @@ def find_volumes(landing: str) -> list[str]:
     """
     fs, root = fsspec.core.url_to_fs(str(landing))
     if not fs.isdir(root):
-        raise InputError(f"landing location {landing} is not a folder; pass the folder or bucket prefix "
-                         "where new volumes arrive")
+        raise InputError(
+            f"landing location {landing} is not a folder; pass the folder or bucket prefix "
+            "where new volumes arrive"
+        )
     names = sorted(posixpath.basename(entry.rstrip("/")) for entry in fs.ls(root, detail=False))
     # Local volumes by absolute path, so that workers started elsewhere find them too.
     base = root if isinstance(fs, LocalFileSystem) else str(landing)
@@ -69,7 +71,9 @@ def output_for(source: str, outputs: str) -> str:
     return posixpath.join(str(outputs).rstrip("/"), f"{name}.zarr")
 
 
-def due(sources: list[str], outputs: str, model_sha256: str, *, reprocess: bool = False) -> list[Arrival]:
+def due(
+    sources: list[str], outputs: str, model_sha256: str, *, reprocess: bool = False
+) -> list[Arrival]:
     """The volumes of ``sources`` whose prediction in ``outputs`` is missing, incomplete, or (with
     ``reprocess``) made by a model other than ``model_sha256``.
 
@@ -81,8 +85,10 @@ def due(sources: list[str], outputs: str, model_sha256: str, *, reprocess: bool 
         by_output[output_for(source, outputs)].append(source)
     clashes = [names for names in by_output.values() if len(names) > 1]
     if clashes:
-        raise InputError(f"volumes {' and '.join(clashes[0])} would both be predicted to "
-                         f"{output_for(clashes[0][0], outputs)}; rename one of them")
+        raise InputError(
+            f"volumes {' and '.join(clashes[0])} would both be predicted to "
+            f"{output_for(clashes[0][0], outputs)}; rename one of them"
+        )
     arrivals = []
     for output, (source,) in by_output.items():
         reason = _reason(output, model_sha256, reprocess)
@@ -95,8 +101,10 @@ def _reason(output: str, model_sha256: str, reprocess: bool) -> Reason | None:
     info = run_info(output)
     if info is None:
         if exists(output):
-            raise InputError(f"output {output} exists but is not a unet-volume prediction; move it away "
-                             "or choose another outputs location")
+            raise InputError(
+                f"output {output} exists but is not a unet-volume prediction; move it away "
+                "or choose another outputs location"
+            )
         return "new"
     if not info.get("complete"):
         return "incomplete"

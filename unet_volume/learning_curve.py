@@ -12,14 +12,19 @@ class LearningCurve:
     """Training loss per step and validation figures every few steps."""
 
     losses: list[float] = field(default_factory=list)
-    validation: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "pixel_error"}
+    validation: list[dict[str, float]] = field(
+        default_factory=list
+    )  # {"step", "loss", "pixel_error"}
 
     def to_dict(self) -> dict[str, Any]:
         return {"losses": self.losses, "validation": self.validation}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LearningCurve:
-        return cls([float(v) for v in data.get("losses", [])], [dict(v) for v in data.get("validation", [])])
+        return cls(
+            [float(v) for v in data.get("losses", [])],
+            [dict(v) for v in data.get("validation", [])],
+        )
 
     def save_png(self, path: Path) -> Path:
         """Plot loss (left axis) and validation pixel error (right axis) to ``path``."""
@@ -31,19 +36,33 @@ class LearningCurve:
         fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
         steps = range(1, len(self.losses) + 1)
         loss_axis.plot(steps, self.losses, color="0.7", linewidth=0.6, label="training loss")
-        loss_axis.plot(steps, _running_mean(self.losses, 20), color="C0", label="training loss (mean of 20)")
+        loss_axis.plot(
+            steps, _running_mean(self.losses, 20), color="C0", label="training loss (mean of 20)"
+        )
         if self.validation:
             v_steps = [v["step"] for v in self.validation]
-            loss_axis.plot(v_steps, [v["loss"] for v in self.validation], "o-", color="C1",
-                           label="validation loss")
+            loss_axis.plot(
+                v_steps,
+                [v["loss"] for v in self.validation],
+                "o-",
+                color="C1",
+                label="validation loss",
+            )
             error_axis = loss_axis.twinx()
-            error_axis.plot(v_steps, [v["pixel_error"] for v in self.validation], "s--", color="C2",
-                            label="validation pixel error")
+            error_axis.plot(
+                v_steps,
+                [v["pixel_error"] for v in self.validation],
+                "s--",
+                color="C2",
+                label="validation pixel error",
+            )
             error_axis.set_ylabel("validation pixel error")
         loss_axis.set_xlabel("step")
         loss_axis.set_ylabel("weighted cross entropy")
         lines = [line for axis in fig.axes for line in axis.get_lines()]
-        loss_axis.legend(lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize="small")
+        loss_axis.legend(
+            lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize="small"
+        )
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)

@@ -100,11 +100,19 @@ class PairCounts(_Additive):
     merge_bits: float = 0.0
 
     @classmethod
-    def of(cls, seg: np.ndarray, gt: np.ndarray, *, ignore_gt_zero: bool = True,
-           seg_background: SegBackground = "segment") -> PairCounts:
+    def of(
+        cls,
+        seg: np.ndarray,
+        gt: np.ndarray,
+        *,
+        ignore_gt_zero: bool = True,
+        seg_background: SegBackground = "segment",
+    ) -> PairCounts:
         """Count in O(voxels) memory: ``np.unique`` over (truth, prediction) id pairs, no dense table."""
         if seg_background not in get_args(SegBackground):
-            raise InputError(f"seg_background {seg_background!r} is not supported; pass 'segment' or 'singletons'")
+            raise InputError(
+                f"seg_background {seg_background!r} is not supported; pass 'segment' or 'singletons'"
+            )
         seg, gt = np.ravel(seg), np.ravel(gt)
         if ignore_gt_zero:
             seg, gt = seg[gt != 0], gt[gt != 0]
@@ -113,11 +121,23 @@ class PairCounts(_Additive):
         gt_ids, gt_index = np.unique(gt, return_inverse=True)
         seg_ids, seg_index = np.unique(seg, return_inverse=True)
         seg_index, n_seg = _split_background(seg, seg_ids, seg_index, seg_background)
-        pair_keys, n_ij = np.unique(gt_index.astype(np.int64) * n_seg + seg_index, return_counts=True)
-        a_i = np.bincount(gt_index, minlength=gt_ids.size)[pair_keys // n_seg]  # per pair: its true segment's size
-        b_j = np.bincount(seg_index, minlength=n_seg)[pair_keys % n_seg]  # ... and its predicted segment's
-        return cls(int(gt.size), _pairs(n_ij), _pairs(np.bincount(gt_index)), _pairs(np.bincount(seg_index)),
-                   float(np.sum(n_ij * np.log2(a_i / n_ij))), float(np.sum(n_ij * np.log2(b_j / n_ij))))
+        pair_keys, n_ij = np.unique(
+            gt_index.astype(np.int64) * n_seg + seg_index, return_counts=True
+        )
+        a_i = np.bincount(gt_index, minlength=gt_ids.size)[
+            pair_keys // n_seg
+        ]  # per pair: its true segment's size
+        b_j = np.bincount(seg_index, minlength=n_seg)[
+            pair_keys % n_seg
+        ]  # ... and its predicted segment's
+        return cls(
+            int(gt.size),
+            _pairs(n_ij),
+            _pairs(np.bincount(gt_index)),
+            _pairs(np.bincount(seg_index)),
+            float(np.sum(n_ij * np.log2(a_i / n_ij))),
+            float(np.sum(n_ij * np.log2(b_j / n_ij))),
+        )
 
     def rand(self) -> tuple[float, float, float]:
         """(adapted Rand error, precision, recall); see the module docstring for the conventions."""
@@ -139,8 +159,9 @@ def _pairs(sizes: np.ndarray) -> int:
     return int(np.sum(sizes * sizes)) - int(np.sum(sizes))
 
 
-def _split_background(seg: np.ndarray, seg_ids: np.ndarray, seg_index: np.ndarray,
-                      seg_background: SegBackground) -> tuple[np.ndarray, int]:
+def _split_background(
+    seg: np.ndarray, seg_ids: np.ndarray, seg_index: np.ndarray, seg_background: SegBackground
+) -> tuple[np.ndarray, int]:
     """Predicted segment indices, each label-0 voxel its own segment under ``"singletons"``."""
     if seg_background == "segment" or not np.any(seg_ids == 0):
         return seg_index, int(seg_ids.size)
@@ -153,7 +174,9 @@ def _split_background(seg: np.ndarray, seg_ids: np.ndarray, seg_index: np.ndarra
 
 def _check_same_shape(pred: np.ndarray, true: np.ndarray) -> None:
     if np.shape(pred) != np.shape(true):
-        raise InputError(f"prediction has shape {np.shape(pred)} but truth has {np.shape(true)}; pass equal shapes")
+        raise InputError(
+            f"prediction has shape {np.shape(pred)} but truth has {np.shape(true)}; pass equal shapes"
+        )
 
 
 def pixel_error(pred_binary: np.ndarray, true_binary: np.ndarray) -> float:
@@ -178,8 +201,13 @@ def dice(pred: np.ndarray, true: np.ndarray, label: int = 1) -> float:
     return OverlapCounts.of(np.asarray(pred) == label, np.asarray(true) == label).dice()
 
 
-def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, *, ignore_gt_zero: bool = True,
-                       seg_background: SegBackground = "segment") -> tuple[float, float, float]:
+def adapted_rand_error(
+    seg: np.ndarray,
+    gt: np.ndarray,
+    *,
+    ignore_gt_zero: bool = True,
+    seg_background: SegBackground = "segment",
+) -> tuple[float, float, float]:
     """(error, precision, recall) of instance labels ``seg`` against ``gt``: the ISBI 2012 / SNEMI3D
     adapted Rand error, ``skimage.metrics.adapted_rand_error(gt, seg)[0]``. A true cell split in
     halves: no false merges (precision 1), a third of the true pairs found (recall 1/3).
@@ -188,21 +216,32 @@ def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, *, ignore_gt_zero: bool 
     (0.5, 1.0, 0.3333333333333333)
     """
     _check_same_shape(seg, gt)
-    return PairCounts.of(seg, gt, ignore_gt_zero=ignore_gt_zero, seg_background=seg_background).rand()
+    return PairCounts.of(
+        seg, gt, ignore_gt_zero=ignore_gt_zero, seg_background=seg_background
+    ).rand()
 
 
-def variation_of_information(seg: np.ndarray, gt: np.ndarray, *, ignore_gt_zero: bool = True,
-                             seg_background: SegBackground = "segment") -> tuple[float, float]:
+def variation_of_information(
+    seg: np.ndarray,
+    gt: np.ndarray,
+    *,
+    ignore_gt_zero: bool = True,
+    seg_background: SegBackground = "segment",
+) -> tuple[float, float]:
     """(split, merge) = (H(seg|gt), H(gt|seg)) in bits; their sum is the variation of information.
 
     >>> variation_of_information(np.array([1, 1, 2, 2]), np.array([1, 1, 1, 1]))
     (1.0, 0.0)
     """
     _check_same_shape(seg, gt)
-    return PairCounts.of(seg, gt, ignore_gt_zero=ignore_gt_zero, seg_background=seg_background).voi()
+    return PairCounts.of(
+        seg, gt, ignore_gt_zero=ignore_gt_zero, seg_background=seg_background
+    ).voi()
 
 
-def instances_from_binary(mask: np.ndarray, *, per_slice: bool = True, connectivity: int = 1) -> np.ndarray:
+def instances_from_binary(
+    mask: np.ndarray, *, per_slice: bool = True, connectivity: int = 1
+) -> np.ndarray:
     """Instance ids (int64, 0 = background) of the connected components of ``mask != 0``.
 
     ``connectivity=1`` joins face neighbours only (4-connected in 2D, as the ISBI script);
@@ -228,10 +267,14 @@ def instances_from_binary(mask: np.ndarray, *, per_slice: bool = True, connectiv
 
 def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
     if not 1 <= connectivity <= max(mask.ndim, 1):
-        raise InputError(f"connectivity {connectivity} must be in 1..{mask.ndim} for {mask.ndim}D; "
-                         "pass 1 for face neighbours (4-connected in 2D)")
+        raise InputError(
+            f"connectivity {connectivity} must be in 1..{mask.ndim} for {mask.ndim}D; "
+            "pass 1 for face neighbours (4-connected in 2D)"
+        )
     labels = np.zeros(mask.shape, dtype=np.int64)
-    count = ndi.label(mask, structure=ndi.generate_binary_structure(mask.ndim, connectivity), output=labels)
+    count = ndi.label(
+        mask, structure=ndi.generate_binary_structure(mask.ndim, connectivity), output=labels
+    )
     return labels, int(count)
 
 
@@ -250,7 +293,9 @@ class Scores:
 
     @classmethod
     def of(cls, overlap: OverlapCounts, pairs: PairCounts) -> Scores:
-        return cls(overlap.pixel_error(), *pairs.rand(), *pairs.voi(), overlap.iou(), overlap.dice())
+        return cls(
+            overlap.pixel_error(), *pairs.rand(), *pairs.voi(), overlap.iou(), overlap.dice()
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,19 +324,34 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (``json.dumps(report.to_dict())``)."""
-        info = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("volume", "slices")}
-        return {**info, "z_range": list(self.z_range), "volume": asdict(self.volume),
-                "slices": [{"z": s.z, **asdict(s.scores)} for s in self.slices]}
+        info = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("volume", "slices")
+        }
+        return {
+            **info,
+            "z_range": list(self.z_range),
+            "volume": asdict(self.volume),
+            "slices": [{"z": s.z, **asdict(s.scores)} for s in self.slices],
+        }
 
     def to_table(self) -> str:
         """A plain-text table for the terminal: one row per slice, then the whole volume."""
-        head = (f"{self.prediction} vs {self.labels}: z {self.z_range[0]}:{self.z_range[1]}, foreground class "
-                f"{self.foreground_class}, {'2D' if self.per_slice else '3D'} instances, connectivity "
-                f"{self.connectivity}, predicted background as {self.seg_background}")
+        head = (
+            f"{self.prediction} vs {self.labels}: z {self.z_range[0]}:{self.z_range[1]}, foreground class "
+            f"{self.foreground_class}, {'2D' if self.per_slice else '3D'} instances, connectivity "
+            f"{self.connectivity}, predicted background as {self.seg_background}"
+        )
         names = [f.name for f in fields(Scores)]
         rows = [f"{'z':>6}" + "".join(f"{name:>15}" for name in names)]
-        for label, scores in [*((str(s.z), s.scores) for s in self.slices), ("volume", self.volume)]:
-            rows.append(f"{label:>6}" + "".join(f"{getattr(scores, name):>15.6f}" for name in names))
+        for label, scores in [
+            *((str(s.z), s.scores) for s in self.slices),
+            ("volume", self.volume),
+        ]:
+            rows.append(
+                f"{label:>6}" + "".join(f"{getattr(scores, name):>15.6f}" for name in names)
+            )
         return "\n".join([head, *rows])
 
 
@@ -305,9 +365,17 @@ class _Source:
     read: Callable[[int], np.ndarray]
 
 
-def evaluate(prediction: str | Path | np.ndarray, labels: str | Path | np.ndarray, *, foreground_class: int = 1,
-             num_classes: int | None = None, per_slice: bool = True, z_range: tuple[int, int] | None = None,
-             connectivity: int = 1, seg_background: SegBackground = "singletons") -> EvaluationReport:
+def evaluate(
+    prediction: str | Path | np.ndarray,
+    labels: str | Path | np.ndarray,
+    *,
+    foreground_class: int = 1,
+    num_classes: int | None = None,
+    per_slice: bool = True,
+    z_range: tuple[int, int] | None = None,
+    connectivity: int = 1,
+    seg_background: SegBackground = "singletons",
+) -> EvaluationReport:
     """Score a prediction against labels, slice by slice and for the whole ``z_range`` (half-open).
 
     Each input is a prediction group (its ``segmentation`` is read), a Zarr array, a TIFF stack
@@ -318,22 +386,48 @@ def evaluate(prediction: str | Path | np.ndarray, labels: str | Path | np.ndarra
     ``per_slice=False`` (3D components: the whole ``z_range`` is then read into memory).
     """
     with ExitStack() as stack:
-        pred, true = _open_source(prediction, "prediction", stack), _open_source(labels, "labels", stack)
+        pred, true = (
+            _open_source(prediction, "prediction", stack),
+            _open_source(labels, "labels", stack),
+        )
         if pred.shape != true.shape:
-            raise InputError(f"prediction {pred.name} has shape {pred.shape} but labels {true.name} have "
-                             f"{true.shape}; pass labels of the same (z, y, x) shape")
+            raise InputError(
+                f"prediction {pred.name} has shape {pred.shape} but labels {true.name} have "
+                f"{true.shape}; pass labels of the same (z, y, x) shape"
+            )
         z_begin, z_end = _check_z_range(z_range, pred.shape[0])
         classes = num_classes or pred.num_classes or true.num_classes or 2
-        planes = ((z, _foreground(pred.read(z), classes, foreground_class),
-                   _foreground(true.read(z), classes, foreground_class)) for z in range(z_begin, z_end))
-        slices, volume = _score(planes, per_slice=per_slice, connectivity=connectivity,
-                                seg_background=seg_background)
-    return EvaluationReport(pred.name, true.name, (z_begin, z_end), foreground_class, per_slice,
-                            connectivity, seg_background, volume, slices)
+        planes = (
+            (
+                z,
+                _foreground(pred.read(z), classes, foreground_class),
+                _foreground(true.read(z), classes, foreground_class),
+            )
+            for z in range(z_begin, z_end)
+        )
+        slices, volume = _score(
+            planes, per_slice=per_slice, connectivity=connectivity, seg_background=seg_background
+        )
+    return EvaluationReport(
+        pred.name,
+        true.name,
+        (z_begin, z_end),
+        foreground_class,
+        per_slice,
+        connectivity,
+        seg_background,
+        volume,
+        slices,
+    )
 
 
-def _score(planes: Iterator[tuple[int, np.ndarray, np.ndarray]], *, per_slice: bool, connectivity: int,
-           seg_background: SegBackground) -> tuple[tuple[SliceScores, ...], Scores]:
+def _score(
+    planes: Iterator[tuple[int, np.ndarray, np.ndarray]],
+    *,
+    per_slice: bool,
+    connectivity: int,
+    seg_background: SegBackground,
+) -> tuple[tuple[SliceScores, ...], Scores]:
     """Per-slice and whole-volume scores of ``(z, predicted foreground, true foreground)`` planes.
 
     2D instances: one plane in memory at a time, and the volume's counts are the sum of the
@@ -342,7 +436,8 @@ def _score(planes: Iterator[tuple[int, np.ndarray, np.ndarray]], *, per_slice: b
     label = partial(instances_from_binary, per_slice=per_slice, connectivity=connectivity)
     if per_slice:
         instances: Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (
-            (z, p, t, label(p), label(t)) for z, p, t in planes)
+            (z, p, t, label(p), label(t)) for z, p, t in planes
+        )
     else:
         zs, preds, trues = zip(*planes)
         seg, gt = label(np.stack(preds)), label(np.stack(trues))
@@ -369,8 +464,10 @@ def _foreground(values: np.ndarray, num_classes: int, foreground_class: int) -> 
 def _check_z_range(z_range: tuple[int, int] | None, depth: int) -> tuple[int, int]:
     begin, end = z_range if z_range is not None else (0, depth)
     if not 0 <= begin < end <= depth:
-        raise InputError(f"z range {begin}:{end} is not a non-empty part of the volume's {depth} slices; "
-                         f"pass BEGIN:END with 0 <= BEGIN < END <= {depth}")
+        raise InputError(
+            f"z range {begin}:{end} is not a non-empty part of the volume's {depth} slices; "
+            f"pass BEGIN:END with 0 <= BEGIN < END <= {depth}"
+        )
     return int(begin), int(end)
 
 
@@ -383,18 +480,28 @@ def _open_source(source: str | Path | np.ndarray, role: str, stack: ExitStack) -
         return _Source("array", tuple(planes.shape), None, lambda z: np.asarray(planes[z]))
     url = str(source)
     if not exists(url):
-        raise InputError(f"{role} {url} does not exist; pass a prediction group, a Zarr array or a TIFF stack")
+        raise InputError(
+            f"{role} {url} does not exist; pass a prediction group, a Zarr array or a TIFF stack"
+        )
     if not is_tiff(url) and isinstance(zarr.open(url, mode="r"), zarr.Group):
         dataset = open_prediction(url)
         if "segmentation" not in dataset:
-            raise InputError(f"{role} {url} is a Zarr group without a segmentation; pass a prediction group "
-                             "written by `unet-volume predict`, or one of its arrays")
+            raise InputError(
+                f"{role} {url} is a Zarr group without a segmentation; pass a prediction group "
+                "written by `unet-volume predict`, or one of its arrays"
+            )
         segmentation = dataset["segmentation"]
-        return _Source(url, tuple(segmentation.shape), int(dataset.sizes["class"]),
-                       lambda z: np.asarray(segmentation[z].values))
+        return _Source(
+            url,
+            tuple(segmentation.shape),
+            int(dataset.sizes["class"]),
+            lambda z: np.asarray(segmentation[z].values),
+        )
     volume = open_volume(url)
     if volume.channels != 1:
-        raise InputError(f"{role} {url} has {volume.channels} channels; pass one (z, y, x) label volume")
+        raise InputError(
+            f"{role} {url} has {volume.channels} channels; pass one (z, y, x) label volume"
+        )
     array = stack.enter_context(opened_array(volume.url, volume.kind))
     lead = (0,) * (array.ndim - 3)  # a (1, z, y, x) array's channel
     return _Source(url, volume.shape, None, lambda z: np.asarray(array[(*lead, z)]))

@@ -159,9 +159,7 @@ def layer_output_size(layer: nn.Module, size: int, axis: int) -> int | None:
     return out if out > 0 else None
 
 
-def sequence_output_size(
-    layers: Iterable[nn.Module], size: int | None, axis: int
-) -> int | None:
+def sequence_output_size(layers: Iterable[nn.Module], size: int | None, axis: int) -> int | None:
     """Output size of ``layers`` applied in order; None if one of them cannot take its input."""
     for layer in layers:
         if size is None:

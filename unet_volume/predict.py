@@ -31,8 +31,12 @@ from distributed import Client
 from tqdm.auto import tqdm
 
 from unet_volume import __version__
-from unet_volume.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_from_bytes, read_checkpoint_bytes
-from unet_volume.predictor import ModelPredictor
+from unet_volume.checkpoint import (
+    Checkpoint,
+    checkpoint_bytes,
+    checkpoint_from_bytes,
+    read_checkpoint_bytes,
+)
 from unet_volume.cluster import gpu_resources, map_bounded, open_client
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape, ceil_div
@@ -48,8 +52,16 @@ from unet_volume.prediction_store import (
     remove_output,
     volume_attrs,
 )
+from unet_volume.predictor import ModelPredictor
 from unet_volume.storage import Volume, absolute, open_volume
-from unet_volume.tiling import Block, TileGeometry, check_block_shape, count_blocks, plan_blocks, plan_tiles
+from unet_volume.tiling import (
+    Block,
+    TileGeometry,
+    check_block_shape,
+    count_blocks,
+    plan_blocks,
+    plan_tiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +69,7 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 """Input tile ``(c, z, y, x)`` -> probabilities ``(k, *output_shape)``."""
 
 DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
+
 
 @dataclass(frozen=True, slots=True)
 class RunReport:
@@ -77,7 +90,9 @@ class RunReport:
         return {**asdict(self), "voxels_per_second": self.voxels_per_second}
 
 
-def predict_tiles(data: np.ndarray, read_box: Box, write_box: Box, *, predictor: Predictor, geometry: TileGeometry) -> np.ndarray:
+def predict_tiles(
+    data: np.ndarray, read_box: Box, write_box: Box, *, predictor: Predictor, geometry: TileGeometry
+) -> np.ndarray:
     """Probabilities for ``write_box`` from ``data`` (the input over ``read_box``).
 
     Pure and idempotent: tiles start on the period lattice at ``write_box.begin``;
@@ -103,19 +118,30 @@ def predict_tiles(data: np.ndarray, read_box: Box, write_box: Box, *, predictor:
 
 
 def predict_block(
-    block: Block, *, volume: Volume, store: PredictionStore, predictor: Predictor, geometry: TileGeometry
+    block: Block,
+    *,
+    volume: Volume,
+    store: PredictionStore,
+    predictor: Predictor,
+    geometry: TileGeometry,
 ) -> dict[str, Any]:
     """One Dask task: read the block's read box, predict, write its chunks. Returns timings."""
     start = time.perf_counter()
     data = volume.read(block.read_box)
     read_s = time.perf_counter() - start
-    probs = predict_tiles(data, block.read_box, block.write_box, predictor=predictor, geometry=geometry)
+    probs = predict_tiles(
+        data, block.read_box, block.write_box, predictor=predictor, geometry=geometry
+    )
     predict_s = time.perf_counter() - start - read_s
     store.write(block.write_box, probs)
     return {
         "index": block.index,
         "voxels": block.write_box.size,
-        "seconds": {"read": read_s, "predict": predict_s, "write": time.perf_counter() - start - read_s - predict_s},
+        "seconds": {
+            "read": read_s,
+            "predict": predict_s,
+            "write": time.perf_counter() - start - read_s - predict_s,
+        },
     }
 
 
@@ -140,9 +166,16 @@ def run_prediction(
     total = count_blocks(volume.shape, block_shape)
     shared = client.scatter(predictor, broadcast=True, hash=False)
     results = map_bounded(
-        client, predict_block, plan_blocks(volume.shape, block_shape, geometry),
-        name=lambda block: "predict-block-" + "-".join(map(str, block.index)), window=max_in_flight,
-        resources=gpu_resources(client), volume=volume, store=store, predictor=shared, geometry=geometry,
+        client,
+        predict_block,
+        plan_blocks(volume.shape, block_shape, geometry),
+        name=lambda block: "predict-block-" + "-".join(map(str, block.index)),
+        window=max_in_flight,
+        resources=gpu_resources(client),
+        volume=volume,
+        store=store,
+        predictor=shared,
+        geometry=geometry,
     )
     voxels = 0
     stages: Counter[str] = Counter()
@@ -187,7 +220,10 @@ class PredictOptions:
 
 
 def plan_prediction(
-    model: UNet | str | Path, source: str | Path, output: str | Path, options: PredictOptions = PredictOptions()
+    model: UNet | str | Path,
+    source: str | Path,
+    output: str | Path,
+    options: PredictOptions = PredictOptions(),
 ) -> PredictionPlan:
     """Validate a run (see :func:`predict_volume`) without writing anything.
 
@@ -207,12 +243,17 @@ def plan_prediction(
     shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
     check_output(str(output), overwrite=options.overwrite)
     output_url = absolute(output)  # workers may not share our working directory
-    return PredictionPlan(checkpoint, info, volume, output_url, shape, geometry, dtype, options.overwrite,
-                          options.tta)
+    return PredictionPlan(
+        checkpoint, info, volume, output_url, shape, geometry, dtype, options.overwrite, options.tta
+    )
 
 
 def run_plan(
-    plan: PredictionPlan, client: Client, *, progress: bool = False, predictor: Predictor | None = None
+    plan: PredictionPlan,
+    client: Client,
+    *,
+    progress: bool = False,
+    predictor: Predictor | None = None,
 ) -> RunReport:
     """Create the output, run every block on ``client``, and mark the output complete.
 
@@ -232,8 +273,13 @@ def run_plan(
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
     try:
         report = run_prediction(
-            client, predictor=predictor, geometry=plan.geometry, volume=plan.volume,
-            store=store, block_shape=plan.block_shape, progress=progress,
+            client,
+            predictor=predictor,
+            geometry=plan.geometry,
+            volume=plan.volume,
+            store=store,
+            block_shape=plan.block_shape,
+            progress=progress,
         )
     except BaseException:
         remove_output(plan.output_url)  # no partial prediction left behind
@@ -277,22 +323,33 @@ def predict_volume(
 
     Everything is validated before anything is written (:func:`plan_prediction`).
     """
-    options = PredictOptions(block_shape, tile_shape, output_dtype, voxel_size, units, overwrite, tta)
+    options = PredictOptions(
+        block_shape, tile_shape, output_dtype, voxel_size, units, overwrite, tta
+    )
     plan = plan_prediction(model, source, output, options)
     with nullcontext(client) if client is not None else open_client() as active:
         return run_plan(plan, active, progress=progress)
 
 
 def plan_geometry(
-    info: Checkpoint, volume: Volume, block_shape: Sequence[int] | None, tile_shape: Sequence[int] | None
+    info: Checkpoint,
+    volume: Volume,
+    block_shape: Sequence[int] | None,
+    tile_shape: Sequence[int] | None,
 ) -> tuple[Shape, TileGeometry]:
     """Block shape (validated, clipped to the volume) and the tile geometry for it."""
-    period_geometry = TileGeometry.for_unet(info.config.ndim, info.config.depth, min_output=(1, 1, 1))
+    period_geometry = TileGeometry.for_unet(
+        info.config.ndim, info.config.depth, min_output=(1, 1, 1)
+    )
     wanted = tuple(block_shape) if block_shape is not None else DEFAULT_BLOCK[info.config.ndim]
     shape = check_block_shape(wanted, period_geometry)
     # No chunk larger than the volume (rounded up to the period) is useful.
-    shape = tuple(min(s, ceil_div(n, p) * p) for s, n, p in zip(shape, volume.shape, period_geometry.period))
-    geometry = TileGeometry.for_unet(info.config.ndim, info.config.depth, min_output=tile_shape or shape)
+    shape = tuple(
+        min(s, ceil_div(n, p) * p) for s, n, p in zip(shape, volume.shape, period_geometry.period)
+    )
+    geometry = TileGeometry.for_unet(
+        info.config.ndim, info.config.depth, min_output=tile_shape or shape
+    )
     return shape, geometry
 
 
@@ -306,8 +363,12 @@ def _run_attrs(plan: PredictionPlan) -> dict[str, Any]:
     info, geometry = plan.info, plan.geometry
     return {
         "version": __version__,
-        "model": {"config": info.config.to_dict(), "sha256": info.sha256, "num_params": info.num_params,
-                  "metadata": info.metadata},
+        "model": {
+            "config": info.config.to_dict(),
+            "sha256": info.sha256,
+            "num_params": info.num_params,
+            "metadata": info.metadata,
+        },
         "geometry": {
             "block_shape": list(plan.block_shape),
             "tile_input_shape": list(geometry.input_shape),

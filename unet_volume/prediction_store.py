@@ -131,7 +131,9 @@ def create_prediction(
     _write_coordinate(group, "class", np.arange(num_classes, dtype=np.int64), {})
     for axis, name in enumerate(DIMS):
         spacing = volume.voxel_size[axis] if volume.voxel_size else 1.0
-        units: dict[str, Any] = {"units": volume.units} if volume.voxel_size and volume.units else {}
+        units: dict[str, Any] = (
+            {"units": volume.units} if volume.voxel_size and volume.units else {}
+        )
         centres = np.arange(volume.shape[axis], dtype=np.float64) * spacing
         _write_coordinate(group, name, centres, units)
     group.attrs.update({ATTRS_KEY: {**attrs, "complete": False}})
@@ -142,7 +144,9 @@ def _encoding(output_dtype: str) -> str:
     return "p * 255, rounded" if output_dtype == "uint8" else "p"
 
 
-def _write_coordinate(group: zarr.Group, name: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
+def _write_coordinate(
+    group: zarr.Group, name: str, values: np.ndarray, attrs: dict[str, Any]
+) -> None:
     array = group.create_array(
         name, shape=values.shape, dtype=values.dtype, dimension_names=(name,), attributes=attrs
     )
@@ -165,7 +169,9 @@ def record_provenance(url: str, provenance: Mapping[str, Any]) -> None:
     """
     info = run_info(url)
     if info is None or not info.get("complete"):
-        raise InputError(f"{url} is not a finished prediction; record provenance after the run completes")
+        raise InputError(
+            f"{url} is not a finished prediction; record provenance after the run completes"
+        )
     _update_run_info(url, {"provenance": dict(provenance)})
 
 
@@ -230,4 +236,3 @@ def volume_attrs(volume: Volume) -> dict[str, Any]:
         "voxel_size": list(volume.voxel_size) if volume.voxel_size else None,
         "units": volume.units,
     }
-

@@ -51,8 +51,14 @@ def choose_slices(depth: int, count: int = 3) -> list[int]:
     return sorted({(2 * i * (depth - 1) + span) // (2 * span) for i in range(count)})
 
 
-def write_preview(image_url: str, prediction_url: str, out: str | Path, *,
-                  slices: Sequence[int] | None = None, max_side: int = 512) -> Path:
+def write_preview(
+    image_url: str,
+    prediction_url: str,
+    out: str | Path,
+    *,
+    slices: Sequence[int] | None = None,
+    max_side: int = 512,
+) -> Path:
     """Write one PNG previewing ``slices`` (default: first, middle, last) of a prediction.
 
     Everything is read and checked before anything is written, and the PNG is written to a
@@ -64,13 +70,17 @@ def write_preview(image_url: str, prediction_url: str, out: str | Path, *,
     dataset = open_prediction(prediction_url)
     shape = tuple(int(n) for n in dataset["segmentation"].shape)
     if shape != volume.shape:
-        raise InputError(f"prediction {prediction_url} has shape {shape} but input {image_url} has "
-                         f"{volume.shape}; pass the input the prediction was made from")
+        raise InputError(
+            f"prediction {prediction_url} has shape {shape} but input {image_url} has "
+            f"{volume.shape}; pass the input the prediction was made from"
+        )
     chosen = list(choose_slices(shape[0]) if slices is None else slices)
     bad = [z for z in chosen if not 0 <= z < shape[0]]
     if not chosen or bad:
-        raise InputError(f"slices {bad or chosen} are not in the volume (depth {shape[0]}); "
-                         f"pass z indices from 0 to {shape[0] - 1}")
+        raise InputError(
+            f"slices {bad or chosen} are not in the volume (depth {shape[0]}); "
+            f"pass z indices from 0 to {shape[0] - 1}"
+        )
     if max_side < 1:
         raise InputError(f"max_side {max_side} must be at least 1 pixel")
     stride = -(-max(shape[1:]) // max_side)  # ceil: ceil(n / stride) <= max_side
@@ -115,15 +125,26 @@ def _save(rows: list[Row], out: Path) -> Path:
         left = fig.add_axes((0.005, bottom, 0.49, panel_height / total))
         right = fig.add_axes((0.505, bottom, 0.49, panel_height / total))
         low, high = np.percentile(image, (1, 99))
-        left.imshow(image, cmap="gray", vmin=low, vmax=max(high, low + 1e-9), aspect="auto", interpolation="nearest")
+        left.imshow(
+            image,
+            cmap="gray",
+            vmin=low,
+            vmax=max(high, low + 1e-9),
+            aspect="auto",
+            interpolation="nearest",
+        )
         left.imshow(_overlay(segmentation), aspect="auto", interpolation="nearest")
-        right.imshow(foreground, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        right.imshow(
+            foreground, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest"
+        )
         left.set_title(f"z = {z}: input and segmentation", fontsize="small")
         right.set_title(f"z = {z}: foreground probability (0-1)", fontsize="small")
         left.set_axis_off()
         right.set_axis_off()
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")  # default permissions, unlike mkstemp
+    temporary = out.with_name(
+        f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    )  # default permissions, unlike mkstemp
     try:
         fig.savefig(temporary, format="png")
         os.replace(temporary, out)

@@ -53,13 +53,19 @@ class TrainingData:
     ) -> TrainingData:
         """Open and validate the volumes; ``z_range`` (half-open) restricts the region to slices."""
         image_volume, label_volume = open_volume(image), open_volume(labels)
-        extra = {name: open_volume(url) for name, url in (("weights", weights), ("mask", mask)) if url is not None}
+        extra = {
+            name: open_volume(url)
+            for name, url in (("weights", weights), ("mask", mask))
+            if url is not None
+        }
         for name, volume in (("labels", label_volume), *extra.items()):
             _check_same_shape(image_volume, volume, name)
         z0, z1 = z_range if z_range is not None else (0, image_volume.shape[0])
         if not 0 <= z0 < z1 <= image_volume.shape[0]:
-            raise InputError(f"z range {z0}:{z1} does not lie within the volume's {image_volume.shape[0]} "
-                             f"slices; pass BEGIN:END with 0 <= BEGIN < END <= {image_volume.shape[0]}")
+            raise InputError(
+                f"z range {z0}:{z1} does not lie within the volume's {image_volume.shape[0]} "
+                f"slices; pass BEGIN:END with 0 <= BEGIN < END <= {image_volume.shape[0]}"
+            )
         region = Box((z0, 0, 0), (z1, *image_volume.shape[1:]))
         return cls(image_volume, label_volume, region, extra.get("weights"), extra.get("mask"))
 
@@ -67,17 +73,28 @@ class TrainingData:
         """The same volumes, another slab of slices (e.g. a held-out validation region)."""
         z0, z1 = z_range
         if not 0 <= z0 < z1 <= self.image.shape[0]:
-            raise InputError(f"z range {z0}:{z1} does not lie within the volume's {self.image.shape[0]} slices")
-        return TrainingData(self.image, self.labels, Box((z0, 0, 0), (z1, *self.image.shape[1:])),
-                            self.weights, self.mask)
+            raise InputError(
+                f"z range {z0}:{z1} does not lie within the volume's {self.image.shape[0]} slices"
+            )
+        return TrainingData(
+            self.image,
+            self.labels,
+            Box((z0, 0, 0), (z1, *self.image.shape[1:])),
+            self.weights,
+            self.mask,
+        )
 
 
 def _check_same_shape(image: Volume, other: Volume, name: str) -> None:
     if image.shape != other.shape:
-        raise InputError(f"image {image.url} has shape {image.shape} but {name} {other.url} have "
-                         f"{other.shape}; pass {name} of the same (z, y, x) shape as the image")
+        raise InputError(
+            f"image {image.url} has shape {image.shape} but {name} {other.url} have "
+            f"{other.shape}; pass {name} of the same (z, y, x) shape as the image"
+        )
     if other.channels != 1:
-        raise InputError(f"{name} {other.url} have {other.channels} channels; pass one (z, y, x) volume")
+        raise InputError(
+            f"{name} {other.url} have {other.channels} channels; pass one (z, y, x) volume"
+        )
 
 
 @dataclass
@@ -89,7 +106,9 @@ class Patch:
 
     image: np.ndarray
     labels: np.ndarray  # int64 class indices
-    weights: np.ndarray  # float32 loss weight per voxel (mask applied; 1 where no weights are given)
+    weights: (
+        np.ndarray
+    )  # float32 loss weight per voxel (mask applied; 1 where no weights are given)
     context: tuple[int, ...] = (0, 0, 0)
 
 
@@ -100,37 +119,62 @@ class PatchSampler:
     DataLoader workers) and stay open (a TIFF is parsed once) until :meth:`close`.
     """
 
-    def __init__(self, data: TrainingData, geometry: TileGeometry, *, num_classes: int,
-                 context: tuple[int, ...] = (0, 0, 0)) -> None:
+    def __init__(
+        self,
+        data: TrainingData,
+        geometry: TileGeometry,
+        *,
+        num_classes: int,
+        context: tuple[int, ...] = (0, 0, 0),
+    ) -> None:
         if any(r < t for r, t in zip(data.region.shape, geometry.output_shape)):
-            raise InputError(f"the training region {data.region.shape} (z, y, x) is smaller than one tile "
-                             f"output {geometry.output_shape}; pass a smaller tile output or a wider z range")
+            raise InputError(
+                f"the training region {data.region.shape} (z, y, x) is smaller than one tile "
+                f"output {geometry.output_shape}; pass a smaller tile output or a wider z range"
+            )
         self.data, self.geometry, self.num_classes = data, geometry, num_classes
         self.context = tuple(context)
         self._arrays: dict[str, ArrayLike] | None = None
         self._stack: ExitStack | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"data": self.data, "geometry": self.geometry, "num_classes": self.num_classes,
-                "context": self.context}
+        return {
+            "data": self.data,
+            "geometry": self.geometry,
+            "num_classes": self.num_classes,
+            "context": self.context,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["data"], state["geometry"], num_classes=state["num_classes"],  # type: ignore[misc]
-                      context=state["context"])
+        self.__init__(
+            state["data"],
+            state["geometry"],
+            num_classes=state["num_classes"],  # type: ignore[misc]
+            context=state["context"],
+        )
 
     def _open(self) -> dict[str, ArrayLike]:
         if self._arrays is None:
             self._stack = ExitStack()
-            volumes = {"image": self.data.image, "labels": self.data.labels,
-                       "weights": self.data.weights, "mask": self.data.mask}
-            self._arrays = {name: self._stack.enter_context(opened_array(v.url, v.kind))
-                            for name, v in volumes.items() if v is not None}
+            volumes = {
+                "image": self.data.image,
+                "labels": self.data.labels,
+                "weights": self.data.weights,
+                "mask": self.data.mask,
+            }
+            self._arrays = {
+                name: self._stack.enter_context(opened_array(v.url, v.kind))
+                for name, v in volumes.items()
+                if v is not None
+            }
         return self._arrays
 
     def output_box(self, rng: np.random.Generator) -> Box:
         """A uniformly random tile output box inside the region."""
         region, shape = self.data.region, self.geometry.output_shape
-        begin = [int(rng.integers(b, e - s + 1)) for b, e, s in zip(region.begin, region.end, shape)]
+        begin = [
+            int(rng.integers(b, e - s + 1)) for b, e, s in zip(region.begin, region.end, shape)
+        ]
         return Box.from_shape(shape, begin=begin)
 
     def read(self, output_box: Box) -> Patch:
@@ -138,7 +182,9 @@ class PatchSampler:
         arrays = self._open()
         target_box = output_box.grow(self.context)
         image = read_box(arrays["image"], self.geometry.input_box(target_box)).astype(np.float32)
-        labels = to_classes(read_box(arrays["labels"], target_box)[0], self.num_classes, self.data.labels.url)
+        labels = to_classes(
+            read_box(arrays["labels"], target_box)[0], self.num_classes, self.data.labels.url
+        )
         weights = np.ones(target_box.shape, dtype=np.float32)
         if "weights" in arrays:
             weights = read_box(arrays["weights"], target_box)[0].astype(np.float32)
@@ -175,6 +221,8 @@ def to_classes(labels: np.ndarray, num_classes: int, source: str = "labels") -> 
     bad = (classes < 0) | (classes >= num_classes) | (classes != labels)
     if bad.any():
         value = labels[bad].flat[0].item()
-        raise InputError(f"labels {source} hold the value {value!r}, not a class index in [0, {num_classes}); "
-                         f"pass labels 0..{num_classes - 1}, or num_classes={int(labels.max()) + 1}")
+        raise InputError(
+            f"labels {source} hold the value {value!r}, not a class index in [0, {num_classes}); "
+            f"pass labels 0..{num_classes - 1}, or num_classes={int(labels.max()) + 1}"
+        )
     return classes

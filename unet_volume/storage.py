@@ -176,7 +176,11 @@ def open_volume(
 
 
 def _describe(
-    array: Any, url: str, kind: Literal["zarr", "tiff"], voxel_size: Sequence[float] | None, units: str | None
+    array: Any,
+    url: str,
+    kind: Literal["zarr", "tiff"],
+    voxel_size: Sequence[float] | None,
+    units: str | None,
 ) -> Volume:
     shape = tuple(int(s) for s in array.shape)
     if len(shape) not in (3, 4):
@@ -221,7 +225,9 @@ def opened_array(url: str, kind: str) -> Iterator[Any]:
     yield node
 
 
-def _stored_voxel_size(array: Any, url: str, kind: str) -> tuple[tuple[float, float, float] | None, str | None]:
+def _stored_voxel_size(
+    array: Any, url: str, kind: str
+) -> tuple[tuple[float, float, float] | None, str | None]:
     """Voxel size from Zarr attributes (``voxel_size``/``resolution``, ``units``) or ImageJ TIFF tags."""
     if kind == "tiff":
         return _tiff_voxel_size(url)
@@ -248,8 +254,13 @@ def _tiff_voxel_size(url: str) -> tuple[tuple[float, float, float] | None, str |
 
 
 def convert_to_zarr(
-    source: str | Path, out: str | Path, *, chunks: Sequence[int] = (1, 512, 512),
-    voxel_size: Sequence[float] | None = None, units: str | None = None, overwrite: bool = False,
+    source: str | Path,
+    out: str | Path,
+    *,
+    chunks: Sequence[int] = (1, 512, 512),
+    voxel_size: Sequence[float] | None = None,
+    units: str | None = None,
+    overwrite: bool = False,
 ) -> Volume:
     """Copy a volume (e.g. a TIFF stack) into a chunked Zarr v3 array with named dims and its voxel size.
 
@@ -260,17 +271,27 @@ def convert_to_zarr(
     volume = open_volume(source, voxel_size=voxel_size, units=units)
     out = str(out)
     if exists(out) and not overwrite:
-        raise InputError(f"output {out} already exists; pass overwrite=True (--overwrite) or another path")
+        raise InputError(
+            f"output {out} already exists; pass overwrite=True (--overwrite) or another path"
+        )
     remove_output(out)
     lead = (volume.channels,) if volume.channels > 1 else ()
-    names = ("c", "z", "y", "x")[-len(lead) - 3:]
+    names = ("c", "z", "y", "x")[-len(lead) - 3 :]
     chunk_shape = lead + tuple(min(c, n) for c, n in zip(chunks, volume.shape))
     depth, step = volume.shape[0], chunk_shape[len(lead)]
-    attrs = {"voxel_size": list(volume.voxel_size), "units": volume.units} if volume.voxel_size else {}
+    attrs = (
+        {"voxel_size": list(volume.voxel_size), "units": volume.units} if volume.voxel_size else {}
+    )
     try:
-        target = zarr.create_array(out, shape=lead + volume.shape, chunks=chunk_shape, dtype=volume.dtype,
-                                   dimension_names=names, attributes={**attrs, "source": volume.url},
-                                   compressors=BloscCodec(cname="zstd", clevel=3))
+        target = zarr.create_array(
+            out,
+            shape=lead + volume.shape,
+            chunks=chunk_shape,
+            dtype=volume.dtype,
+            dimension_names=names,
+            attributes={**attrs, "source": volume.url},
+            compressors=BloscCodec(cname="zstd", clevel=3),
+        )
         with opened_array(volume.url, volume.kind) as array:
             for z in range(0, depth, step):
                 slab = (..., slice(z, min(z + step, depth)), slice(None), slice(None))

@@ -31,7 +31,9 @@ class CropPredictor:
         return tile[(slice(None), *inner.to_slices())].astype(np.float64)
 
 
-def predict_whole(predictor: Callable[[np.ndarray], np.ndarray], array: ArrayLike, ndim: int, depth: int) -> np.ndarray:
+def predict_whole(
+    predictor: Callable[[np.ndarray], np.ndarray], array: ArrayLike, ndim: int, depth: int
+) -> np.ndarray:
     """The reference: one forward pass over the whole mirror-padded volume.
 
     The volume is padded by the margin on both sides (plus the few voxels that
@@ -44,7 +46,9 @@ def predict_whole(predictor: Callable[[np.ndarray], np.ndarray], array: ArrayLik
     return result[(slice(None), *Box.from_shape(shape).to_slices())]
 
 
-def blob_volume(shape: tuple[int, ...], *, seed: int = 0, channels: int | None = None) -> np.ndarray:
+def blob_volume(
+    shape: tuple[int, ...], *, seed: int = 0, channels: int | None = None
+) -> np.ndarray:
     """A synthetic uint8 volume: bright touching blobs over an intensity ramp.
 
     The ramp makes every voxel different (so misplaced tiles show), the blobs

@@ -128,7 +128,9 @@ class UNetShape:
         output = self.output_size(input_size)
         if output is not None:
             return output
-        above = self.input_for_output(self.min_output_at_least(max(input_size - 2 * self.margin, 1)))
+        above = self.input_for_output(
+            self.min_output_at_least(max(input_size - 2 * self.margin, 1))
+        )
         if above <= input_size:
             above += self.period
         below = above - self.period
@@ -161,7 +163,9 @@ class TileGeometry:
         if any((i - o) % 2 or o <= 0 for i, o in zip(self.input_shape, self.output_shape)):
             raise ValueError(f"tile {self.input_shape} -> {self.output_shape} is not centred")
         if any(o < p for o, p in zip(self.output_shape, self.period)):
-            raise ValueError(f"tile output {self.output_shape} is smaller than the period {self.period}")
+            raise ValueError(
+                f"tile output {self.output_shape} is smaller than the period {self.period}"
+            )
 
     @classmethod
     def for_unet(
@@ -271,7 +275,9 @@ def check_block_shape(block_shape: Sequence[int], geometry: TileGeometry) -> Sha
     return shape
 
 
-def plan_blocks(volume_shape: Sequence[int], block_shape: Sequence[int], geometry: TileGeometry) -> Iterator[Block]:
+def plan_blocks(
+    volume_shape: Sequence[int], block_shape: Sequence[int], geometry: TileGeometry
+) -> Iterator[Block]:
     """Blocks of ``block_shape`` covering a volume, lazily, in C order.
 
     Write boxes are disjoint, aligned to ``block_shape`` (so each is exactly one

@@ -71,10 +71,18 @@ class TrainReport:
         return self.steps / self.seconds if self.seconds > 0 else 0.0
 
 
-def augment_tile(patch: Patch, config: AugmentConfig, rng: np.random.Generator, *, ndim: int) -> Patch:
+def augment_tile(
+    patch: Patch, config: AugmentConfig, rng: np.random.Generator, *, ndim: int
+) -> Patch:
     """One random transform of the tile's image, labels and weights alike, cropped to the tile."""
-    image, targets = augment(patch.image, {"labels": patch.labels, "weights": patch.weights}, config, rng,
-                             ndim=ndim, context=patch.context)
+    image, targets = augment(
+        patch.image,
+        {"labels": patch.labels, "weights": patch.weights},
+        config,
+        rng,
+        ndim=ndim,
+        context=patch.context,
+    )
     return Patch(image, targets["labels"], targets["weights"])
 
 
@@ -85,8 +93,13 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     so runs are reproducible for a given number of workers.
     """
 
-    def __init__(self, sampler: PatchSampler, config: TrainConfig, normalization: tuple[float, float],
-                 class_weights: np.ndarray) -> None:
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        config: TrainConfig,
+        normalization: tuple[float, float],
+        class_weights: np.ndarray,
+    ) -> None:
         self.sampler, self.config = sampler, config
         self.mean, self.std = normalization
         self.class_weights = class_weights.astype(np.float32)
@@ -95,7 +108,9 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         info = get_worker_info()
         rng = np.random.default_rng([self.config.seed, 0 if info is None else info.id + 1])
         while True:
-            patch = augment_tile(self.sampler.sample(rng), self.config.augmentation(), rng, ndim=self.config.ndim)
+            patch = augment_tile(
+                self.sampler.sample(rng), self.config.augmentation(), rng, ndim=self.config.ndim
+            )
             weights = patch.weights
             if self.sampler.data.weights is None:  # no weight map: balance classes per voxel
                 weights = weights * self.class_weights[patch.labels]
@@ -103,21 +118,26 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             yield torch.from_numpy(image), torch.from_numpy(patch.labels), torch.from_numpy(weights)
 
 
-def to_batch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ndim: int) -> tuple[torch.Tensor, ...]:
+def to_batch(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ndim: int
+) -> tuple[torch.Tensor, ...]:
     """Collated tiles ``(b, c, z, y, x)`` -> network batches; a 2D net takes slices as batch items."""
     if ndim == 2:
         return x.permute(0, 2, 1, 3, 4).flatten(0, 1), y.flatten(0, 1), w.flatten(0, 1)
     return x, y, w
 
 
-def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """``sum w * CE / sum w``: the paper's weighted soft-max loss, independent of tile size."""
     ce = F.cross_entropy(logits.float(), target, reduction="none")
     return (ce * weights).sum() / weights.sum().clamp_min(1e-8)
 
 
-def estimate_statistics(sampler: PatchSampler, rng: np.random.Generator, *,
-                        patches: int = STATISTICS_PATCHES) -> tuple[float, float, np.ndarray]:
+def estimate_statistics(
+    sampler: PatchSampler, rng: np.random.Generator, *, patches: int = STATISTICS_PATCHES
+) -> tuple[float, float, np.ndarray]:
     """Image mean and std and per-class voxel counts (annotated voxels), from random tiles.
 
     Also checks the labels of those tiles before any training.
@@ -154,7 +174,9 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 
 def use_all_cores() -> None:
     """Give torch every usable core, unless the user chose a thread count (OMP_NUM_THREADS)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
 
@@ -164,9 +186,17 @@ def state_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".state.pt")
 
 
-def train(image: str | Path, labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig(),
-          *, weights: str | Path | None = None, mask: str | Path | None = None,
-          resume: str | Path | None = None, progress: bool = False) -> TrainReport:
+def train(
+    image: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    weights: str | Path | None = None,
+    mask: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = False,
+) -> TrainReport:
     """Train a U-Net on random tiles of ``image`` against ``labels``; checkpoint to ``out``.
 
     ``weights`` is a per-voxel loss-weight volume, ``mask`` an annotation mask; ``resume``
@@ -180,20 +210,31 @@ def train(image: str | Path, labels: str | Path, out: str | Path, config: TrainC
     sampler = PatchSampler(data, geometry, num_classes=config.num_classes, context=_frame(context))
     validation = None
     if config.validation_z_range is not None:
-        validation = PatchSampler(data.with_region(config.validation_z_range), geometry,
-                                  num_classes=config.num_classes)
+        validation = PatchSampler(
+            data.with_region(config.validation_z_range), geometry, num_classes=config.num_classes
+        )
     previous = _read_resume(resume, config) if resume is not None else None
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     use_all_cores()
     if previous is not None:
-        model, normalization, balance = previous["model"], previous["normalization"], previous["balance"]
+        model, normalization, balance = (
+            previous["model"],
+            previous["normalization"],
+            previous["balance"],
+        )
     else:
         mean, std, counts = estimate_statistics(sampler, rng)
         normalization = (mean, std)
         balance = class_weights(counts) if config.class_balance else np.ones(config.num_classes)
-        model = UNet(in_channels=data.image.channels, num_classes=config.num_classes, depth=config.depth,
-                     base_channels=config.base_channels, ndim=config.ndim, dropout=config.dropout)
+        model = UNet(
+            in_channels=data.image.channels,
+            num_classes=config.num_classes,
+            depth=config.depth,
+            base_channels=config.base_channels,
+            ndim=config.ndim,
+            dropout=config.dropout,
+        )
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
     loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
     if previous is not None:
@@ -218,23 +259,41 @@ def _read_resume(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
     wanted = (config.ndim, config.depth, config.num_classes)
     found = (checkpoint.config.ndim, checkpoint.config.depth, checkpoint.config.num_classes)
     if found != wanted:
-        raise InputError(f"checkpoint {resume} is a (ndim, depth, classes) = {found} model but the run asks "
-                         f"for {wanted}; pass matching --ndim/--depth/--classes or start a new run")
+        raise InputError(
+            f"checkpoint {resume} is a (ndim, depth, classes) = {found} model but the run asks "
+            f"for {wanted}; pass matching --ndim/--depth/--classes or start a new run"
+        )
     norm = checkpoint.metadata.get("normalization")
     if not norm:
-        raise CheckpointError(f"checkpoint {resume} has no normalization; it was not written by training")
+        raise CheckpointError(
+            f"checkpoint {resume} has no normalization; it was not written by training"
+        )
     path = state_path(Path(resume))
     state = torch.load(path, weights_only=True) if path.exists() else {}
-    balance = np.asarray(checkpoint.metadata.get("training", {}).get("class_weights", [1.0] * config.num_classes))
-    return {"model": checkpoint.to_model(), "normalization": (float(norm["mean"]), float(norm["std"])),
-            "balance": balance, "state": state}
+    balance = np.asarray(
+        checkpoint.metadata.get("training", {}).get("class_weights", [1.0] * config.num_classes)
+    )
+    return {
+        "model": checkpoint.to_model(),
+        "normalization": (float(norm["mean"]), float(norm["std"])),
+        "balance": balance,
+        "state": state,
+    }
 
 
 class _Loop:
     """The optimisation loop and its bookkeeping (curve, clock, checkpoints)."""
 
-    def __init__(self, model: UNet, config: TrainConfig, sampler: PatchSampler, validation: PatchSampler | None,
-                 normalization: tuple[float, float], balance: np.ndarray, out: Path) -> None:
+    def __init__(
+        self,
+        model: UNet,
+        config: TrainConfig,
+        sampler: PatchSampler,
+        validation: PatchSampler | None,
+        normalization: tuple[float, float],
+        balance: np.ndarray,
+        out: Path,
+    ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).train()
         self.config, self.sampler, self.validation, self.out = config, sampler, validation, out
@@ -253,8 +312,12 @@ class _Loop:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         stream = TileStream(self.sampler, self.config, self.normalization, self.balance)
-        loader = DataLoader(stream, batch_size=self.config.batch_size, num_workers=self.config.loader_workers,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            stream,
+            batch_size=self.config.batch_size,
+            num_workers=self.config.loader_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         for x, y, w in loader:
             yield to_batch(x, y, w, self.config.ndim)
 
@@ -270,13 +333,21 @@ class _Loop:
 
     def progress(self) -> float:
         c, done = self.config, len(self.curve.losses)
-        fractions = [done / c.steps if c.steps else 0.0, self.seconds / (60 * c.minutes) if c.minutes else 0.0]
+        fractions = [
+            done / c.steps if c.steps else 0.0,
+            self.seconds / (60 * c.minutes) if c.minutes else 0.0,
+        ]
         return max(fractions)
 
     def run(self, show_progress: bool) -> TrainReport:
         start = time.perf_counter() - self.seconds
-        bar = tqdm(total=self.config.steps, initial=len(self.curve.losses), disable=not show_progress,
-                   desc="train", unit="step")
+        bar = tqdm(
+            total=self.config.steps,
+            initial=len(self.curve.losses),
+            disable=not show_progress,
+            desc="train",
+            unit="step",
+        )
         with bar:
             for x, y, w in self.batches():
                 if self.progress() >= 1.0:
@@ -289,7 +360,9 @@ class _Loop:
                 self.after_step(bar)
         if len(self.curve.losses) % self.config.checkpoint_every:  # else just saved
             self.save()
-        return TrainReport(len(self.curve.losses), self.seconds, self.final_loss(), self.out, self.curve)
+        return TrainReport(
+            len(self.curve.losses), self.seconds, self.final_loss(), self.out, self.curve
+        )
 
     def after_step(self, bar: tqdm) -> None:
         n = len(self.curve.losses)
@@ -298,7 +371,9 @@ class _Loop:
             log.info("step %d: loss %.4f (mean of last %d)", n, self.final_loss(), LOG_EVERY)
         if self.validation is not None and n % self.config.validate_every == 0:
             scores = self.validate()
-            bar.set_postfix(loss=f"{self.final_loss():.4f}", val_error=f"{scores['pixel_error']:.4f}")
+            bar.set_postfix(
+                loss=f"{self.final_loss():.4f}", val_error=f"{scores['pixel_error']:.4f}"
+            )
         if n % self.config.checkpoint_every == 0:
             self.save()
 
@@ -313,7 +388,10 @@ class _Loop:
         for box in boxes:
             patch = self.validation.read(box)
             image = torch.from_numpy((patch.image - mean) / std)[None]
-            labels, weights = torch.from_numpy(patch.labels)[None], torch.from_numpy(patch.weights)[None]
+            labels, weights = (
+                torch.from_numpy(patch.labels)[None],
+                torch.from_numpy(patch.weights)[None],
+            )
             x, y, w = to_batch(image, labels, weights, self.config.ndim)
             logits = self.model(x.to(self.device))
             loss += float(weighted_cross_entropy(logits, y.to(self.device), w.to(self.device)))
@@ -321,11 +399,18 @@ class _Loop:
             errors += float(((logits.argmax(1) != y.to(self.device)) & annotated).sum())
             voxels += float(annotated.sum())
         self.model.train()
-        scores = {"step": float(len(self.curve.losses)), "loss": loss / len(boxes),
-                  "pixel_error": errors / max(voxels, 1.0)}
+        scores = {
+            "step": float(len(self.curve.losses)),
+            "loss": loss / len(boxes),
+            "pixel_error": errors / max(voxels, 1.0),
+        }
         self.curve.validation.append(scores)
-        log.info("step %d: validation loss %.4f, pixel error %.4f", scores["step"], scores["loss"],
-                 scores["pixel_error"])
+        log.info(
+            "step %d: validation loss %.4f, pixel error %.4f",
+            scores["step"],
+            scores["loss"],
+            scores["pixel_error"],
+        )
         return scores
 
     def final_loss(self) -> float:
@@ -349,10 +434,13 @@ class _Loop:
             "normalization": {"mean": mean, "std": std},
             "classes": BINARY_CLASSES if k == 2 else [str(i) for i in range(k)],
             "training": {
-                "config": self.config.to_dict(), "learning_rate": self.config.resolved_learning_rate(),
+                "config": self.config.to_dict(),
+                "learning_rate": self.config.resolved_learning_rate(),
                 "class_weights": [float(w) for w in self.balance],
-                "image": self.sampler.data.image.url, "labels": self.sampler.data.labels.url,
-                "steps": len(self.curve.losses), "seconds": round(self.seconds, 3),
+                "image": self.sampler.data.image.url,
+                "labels": self.sampler.data.labels.url,
+                "steps": len(self.curve.losses),
+                "seconds": round(self.seconds, 3),
                 "final_loss": self.final_loss(),
                 "validation": self.curve.validation[-1] if self.curve.validation else None,
             },

@@ -57,35 +57,58 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Everything checked here, once, so a bad value fails before any data is read.
-        for name, low in (("base_channels", 1), ("depth", 1), ("batch_size", 1), ("checkpoint_every", 1),
-                          ("seed", 0), ("validate_every", 1), ("validation_tiles", 1), ("loader_workers", 0)):
-            if not (_is_number(value := getattr(self, name)) and isinstance(value, int) and value >= low):
+        for name, low in (
+            ("base_channels", 1),
+            ("depth", 1),
+            ("batch_size", 1),
+            ("checkpoint_every", 1),
+            ("seed", 0),
+            ("validate_every", 1),
+            ("validation_tiles", 1),
+            ("loader_workers", 0),
+        ):
+            if not (
+                _is_number(value := getattr(self, name)) and isinstance(value, int) and value >= low
+            ):
                 raise InputError(f"{name} must be an int >= {low}, got {value!r}")
         if self.ndim not in (2, 3):
             raise InputError(f"ndim must be 2 or 3, got {self.ndim!r}; pass ndim=2 (slices) or 3")
         if not _positive_int(self.num_classes) or self.num_classes < 2:
-            raise InputError(f"num_classes must be an int >= 2, got {self.num_classes!r}; pass 2 for binary")
+            raise InputError(
+                f"num_classes must be an int >= 2, got {self.num_classes!r}; pass 2 for binary"
+            )
         if self.optimizer not in DEFAULT_LEARNING_RATE:
             raise InputError(f"optimizer {self.optimizer!r} is unknown; pass 'adam' or 'sgd'")
         if self.augment not in ("none", "plain", "paper"):
-            raise InputError(f"augment {self.augment!r} is unknown; pass 'none', 'plain' (flips and right-angle "
-                             "turns) or 'paper' (elastic deformation, rotations, flips, gray values)")
+            raise InputError(
+                f"augment {self.augment!r} is unknown; pass 'none', 'plain' (flips and right-angle "
+                "turns) or 'paper' (elastic deformation, rotations, flips, gray values)"
+            )
         if self.lr_schedule not in ("constant", "cosine"):
-            raise InputError(f"lr_schedule {self.lr_schedule!r} is unknown; pass 'constant' or 'cosine'")
-        if self.learning_rate is not None and not (_is_number(self.learning_rate) and self.learning_rate > 0):
+            raise InputError(
+                f"lr_schedule {self.lr_schedule!r} is unknown; pass 'constant' or 'cosine'"
+            )
+        if self.learning_rate is not None and not (
+            _is_number(self.learning_rate) and self.learning_rate > 0
+        ):
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate!r}; e.g. 1e-3")
         if not (_is_number(self.dropout) and 0 <= self.dropout < 1):
             raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}; pass 0.5 or 0")
         self._check_stopping()
         object.__setattr__(self, "tile_output", self._checked_tile_output())
         object.__setattr__(self, "z_range", _checked_z_range(self.z_range, "z_range"))
-        object.__setattr__(self, "validation_z_range",
-                           _checked_z_range(self.validation_z_range, "validation_z_range"))
+        object.__setattr__(
+            self,
+            "validation_z_range",
+            _checked_z_range(self.validation_z_range, "validation_z_range"),
+        )
 
     def _check_stopping(self) -> None:
         if self.steps is None and self.minutes is None:
-            raise InputError("no stopping criterion: steps and minutes are both None; "
-                             "pass steps=1000 or minutes=3")
+            raise InputError(
+                "no stopping criterion: steps and minutes are both None; "
+                "pass steps=1000 or minutes=3"
+            )
         if self.steps is not None and not _positive_int(self.steps):
             raise InputError(f"steps must be an int >= 1 or None, got {self.steps!r}")
         if self.minutes is not None and not (_is_number(self.minutes) and self.minutes > 0):
@@ -94,11 +117,15 @@ class TrainConfig:
     def _checked_tile_output(self) -> tuple[int, int, int]:
         shape = tuple(self.tile_output)
         if len(shape) != 3 or not all(_positive_int(s) for s in shape):
-            raise InputError(f"tile_output {shape} must be 3 positive ints (z, y, x), e.g. (1, 132, 132)")
+            raise InputError(
+                f"tile_output {shape} must be 3 positive ints (z, y, x), e.g. (1, 132, 132)"
+            )
         geometry = self.geometry()
         if geometry.output_shape != shape:
-            raise InputError(f"tile_output {shape} is not a valid output of a {self.ndim}D depth-{self.depth} "
-                             f"U-Net; the nearest valid one above is {geometry.output_shape}: pass that")
+            raise InputError(
+                f"tile_output {shape} is not a valid output of a {self.ndim}D depth-{self.depth} "
+                f"U-Net; the nearest valid one above is {geometry.output_shape}: pass that"
+            )
         return shape
 
     def geometry(self) -> TileGeometry:
@@ -110,7 +137,11 @@ class TrainConfig:
 
     def augmentation(self) -> AugmentConfig:
         """The augmentation recipe: none, plain (flips + right-angle turns) or the paper's."""
-        return {"none": AugmentConfig.none(), "plain": AugmentConfig.plain(), "paper": AugmentConfig()}[self.augment]
+        return {
+            "none": AugmentConfig.none(),
+            "plain": AugmentConfig.plain(),
+            "paper": AugmentConfig(),
+        }[self.augment]
 
     def learning_rate_at(self, progress: float) -> float:
         """The learning rate at ``progress`` in [0, 1] of the run (steps or time, whichever is further).
@@ -125,7 +156,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists) for the checkpoint's metadata."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def _checked_z_range(value: tuple[int, int] | None, name: str) -> tuple[int, int] | None:

@@ -80,14 +80,20 @@ class WeightMapConfig:
         if self.ndim not in (2, 3):
             raise InputError(f"weight map ndim {self.ndim!r} must be 2 (per z slice) or 3")
         if not (0 < self.sigma < math.inf and 0 <= self.w0 < math.inf):
-            raise InputError(f"weight map needs sigma > 0 and w0 >= 0, got sigma={self.sigma}, w0={self.w0}")
-        for name, count, example in (("voxel_size", 3, "(z, y, x), e.g. (50, 4, 4)"),
-                                     ("class_weights", 2, "(background, foreground)")):
+            raise InputError(
+                f"weight map needs sigma > 0 and w0 >= 0, got sigma={self.sigma}, w0={self.w0}"
+            )
+        for name, count, example in (
+            ("voxel_size", 3, "(z, y, x), e.g. (50, 4, 4)"),
+            ("class_weights", 2, "(background, foreground)"),
+        ):
             value = getattr(self, name)
             if value is not None:
                 numbers = tuple(float(v) for v in value)
                 if len(numbers) != count or not all(0 < v < math.inf for v in numbers):
-                    raise InputError(f"{name} {tuple(value)} must be {count} positive numbers {example}")
+                    raise InputError(
+                        f"{name} {tuple(value)} must be {count} positive numbers {example}"
+                    )
                 object.__setattr__(self, name, numbers)
 
     @property
@@ -159,11 +165,17 @@ def balanced_class_weights(foreground: int, total: int) -> tuple[float, float]:
     (0.6666666666666666, 2.0)
     """
     background = total - foreground
-    return (total / (2.0 * background) if background else 1.0, total / (2.0 * foreground) if foreground else 1.0)
+    return (
+        total / (2.0 * background) if background else 1.0,
+        total / (2.0 * foreground) if foreground else 1.0,
+    )
 
 
 def weight_map(
-    labels: np.ndarray, config: WeightMapConfig, class_weights: tuple[float, float] | None = None, *,
+    labels: np.ndarray,
+    config: WeightMapConfig,
+    class_weights: tuple[float, float] | None = None,
+    *,
     write_box: Box | None = None,
 ) -> np.ndarray:
     """The loss weights (float32) of ``labels`` ``(z, y, x)``, or of a ``(y, x)`` slice with ``ndim=2``.
@@ -174,14 +186,24 @@ def weight_map(
     """
     volume = labels[np.newaxis] if labels.ndim == 2 and config.ndim == 2 else labels
     if volume.ndim != 3:
-        raise InputError(f"labels have shape {labels.shape}; pass (z, y, x) labels, or a (y, x) slice with ndim=2")
+        raise InputError(
+            f"labels have shape {labels.shape}; pass (z, y, x) labels, or a (y, x) slice with ndim=2"
+        )
     box = write_box or Box.from_shape(volume.shape)
     inner = box.to_slices()
     cells = cell_labels(volume, config)
     target = (cells != 0) & ~separation_borders(cells, config.ndim)
-    weights = class_weights or config.class_weights or balanced_class_weights(int(target[inner].sum()), box.size)
-    if min(weights) < config.weight_floor:  # the cutoff (and the halo) assume weights above the floor
-        raise InputError(f"class weights {weights} lie below {config.weight_floor}; set WeightMapConfig.class_weights")
+    weights = (
+        class_weights
+        or config.class_weights
+        or balanced_class_weights(int(target[inner].sum()), box.size)
+    )
+    if (
+        min(weights) < config.weight_floor
+    ):  # the cutoff (and the halo) assume weights above the floor
+        raise InputError(
+            f"class weights {weights} lie below {config.weight_floor}; set WeightMapConfig.class_weights"
+        )
     result = np.where(target[inner], weights[1], weights[0])
     if config.w0 > 0 and not box.is_empty():
         cells = np.where(target, cells, 0)
@@ -194,10 +216,14 @@ def weight_map(
     return result.astype(np.float32).reshape(labels.shape if write_box is None else box.shape)
 
 
-def border_term(cells: np.ndarray, config: WeightMapConfig, wanted: np.ndarray | None = None) -> np.ndarray:
+def border_term(
+    cells: np.ndarray, config: WeightMapConfig, wanted: np.ndarray | None = None
+) -> np.ndarray:
     """``w0 exp(-(d1 + d2)**2 / (2 sigma**2))`` at wanted background voxels of ``cells`` (2D or 3D), else 0."""
     cutoff, background = cutoff_distance(config), cells == 0
-    d1, d2 = two_nearest_distances(cells, config.sampling, cutoff, background & (True if wanted is None else wanted))
+    d1, d2 = two_nearest_distances(
+        cells, config.sampling, cutoff, background & (True if wanted is None else wanted)
+    )
     term = np.zeros(cells.shape)
     near = background & (d1 + d2 <= cutoff)
     term[near] = config.w0 * np.exp(-((d1[near] + d2[near]) ** 2) / (2.0 * config.sigma**2))
@@ -234,7 +260,12 @@ def two_nearest_distances(
 
 
 def _merge_cell(
-    cells: np.ndarray, label: int, box: Box, grow: Shape, sampling: Sequence[float], pending: np.ndarray,
+    cells: np.ndarray,
+    label: int,
+    box: Box,
+    grow: Shape,
+    sampling: Sequence[float],
+    pending: np.ndarray,
     nearest: tuple[np.ndarray, np.ndarray],
 ) -> None:
     """Merge the distances to cell ``label`` into ``nearest`` (d1, d2) at pending voxels within ``grow``.
@@ -247,7 +278,9 @@ def _merge_cell(
         return
     axes = range(here.ndim)
     spans = [np.flatnonzero(here.any(axis=tuple(b for b in axes if b != a))) for a in axes]
-    points = Box(tuple(int(s[0]) for s in spans), tuple(int(s[-1]) + 1 for s in spans)).shift(reach.begin)
+    points = Box(tuple(int(s[0]) for s in spans), tuple(int(s[-1]) + 1 for s in spans)).shift(
+        reach.begin
+    )
     part = box.intersect(points.grow(grow))
     window = points.hull(part).to_slices()
     outside = cells[window] != label
@@ -285,8 +318,14 @@ class WeightReport:
 
 
 def compute_weight_volume(
-    labels_url: str, out_url: str, config: WeightMapConfig, *, chunk_shape: Sequence[int], client: Client,
-    overwrite: bool = False, balance_z_range: tuple[int, int] | None = None,
+    labels_url: str,
+    out_url: str,
+    config: WeightMapConfig,
+    *,
+    chunk_shape: Sequence[int],
+    client: Client,
+    overwrite: bool = False,
+    balance_z_range: tuple[int, int] | None = None,
 ) -> WeightReport:
     """Write the weight map of the labels at ``labels_url`` as a float32 Zarr v3 array at ``out_url``.
 
@@ -297,33 +336,66 @@ def compute_weight_volume(
     otherwise label it first. ``balance_z_range`` (half-open) counts the class frequencies over those slices
     only, e.g. the training region, so that held-out slices stay unseen. A failed run leaves no output.
     """
-    start, given, out_url = time.perf_counter(), str(out_url), absolute(out_url)  # workers: another cwd
+    start, given, out_url = (
+        time.perf_counter(),
+        str(out_url),
+        absolute(out_url),
+    )  # workers: another cwd
     volume = _open_labels(str(labels_url))
     chunks = tuple(int(c) for c in chunk_shape)
     if len(chunks) != 3 or min(chunks) < 1:
-        raise InputError(f"chunk shape {tuple(chunk_shape)} must be 3 positive ints (z, y, x), e.g. (64, 64, 64)")
+        raise InputError(
+            f"chunk shape {tuple(chunk_shape)} must be 3 positive ints (z, y, x), e.g. (64, 64, 64)"
+        )
     chunks = tuple(min(c, n) for c, n in zip(chunks, volume.shape))
     prediction_store.check_output(given, overwrite=overwrite)
     boxes = [box for _, box in volume.box.grid(chunks)]
-    config = _resolve_binary(config, _run_blocks(client, _label_range, boxes, volume=volume), volume, chunks)
+    config = _resolve_binary(
+        config, _run_blocks(client, _label_range, boxes, volume=volume), volume, chunks
+    )
     region = _balance_region(volume.box, balance_z_range)
     counted = [box.intersect(region) for box in boxes if not box.intersect(region).is_empty()]
     weights = config.class_weights or balanced_class_weights(
-        sum(_run_blocks(client, _count_target, counted, volume=volume, config=config)), region.size)
+        sum(_run_blocks(client, _count_target, counted, volume=volume, config=config)), region.size
+    )
     halo = halo_for(config)
     prediction_store.prepare_output(out_url, overwrite=overwrite)
-    attrs = {**asdict(config), "class_weights": list(weights), "halo": list(halo), "labels": volume.url,
-             "cutoff": cutoff_distance(config), "tolerance": TOLERANCE, "border": "background (0) outside the volume"}
-    zarr.create_array(out_url, shape=volume.shape, chunks=chunks, dtype="float32", fill_value=0.0,
-                      compressors=[prediction_store.COMPRESSOR], dimension_names=prediction_store.DIMS,
-                      attributes={"long_name": "loss weight", prediction_store.ATTRS_KEY: {"weights": attrs}})
+    attrs = {
+        **asdict(config),
+        "class_weights": list(weights),
+        "halo": list(halo),
+        "labels": volume.url,
+        "cutoff": cutoff_distance(config),
+        "tolerance": TOLERANCE,
+        "border": "background (0) outside the volume",
+    }
+    zarr.create_array(
+        out_url,
+        shape=volume.shape,
+        chunks=chunks,
+        dtype="float32",
+        fill_value=0.0,
+        compressors=[prediction_store.COMPRESSOR],
+        dimension_names=prediction_store.DIMS,
+        attributes={"long_name": "loss weight", prediction_store.ATTRS_KEY: {"weights": attrs}},
+    )
     try:
-        spent = _run_blocks(client, _weigh_block, boxes, volume=volume, out_url=out_url, config=config,
-                            class_weights=weights, halo=halo)
+        spent = _run_blocks(
+            client,
+            _weigh_block,
+            boxes,
+            volume=volume,
+            out_url=out_url,
+            config=config,
+            class_weights=weights,
+            halo=halo,
+        )
     except BaseException:
         prediction_store.remove_output(out_url)  # no partial weights left behind
         raise
-    return WeightReport(out_url, len(boxes), volume.box.size, time.perf_counter() - start, weights, halo, sum(spent))
+    return WeightReport(
+        out_url, len(boxes), volume.box.size, time.perf_counter() - start, weights, halo, sum(spent)
+    )
 
 
 def _balance_region(volume: Box, z_range: tuple[int, int] | None) -> Box:
@@ -332,31 +404,41 @@ def _balance_region(volume: Box, z_range: tuple[int, int] | None) -> Box:
         return volume
     begin, end = z_range
     if not 0 <= begin < end <= volume.shape[0]:
-        raise InputError(f"class-balance z range {begin}:{end} is not a non-empty part of the labels' "
-                         f"{volume.shape[0]} slices; pass BEGIN:END with 0 <= BEGIN < END <= {volume.shape[0]}")
+        raise InputError(
+            f"class-balance z range {begin}:{end} is not a non-empty part of the labels' "
+            f"{volume.shape[0]} slices; pass BEGIN:END with 0 <= BEGIN < END <= {volume.shape[0]}"
+        )
     return Box((begin, *volume.begin[1:]), (end, *volume.end[1:]))
 
 
 def _open_labels(url: str) -> Volume:
     volume = open_volume(url)  # raises for a missing, unreadable, empty or wrongly ranked input
     if volume.channels != 1 or np.dtype(volume.dtype).kind not in "ui":
-        raise InputError(f"labels {url} have {volume.channels} channel(s) of {np.dtype(volume.dtype)}; pass one "
-                         "(z, y, x) volume of integer labels (0 = background, cells 1..n) or a 0/1 mask")
+        raise InputError(
+            f"labels {url} have {volume.channels} channel(s) of {np.dtype(volume.dtype)}; pass one "
+            "(z, y, x) volume of integer labels (0 = background, cells 1..n) or a 0/1 mask"
+        )
     return volume
 
 
-def _resolve_binary(config: WeightMapConfig, ranges: list[tuple[int, float, int]], volume: Volume,
-                    chunks: Shape) -> WeightMapConfig:
+def _resolve_binary(
+    config: WeightMapConfig, ranges: list[tuple[int, float, int]], volume: Volume, chunks: Shape
+) -> WeightMapConfig:
     """``config`` with ``binary`` decided by the whole volume's (min, min nonzero, max) labels; checks chunks."""
-    lowest, lowest_nonzero, highest = (f(r[i] for r in ranges) for i, f in enumerate((min, min, max)))
+    lowest, lowest_nonzero, highest = (
+        f(r[i] for r in ranges) for i, f in enumerate((min, min, max))
+    )
     if lowest < 0:
-        raise InputError(f"labels {volume.url} hold negative values (min {lowest}); pass 0 = background, cells 1..n")
+        raise InputError(
+            f"labels {volume.url} hold negative values (min {lowest}); pass 0 = background, cells 1..n"
+        )
     binary = config.binary if config.binary is not None else 0 < lowest_nonzero == highest
     spanned = volume.shape[1:] if config.ndim == 2 else volume.shape
-    if binary and chunks[3 - len(spanned):] != spanned:
+    if binary and chunks[3 - len(spanned) :] != spanned:
         raise InputError(
             f"labels {volume.url} are a binary mask, whose connected components (the cells) may cross chunks "
-            f"{chunks}; label the cells first (scipy.ndimage.label) or use chunks of shape {(1, *spanned)[-3:]}")
+            f"{chunks}; label the cells first (scipy.ndimage.label) or use chunks of shape {(1, *spanned)[-3:]}"
+        )
     return replace(config, binary=binary)
 
 
@@ -380,18 +462,35 @@ def _count_target(box: Box, *, volume: Volume, config: WeightMapConfig) -> int:
 
 
 def _weigh_block(
-    box: Box, *, volume: Volume, out_url: str, config: WeightMapConfig, class_weights: tuple[float, float],
+    box: Box,
+    *,
+    volume: Volume,
+    out_url: str,
+    config: WeightMapConfig,
+    class_weights: tuple[float, float],
     halo: Shape,
 ) -> float:
     """One block: weigh the write box with its halo as context, write its chunk. Returns seconds."""
     start = time.perf_counter()
     labels = _read_padded(volume, box.grow(halo))
-    weights = weight_map(labels, config, class_weights, write_box=Box.from_shape(box.shape, begin=halo))
+    weights = weight_map(
+        labels, config, class_weights, write_box=Box.from_shape(box.shape, begin=halo)
+    )
     zarr.open_array(out_url, mode="r+")[box.to_slices()] = weights
     return time.perf_counter() - start
 
 
-def _run_blocks(client: Client, function: Callable[..., Any], boxes: list[Box], **kwargs: Any) -> list[Any]:
+def _run_blocks(
+    client: Client, function: Callable[..., Any], boxes: list[Box], **kwargs: Any
+) -> list[Any]:
     """``function(box, **kwargs)`` per box as Dask tasks, a bounded number in flight."""
     prefix = function.__name__.strip("_").replace("_", "-")
-    return list(map_bounded(client, function, boxes, name=lambda box: prefix + "-" + "-".join(map(str, box.begin)), **kwargs))
+    return list(
+        map_bounded(
+            client,
+            function,
+            boxes,
+            name=lambda box: prefix + "-" + "-".join(map(str, box.begin)),
+            **kwargs,
+        )
+    )
