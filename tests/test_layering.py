@@ -3,7 +3,7 @@
 Imports form a DAG::
 
     geometry <- tiling <- storage <- prediction_store <- predict <- cli
-    (errors is a leaf that every layer may import)
+    (errors and border are leaves that every layer may import)
 
 Only ``model``, ``checkpoint``, ``train`` and ``predict`` import torch, so planning, storage and
 the cluster tooling import in a fraction of a second and run where torch is not installed.
@@ -27,6 +27,7 @@ TORCH_FREE = [
     "unet_volume",
     "unet_volume.errors",
     "unet_volume.geometry",
+    "unet_volume.border",
     "unet_volume.tiling",
     "unet_volume.storage",
     "unet_volume.prediction_store",
@@ -44,11 +45,12 @@ TORCH_FREE = [
 ALLOWED_IMPORTS = {
     "errors": set(),
     "geometry": set(),
+    "border": set(),
     "tiling": {"errors", "geometry"},
-    "storage": {"errors", "geometry", "tiling"},
+    "storage": {"errors", "geometry", "tiling", "border"},
     "prediction_store": {"errors", "geometry", "tiling", "storage", "__init__"},
     "metrics": {"errors", "storage", "prediction_store", "__init__"},
-    "augment": {"errors"},
+    "augment": {"errors", "border"},
     "weight_map": {"errors", "geometry", "storage", "prediction_store", "cluster"},
     "preview": {"errors", "geometry", "storage", "prediction_store"},
     "landing": {"errors", "storage", "prediction_store"},
@@ -80,7 +82,8 @@ def test_layering_core_modules_import_without_torch(tmp_path: Path) -> None:
 
 
 def test_layering_public_names_resolve() -> None:
-    # `from unet_volume import ...` works for every public name; torch-backed ones load on first use.
+    # `from unet_volume import ...` works for every public name; torch-backed ones load on first
+    # use.
     assert {"UNet", "save_model", "load_model", "predict_volume", "open_prediction"} <= set(
         unet_volume.__all__
     )
@@ -135,7 +138,8 @@ def test_layering_lower_layers_import_only_downwards(module: str) -> None:
 
 
 def test_layering_import_scanner_finds_imports_inside_functions() -> None:
-    # The scanner itself, on cli: it imports predict, train and cluster_spec lazily, inside functions.
+    # The scanner itself, on cli: it imports predict, train and cluster_spec lazily, inside
+    # functions.
     assert {"cluster_spec", "predict", "train", "errors", "prediction_store"} <= package_imports(
         "cli"
     )

@@ -13,14 +13,8 @@ from hypothesis import strategies as st
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.storage import convert_to_zarr, mirror_indices, open_volume, read_box
+from unet_volume.storage import convert_to_zarr, open_volume, read_box
 from unet_volume.testing import boxes
-
-
-def test_storage_mirror_does_not_repeat_the_edge_voxel() -> None:
-    # Row 0 1 2 3 with 4 voxels of halo each side: 4 3 2 1 | 0 1 2 3 | 2 1 0 ... as np.pad(mode="reflect").
-    assert mirror_indices(-4, 8, 4).tolist() == [2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1]
-    assert mirror_indices(-2, 2, 1).tolist() == [0, 0, 0, 0]
 
 
 @given(

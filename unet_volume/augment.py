@@ -22,11 +22,11 @@ predicts it from always come from the same source point::
     +---------------------------------+
 
 Source points outside the given arrays are mirrored without repeating the edge voxel (the
-project's ``border="reflect"``, scipy's ``mode="mirror"``). Mirroring is harmless for the image
-but not for targets: a mirrored label beside an unmirrored image is a wrong label. So read image
-*and* targets grown by :func:`required_context` (the volume mirrored at its border by
-``read_box``, as usual); then no source point leaves the arrays and the results are cropped back
-to the tiles. No context (the default: tiles as is) works too, at the cost of such edge
+project's border, :mod:`unet_volume.border`; scipy's ``mode="mirror"``). Mirroring is harmless
+for the image but not for targets: a mirrored label beside an unmirrored image is a wrong
+label. So read image *and* targets grown by :func:`required_context` (the volume mirrored at its
+border by ``read_box``, as usual); then no source point leaves the arrays and the results are
+cropped back to the tiles. No context (the default: tiles as is) works too, at the cost of such edge
 voxels. (``context`` is the augmentation's extra read, on top of the network's halo.)
 
 Interpolation: the image is bicubic (``order=3``, the paper; ``image_order=1`` is ~3x faster in
@@ -54,6 +54,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from unet_volume.border import reflect
 from unet_volume.errors import InputError
 
 TRUNCATE = 3.0  # elastic displacements are cut at 3 std, so required_context is a hard bound
@@ -368,7 +369,7 @@ class _Transform:
         )  # a copy
 
     def coordinates(self, tile: tuple[int, ...], source_shape: tuple[int, ...]) -> np.ndarray:
-        """Source points ``(rank, *tile)`` float32 of a tile centred in an array of ``source_shape``."""
+        """Source points ``(rank, *tile)``, float32, of a tile centred in ``source_shape``."""
         rank = len(tile)
         rel = [np.arange(n) - (n - 1) / 2 for n in tile]
         grids = [
@@ -387,7 +388,7 @@ class _Transform:
         return points
 
     def _displacement(self, rel: list[np.ndarray]) -> np.ndarray | None:
-        """d(r) ``(rank, *tile)``: the coarse knots interpolated bicubically (separable B-spline)."""
+        """d(r) ``(rank, *tile)``: the coarse knots, interpolated bicubically (a B-spline)."""
         if self.coarse is None:
             return None
         n = self.coarse.shape[1]
@@ -434,9 +435,7 @@ def _gather(array: np.ndarray, points: np.ndarray) -> np.ndarray:
     """``array`` at the nearest voxel of each point, mirrored (no edge repeat) outside it."""
     index = np.rint(points).astype(np.intp)
     for axis, size in enumerate(array.shape):
-        period = max(2 * (size - 1), 1)
-        folded = np.mod(index[axis], period)
-        index[axis] = np.where(folded >= size, period - folded, folded)
+        index[axis] = reflect(index[axis], size)
     gathered: np.ndarray = np.take(array, np.ravel_multi_index(tuple(index), array.shape))
     return gathered
 

@@ -5,10 +5,8 @@ Inputs are Zarr arrays (v2 or v3, a local path or any fsspec URL) or TIFF stacks
 ``(z, y, x)`` or ``(c, z, y, x)``. A :class:`Volume` is a small picklable
 description of one: workers re-open it from its URL and read only their own box.
 
-Border convention: voxels outside the volume are **mirrored without repeating
-the edge voxel** (numpy's ``np.pad(mode="reflect")``; ``4 3 2 1 | 0 1 2 3``), as
-in the U-Net authors' release. Note that dask's ``boundary="reflect"`` and
-numpy's ``"symmetric"`` repeat the edge voxel instead; we do not.
+Voxels outside the volume are mirrored without repeating the edge voxel
+(:mod:`unet_volume.border`), as in the U-Net authors' release.
 
 Outputs are Zarr v3 groups that ``xarray.open_zarr`` reads (see
 :mod:`unet_volume.prediction_store`).
@@ -28,6 +26,7 @@ import tifffile
 import zarr
 from zarr.codecs import BloscCodec
 
+from unet_volume.border import reflect
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
 
@@ -46,23 +45,6 @@ class ArrayLike(Protocol):
     def __getitem__(self, key: Any) -> Any: ...
 
 
-def mirror_indices(begin: int, end: int, size: int) -> np.ndarray:
-    """Indices into an axis of ``size`` for coordinates ``[begin, end)``, mirrored.
-
-    Coordinates outside ``[0, size)`` reflect about the edge voxels without repeating
-    them (period ``2 * (size - 1)``), any number of times; a size-1 axis repeats.
-
-    >>> mirror_indices(-3, 6, 4).tolist()
-    [3, 2, 1, 0, 1, 2, 3, 2, 1]
-    """
-    coords = np.arange(begin, end)
-    if size == 1:
-        return np.zeros_like(coords)
-    period = 2 * (size - 1)
-    folded = np.mod(coords, period)
-    return np.where(folded < size, folded, period - folded)
-
-
 def read_box(array: ArrayLike, box: Box) -> np.ndarray:
     """Read ``box`` (spatial, may reach outside) from a ``(z, y, x)`` or ``(c, z, y, x)`` array.
 
@@ -76,7 +58,7 @@ def read_box(array: ArrayLike, box: Box) -> np.ndarray:
         channels = array.shape[0] if len(array.shape) > box.ndim else 1
         empty: np.ndarray = np.zeros((channels, *box.shape), dtype=np.dtype(array.dtype))
         return empty
-    indices = [mirror_indices(b, e, n) for b, e, n in zip(box.begin, box.end, spatial)]
+    indices = [reflect(np.arange(b, e), n) for b, e, n in zip(box.begin, box.end, spatial)]
     window = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
     data: np.ndarray = np.asarray(array[(Ellipsis, *window)])
     if data.ndim == box.ndim:
@@ -169,9 +151,10 @@ def open_volume(
     except (InputError, ConnectionError, TimeoutError):
         raise  # transient storage errors stay themselves, so callers can retry them
     except Exception as error:  # zarr/tifffile raise many types for unreadable data
+        first_line = str(error).splitlines()[0] if str(error) else ""
         raise InputError(
-            f"input {url} is not a readable {kind} array ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); pass a Zarr array (v2 or v3) or a TIFF stack"
+            f"input {url} is not a readable {kind} array ({type(error).__name__}: {first_line}); "
+            "pass a Zarr array (v2 or v3) or a TIFF stack"
         ) from error
 
 
@@ -228,7 +211,11 @@ def opened_array(url: str, kind: str) -> Iterator[Any]:
 def _stored_voxel_size(
     array: Any, url: str, kind: str
 ) -> tuple[tuple[float, float, float] | None, str | None]:
-    """Voxel size from Zarr attributes (``voxel_size``/``resolution``, ``units``) or ImageJ TIFF tags."""
+    """The voxel size and units stored with the input, so that outputs can carry them on.
+
+    Read from the Zarr attributes ``voxel_size`` (or ``resolution``) and ``units``, or from a
+    TIFF's ImageJ tags.
+    """
     if kind == "tiff":
         return _tiff_voxel_size(url)
     attrs = dict(array.attrs)
@@ -262,7 +249,7 @@ def convert_to_zarr(
     units: str | None = None,
     overwrite: bool = False,
 ) -> Volume:
-    """Copy a volume (e.g. a TIFF stack) into a chunked Zarr v3 array with named dims and its voxel size.
+    """Copy a volume (e.g. a TIFF stack) into a chunked Zarr v3 array, with dims and voxel size.
 
     Zarr's chunks let every block task read just its own region; a TIFF must be read page by
     page. The copy goes one slab of ``chunks[0]`` slices at a time, so memory stays bounded,
