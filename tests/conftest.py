@@ -1,7 +1,14 @@
-"""Shared fixtures: one real LocalCluster with worker processes for the whole run."""
+"""Shared fixtures: one real LocalCluster with worker processes for the whole run.
+
+``UNET_VOLUME_TEST_THREADS=N`` runs torch with N threads, in this process and in each
+worker (whose Dask threads it sets, as torch follows them). Unset, the test process keeps
+torch's default and workers have one thread each. Results must not depend on it: CI runs
+the exactness tests at 1 and 2.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import dask
@@ -14,14 +21,25 @@ from unet_volume.cluster import local_cluster_config
 settings.register_profile("ci", max_examples=50, deadline=None)
 settings.load_profile("ci")
 
+THREADS = int(os.environ.get("UNET_VOLUME_TEST_THREADS", "0")) or None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> None:
+    """torch's threads in the test process, where the reference passes run."""
+    if THREADS is not None:
+        import torch
+
+        torch.set_num_threads(THREADS)
+
 
 @pytest.fixture(scope="session")
 def client() -> Iterator[Client]:
-    """Two single-threaded worker processes, so pickling and per-worker model loading really happen."""
+    """Two worker processes, so pickling and per-worker model loading really happen."""
     with dask.config.set(local_cluster_config()):
         cluster = LocalCluster(
             n_workers=2,
-            threads_per_worker=1,
+            threads_per_worker=THREADS or 1,
             processes=True,
             dashboard_address=None,
             host="127.0.0.1",
@@ -35,7 +53,7 @@ def client() -> Iterator[Client]:
 
 @pytest.fixture(scope="session")
 def gpu_client() -> Iterator[Client]:
-    """One worker that advertises ``GPU=1`` (as deploy/ starts GPU workers) and one that does not."""
+    """A worker that advertises ``GPU=1`` (as deploy/ starts GPU workers) and one that does not."""
     workers = {
         "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
         "cpu": {"cls": Nanny, "options": {"nthreads": 1}},

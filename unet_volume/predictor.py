@@ -15,6 +15,7 @@ import torch
 
 from unet_volume.checkpoint import checkpoint_from_bytes
 from unet_volume.cluster import tune_worker_process, worker_threads
+from unet_volume.errors import InputError
 from unet_volume.model import UNet
 
 _MODELS: dict[tuple[str, str, str], UNet] = {}
@@ -26,7 +27,10 @@ class ModelPredictor:
 
     Applies the checkpoint's input normalisation, runs the net (a 2D net takes the
     tile's z slices as its batch), and returns soft-max probabilities as float32
-    (or float64 with ``dtype="float64"``, for exactness tests).
+    (or float64 with ``dtype="float64"``). ``output="logits"`` returns the net's raw
+    class scores instead: with integer weights and inputs every sum in them is exact,
+    which is how the tests prove stitching exact on any CPU (the soft-max's ``exp`` is
+    not exact, and vector math libraries may round it differently).
 
     ``tta=True`` averages the probabilities over the 8 flips and right-angle turns of
     the tile in (y, x), as the paper averaged rotated copies. Stitching stays exact:
@@ -42,9 +46,15 @@ class ModelPredictor:
         device: str = "auto",
         dtype: Literal["float32", "float64"] = "float32",
         tta: bool = False,
+        output: Literal["probabilities", "logits"] = "probabilities",
     ) -> None:
+        if output not in ("probabilities", "logits"):
+            raise InputError(
+                f"predictor output {output!r} is unknown; pass 'probabilities' or 'logits'"
+            )
         self.checkpoint = checkpoint
         self.tta = tta
+        self.output = output
         self.requested_device = device
         self.dtype = dtype
         info = checkpoint_from_bytes(checkpoint)
@@ -101,17 +111,22 @@ class ModelPredictor:
             if self.tta:
                 probs = torch.stack([self._turned(net, batch, k) for k in range(8)]).mean(dim=0)
             else:
-                probs = torch.softmax(net(batch.contiguous(memory_format=self.layout)), dim=1)
+                probs = self._scores(net, batch)
         probs = probs.permute(1, 0, 2, 3) if self.ndim == 2 else probs[0]  # (k, z, y, x)
         return np.asarray(probs.cpu().numpy())
 
+    def _scores(self, net: UNet, batch: torch.Tensor) -> torch.Tensor:
+        """Soft-max probabilities (or logits) of the net, per class along dim 1."""
+        logits = net(batch.contiguous(memory_format=self.layout))
+        return logits if self.output == "logits" else torch.softmax(logits, dim=1)
+
     def _turned(self, net: UNet, batch: torch.Tensor, k: int) -> torch.Tensor:
-        """Soft-max of the net on the batch turned by ``k % 4`` quarter turns and flipped if ``k >= 4``."""
+        """Scores of the batch turned by ``k % 4`` quarter turns and flipped if ``k >= 4``."""
         y, x = batch.ndim - 2, batch.ndim - 1
         turned = torch.rot90(batch, k % 4, dims=(y, x))
         if k >= 4:
             turned = torch.flip(turned, dims=(x,))
-        probs = torch.softmax(net(turned.contiguous(memory_format=self.layout)), dim=1)
+        probs = self._scores(net, turned)
         if k >= 4:
             probs = torch.flip(probs, dims=(x,))
         return torch.rot90(probs, -(k % 4), dims=(y, x))

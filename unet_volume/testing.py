@@ -7,13 +7,21 @@ the same definitions. Imports hypothesis lazily: it is a test extra.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from unet_volume.geometry import Box
 from unet_volume.storage import ArrayLike, read_box
 from unet_volume.tiling import TileGeometry
+
+if TYPE_CHECKING:  # torch is imported lazily: this module serves torch-free tests too
+    import torch
+
+    from unet_volume.model import UNet
+
+EXACT_LIMIT = 2**53
+"""Integers below this magnitude are exact in float64, and so is every sum of them."""
 
 
 class CropPredictor:
@@ -77,3 +85,73 @@ def boxes(ndim: int = 3, low: int = -20, high: int = 40) -> Any:
     return st.tuples(corner, corner).map(
         lambda c: Box(tuple(map(min, c[0], c[1])), tuple(map(max, c[0], c[1])))
     )
+
+
+def integer_unet(
+    *, ndim: int = 2, depth: int = 2, base_channels: int = 8, in_channels: int = 1, seed: int = 0
+) -> UNet:
+    """A U-Net whose weights are in {-1, 0, 1} and biases in {-2, ..., 2}: exact in float64.
+
+    With integer inputs, every product and partial sum in every conv, up-conv and the head is
+    an integer; while they stay below 2**53 (:class:`SumBound` checks it) float64 holds
+    them exactly, so the result cannot depend on the order in which a CPU's math library adds
+    them (kernel choice, blocking, vector width, threads). Max-pool, ReLU, crop and concat
+    only move or select values. Two thirds of the weights are 0, which keeps the sums of a
+    depth-3 net about 2**40 on inputs below 16 (a dense {-1, 0, 1} net reaches 2**52).
+    """
+    import torch
+
+    from unet_volume.model import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(
+        in_channels=in_channels, base_channels=base_channels, depth=depth, ndim=ndim, dropout=0.0
+    )
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, value in net.named_parameters():
+            if name.endswith("bias"):
+                drawn = rng.integers(-2, 3, value.shape)
+            else:
+                drawn = rng.choice([-1, 0, 0, 0, 0, 1], size=value.shape)
+            value.copy_(torch.from_numpy(drawn))
+    return net.eval()
+
+
+class SumBound:
+    """Within ``with SumBound(net) as bound:``, the largest partial sum any conv can form.
+
+    Each conv's output is recomputed with ``|weights|``, ``|bias|`` and ``|input|``: that sum
+    of absolute terms bounds every partial sum of the real one, in any order. If
+    ``bound.largest < EXACT_LIMIT`` after a float64 pass of an :func:`integer_unet` on integer
+    input, every value of that pass was exact.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+        self.largest = 0.0
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> SumBound:
+        self._hooks = [m.register_forward_hook(self._measure) for m in self.net.modules()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _measure(self, layer: Any, inputs: tuple[Any, ...], _output: Any) -> None:
+        from torch.nn import functional
+
+        convs = {
+            "Conv2d": functional.conv2d,
+            "Conv3d": functional.conv3d,
+            "ConvTranspose2d": functional.conv_transpose2d,
+            "ConvTranspose3d": functional.conv_transpose3d,
+        }
+        conv = convs.get(type(layer).__name__)
+        if conv is None:
+            return
+        bias = None if layer.bias is None else layer.bias.abs()
+        terms = conv(inputs[0].abs(), layer.weight.abs(), bias, stride=layer.stride)
+        self.largest = max(self.largest, float(terms.max()))
