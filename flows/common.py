@@ -1,4 +1,4 @@
-"""What the flows share: the cluster they run blocks on, and which failures are worth a retry."""
+"""What the flows share: the cluster they run blocks on, and the failures worth a retry."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from prefect import Task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from unet_volume.cluster_spec import connect
+from unet_volume.cluster import open_client
 from unet_volume.errors import is_transient
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry dropped connections and timeouts of storage; bad input fails at once, it would fail again."""
+    """Retry dropped connections and timeouts of storage.
+
+    Bad input fails at once: it would fail again.
+    """
     error = state.result(raise_on_failure=False)
     return isinstance(error, BaseException) and is_transient(error)
 
@@ -30,10 +33,10 @@ STORAGE_RETRIES: dict[str, Any] = {
 
 @contextmanager
 def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[str]:
-    """The address of a scheduler that lives as long as the block: ``scheduler``, or a cluster started
-    as :func:`~unet_volume.cluster_spec.connect` does, so that several subflows share one cluster."""
-    if scheduler:
-        yield scheduler
-        return
-    with connect(None, cluster, dashboard=False) as client:
+    """The address of a cluster that lives as long as the block, for subflows to share.
+
+    The cluster is the one :func:`~unet_volume.cluster.open_client` picks (``scheduler``, a
+    spec named ``cluster``, or a LocalCluster); subflows take its address as ``scheduler``.
+    """
+    with open_client(scheduler, cluster, dashboard=False) as client:
         yield client.scheduler.address

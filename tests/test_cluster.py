@@ -1,14 +1,17 @@
-"""The bounded task window shared by prediction and weight maps."""
+"""Getting a Dask client, and the bounded task window shared by prediction and weight maps."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
 
 import pytest
 from distributed import Client, get_worker
 
-from unet_volume.cluster import gpu_resources, map_bounded
-from unet_volume.errors import BlockError
+from unet_volume.cluster import gpu_resources, map_bounded, open_client
+from unet_volume.errors import BlockError, InputError
 
 
 def interval(item: int, *, pause: float) -> tuple[int, float, float]:
@@ -23,21 +26,52 @@ def fail_on_three(item: int) -> int:
     return item
 
 
+def slow_first(item: int, *, pause: float) -> int:
+    time.sleep(pause if item == 0 else pause / 100)
+    return item
+
+
+def never_overlap(spans: list[tuple[float, float]]) -> bool:
+    """Whether no two (start, end) spans overlap in time."""
+    ordered = sorted(spans)
+    return all(previous_end <= start for (_, previous_end), (start, _) in pairwise(ordered))
+
+
 def test_map_bounded_runs_every_item_once_with_at_most_window_in_flight(client: Client) -> None:
     # With a window of one, no two tasks may overlap in time, although two workers are idle.
     results = list(
         map_bounded(client, interval, range(6), name=lambda i: f"probe-{i}", window=1, pause=0.05)
     )
     assert sorted(item for item, _, _ in results) == list(range(6))
-    spans = sorted((start, end) for _, start, end in results)
-    assert all(previous_end <= start for (_, previous_end), (start, _) in zip(spans, spans[1:]))
+    assert never_overlap([(start, end) for _, start, end in results])
 
 
-def test_map_bounded_takes_a_lazy_iterator_and_yields_as_tasks_finish(client: Client) -> None:
-    items = (i for i in range(20))  # a generator: never materialised as a list
-    assert sorted(map_bounded(client, fail_on_three, (i for i in items if i != 3), name=str)) == [
-        i for i in range(20) if i != 3
-    ]
+def test_map_bounded_pulls_items_lazily_at_most_a_window_ahead(client: Client) -> None:
+    # A generator that counts how many items map_bounded has taken from it. Before the k-th
+    # result reaches the caller, the window (2) plus one refill per finished task (k) may have
+    # been taken: 3 of the 20 at the first result. Taking all items first (`list(items)`)
+    # would show 20 there.
+    taken = 0
+
+    def items() -> Iterator[int]:
+        nonlocal taken
+        for item in range(20):
+            taken += 1
+            yield item
+
+    seen = []
+    for k, result in enumerate(map_bounded(client, abs, items(), name=str, window=2), start=1):
+        assert taken <= 2 + k, f"{taken} items taken before result {k} came back"
+        seen.append(result)
+    assert sorted(seen) == list(range(20))
+
+
+def test_map_bounded_yields_results_in_the_order_tasks_finish(client: Client) -> None:
+    # Window 2 on two workers: item 0 sleeps 2 s on one worker while items 1..6 (20 ms each)
+    # pass one after another through the other. In submission order 0 would come first; as
+    # tasks finish, it comes last.
+    results = list(map_bounded(client, slow_first, range(7), name=str, window=2, pause=2.0))
+    assert results == [1, 2, 3, 4, 5, 6, 0]
 
 
 def test_map_bounded_names_the_failed_task(client: Client) -> None:
@@ -71,5 +105,64 @@ def test_map_bounded_resources_run_tasks_one_at_a_time_on_the_workers_that_have_
     )
     assert {address for address, _, _ in results} == {gpu_worker}
     # GPU=1 on that worker: one task at a time, though the window lets 8 be on the cluster.
-    spans = sorted((start, end) for _, start, end in results)
-    assert all(previous_end <= start for (_, previous_end), (start, _) in zip(spans, spans[1:]))
+    assert never_overlap([(start, end) for _, start, end in results])
+
+
+def test_open_client_connects_to_a_running_scheduler_and_leaves_it_running(
+    client: Client,
+) -> None:
+    address = client.scheduler.address
+    with open_client(address) as connected:
+        assert connected.scheduler.address == address
+        assert connected.submit(abs, -3).result() == 3
+    assert client.submit(abs, -4).result() == 4  # the cluster outlived the connection
+
+
+def test_open_client_starts_a_local_cluster_and_closes_it_on_exit() -> None:
+    with open_client(n_workers=1, dashboard=False) as client:
+        # One worker process of one thread: torch in it then uses one core.
+        assert list(client.nthreads().values()) == [1]
+        assert client.submit(abs, -3).result() == 3
+        cluster = client.cluster
+    assert cluster is not None and cluster.status.name == "closed"
+
+
+def test_open_client_starts_the_cluster_a_spec_describes_and_closes_it(tmp_path: Path) -> None:
+    spec = tmp_path / "one.yaml"
+    spec.write_text(
+        "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\n"
+        "dashboard_address: null\n"
+    )
+    with open_client(cluster=spec) as client:
+        assert list(client.nthreads().values()) == [1]
+        cluster = client.cluster
+    assert cluster is not None and cluster.status.name == "closed"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        pytest.param(
+            {"scheduler": "tcp://h:8786", "cluster": "local"},
+            r"both a scheduler address \(tcp://h:8786\) and a cluster spec \(local\); pass one",
+            id="scheduler-and-spec",
+        ),
+        pytest.param(
+            {"scheduler": "tcp://h:8786", "n_workers": 2},
+            "n_workers 2 sizes the default LocalCluster only, not tcp://h:8786; drop it",
+            id="workers-of-a-scheduler",
+        ),
+        pytest.param(
+            {"cluster": "slurm-gpu", "n_workers": 2},
+            "n_workers 2 sizes the default LocalCluster only, not slurm-gpu; drop it",
+            id="workers-of-a-spec",
+        ),
+        pytest.param({"n_workers": 0}, "n_workers 0 must be at least 1", id="no-workers"),
+    ],
+)
+def test_open_client_rejects_arguments_that_ask_for_two_clusters(
+    arguments: dict[str, object], message: str
+) -> None:
+    # Refused before anything starts or connects: h:8786 is never dialled.
+    with pytest.raises(InputError, match=message), open_client(**arguments):  # type: ignore[arg-type]
+        pass

@@ -1,15 +1,18 @@
-"""Dask clusters: an embedded LocalCluster by default, or any existing scheduler.
+"""Dask clusters: the one way to get a client, and running block tasks on it.
 
-unet-volume never manages workers itself. On one machine it starts a
-``distributed.LocalCluster`` of single-threaded worker processes; on a cluster
-it connects to a scheduler the user started (dask-jobqueue on SLURM,
-dask-kubernetes, ``dask scheduler`` by hand) through its address.
+unet-volume never manages workers itself. :func:`open_client` connects to a scheduler the user
+started (dask-jobqueue on SLURM, dask-kubernetes, ``dask scheduler`` by hand) through its
+address, starts the cluster a spec in ``deploy/clusters`` describes
+(:mod:`unet_volume.cluster_spec`), or else starts a ``distributed.LocalCluster`` of
+single-threaded worker processes. The CLI, the flows and the benchmarks all call it.
 
-Two measured traps are handled here (see the stack notes):
+Two measured traps are handled (see the stack notes):
 
 - The nanny's default ``MALLOC_TRIM_THRESHOLD_=65536`` makes torch CPU inference
-  ~40% slower. We unset it for clusters we start, and :func:`tune_worker_process`
-  fixes it from inside any worker (clusters we did not start) with ``mallopt``.
+  ~40% slower. Clusters we start spawn workers without it
+  (:func:`~unet_volume.cluster_spec.local_cluster_config`), and
+  :func:`tune_worker_process` fixes it from inside any worker (clusters we did not start)
+  with ``mallopt``.
 - torch threads per worker must match the worker's Dask threads, or workers
   oversubscribe the cores.
 """
@@ -24,12 +27,14 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from itertools import islice
+from pathlib import Path
 from typing import Any, TypeVar
 
-import dask
-from distributed import Client, LocalCluster, as_completed, get_worker
+from distributed import Client, as_completed, get_worker
 
-from unet_volume.errors import BlockError
+from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
+from unet_volume.cluster_spec import local_cluster_config as local_cluster_config  # re-export
+from unet_volume.errors import BlockError, InputError
 
 Item = TypeVar("Item")
 
@@ -40,36 +45,71 @@ M_MMAP_THRESHOLD = -3
 _TUNED = False
 
 
-def local_cluster_config() -> dict[str, object]:
-    """Dask settings for clusters we start: keep glibc's dynamic mmap threshold."""
-    return {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-
-
 @contextmanager
 def open_client(
-    address: str | None = None, *, n_workers: int | None = None, dashboard: bool = True
+    scheduler: str | None = None,
+    cluster: str | Path | None = None,
+    *,
+    n_workers: int | None = None,
+    dashboard: bool = True,
 ) -> Iterator[Client]:
-    """A client of the scheduler at ``address``, or of a fresh LocalCluster.
+    """A Dask client: of the scheduler at ``scheduler``, of a cluster started from a spec, or
+    of a fresh LocalCluster, so that every caller finds its workers the same way.
 
-    The LocalCluster has ``n_workers`` (default: one per core) worker processes of one
-    thread each, and is closed on exit; an existing cluster is left running.
+    Args:
+        scheduler: address of a running scheduler (``tcp://host:8786``); left running on exit.
+        cluster: a spec name in ``deploy/clusters`` or a spec path; started here, closed on
+            exit. Its workers may join late (batch jobs, pods): the client waits for the first
+            one, so that callers see whether workers have GPUs before they submit blocks.
+        n_workers: worker processes (one thread each) of the default LocalCluster; default one
+            per core. Only for the LocalCluster: a spec says its own size.
+        dashboard: serve the LocalCluster's dashboard (on a free port).
+
+    The default LocalCluster is closed on exit too.
     """
-    if address:
-        with Client(address) as client:
+    _check_cluster_choice(scheduler, cluster, n_workers)
+    if scheduler:
+        with Client(scheduler) as client:
             yield client
         return
-    workers = n_workers or os.cpu_count() or 1
-    with dask.config.set(local_cluster_config()):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0" if dashboard else None,
-            # Without a dashboard the scheduler still serves HTTP: on a free port, not 8787.
-            scheduler_kwargs={"dashboard_address": ":0"},
-        )
-    with cluster, Client(cluster) as client:
+    started = (
+        make_cluster(load_cluster_spec(cluster))
+        if cluster
+        else start_local_cluster(_local_options(n_workers, dashboard=dashboard))
+    )
+    with started, Client(started) as client:
+        client.wait_for_workers(1)
         yield client
+
+
+def _check_cluster_choice(
+    scheduler: str | None, cluster: str | Path | None, n_workers: int | None
+) -> None:
+    """One InputError naming the conflict, for arguments that ask for two clusters."""
+    if scheduler and cluster:
+        raise InputError(
+            f"got both a scheduler address ({scheduler}) and a cluster spec ({cluster}); "
+            "pass one of them"
+        )
+    if n_workers is not None and (scheduler or cluster):
+        raise InputError(
+            f"n_workers {n_workers} sizes the default LocalCluster only, not "
+            f"{scheduler or cluster}; drop it, or set the workers in the cluster spec"
+        )
+    if n_workers is not None and n_workers < 1:
+        raise InputError(f"n_workers {n_workers} must be at least 1; or pass None for one per core")
+
+
+def _local_options(n_workers: int | None, *, dashboard: bool) -> dict[str, Any]:
+    """``LocalCluster`` options of the default cluster: single-threaded worker processes."""
+    return {
+        "n_workers": n_workers or os.cpu_count() or 1,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": ":0" if dashboard else None,
+        # Without a dashboard the scheduler still serves HTTP: on a free port, not 8787.
+        "scheduler_kwargs": {"dashboard_address": ":0"},
+    }
 
 
 def map_bounded(
