@@ -13,7 +13,8 @@ validation slices are never used to choose anything.
 The paper's test-set figures: pixel error 0.0611, Rand error 0.0382 (after ~10 GPU hours).
 
     .venv/bin/python benchmarks/isbi_quality.py --minutes 25 --augment plain
-    .venv/bin/python benchmarks/isbi_quality.py --minutes 120 --base-channels 64 --augment paper   # GPU
+    # on a GPU:
+    .venv/bin/python benchmarks/isbi_quality.py --minutes 120 --base-channels 64 --augment paper
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from unet_volume.metrics import evaluate
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
 from unet_volume.train import TrainConfig, train
-from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
+from unet_volume.weight_map import WeightMapConfig
+from unet_volume.weight_volume import compute_weight_volume
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")
@@ -105,7 +107,7 @@ def main() -> None:
                 LABELS,
                 weights,
                 WeightMapConfig(),
-                chunk_shape=(1, 512, 512),
+                block_shape=(1, 512, 512),
                 client=client,
                 overwrite=True,
                 balance_z_range=TRAIN,
@@ -125,8 +127,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["settings"]))
     print(
-        f"training: {report.steps} steps in {train_s:.0f} s on {device} ({report.steps_per_second:.2f} steps/s), "
-        f"final loss {report.final_loss:.4f}"
+        f"training: {report.steps} steps in {train_s:.0f} s on {device} "
+        f"({report.steps_per_second:.2f} steps/s), final loss {report.final_loss:.4f}"
     )
     for key, value in results.items():
         if key.startswith("validation"):
@@ -135,7 +137,8 @@ def main() -> None:
                 f"Rand error {value['rand_error']:.4f}"
             )
     print(
-        f"(threshold tuned on training slices: {results['threshold']}, with tta: {results['threshold_tta']})"
+        f"(threshold tuned on training slices: {results['threshold']}, "
+        f"with tta: {results['threshold_tta']})"
     )
     print("paper (ISBI test set):            pixel error 0.0611  Rand error 0.0382")
 

@@ -71,7 +71,7 @@ def label_tile(
     context: tuple[int, ...],
     seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Image ``10 * labels`` (c=1) on the grown input tile, and labels/weights/mask on the grown output."""
+    """Image ``10 * labels`` (c=1) on the grown input tile; labels, weights, mask on the output."""
     in_shape, out_shape = tile
     labels_in = blob_labels(grown(in_shape, context), seed)
     labels = centre(labels_in, grown(out_shape, context))
@@ -238,8 +238,8 @@ def test_augment_elastic_knots_are_gaussian_draws_at_the_input_tiles_corners_and
     ndim: int, in_shape: tuple[int, ...]
 ) -> None:
     # The paper's field: 3 knots per axis at the input tile's first, middle and last voxel
-    # (2D: 0, 20, 40; not the output tile's), displaced by N(0, 10 px) draws, the only randomness when
-    # nothing else is on. Channel a of the image is the source array's coordinate a, a ramp
+    # (2D: 0, 20, 40; not the output tile's), displaced by N(0, 10 px) draws, the only randomness
+    # when nothing else is on. Channel a of the image is the source array's coordinate a, a ramp
     # that bicubic interpolation reproduces, so the output image reads source points directly.
     config = AugmentConfig(rotate="none", flip=False, brightness=0, contrast=0, gamma=0)
     rank = 2 if ndim == 2 else 3
@@ -265,7 +265,7 @@ def test_augment_elastic_knots_are_gaussian_draws_at_the_input_tiles_corners_and
 
 
 @pytest.mark.parametrize(
-    "config", CONFIGS + [pytest.param(AugmentConfig(shift=4.0), id="paper+shift")]
+    "config", [*CONFIGS, pytest.param(AugmentConfig(shift=4.0), id="paper+shift")]
 )
 @pytest.mark.parametrize("ndim, tile", TILES)
 def test_required_context_is_enough(config: AugmentConfig, ndim: int, tile: Any) -> None:

@@ -191,7 +191,7 @@ def test_load_model_never_executes_pickled_code(
     assert probe.exists()  # the payload is live: an unrestricted unpickler runs it
     path = tmp_path / "model.pt"
     path.write_bytes(write(marker))
-    with pytest.raises(CheckpointError, match="model.pt is not a unet-volume checkpoint"):
+    with pytest.raises(CheckpointError, match=r"model\.pt is not a unet-volume checkpoint"):
         load_model(path)
     assert not marker.exists()
 

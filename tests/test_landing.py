@@ -1,4 +1,4 @@
-"""Which volumes in a landing location are due: read from the outputs, never from a side database."""
+"""Which volumes in a landing location are due: read from the outputs, never a side database."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_due_sorts_new_incomplete_finished_and_other_model_volumes(tmp_path: Pat
 
 def test_due_refuses_two_volumes_with_the_same_output(tmp_path: Path) -> None:
     landing = landing_with(tmp_path, "a.zarr", "a.tif")
-    with pytest.raises(InputError, match="would both be predicted to .*a.zarr; rename one"):
+    with pytest.raises(InputError, match=r"would both be predicted to .*a\.zarr; rename one"):
         due(find_volumes(str(landing)), str(tmp_path / "out"), "m1")
 
 

@@ -140,12 +140,12 @@ def test_unet_invalid_size_raises_geometry_error_naming_the_valid_neighbours(
 
 
 def test_unet_output_shape_names_556_and_572_for_570() -> None:
-    with pytest.raises(GeometryError, match="570 along x .* nearest valid sizes are 556 and 572"):
+    with pytest.raises(GeometryError, match=r"570 along x .* nearest valid sizes are 556 and 572"):
         paper_unet().output_shape((572, 570))
 
 
 def test_unet_output_shape_names_188_for_too_small_a_tile() -> None:
-    with pytest.raises(GeometryError, match="nearest valid size is 188$"):
+    with pytest.raises(GeometryError, match=r"nearest valid size is 188$"):
         paper_unet().output_shape((100, 572))
 
 

@@ -1,4 +1,4 @@
-"""Scheduled ingest for real: a local Prefect server, ``python -m unet_volume_flows.serve``, a cron tick.
+"""Scheduled ingest for real: a local Prefect server, ``unet_volume_flows.serve``, a cron tick.
 
 Slow (a server start and up to a minute's wait for the tick), so it runs with ``-m slow`` only;
 the default suite checks the schedule objects in ``deploy/prefect.yaml`` instead.
@@ -53,7 +53,10 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A Prefect server on a free loopback port with a throw-away home; the environment to reach it."""
+    """A Prefect server on a free loopback port, with a throw-away home.
+
+    Yields the environment that reaches it.
+    """
     port = free_port()
     env = {
         **os.environ,

@@ -38,7 +38,7 @@ def test_tiling_margin_is_6_times_period_minus_4(depth: int, margin: int) -> Non
 def test_tiling_invalid_input_names_the_nearest_valid_sizes() -> None:
     with pytest.raises(GeometryError, match="nearest valid sizes are 556 and 572"):
         UNetShape(4).check_input_size(570)
-    with pytest.raises(GeometryError, match="nearest valid sizes are 188$"):
+    with pytest.raises(GeometryError, match=r"nearest valid sizes are 188$"):
         UNetShape(4).check_input_size(100)
 
 
@@ -61,7 +61,7 @@ def test_tiling_2d_net_keeps_z_unconvolved() -> None:
 def test_tiling_block_shape_off_the_period_is_refused_with_the_fix() -> None:
     g = TileGeometry.for_unet(ndim=2, depth=4, min_output=(1, 1, 1))
     with pytest.raises(
-        GeometryError, match="not a multiple of the network's period 16.*use 496 or 512"
+        GeometryError, match=r"not a multiple of the network's period 16.*use 496 or 512"
     ):
         check_block_shape((1, 500, 512), g)
     with pytest.raises(GeometryError, match="3 positive sizes"):

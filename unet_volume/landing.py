@@ -41,9 +41,10 @@ class Arrival:
 
 
 def find_volumes(landing: str) -> list[str]:
-    """The Zarr arrays (``*.zarr``) and TIFF stacks directly in ``landing`` (a folder or fsspec URL), sorted.
+    """The Zarr arrays (``*.zarr``) and TIFF stacks directly in ``landing``, sorted.
 
-    Hidden entries (``.name``, e.g. a transfer tool's temporary file) are skipped.
+    ``landing`` is a folder or an fsspec URL. Hidden entries (``.name``, e.g. a transfer
+    tool's temporary file) are skipped.
     """
     fs, root = fsspec.core.url_to_fs(str(landing))
     if not fs.isdir(root):

@@ -197,7 +197,7 @@ def _update_run_info(url: str, extra: Mapping[str, Any]) -> None:
 
 
 def run_info(url: str) -> dict[str, Any] | None:
-    """What the prediction at ``url`` records of its run (model, input, ``complete``), or None if there is none.
+    """What the prediction at ``url`` records of its run (model, input, ``complete``), or None.
 
     A group that is not a prediction (no ``unet_volume`` attributes) counts as none, too.
     """

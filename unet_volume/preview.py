@@ -92,7 +92,7 @@ Row = tuple[int, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _read_row(volume: Volume, dataset: xr.Dataset, z: int, stride: int) -> Row:
-    """``(z, image, segmentation, foreground)`` of one slice, each ``(y, x)`` subsampled by ``stride``."""
+    """``(z, image, segmentation, foreground)`` of slice ``z``, each ``(y, x)`` strided."""
     yx = (slice(None, None, stride),) * 2
     with opened_array(volume.url, volume.kind) as array:
         image = np.asarray(array[(0,) * (len(array.shape) - 3) + (z, *yx)], dtype=np.float64)
