@@ -1,15 +1,16 @@
-"""How fast are weight maps? A 512^3 label volume with ~10^4 touching cells, 3D weights (w0 10, sigma 5).
+"""How fast are weight maps? 512^3 labels, ~10^4 touching cells, 3D weights (w0 10, sigma 5).
 
-(a) weight_map in this process on one 128^3 label array (the whole array weighed, nothing around it);
-(b) one block as a task runs it: a 128^3 write box with its 32-voxel halo as context;
-(c) compute_weight_volume on a LocalCluster of 2 single-thread workers, Zarr in and out, chunks 128^3
+(a) weight_map in this process on one 128^3 label array (the whole array weighed, nothing around
+it); (b) one block as a task runs it: a 128^3 write box with its 32-voxel halo as context; (c)
+compute_weight_volume on a LocalCluster of 2 single-thread workers, Zarr in and out, chunks 128^3
     (cluster start excluded; the label-range and class-count passes included).
 
 Cells are Voronoi cells of random seeds (each voxel takes its nearest seed's label, through one
 distance transform); a fraction ``--drop`` of them becomes background, so there are gaps where
 cells are far apart as well as touching faces. ``--drop 0`` packs the cells.
 
-    .venv/bin/python benchmarks/weight_map_speed.py [--side 512] [--cells 10000] [--chunk 128] [--drop 0.15]
+    .venv/bin/python benchmarks/weight_map_speed.py [--side 512] [--cells 10000] [--chunk 128]
+    [--drop 0.15]
 """
 
 from __future__ import annotations
@@ -25,18 +26,14 @@ from scipy import ndimage
 
 from unet_volume.cluster import open_client
 from unet_volume.geometry import Box
-from unet_volume.weight_map import (
-    WeightMapConfig,
-    compute_weight_volume,
-    halo_for,
-    weight_map,
-)
+from unet_volume.weight_map import WeightMapConfig, halo_for, weight_map
+from unet_volume.weight_volume import compute_weight_volume
 
 CONFIG = WeightMapConfig(w0=10.0, sigma=5.0, ndim=3)
 
 
 def voronoi_labels(side: int, cells: int, drop: float, seed: int = 0) -> np.ndarray:
-    """``cells`` Voronoi cells (on average) in a ``side``^3 uint32 volume, after dropping a fraction ``drop``."""
+    """About ``cells`` Voronoi cells in a ``side``^3 uint32 volume, ``drop`` of them dropped."""
     rng = np.random.default_rng(seed)
     seeds = round(cells / (1.0 - drop))
     points = tuple(rng.integers(0, side, seeds) for _ in range(3))
@@ -58,13 +55,13 @@ def bare(labels: np.ndarray, chunk: int) -> None:
     weight_map(cube, CONFIG)
     seconds = time.perf_counter() - start
     print(
-        f"(a) weight_map on one {chunk}^3 array: {seconds:.2f} s, {cube.size / seconds / 1e6:.2f} Mvoxel/s, "
+        f"(a) weight_map on one {chunk}^3 array: {seconds:.2f} s, "
+        f"{cube.size / seconds / 1e6:.2f} Mvoxel/s, "
         f"{len(np.unique(cube)) - 1} cells"
     )
     halo = halo_for(CONFIG)
-    write = Box.from_shape(
-        (chunk,) * 3, begin=halo
-    )  # an interior block: its read box starts at the origin
+    # An interior block: its read box starts at the origin.
+    write = Box.from_shape((chunk,) * 3, begin=halo)
     read = write.grow(halo)
     start = time.perf_counter()
     weight_map(labels[read.to_slices()], CONFIG, write_box=Box.from_shape(write.shape, begin=halo))
@@ -86,14 +83,16 @@ def chunked(labels: np.ndarray, chunk: int, workdir: Path) -> None:
             str(workdir / "labels.zarr"),
             str(workdir / "weights.zarr"),
             CONFIG,
-            chunk_shape=(chunk,) * 3,
+            block_shape=(chunk,) * 3,
             client=client,
             overwrite=True,
         )
     print(
-        f"(c) compute_weight_volume: {labels.shape} uint32, chunks {(chunk,) * 3}, {report.blocks} blocks, "
+        f"(c) compute_weight_volume: {labels.shape} uint32, blocks {(chunk,) * 3}, "
+        f"{report.blocks} blocks, "
         f"halo {report.halo}, 2 workers x 1 thread: {report.seconds:.1f} s, "
-        f"{report.voxels_per_second / 1e6:.2f} Mvoxel/s; weight tasks summed {report.task_seconds:.1f} s; "
+        f"{report.voxels_per_second / 1e6:.2f} Mvoxel/s; "
+        f"weight tasks summed {report.task_seconds:.1f} s; "
         f"class weights {tuple(round(w, 3) for w in report.class_weights)}"
     )
 
@@ -112,7 +111,8 @@ def main() -> None:
     labels = voronoi_labels(args.side, args.cells, args.drop)
     cells = len(np.unique(labels)) - 1
     print(
-        f"labels: {labels.shape}, {cells} cells (drop {args.drop}), background {np.mean(labels == 0):.1%}, "
+        f"labels: {labels.shape}, {cells} cells (drop {args.drop}), "
+        f"background {np.mean(labels == 0):.1%}, "
         f"generated in {time.perf_counter() - start:.1f} s; config {CONFIG}"
     )
     bare(labels, args.chunk)

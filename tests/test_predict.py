@@ -39,20 +39,9 @@ from unet_volume.testing import (
     blob_volume,
     integer_unet,
     predict_whole,
+    write_zarr,
 )
 from unet_volume.tiling import TileGeometry
-
-
-def write_zarr(
-    path: Path, data: np.ndarray, chunks: tuple[int, ...] | None = None, **attrs: object
-) -> str:
-    """A real Zarr v3 array on disk, with odd chunks unless told otherwise."""
-    chunks = chunks or tuple(min(n, c) for n, c in zip(data.shape, (2, 2, 17, 19)[-data.ndim :]))
-    array = zarr.create_array(
-        path, shape=data.shape, dtype=data.dtype, chunks=chunks, attributes=attrs
-    )
-    array[:] = data
-    return str(path)
 
 
 def tiny_unet(ndim: int = 2, depth: int = 2, in_channels: int = 1, seed: int = 0) -> UNet:

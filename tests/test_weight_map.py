@@ -1,29 +1,25 @@
-"""Weight maps: separation borders, the paper's formula against brute force, chunked == whole on a real cluster."""
+"""Weight maps in memory: separation borders, the paper's formula against brute force, halos."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import zarr
-from distributed import Client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
 from unet_volume import weight_map as wm
-from unet_volume.errors import InputError, OutputExistsError
+from unet_volume.errors import InputError
 from unet_volume.geometry import Box
+from unet_volume.testing import blob_labels
 from unet_volume.weight_map import (
     WeightMapConfig,
-    balanced_class_weights,
-    compute_weight_volume,
     cutoff_distance,
     halo_for,
     separation_borders,
@@ -34,7 +30,7 @@ from unet_volume.weight_map import (
 
 
 def brute_force_borders(labels: np.ndarray, ndim: int) -> np.ndarray:
-    """The definition, voxel by voxel: a cell voxel with a different nonzero label among its neighbours."""
+    """The definition, voxel by voxel: a cell voxel with another cell among its neighbours."""
     offsets = list(itertools.product((0,) if ndim == 2 else (-1, 0, 1), (-1, 0, 1), (-1, 0, 1)))
     borders = np.zeros(labels.shape, dtype=bool)
     for index in zip(*np.nonzero(labels)):
@@ -49,7 +45,7 @@ def brute_force_borders(labels: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def brute_force_weights(labels: np.ndarray, config: WeightMapConfig) -> np.ndarray:
-    """The paper's formula with explicit per-voxel minima over every voxel of every cell: no cutoff, float64."""
+    """The paper's formula, minima over every voxel of every cell: no cutoff, float64."""
     target = (labels != 0) & ~brute_force_borders(labels, config.ndim)
     cells = np.where(target, labels, 0)
     n_fg, total = int(target.sum()), target.size
@@ -73,23 +69,10 @@ def brute_force_weights(labels: np.ndarray, config: WeightMapConfig) -> np.ndarr
     return weights
 
 
-def blobs(
-    shape: tuple[int, int, int], count: int, *, seed: int = 0, radius: tuple[float, float] = (2, 5)
-) -> np.ndarray:
-    """Random balls labelled 1..count, later ones over earlier ones: touching cells with background between."""
-    rng = np.random.default_rng(seed)
-    grids = np.indices(shape)
-    labels = np.zeros(shape, dtype=np.uint16)
-    for label in range(1, count + 1):
-        centre = rng.uniform(0, shape)[:, None, None, None]
-        labels[((grids - centre) ** 2).sum(0) < rng.uniform(*radius) ** 2] = label
-    return labels
-
-
 def voronoi(
     shape: tuple[int, int, int], count: int, *, seed: int = 0, drop: float = 0.15
 ) -> np.ndarray:
-    """Touching cells: each voxel takes its nearest seed's label; a fraction ``drop`` of cells becomes background."""
+    """Touching cells: each voxel takes its nearest seed's label; ``drop`` of them is background."""
     rng = np.random.default_rng(seed)
     seeds = tuple(rng.integers(0, n, count) for n in shape)
     grid = np.ones(shape, dtype=bool)
@@ -101,16 +84,9 @@ def voronoi(
     return labels[tuple(nearest)] * keep[labels[tuple(nearest)]]
 
 
-def write_zarr(path: Path, data: np.ndarray, chunks: tuple[int, ...] | None = None) -> str:
-    array = zarr.create_array(
-        path, shape=data.shape, dtype=data.dtype, chunks=chunks or (1, 2, 17, 19)[-data.ndim :]
-    )
-    array[:] = data
-    return str(path)
-
-
 def two_squares() -> np.ndarray:
-    # Rows 2..7 of a 10 x 12 slice: cell 1 in columns 2..5, cell 2 in columns 6..9, touching along 5|6.
+    # Rows 2..7 of a 10 x 12 slice: cell 1 in columns 2..5, cell 2 in columns 6..9, touching along
+    # 5|6.
     labels = np.zeros((1, 10, 12), dtype=np.uint8)
     labels[0, 2:8, 2:6], labels[0, 2:8, 6:10] = 1, 2
     return labels
@@ -120,8 +96,8 @@ def two_squares() -> np.ndarray:
 
 
 def test_separation_borders_of_two_touching_squares_are_the_two_shared_columns() -> None:
-    # Each cell's column next to the other cell (5 and 6) has the other cell in its 3x3 neighbourhood,
-    # corners included (row 2, column 5 sees row 3, column 6); no other voxel does.
+    # Each cell's column next to the other cell (5 and 6) has the other cell in its 3x3
+    # neighbourhood, corners included (row 2, column 5 sees row 3, column 6); no other voxel does.
     expected = np.zeros((1, 10, 12), dtype=bool)
     expected[0, 2:8, 5:7] = True
     np.testing.assert_array_equal(separation_borders(two_squares(), ndim=2), expected)
@@ -179,7 +155,7 @@ def test_weight_map_equals_brute_force(
     config: WeightMapConfig, shape: tuple[int, int, int]
 ) -> None:
     # Within 1e-6 relative: the cutoff drops at most 1e-7 of any weight, float32 rounds at 6e-8.
-    labels = blobs(shape, 8, seed=sum(shape))
+    labels = blob_labels(shape, 8, seed=sum(shape))
     np.testing.assert_allclose(
         weight_map(labels, config), brute_force_weights(labels, config), rtol=1e-6
     )
@@ -204,10 +180,11 @@ def test_weight_map_equals_brute_force_on_any_labels(
 
 
 def test_weight_map_peaks_on_the_shared_border_of_two_squares() -> None:
-    # 120 voxels, 48 in the squares, 12 of them border: 36 foreground, 84 background, so
-    # w_bg = 120 / (2 * 84) = 0.714 and w_fg = 120 / (2 * 36) = 1.667. A border voxel of cell 1 is 1 from
-    # cell 1's remaining voxels and 2 from cell 2's: w = w_bg + 10 exp(-(1 + 2)^2 / 50) = 0.714 + 8.353 = 9.067,
-    # the maximum ("about w_c + w0"; the 2-voxel border costs 16% of w0). Cell voxels weigh w_fg.
+    # 120 voxels, 48 in the squares, 12 of them border: 36 foreground, 84 background, so w_bg = 120
+    # / (2 * 84) = 0.714 and w_fg = 120 / (2 * 36) = 1.667. A border voxel of cell 1 is 1 from cell
+    # 1's remaining voxels and 2 from cell 2's: w = w_bg + 10 exp(-(1 + 2)^2 / 50) = 0.714 + 8.353 =
+    # 9.067, the maximum ("about w_c + w0"; the 2-voxel border costs 16% of w0). Cell voxels weigh
+    # w_fg.
     weights = weight_map(two_squares(), WeightMapConfig(ndim=2))[0]
     peak = 120 / 168 + 10 * math.exp(-9 / 50)
     np.testing.assert_allclose(weights[2:8, 5:7], peak, rtol=1e-6)
@@ -216,8 +193,9 @@ def test_weight_map_peaks_on_the_shared_border_of_two_squares() -> None:
 
 
 def test_weight_map_of_a_binary_mask_weighs_its_connected_components() -> None:
-    # A 0/255 mask is recognised as binary; its components per slice are the cells (face connectivity).
-    labels = blobs((2, 30, 30), 10, seed=3)
+    # A 0/255 mask is recognised as binary; its components per slice are the cells (face
+    # connectivity).
+    labels = blob_labels((2, 30, 30), 10, seed=3)
     mask = np.where(labels > 0, 255, 0).astype(np.uint8)
     components = ndimage.label(
         mask, structure=[[[0] * 3] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0] * 3] * 3]
@@ -234,12 +212,12 @@ def test_weight_map_of_a_binary_mask_weighs_its_connected_components() -> None:
 def test_weight_map_of_a_write_box_in_its_halo_equals_the_whole_volume_crop(
     data: st.DataObject,
 ) -> None:
-    # The block computation without a cluster: a write box read with halo_for's halo (zero outside the
-    # volume), weighed with the volume's class weights, is the crop of the whole-volume weights.
+    # The block computation without a cluster: a write box read with halo_for's halo (zero outside
+    # the volume), weighed with the volume's class weights, is the crop of the whole-volume weights.
     config = WeightMapConfig(
         ndim=data.draw(st.sampled_from([2, 3])), sigma=1.5, voxel_size=(2.0, 1.0, 1.0)
     )
-    labels = blobs((7, 36, 34), 25, seed=data.draw(st.integers(0, 3)))
+    labels = blob_labels((7, 36, 34), 25, seed=data.draw(st.integers(0, 3)))
     begin = data.draw(st.tuples(st.integers(0, 6), st.integers(0, 35), st.integers(0, 33)))
     end = tuple(data.draw(st.integers(b + 1, n)) for b, n in zip(begin, labels.shape))
     box, halo = Box(begin, end), halo_for(config)
@@ -258,7 +236,8 @@ def test_weight_map_of_a_write_box_in_its_halo_equals_the_whole_volume_crop(
 @pytest.mark.parametrize(
     ("config", "halo"),
     [
-        # D = 5 sqrt(2 ln(10 / (1e-7 * 0.5))) = 5 * 6.183 = 30.9; halo = ceil(30.9) + 1 = 32, none across slices.
+        # D = 5 sqrt(2 ln(10 / (1e-7 * 0.5))) = 5 * 6.183 = 30.9; halo = ceil(30.9) + 1 = 32, none
+        # across slices.
         pytest.param(WeightMapConfig(ndim=2), (0, 32, 32), id="paper-2d"),
         # z voxels of 4: ceil(30.9 / 4) + 1 = 9.
         pytest.param(
@@ -283,9 +262,10 @@ def test_halo_for_derives_from_sigma_w0_and_the_tolerance(
 def test_weight_map_work_per_cell_is_bounded_by_its_neighbourhood(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # 1000 and 4000 cells of ~100 voxels (15% dropped, leaving gaps): four times the cells cost about four
-    # times the distance transform voxels (one transform per cell over the whole slice would cost 16 times),
-    # about 6 slices' worth in all, and at most one transform per cell and search round (radius 5, 10, 20, 30.9).
+    # 1000 and 4000 cells of ~100 voxels (15% dropped, leaving gaps): four times the cells cost
+    # about four times the distance transform voxels (one transform per cell over the whole slice
+    # would cost 16 times), about 6 slices' worth in all, and at most one transform per cell and
+    # search round (radius 5, 10, 20, 30.9).
     volumes = {
         count: voronoi((1, side, side), count, seed=count)
         for count, side in ((1000, 316), (4000, 632))
@@ -307,189 +287,6 @@ def test_weight_map_work_per_cell_is_bounded_by_its_neighbourhood(
         assert counts["voxels"] < 10 * labels.size  # measured: 6.2 slices
         work[count] = counts["voxels"]
     assert 3.0 < work[4000] / work[1000] < 5.0
-
-
-# ------------------------------------------------------------------ chunked on the cluster
-
-
-@pytest.mark.parametrize(
-    ("config", "shape", "chunks"),
-    [
-        pytest.param(WeightMapConfig(ndim=2), (2, 150, 140), (1, 48, 50), id="2d-paper-defaults"),
-        pytest.param(
-            WeightMapConfig(ndim=2, sigma=1.5), (3, 50, 47), (2, 16, 13), id="2d-small-chunks"
-        ),
-        pytest.param(WeightMapConfig(ndim=3, sigma=1.0), (16, 40, 36), (6, 13, 11), id="3d"),
-        pytest.param(
-            WeightMapConfig(ndim=3, sigma=1.5, voxel_size=(2.0, 1.0, 1.0)),
-            (12, 44, 40),
-            (5, 16, 12),
-            id="3d-anisotropic",
-        ),
-    ],
-)
-def test_compute_weight_volume_equals_the_whole_volume_weights(
-    client: Client,
-    tmp_path: Path,
-    config: WeightMapConfig,
-    shape: tuple[int, int, int],
-    chunks: tuple[int, ...],
-) -> None:
-    # Cells of radius 2-5 cross every chunk border; each block reads far less than the volume.
-    labels = blobs(shape, int(np.prod(shape)) // 120, seed=1)
-    assert all(c + 2 * h < n for c, h, n in zip(chunks[1:], halo_for(config)[1:], shape[1:]))
-    report = compute_weight_volume(
-        write_zarr(tmp_path / "labels.zarr", labels),
-        str(tmp_path / "w.zarr"),
-        config,
-        chunk_shape=chunks,
-        client=client,
-    )
-    whole = weight_map(labels, config)
-    background = whole[~wm.training_target(labels, config)]
-    assert (
-        np.mean(background > report.class_weights[0] + 1e-3) > 0.1
-    )  # the border term is there, and large
-    np.testing.assert_allclose(zarr.open_array(tmp_path / "w.zarr")[:], whole, rtol=1e-5)
-    assert report.voxels == labels.size and report.halo == halo_for(config)
-
-
-def test_compute_weight_volume_needs_its_whole_halo(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The equality above is not vacuous: with half the halo (5 instead of 11 voxels) the weights differ,
-    # e.g. by 10 exp(-(1 + 6)^2 / 4.5) = 2e-4 where a second cell 6 voxels away is missed.
-    config, labels = WeightMapConfig(ndim=2, sigma=1.5), blobs((2, 50, 47), 40, seed=1)
-    monkeypatch.setattr(wm, "halo_for", lambda c: tuple(h // 2 for h in halo_for(c)))
-    compute_weight_volume(
-        write_zarr(tmp_path / "l.zarr", labels),
-        str(tmp_path / "w.zarr"),
-        config,
-        chunk_shape=(1, 16, 13),
-        client=client,
-    )
-    assert not np.allclose(
-        zarr.open_array(tmp_path / "w.zarr")[:], weight_map(labels, config), rtol=1e-5
-    )
-
-
-def test_compute_weight_volume_takes_a_binary_mask_in_whole_slices(
-    client: Client, tmp_path: Path
-) -> None:
-    # A 2D mask's cells are its components per slice: exact when each block holds whole slices.
-    mask = (blobs((3, 40, 36), 14, seed=2) > 0).astype(np.uint8)
-    config = WeightMapConfig(ndim=2, sigma=2.0)
-    compute_weight_volume(
-        write_zarr(tmp_path / "m.zarr", mask),
-        str(tmp_path / "w.zarr"),
-        config,
-        chunk_shape=(1, 40, 36),
-        client=client,
-    )
-    np.testing.assert_allclose(
-        zarr.open_array(tmp_path / "w.zarr")[:], weight_map(mask, config), rtol=1e-5
-    )
-
-
-def test_compute_weight_volume_writes_a_float32_zarr_v3_array(
-    client: Client, tmp_path: Path
-) -> None:
-    labels = blobs((4, 20, 18), 6, seed=4)
-    compute_weight_volume(
-        write_zarr(tmp_path / "l.zarr", labels),
-        str(tmp_path / "w.zarr"),
-        WeightMapConfig(ndim=3, sigma=1.0),
-        chunk_shape=(2, 64, 8),
-        client=client,
-    )
-    array = zarr.open_array(tmp_path / "w.zarr")
-    assert (array.dtype, array.chunks, array.metadata.dimension_names) == (
-        np.float32,
-        (2, 20, 8),
-        ("z", "y", "x"),
-    )
-    assert [type(c).__name__ for c in array.metadata.codecs] == ["BytesCodec", "BloscCodec"]
-    assert array.attrs["unet_volume"]["weights"]["border"] == "background (0) outside the volume"
-
-
-def test_compute_weight_volume_balances_classes_over_the_given_slices_only(
-    client: Client, tmp_path: Path
-) -> None:
-    # Slices 0-1 are 1/4 cells, slices 2-3 (held out) all cells: only 0-1 may set the class weights.
-    labels = np.zeros((4, 8, 8), np.uint16)
-    labels[0:2, :4, :4] = 1
-    labels[2:4] = 2
-    report = compute_weight_volume(
-        write_zarr(tmp_path / "l.zarr", labels),
-        str(tmp_path / "w.zarr"),
-        WeightMapConfig(w0=0.0),
-        chunk_shape=(1, 8, 8),
-        client=client,
-        balance_z_range=(0, 2),
-    )
-    # One cell per slice touches no other: no separation borders, so 2 x 16 of 2 x 64 voxels are target.
-    assert report.class_weights == balanced_class_weights(2 * 16, 2 * 64)
-
-
-def bad_inputs(tmp_path: Path) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Name -> (labels URL, extra arguments) for each bad input."""
-    fine = blobs((4, 12, 12), 4)
-    (tmp_path / "exists.zarr").mkdir()
-    return {
-        "missing": (str(tmp_path / "missing.zarr"), {}),
-        "rank": (write_zarr(tmp_path / "2d.zarr", fine[0]), {}),
-        "float": (write_zarr(tmp_path / "f.zarr", fine.astype(np.float32)), {}),
-        "channels": (write_zarr(tmp_path / "c.zarr", np.stack([fine, fine])), {}),
-        "negative": (write_zarr(tmp_path / "n.zarr", fine.astype(np.int16) - 1), {}),
-        "exists": (
-            write_zarr(tmp_path / "ok.zarr", fine),
-            {"out_url": str(tmp_path / "exists.zarr")},
-        ),
-        "chunks": (str(tmp_path / "ok.zarr"), {"chunk_shape": (4, 4)}),
-        "binary": (
-            write_zarr(tmp_path / "b.zarr", (fine > 0).astype(np.uint8)),
-            {"config": WeightMapConfig(ndim=3)},
-        ),
-        "balance": (str(tmp_path / "ok.zarr"), {"balance_z_range": (3, 9)}),
-    }
-
-
-@pytest.mark.parametrize(
-    ("case", "error", "message"),
-    [
-        pytest.param("missing", InputError, "does not exist", id="missing-labels"),
-        pytest.param("rank", InputError, r"expected \(z, y, x\)", id="wrong-rank"),
-        pytest.param("float", InputError, "integer labels", id="float-labels"),
-        pytest.param("channels", InputError, "2 channel", id="channels"),
-        pytest.param("negative", InputError, "negative values", id="negative-labels"),
-        pytest.param("exists", OutputExistsError, "already exists", id="existing-output"),
-        pytest.param("chunks", InputError, "chunk shape", id="chunk-rank"),
-        pytest.param("binary", InputError, "label the cells first", id="binary-mask-across-chunks"),
-        pytest.param(
-            "balance", InputError, "class-balance z range 3:9", id="balance-range-outside"
-        ),
-    ],
-)
-def test_compute_weight_volume_rejects_bad_input_in_one_line(
-    client: Client, tmp_path: Path, case: str, error: type[Exception], message: str
-) -> None:
-    labels_url, extra = bad_inputs(tmp_path)[case]
-    arguments: dict[str, Any] = {
-        "out_url": str(tmp_path / "w.zarr"),
-        "config": WeightMapConfig(ndim=2),
-        "chunk_shape": (2, 8, 8),
-        **extra,
-    }
-    with pytest.raises(error, match=message) as raised:
-        compute_weight_volume(
-            labels_url,
-            arguments.pop("out_url"),
-            arguments.pop("config"),
-            client=client,
-            **arguments,
-        )
-    assert "\n" not in str(raised.value)
-    assert not (tmp_path / "w.zarr").exists()
 
 
 @pytest.mark.parametrize(

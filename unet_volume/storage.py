@@ -124,6 +124,16 @@ def remove_output(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+@contextmanager
+def removed_on_failure(url: str) -> Iterator[None]:
+    """Delete the output at ``url`` if the body raises: nothing partial looks like a result."""
+    try:
+        yield
+    except BaseException:
+        remove_output(url)
+        raise
+
+
 def exists(url: str) -> bool:
     """Whether anything is stored at ``url`` (a path or an fsspec URL)."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -269,7 +279,7 @@ def convert_to_zarr(
     attrs = (
         {"voxel_size": list(volume.voxel_size), "units": volume.units} if volume.voxel_size else {}
     )
-    try:
+    with removed_on_failure(out):  # no partial copy left behind
         target = zarr.create_array(
             out,
             shape=lead + volume.shape,
@@ -283,7 +293,4 @@ def convert_to_zarr(
             for z in range(0, depth, step):
                 slab = (..., slice(z, min(z + step, depth)), slice(None), slice(None))
                 target[slab] = array[slab]
-    except BaseException:
-        remove_output(out)  # no partial copy left behind
-        raise
     return open_volume(out)

@@ -7,9 +7,11 @@ the same definitions. Imports hypothesis lazily: it is a test extra.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import zarr
 
 from unet_volume.geometry import Box
 from unet_volume.storage import ArrayLike, read_box
@@ -75,6 +77,38 @@ def blob_volume(
     if channels is None:
         return volume
     return np.stack([np.roll(volume, c, axis=-1) for c in range(channels)])
+
+
+def blob_labels(
+    shape: tuple[int, int, int], count: int, *, seed: int = 0, radius: tuple[float, float] = (2, 5)
+) -> np.ndarray:
+    """Instance labels: random balls labelled 1..count, later ones over earlier ones.
+
+    Touching cells with background between them: what weight maps and metrics are about.
+    """
+    rng = np.random.default_rng(seed)
+    grids = np.indices(shape)
+    labels = np.zeros(shape, dtype=np.uint16)
+    for label in range(1, count + 1):
+        centre = rng.uniform(0, shape)[:, None, None, None]
+        labels[((grids - centre) ** 2).sum(0) < rng.uniform(*radius) ** 2] = label
+    return labels
+
+
+def write_zarr(
+    path: str | Path, data: np.ndarray, chunks: tuple[int, ...] | None = None, **attrs: object
+) -> str:
+    """A real Zarr v3 array on disk, with odd chunks (2, 17, 19) unless told otherwise.
+
+    Odd chunks make every block read cross chunk borders, as real volumes do.
+    """
+    default = (2, 2, 17, 19)[-data.ndim :]
+    chunks = chunks or tuple(min(n, c) for n, c in zip(data.shape, default))
+    array = zarr.create_array(
+        path, shape=data.shape, dtype=data.dtype, chunks=chunks, attributes=attrs
+    )
+    array[:] = data
+    return str(path)
 
 
 def boxes(ndim: int = 3, low: int = -20, high: int = 40) -> Any:

@@ -30,7 +30,7 @@ stride 16, halo 44):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from unet_volume.errors import GeometryError
@@ -124,7 +124,7 @@ class UNetShape:
         return f"{below} and {above}" if below > 0 else f"{above}"
 
     def check_input_size(self, input_size: int) -> int:
-        """Return the output size, or raise :class:`GeometryError` naming the nearest valid inputs."""
+        """The output size, or :class:`GeometryError` naming the nearest valid inputs."""
         output = self.output_size(input_size)
         if output is not None:
             return output
@@ -297,3 +297,31 @@ def count_blocks(volume_shape: Sequence[int], block_shape: Sequence[int]) -> int
     for size, block in zip(volume_shape, block_shape, strict=True):
         n *= ceil_div(size, block)
     return n
+
+
+def plan_halo_blocks(
+    volume_shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int]
+) -> Iterator[Block]:
+    """Blocks of ``block_shape`` covering a volume, each reading ``halo`` voxels around it.
+
+    For block-wise work without tiles (weight maps): the read box is the write box grown by
+    ``halo``, also at the volume's edges (the caller fills what lies outside).
+
+    >>> [str(b.read_box) for b in plan_halo_blocks((1, 4, 6), (1, 4, 4), (0, 1, 1))]
+    ['[0:1, -1:5, -1:5]', '[0:1, -1:5, 3:7]']
+    """
+    volume = Box.from_shape(as_shape(volume_shape, VOLUME_NDIM))
+    for index, write_box in volume.grid(as_shape(block_shape, VOLUME_NDIM)):
+        yield Block(index, write_box, write_box.grow(as_shape(halo, VOLUME_NDIM)))
+
+
+def block_key(prefix: str) -> Callable[[Block], str]:
+    """Dask task names for blocks: ``prefix`` and the block index, e.g. ``predict-block-3-0-7``.
+
+    The index names the block in logs, the dashboard and errors (and keeps keys unique).
+    """
+
+    def key(block: Block) -> str:
+        return prefix + "-" + "-".join(map(str, block.index))
+
+    return key
