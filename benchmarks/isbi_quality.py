@@ -3,7 +3,7 @@
 Trains with the library (``unet_volume.train.train``) for a time budget, predicts the whole
 stack with the engine (``predict_volume`` on a 2-worker LocalCluster), and prints, for the
 validation slices, the pixel error and the adapted Rand error (ISBI definitions,
-``unet_volume.metrics.evaluate``), with the training time and all settings.
+``unet_volume.evaluation.evaluate``), with the training time and all settings.
 
 Two read-outs: the argmax segmentation (probability threshold 0.5), and the foreground
 threshold that scores best on the *training* slices 0-19 (thin membrane gaps merge cells,
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from unet_volume.cluster import open_client
-from unet_volume.metrics import evaluate
+from unet_volume.evaluation import evaluate
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
 from unet_volume.train import TrainConfig, train

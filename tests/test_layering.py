@@ -33,6 +33,7 @@ TORCH_FREE = [
     "unet_volume.prediction_store",
     "unet_volume.cluster",
     "unet_volume.metrics",
+    "unet_volume.evaluation",
     "unet_volume.augment",
     "unet_volume.weight_map",
     "unet_volume.weight_volume",
@@ -50,7 +51,8 @@ ALLOWED_IMPORTS = {
     "tiling": {"errors", "geometry"},
     "storage": {"errors", "geometry", "tiling", "border"},
     "prediction_store": {"errors", "geometry", "tiling", "storage", "__init__"},
-    "metrics": {"errors", "storage", "prediction_store", "__init__"},
+    "metrics": {"errors"},
+    "evaluation": {"errors", "storage", "prediction_store", "metrics", "__init__"},
     "augment": {"errors", "border"},
     "weight_map": {"errors", "geometry"},
     "weight_volume": {

@@ -23,7 +23,7 @@ _LAZY = {
     "predict_volume": "unet_volume.predict",
     "RunReport": "unet_volume.predict",
     "open_prediction": "unet_volume.prediction_store",
-    "evaluate": "unet_volume.metrics",
+    "evaluate": "unet_volume.evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -124,6 +124,22 @@ def remove_output(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def check_z_range(
+    z_range: tuple[int, int] | None, depth: int, *, what: str = "z range"
+) -> tuple[int, int]:
+    """``z_range`` (half-open; None: all ``depth`` slices) if it is a non-empty part of them.
+
+    The one check of every z range (evaluation, training and validation slices, class balance).
+    """
+    begin, end = z_range if z_range is not None else (0, depth)
+    if not 0 <= begin < end <= depth:
+        raise InputError(
+            f"{what} {begin}:{end} is not a non-empty part of the volume's {depth} slices; "
+            f"pass BEGIN:END with 0 <= BEGIN < END <= {depth}"
+        )
+    return int(begin), int(end)
+
+
 @contextmanager
 def removed_on_failure(url: str) -> Iterator[None]:
     """Delete the output at ``url`` if the body raises: nothing partial looks like a result."""

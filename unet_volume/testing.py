@@ -189,3 +189,20 @@ class SumBound:
         bias = None if layer.bias is None else layer.bias.abs()
         terms = conv(inputs[0].abs(), layer.weight.abs(), bias, stride=layer.stride)
         self.largest = max(self.largest, float(terms.max()))
+
+
+def label_pairs(max_label: int = 5) -> Any:
+    """Hypothesis strategy: two label volumes of one random (z, y, x) shape, ids 0..max_label.
+
+    Drawn as (segmentation, truth), for metrics that must agree with a reference.
+    """
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    shapes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9))
+    return shapes.flatmap(
+        lambda shape: st.tuples(
+            arrays(np.int64, shape, elements=st.integers(0, max_label)),
+            arrays(np.int64, shape, elements=st.integers(0, max_label)),
+        )
+    )

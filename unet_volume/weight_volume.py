@@ -24,7 +24,13 @@ from unet_volume import prediction_store
 from unet_volume.cluster import map_bounded
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
-from unet_volume.storage import Volume, absolute, open_volume, removed_on_failure
+from unet_volume.storage import (
+    Volume,
+    absolute,
+    check_z_range,
+    open_volume,
+    removed_on_failure,
+)
 from unet_volume.tiling import Block, block_key, plan_halo_blocks
 from unet_volume.weight_map import (
     TOLERANCE,
@@ -151,14 +157,7 @@ def _create_output(
 
 def _balance_region(volume: Box, z_range: tuple[int, int] | None) -> Box:
     """The slices whose class frequencies set the class weights: ``z_range``, else all."""
-    if z_range is None:
-        return volume
-    begin, end = z_range
-    if not 0 <= begin < end <= volume.shape[0]:
-        raise InputError(
-            f"class-balance z range {begin}:{end} is not a non-empty part of the labels' "
-            f"{volume.shape[0]} slices; pass BEGIN:END with 0 <= BEGIN < END <= {volume.shape[0]}"
-        )
+    begin, end = check_z_range(z_range, volume.shape[0], what="class-balance z range")
     return Box((begin, *volume.begin[1:]), (end, *volume.end[1:]))
 
 
