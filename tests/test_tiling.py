@@ -38,7 +38,7 @@ def test_tiling_margin_is_6_times_period_minus_4(depth: int, margin: int) -> Non
 def test_tiling_invalid_input_names_the_nearest_valid_sizes() -> None:
     with pytest.raises(GeometryError, match="nearest valid sizes are 556 and 572"):
         UNetShape(4).check_input_size(570)
-    with pytest.raises(GeometryError, match=r"nearest valid sizes are 188$"):
+    with pytest.raises(GeometryError, match=r"nearest valid size is 188$"):
         UNetShape(4).check_input_size(100)
 
 

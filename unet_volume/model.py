@@ -18,8 +18,9 @@ level's contracting features. The paper's net (depth 4, base 64), as ``size (cha
 
 Unpadded convolutions make the output smaller than the input by a fixed ``margin`` per side
 (92 for the paper's net) and make only some input sizes valid (every pooling must see an even
-size). This module derives all of that by tracing the layers themselves (:meth:`UNet.output_size`);
+size). This module derives the sizes by tracing the layers themselves (:meth:`UNet.output_size`);
 :mod:`unet_volume.tiling` computes the same numbers without torch, and a test checks they agree.
+Both use tiling's one search for valid sizes and its one error naming the nearest.
 
 >>> net = UNet(base_channels=8)
 >>> net.margin, net.period, net.output_shape((572, 572))
@@ -40,7 +41,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ import torch
 from torch import nn
 
 from unet_volume.errors import GeometryError, InputError
-from unet_volume.tiling import TileGeometry
+from unet_volume.tiling import SizeMap, TileGeometry, check_input_size, next_valid_input
 
 # A 3D U-Net is the 2D one with every layer one rank up [2].
 _CONV: dict[int, type[nn.Conv2d | nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -310,19 +311,10 @@ class UNet(nn.Module):
             size = cast(Up, up).output_size(size, skips.pop(), axis)
         return sequence_output_size([self.head], size, axis)
 
-    def _valid_input_from(self, size: int, axis: int) -> int:
-        """The smallest valid input size >= ``size`` (valid sizes recur every period)."""
-        sizes = itertools.count(max(size, 1))
-        return next(s for s in sizes if self.output_size(s, axis) is not None)
-
-    def _valid_input_below(self, size: int, axis: int) -> int | None:
-        sizes = range(size - 1, 0, -1)
-        return next((s for s in sizes if self.output_size(s, axis) is not None), None)
-
     @property
     def margin(self) -> tuple[int, ...]:
         """Context lost per side per spatial axis, e.g. (92, 92) for the paper's net."""
-        smallest = [self._valid_input_from(1, axis) for axis in range(self.config.ndim)]
+        smallest = [next_valid_input(self._size_map(axis), 1) for axis in range(self.config.ndim)]
         outputs = [cast(int, self.output_size(s, axis)) for axis, s in enumerate(smallest)]
         return tuple((s - o) // 2 for s, o in zip(smallest, outputs))
 
@@ -350,16 +342,16 @@ class UNet(nn.Module):
         return tuple(self._checked_output_size(size, axis) for axis, size in enumerate(shape))
 
     def _checked_output_size(self, size: int, axis: int) -> int:
-        out = self.output_size(size, axis)
-        if out is not None:
-            return out
-        above = self._valid_input_from(size + 1, axis)
-        below = self._valid_input_below(size, axis)
-        nearest = f"sizes are {below} and {above}" if below else f"size is {above}"
-        raise GeometryError(
-            f"tile input {size} along {_AXES[self.config.ndim][axis]} is not a valid size for a "
-            f"depth-{self.config.depth} U-Net; nearest valid {nearest}"
+        return check_input_size(
+            self._size_map(axis),
+            size,
+            depth=self.config.depth,
+            axis=_AXES[self.config.ndim][axis],
         )
+
+    def _size_map(self, axis: int) -> SizeMap:
+        """:meth:`output_size` along one axis, as the size search of :mod:`tiling` takes it."""
+        return functools.partial(self.output_size, axis=axis)
 
     def input_shape_for(self, output_shape: Sequence[int]) -> tuple[int, ...]:
         """The smallest valid spatial input whose output is at least ``output_shape`` per axis.
@@ -373,9 +365,9 @@ class UNet(nn.Module):
         inputs = []
         for axis, (want, margin) in enumerate(zip(wanted, self.margin)):
             # A valid input loses exactly 2 * margin, so no smaller input can cover `want`.
-            size = self._valid_input_from(want + 2 * margin, axis)
+            size = next_valid_input(self._size_map(axis), want + 2 * margin)
             while cast(int, self.output_size(size, axis)) < want:
-                size = self._valid_input_from(size + 1, axis)
+                size = next_valid_input(self._size_map(axis), size + 1)
             inputs.append(size)
         return tuple(inputs)
 

@@ -30,6 +30,7 @@ stride 16, halo 44):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -125,20 +126,40 @@ class UNetShape:
 
     def check_input_size(self, input_size: int) -> int:
         """The output size, or :class:`GeometryError` naming the nearest valid inputs."""
-        output = self.output_size(input_size)
-        if output is not None:
-            return output
-        above = self.input_for_output(
-            self.min_output_at_least(max(input_size - 2 * self.margin, 1))
-        )
-        if above <= input_size:
-            above += self.period
-        below = above - self.period
-        nearest = f"{below} and {above}" if self.output_size(below) else f"{above}"
-        raise GeometryError(
-            f"tile input {input_size} is not a valid size for a depth-{self.depth} U-Net; "
-            f"nearest valid sizes are {nearest}"
-        )
+        return check_input_size(self.output_size, input_size, depth=self.depth)
+
+
+SizeMap = Callable[[int], int | None]
+"""A network's output size along one axis for an input size; None where the input is invalid."""
+
+
+def next_valid_input(output_size: SizeMap, size: int) -> int:
+    """The smallest valid input size >= ``size`` (valid sizes recur every period)."""
+    return next(s for s in itertools.count(max(size, 1)) if output_size(s) is not None)
+
+
+def check_input_size(output_size: SizeMap, size: int, *, depth: int, axis: str = "") -> int:
+    """The output size of input ``size``, or :class:`GeometryError` naming the nearest valid sizes.
+
+    One rule and one message for the torch-free arithmetic (:class:`UNetShape`) and the
+    traced network (:class:`unet_volume.model.UNet`), whose tests check that they agree.
+
+    >>> check_input_size(UNetShape(4).output_size, 570, depth=4)
+    Traceback (most recent call last):
+    ...
+    unet_volume.errors.GeometryError: tile input 570 is not a valid size for a depth-4 U-Net; nearest valid sizes are 556 and 572
+    """  # noqa: E501
+    output = output_size(size)
+    if output is not None:
+        return output
+    above = next_valid_input(output_size, size + 1)
+    below = next((s for s in range(size - 1, 0, -1) if output_size(s) is not None), None)
+    nearest = f"sizes are {below} and {above}" if below else f"size is {above}"
+    along = f" along {axis}" if axis else ""
+    raise GeometryError(
+        f"tile input {size}{along} is not a valid size for a depth-{depth} U-Net; "
+        f"nearest valid {nearest}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
