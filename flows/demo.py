@@ -1,4 +1,4 @@
-"""The end-to-end demo on embedded defaults: ISBI 2012 -> Zarr -> ``train`` flow -> ``predict`` flow.
+"""The end-to-end demo on embedded defaults: ISBI 2012 -> Zarr -> ``train`` -> ``predict`` flow.
 
 Prefect runs on its local ephemeral API, Dask on a LocalCluster, data in local Zarr; nothing
 needs the network. Run it with ``bash scripts/demo.sh`` (which sets Prefect up offline).
@@ -15,14 +15,16 @@ from prefect import flow
 
 from unet_volume.prediction_store import open_prediction
 from unet_volume.storage import convert_to_zarr
+from unet_volume.train import TrainConfig
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
 
-TRAIN, VALIDATION = (0, 20), (20, 25)  # the ISBI README's split: slices 20-24 are never trained on
+TRAIN, VALIDATION = (0, 20), (20, 25)  # the ISBI README's split: 20-24 are never trained on
+MINUTES = TrainConfig().minutes  # the library's training budget, written once there
 
 
 @flow(name="demo")
-def demo_flow(data: str, out: str, minutes: float = 3.0) -> dict[str, object]:
+def demo_flow(data: str, out: str, minutes: float | None = MINUTES) -> dict[str, object]:
     """Convert the ISBI stack, train for ``minutes`` on slices 0-19, score 20-24, predict all 25."""
     root = Path(out)
     image, labels = str(root / "isbi-volume.zarr"), str(root / "isbi-labels.zarr")
@@ -59,13 +61,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--out", default="runs/demo", help="where everything is written (default runs/demo)"
     )
-    parser.add_argument("--minutes", type=float, default=3.0, help="training budget (default 3)")
+    parser.add_argument(
+        "--minutes", type=float, default=MINUTES, help=f"training budget (default {MINUTES:g})"
+    )
     args = parser.parse_args(argv)
     result = demo_flow(args.data, args.out, args.minutes)
     train, predict = result["train"], result["predict"]
     assert isinstance(train, dict) and isinstance(predict, dict)
     print(
-        f"\nprediction: {predict['output_url']} ({predict['blocks']} blocks, {predict['seconds']:.1f} s)"
+        f"\nprediction: {predict['output_url']} "
+        f"({predict['blocks']} blocks, {predict['seconds']:.1f} s)"
     )
     print(open_prediction(predict["output_url"]))
     scores = {
@@ -74,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nvalidation metrics, slices {VALIDATION[0]}-{VALIDATION[1] - 1} (never trained on):")
     print(json.dumps(scores, indent=2))
     print(
-        f"\npreview PNGs: {predict['preview']}  {train['checkpoint']}.preview.png  {train['checkpoint']}.curve.png"
+        f"\npreview PNGs: {predict['preview']}  "
+        f"{train['checkpoint']}.preview.png  {train['checkpoint']}.curve.png"
     )
 
 

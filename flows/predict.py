@@ -1,9 +1,10 @@
-"""The ``predict`` flow: one volume, planned, predicted on a Dask cluster, recorded and published."""
+"""The ``predict`` flow: one volume planned, predicted on a Dask cluster, recorded, published."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -11,12 +12,20 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import PositiveFloat, PositiveInt
 
 from unet_volume.cluster_spec import connect
-from unet_volume.predict import PredictionPlan, PredictOptions, RunReport, plan_prediction, run_plan
-from unet_volume.prediction_store import environment, record_provenance
+from unet_volume.predict import (
+    DEFAULT_OPTIONS,
+    PredictionPlan,
+    PredictOptions,
+    RunReport,
+    plan_prediction,
+    run_plan,
+)
+from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
 from unet_volume_flows.common import STORAGE_RETRIES
 
 Shape = tuple[PositiveInt, PositiveInt, PositiveInt]
+VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 
 
 @task(**STORAGE_RETRIES, timeout_seconds=600, cache_policy=NO_CACHE)
@@ -78,7 +87,8 @@ def publish(report: RunReport, image: str, preview: str) -> str:
 
 
 def default_preview(out: str) -> str:
-    """Beside a local output (``out.zarr`` -> ``out.preview.png``); in the working folder for a URL."""
+    """Beside a local output (``out.zarr`` -> ``out.preview.png``); for a URL, in the working
+    folder."""
     name = f"{PurePosixPath(out.rstrip('/')).stem}.preview.png"
     return name if "://" in out else str(Path(out.rstrip("/")).with_name(name))
 
@@ -89,22 +99,24 @@ def predict_flow(
     model: str,
     out: str,
     *,
-    block_shape: Shape | None = None,
-    output_dtype: Literal["uint8", "float16", "float32"] = "uint8",
-    tta: bool = False,
-    voxel_size: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None,
-    overwrite: bool = False,
+    block_shape: Shape | None = DEFAULT_OPTIONS.block_shape,
+    output_dtype: OutputDtype = DEFAULT_OPTIONS.output_dtype,
+    tta: bool = DEFAULT_OPTIONS.tta,
+    voxel_size: VoxelSize | None = DEFAULT_OPTIONS.voxel_size,
+    overwrite: bool = DEFAULT_OPTIONS.overwrite,
     scheduler: str | None = None,
     cluster: str | None = None,
     preview: str | None = None,
 ) -> dict[str, Any]:
-    """Predict ``image`` (Zarr array or TIFF stack) with the checkpoint ``model`` into the Zarr group ``out``.
+    """Predict ``image`` (Zarr array or TIFF stack) with the checkpoint ``model`` into ``out``.
 
-    Blocks run on the Dask scheduler at ``scheduler``, on a cluster started from the spec named
-    ``cluster`` (``deploy/clusters``), or on a LocalCluster. ``preview`` is the PNG to write
-    (default: beside the output). Returns the run report as a dict.
+    ``out`` is a Zarr group. Blocks run on the Dask scheduler at ``scheduler``, on a cluster
+    started from the spec named ``cluster`` (``deploy/clusters``), or on a LocalCluster.
+    ``preview`` is the PNG to write (default: beside the output). The other defaults are
+    :class:`~unet_volume.predict.PredictOptions`'. Returns the run report as a dict.
     """
-    options = PredictOptions(
+    options = replace(
+        DEFAULT_OPTIONS,
         block_shape=block_shape,
         output_dtype=output_dtype,
         voxel_size=voxel_size,

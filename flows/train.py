@@ -1,9 +1,13 @@
-"""The ``train`` flow: weight maps (Dask) -> training -> evaluation -> checkpoint registered with its metrics."""
+"""The ``train`` flow: weight maps (Dask) -> training -> evaluation -> the checkpoint registered.
+
+The checkpoint is registered with its metrics, learning curve and preview as Prefect artifacts.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -11,14 +15,17 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster_spec import connect
-from unet_volume.metrics import EvaluationReport, evaluate
+from unet_volume.evaluation import EvaluationReport, evaluate
 from unet_volume.predict import PredictOptions, plan_prediction, run_plan
 from unet_volume.preview import write_preview
 from unet_volume.train import TrainConfig, TrainReport, train
-from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
+from unet_volume.train_config import Augment
+from unet_volume.weight_map import WeightMapConfig
+from unet_volume.weight_volume import compute_weight_volume
 from unet_volume_flows.common import STORAGE_RETRIES
 
 ZRange = tuple[NonNegativeInt, PositiveInt]
+DEFAULTS = TrainConfig()  # every default below is read from here, none is written twice
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
@@ -36,7 +43,7 @@ def weigh(
             labels,
             out,
             WeightMapConfig(),
-            chunk_shape=(1, 512, 512),
+            block_shape=(1, 512, 512),
             client=client,
             overwrite=True,
             balance_z_range=z_range,
@@ -47,7 +54,7 @@ def weigh(
 def fit(
     image: str, labels: str, model: str, config: TrainConfig, weights: str | None
 ) -> TrainReport:
-    """Train on this machine (all its cores, or its GPU); checkpoint and learning curve beside ``model``."""
+    """Train on this machine (all its cores, or its GPU); checkpoint and curve beside ``model``."""
     return train(image, labels, model, config, weights=weights)
 
 
@@ -60,7 +67,7 @@ def assess(
     scheduler: str | None,
     cluster: str | None,
 ) -> EvaluationReport:
-    """Predict the image with the new model and score the held-out slices (pixel, Rand, VOI, IoU)."""
+    """Predict the image with the new model; score the held-out slices (pixel, Rand, VOI, IoU)."""
     out = f"{model}.evaluation.zarr"
     prediction = plan_prediction(model, image, out, PredictOptions(overwrite=True))
     with connect(scheduler, cluster, dashboard=False) as client:
@@ -70,7 +77,7 @@ def assess(
 
 @task(cache_policy=NO_CACHE)
 def register(report: TrainReport, scores: EvaluationReport | None, image: str) -> dict[str, Any]:
-    """The checkpoint with its figures as Prefect artifacts: a metrics table, the curve and a preview."""
+    """The checkpoint's figures as Prefect artifacts: a metrics table, the curve and a preview."""
     figures: dict[str, Any] = {
         "checkpoint": str(report.checkpoint),
         "steps": report.steps,
@@ -90,7 +97,8 @@ def register(report: TrainReport, scores: EvaluationReport | None, image: str) -
             slices=[scores.z_range[0], scores.z_range[1] - 1],
         )
         lines.append(
-            f"Validation preview (z {scores.z_range[0]}:{scores.z_range[1]}): {png.resolve().as_uri()}"
+            f"Validation preview (z {scores.z_range[0]}:{scores.z_range[1]}): "
+            f"{png.resolve().as_uri()}"
         )
     create_table_artifact([figures], key="model-metrics", description=f"model {report.checkpoint}")
     create_markdown_artifact("\n".join(lines) + "\n", key="model-card")
@@ -103,16 +111,17 @@ def train_flow(
     labels: str,
     model: str,
     *,
-    minutes: PositiveFloat | None = 5.0,
-    steps: PositiveInt | None = None,
-    z_range: ZRange | None = None,
-    validation_z_range: ZRange | None = None,
-    augment: Literal["none", "plain", "paper"] = "plain",
+    minutes: PositiveFloat | None = DEFAULTS.minutes,
+    steps: PositiveInt | None = DEFAULTS.steps,
+    z_range: ZRange | None = DEFAULTS.z_range,
+    validation_z_range: ZRange | None = DEFAULTS.validation_z_range,
+    augment: Augment = DEFAULTS.augment,
     weight_map: bool = False,
-    base_channels: PositiveInt = 16,
-    depth: PositiveInt = 4,
-    tile_output: PositiveInt = 132,
-    seed: int = 0,
+    base_channels: PositiveInt = DEFAULTS.model.base_channels,
+    depth: PositiveInt = DEFAULTS.model.depth,
+    batch_norm: bool = DEFAULTS.model.batch_norm,
+    tile_output: PositiveInt = DEFAULTS.tile_output[-1],
+    seed: int = DEFAULTS.seed,
     scheduler: str | None = None,
     cluster: str | None = None,
 ) -> dict[str, Any]:
@@ -120,11 +129,14 @@ def train_flow(
 
     With ``validation_z_range`` the model is scored on those held-out slices; with ``weight_map``
     the loss is weighted by the paper's weight map, else class-balanced. The net is 2D, ``depth``
-    levels deep, trained on tiles of ``tile_output``² output voxels. Returns the figures.
+    levels deep, trained on tiles of ``tile_output``² output voxels. Defaults are
+    :class:`~unet_volume.train.TrainConfig`'s. Returns the figures.
     """
-    config = TrainConfig(
-        base_channels=base_channels,
-        depth=depth,
+    config = replace(
+        DEFAULTS,
+        model=replace(
+            DEFAULTS.model, base_channels=base_channels, depth=depth, batch_norm=batch_norm
+        ),
         tile_output=(1, tile_output, tile_output),
         minutes=minutes,
         steps=steps,

@@ -27,7 +27,7 @@ import zarr
 from distributed import Client
 
 from unet_volume.checkpoint import load_model, save_model
-from unet_volume.cli import build_parser, main
+from unet_volume.cli import build_parser, main, weight_map_config_from
 from unet_volume.model import UNet
 from unet_volume.predict import predict_volume
 from unet_volume.testing import blob_volume
@@ -100,12 +100,14 @@ def subparser(command: str) -> argparse.ArgumentParser:
 
 
 def assert_help_explains(text: str, actions: list[argparse.Action]) -> None:
-    """Each action has a help line of its own: its invocation at the start of a line, then its help."""
+    """Each action has a help line of its own: its invocation starts a line, then its help."""
     flat = " ".join(text.split())  # help paragraphs wrap at the terminal width
     for action in actions:
-        name = ", ".join(action.option_strings) or action.metavar or action.dest
+        if action.help == argparse.SUPPRESS:  # an old name kept for scripts, e.g. --chunk-shape
+            continue
+        name = next(iter(action.option_strings), None) or action.metavar or action.dest
         assert action.help, f"{name} has no help"
-        assert re.search(rf"^ +{re.escape(name)}(\s|$)", text, re.MULTILINE), (
+        assert re.search(rf"^ +{re.escape(name)}(,|\s|$)", text, re.MULTILINE), (
             f"{name} missing from the help"
         )
         assert " ".join(action.help.split()[:4]) in flat, f"the help of {name} is not shown"
@@ -152,7 +154,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
 
 @pytest.fixture
 def bad_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory of things that are not usable inputs or checkpoints, beside a good input."""
+    """A working directory of things that are not usable inputs or checkpoints, and a good input."""
     write_zarr(tmp_path / "in.zarr", blob_volume((2, 24, 24)))
     write_zarr(tmp_path / "flat.zarr", blob_volume((24, 24)))  # (y, x): no z axis
     write_zarr(tmp_path / "empty.zarr", np.zeros((0, 8, 8), dtype=np.uint8))
@@ -257,7 +259,8 @@ def test_cli_predict_unparsable_block_shape_is_a_usage_error(
             ["predict", "in.zarr", "out.zarr", "--model", "tiny.pt", "--block-shape", "abc"],
             EXIT_USAGE,
             "",
-            r"usage: unet-volume predict .*\nunet-volume predict: error: argument --block-shape: [^\n]*'abc'\n",
+            r"usage: unet-volume predict .*\n"
+            r"unet-volume predict: error: argument --block-shape: [^\n]*'abc'\n",
             id="argparse-error",
         ),
     ],
@@ -369,7 +372,8 @@ def test_cli_predict_on_a_cluster_spec_starts_and_closes_that_cluster(
 ) -> None:
     spec = tmp_path / "one.yaml"
     spec.write_text(
-        "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\ndashboard_address: null\n"
+        "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\n"
+        "dashboard_address: null\n"
     )
     output = tmp_path / "out.zarr"
     args = [
@@ -510,7 +514,7 @@ def test_cli_weights_then_train_with_them(
             weights,
             "--scheduler",
             client.scheduler.address,
-            "--chunk-shape",
+            "--block-shape",
             "1,32,32",
         ]
     )
@@ -523,3 +527,68 @@ def test_cli_weights_then_train_with_them(
         == EXIT_OK
     )
     assert load_model(out).config.depth == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "sigma", "said"),
+    [
+        pytest.param([], 5.0, "y 5, x 5", id="voxels-by-default"),
+        pytest.param(["--sigma", "3"], 3.0, "y 3, x 3", id="bare-number-is-voxels"),
+        # 5 voxels of 4 nm: WeightMapConfig takes sigma in the voxel size's units, 20 (nm).
+        pytest.param(["--voxel-size", "50,4,4"], 20.0, "y 5, x 5 (20 ", id="px-to-nm"),
+        pytest.param(["--voxel-size", "50,4,4", "--sigma", "5px"], 20.0, "y 5, x 5", id="px"),
+        pytest.param(["--voxel-size", "50,4,4", "--sigma", "8nm"], 8.0, "y 2, x 2", id="nm"),
+        pytest.param(
+            ["--voxel-size", "50,4,4", "--sigma", "20nm", "--ndim", "3"],
+            20.0,
+            "z 0.4, y 5, x 5",
+            id="anisotropic-3d",
+        ),
+    ],
+)
+def test_cli_weights_sigma_unit_is_explicit_and_said_in_voxels(
+    client: Client,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    sigma: float,
+    said: str,
+) -> None:
+    # issue 12: `--voxel-size 50,4,4` used to turn the paper's 5 pixels into 5 nm (1.25 px).
+    _, labels = write_training_pair(tmp_path, (2, 32, 32))
+    args = ["weights", labels, str(tmp_path / "w.zarr"), *flags]
+    assert weight_map_config_from(build_parser().parse_args(args)).sigma == sigma
+    assert main([*args, "--scheduler", client.scheduler.address]) == EXIT_OK
+    assert f"sigma in voxels: {said}" in capsys.readouterr().err
+
+
+def test_cli_weights_physical_sigma_without_voxel_size_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, labels = write_training_pair(tmp_path, (2, 32, 32))
+    before = snapshot(tmp_path)
+    assert main(["weights", labels, str(tmp_path / "w.zarr"), "--sigma", "20nm"]) == EXIT_USAGE
+    line = assert_one_error_line(capsys.readouterr().err, "weights")
+    assert "--sigma 20nm" in line and "--voxel-size" in line and "--sigma 5px" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_weights_chunk_shape_is_a_deprecated_name_of_block_shape(
+    client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, labels = write_training_pair(tmp_path, (2, 32, 32))
+    out = tmp_path / "w.zarr"
+    args = ["weights", labels, str(out), "--scheduler", client.scheduler.address]
+    assert main([*args, "--chunk-shape", "2,32,32"]) == EXIT_OK
+    assert "--chunk-shape is deprecated; pass --block-shape" in capsys.readouterr().err
+    assert zarr.open_array(out, mode="r").chunks == (2, 32, 32)  # one chunk per block
+    assert "--chunk-shape" not in build_parser().format_help() + subparser("weights").format_help()
+
+
+def test_cli_weights_prints_no_dask_logs_without_verbose(tmp_path: Path) -> None:
+    # issue 12: distributed sets INFO on its loggers when imported, after the CLI set WARNING.
+    _, labels = write_training_pair(tmp_path, (1, 16, 16))
+    result = run_cli(["weights", labels, "w.zarr", "--workers", "1"], cwd=tmp_path)
+    assert result.returncode == EXIT_OK, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["sigma in voxels", "Dask dashboard"], lines

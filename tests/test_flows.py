@@ -142,7 +142,8 @@ def test_ingest_flow_predicts_each_new_volume_once(client: Client, tmp_path: Pat
 
 
 class FlakyFileSystem(LocalFileSystem):
-    """A local folder behind a connection that drops the first listing, as an object store under load does."""
+    """A local folder behind a connection that drops the first listing, as a loaded object store
+    does."""
 
     protocol = "flaky"
     failures_left = 1
@@ -229,7 +230,10 @@ def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(
     )
     loaded.validate_parameters(parameters)  # raises ParameterTypeError on a bad value
     for schedule in spec.get("schedules", []):
-        assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+        # Prefect validates the expression and the zone on construction (ValueError if bad);
+        # the parsed schedule must keep both as written.
+        parsed = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+        assert (parsed.cron, parsed.timezone) == (schedule["cron"], schedule["timezone"])
 
 
 def test_predict_flow_fails_bad_input_at_once_without_retrying(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ The tiny net is 2D, depth 2, 4 base channels: a tile output of 12 needs an input
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from torch.utils.data import DataLoader
 
 import unet_volume.train as train_module
 from unet_volume import sampling as sampling_module
@@ -22,23 +24,26 @@ from unet_volume.augment import AugmentConfig
 from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
+from unet_volume.model import UNetConfig
 from unet_volume.sampling import Patch, PatchSampler, TrainingData, to_classes
-from unet_volume.train import TrainConfig, augment_tile, class_weights, train
+from unet_volume.train import TileStream, TrainConfig, augment_tile, class_weights, train
 
 SHAPE = (6, 48, 48)
-TINY = {
-    "depth": 2,
-    "base_channels": 4,
-    "tile_output": (1, 12, 12),
-    "batch_size": 4,
-    "minutes": None,
-}
+TINY = {"tile_output": (1, 12, 12), "batch_size": 4, "minutes": None}
+TINY_NET = {"depth": 2, "base_channels": 4}
+NET_FIELDS = {f.name for f in dataclasses.fields(UNetConfig)}
+
+
+def tiny(**options: Any) -> TrainConfig:
+    """The tiny recipe with ``options``; U-Net fields (``depth``, ``ndim``, ...) go to its model."""
+    net = {k: options.pop(k) for k in set(options) & NET_FIELDS}
+    return TrainConfig(**{**TINY, **options}, model=UNetConfig(**{**TINY_NET, **net}))
 
 
 def blobs(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Bright discs on a dark noisy ramp, and their mask (0/255, as ISBI's labels)."""
     rng = np.random.default_rng(seed)
-    z, y, x = np.indices(shape)
+    _, y, x = np.indices(shape)
     mask = np.zeros(shape, dtype=bool)
     for _ in range(12 * shape[0]):
         cz, cy, cx = rng.integers(0, shape[0]), rng.integers(0, shape[1]), rng.integers(0, shape[2])
@@ -77,7 +82,7 @@ def test_train_loss_decreases_and_checkpoint_loads(
     volumes: tuple[str, str], tmp_path: Path
 ) -> None:
     out = tmp_path / "runs" / "model.pt"
-    config = TrainConfig(**TINY, steps=60, learning_rate=1e-2, dropout=0.0)
+    config = tiny(steps=60, learning_rate=1e-2, dropout=0.0)
     report = train(*volumes, out, config)
     # Means over 10 steps each, so one lucky or unlucky batch cannot decide the test.
     first, last = np.mean(report.losses[:10]), np.mean(report.losses[-10:])
@@ -96,7 +101,7 @@ def test_train_loss_decreases_and_checkpoint_loads(
 def test_train_normalization_estimates_the_volume_statistics(
     volumes: tuple[str, str], tmp_path: Path
 ) -> None:
-    train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=1))
+    train(*volumes, tmp_path / "m.pt", tiny(steps=1))
     norm = read_checkpoint(tmp_path / "m.pt").metadata["normalization"]
     image = zarr.open_array(volumes[0], mode="r")[...].astype(float)
     # Estimated from 32 sampled (mirrored) tiles, not the whole volume: close, not equal.
@@ -105,13 +110,13 @@ def test_train_normalization_estimates_the_volume_statistics(
 
 
 def test_train_same_seed_gives_identical_weights(volumes: tuple[str, str], tmp_path: Path) -> None:
-    config = TrainConfig(**TINY, steps=5)
+    config = tiny(steps=5)
     a = train(*volumes, tmp_path / "a.pt", config)
     b = train(*volumes, tmp_path / "b.pt", config)
     assert a.losses == b.losses
     wa, wb = load_model(a.checkpoint).state_dict(), load_model(b.checkpoint).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    c = train(*volumes, tmp_path / "c.pt", TrainConfig(**{**TINY, "steps": 5, "seed": 1}))
+    c = train(*volumes, tmp_path / "c.pt", tiny(steps=5, seed=1))
     assert c.losses != a.losses
 
 
@@ -137,7 +142,7 @@ def test_train_checkpoints_every_n_steps(
         return real_save(model, path, metadata=metadata)
 
     monkeypatch.setattr(train_module, "save_model", spy)
-    train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=steps, checkpoint_every=2))
+    train(*volumes, tmp_path / "m.pt", tiny(steps=steps, checkpoint_every=2))
     assert saved == expected  # every 2 steps, and at the end
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
 
@@ -145,9 +150,8 @@ def test_train_checkpoints_every_n_steps(
 @pytest.mark.parametrize(
     "options",
     [
-        pytest.param({"optimizer": "sgd"}, id="sgd-momentum"),
         pytest.param({"augment": "none", "class_balance": False}, id="plain"),
-        pytest.param({"augment": "paper"}, id="paper-augmentation"),
+        pytest.param({"batch_norm": True, "dropout": 0.0}, id="batch-norm"),
         pytest.param({"ndim": 3, "depth": 1, "tile_output": (4, 4, 4), "batch_size": 1}, id="3d"),
         pytest.param({"tile_output": (2, 8, 12), "z_range": (1, 5)}, id="non-square-two-slices"),
     ],
@@ -155,9 +159,10 @@ def test_train_checkpoints_every_n_steps(
 def test_train_runs_with_options(
     volumes: tuple[str, str], tmp_path: Path, options: dict[str, Any]
 ) -> None:
-    report = train(*volumes, tmp_path / "m.pt", TrainConfig(**{**TINY, "steps": 2, **options}))
+    config = tiny(**{"steps": 2, **options})
+    report = train(*volumes, tmp_path / "m.pt", config)
     assert report.steps == 2 and np.isfinite(report.final_loss)
-    assert load_model(report.checkpoint).config.ndim == options.get("ndim", 2)
+    assert load_model(report.checkpoint).config == config.unet_config(in_channels=1)
 
 
 def test_train_reads_tiff_stacks(tmp_path: Path) -> None:
@@ -168,7 +173,7 @@ def test_train_reads_tiff_stacks(tmp_path: Path) -> None:
         tmp_path / "image.tif",
         tmp_path / "labels.tif",
         tmp_path / "m.pt",
-        TrainConfig(**TINY, steps=3, z_range=(0, 4)),
+        tiny(steps=3, z_range=(0, 4)),
         progress=True,
     )
     assert report.steps == 3
@@ -182,14 +187,79 @@ def test_train_multi_channel_image_sets_in_channels(tmp_path: Path) -> None:
         write_zarr(tmp_path / "i.zarr", stacked),
         write_zarr(tmp_path / "l.zarr", labels),
         tmp_path / "m.pt",
-        TrainConfig(**TINY, steps=1),
+        tiny(steps=1),
     )
     assert load_model(report.checkpoint).config.in_channels == 2
 
 
 def test_train_time_budget_stops_the_run(volumes: tuple[str, str], tmp_path: Path) -> None:
-    report = train(*volumes, tmp_path / "m.pt", TrainConfig(**{**TINY, "minutes": 0.02}))  # 1.2 s
-    assert report.steps >= 1 and 1.2 <= report.seconds < 6
+    # Time, not steps, ends the run: the loop stops at the first step past the 1.2 s budget.
+    report = train(*volumes, tmp_path / "m.pt", tiny(minutes=0.02, steps=10**6))
+    assert 1 <= report.steps < 10**6 and report.seconds >= 1.2
+    assert read_checkpoint(report.checkpoint).metadata["training"]["steps"] == report.steps
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "momentum", "state_keys"),
+    [
+        pytest.param("sgd", 0.99, {"momentum_buffer"}, id="sgd-papers-momentum"),
+        pytest.param("adam", None, {"step", "exp_avg", "exp_avg_sq"}, id="adam"),
+    ],
+)
+def test_train_optimizer_state_is_the_chosen_optimizers(
+    volumes: tuple[str, str],
+    tmp_path: Path,
+    optimizer: str,
+    momentum: float | None,
+    state_keys: set[str],
+) -> None:
+    report = train(*volumes, tmp_path / "m.pt", tiny(steps=2, optimizer=optimizer))
+    state = torch.load(tmp_path / "m.pt.state.pt", weights_only=True)["optimizer"]
+    assert state["param_groups"][0].get("momentum") == momentum
+    assert all(set(s) == state_keys for s in state["state"].values())
+    if optimizer == "sgd":  # momentum accumulated: the buffers are the gradients' running sum
+        assert all(s["momentum_buffer"].abs().sum() > 0 for s in state["state"].values())
+    assert report.steps == 2
+
+
+def is_flip_or_turn(moved: np.ndarray, original: np.ndarray) -> bool:
+    """Whether ``moved`` (y, x) is one of the 8 flips and quarter turns of ``original``."""
+    turns = [np.rot90(original, k) for k in range(4)]
+    return any(np.array_equal(moved, t) for t in turns + [np.fliplr(t) for t in turns])
+
+
+@pytest.mark.parametrize(
+    ("augment", "warped"),
+    [
+        pytest.param("plain", False, id="plain-only-flips-and-turns"),
+        pytest.param("paper", True, id="paper-deforms-and-rotates"),
+    ],
+)
+def test_train_augmentation_transforms_the_tiles(
+    volumes: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    augment: str,
+    warped: bool,
+) -> None:
+    seen: list[tuple[Patch, Patch]] = []
+    real_augment = train_module.augment_tile
+
+    def spy(patch: Patch, config: AugmentConfig, rng: Any, *, ndim: int) -> Patch:
+        seen.append((patch, real_augment(patch, config, rng, ndim=ndim)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(train_module, "augment_tile", spy)
+    train(*volumes, tmp_path / "m.pt", tiny(steps=2, augment=augment))
+    # The paper's warp reads context around each tile (3 std of 10 px, plus a turn's corners).
+    assert all((p.context[1] > 0) == warped for p, _ in seen)
+    flips_or_turns = []
+    for patch, moved in seen:
+        _, cy, cx = patch.context
+        centre = patch.labels[0, cy : patch.labels.shape[1] - cy, cx : patch.labels.shape[2] - cx]
+        flips_or_turns.append(is_flip_or_turn(moved.labels[0], centre))
+    assert len(seen) >= 8  # 2 steps of 4 tiles (and the batch drawn when the run ends)
+    assert all(flips_or_turns) == (not warped)
 
 
 # --- bad input: one InputError naming the value and the fix, and no checkpoint ------------------
@@ -202,7 +272,7 @@ def test_train_rejects_mismatched_shapes(tmp_path: Path) -> None:
             write_zarr(tmp_path / "i.zarr", image),
             write_zarr(tmp_path / "l.zarr", labels[..., :40]),
             tmp_path / "out" / "m.pt",
-            TrainConfig(**TINY, steps=1),
+            tiny(steps=1),
         )
     assert not (tmp_path / "out").exists()
 
@@ -215,7 +285,7 @@ def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
             write_zarr(tmp_path / "i.zarr", image),
             write_zarr(tmp_path / "l.zarr", labels),
             tmp_path / "out" / "m.pt",
-            TrainConfig(**TINY, steps=1, num_classes=3),
+            tiny(steps=1, num_classes=3),
         )
     assert not (tmp_path / "out").exists()
 
@@ -238,7 +308,7 @@ def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
 )
 def test_train_config_rejects_bad_values(options: dict[str, Any], message: str) -> None:
     with pytest.raises(InputError, match=message):
-        TrainConfig(**{**TINY, "steps": 1, **options})
+        tiny(**{"steps": 1, **options})
 
 
 @pytest.mark.parametrize(
@@ -258,7 +328,7 @@ def test_train_rejects_regions_that_do_not_fit(
     volumes: tuple[str, str], tmp_path: Path, options: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(InputError, match=message):
-        train(*volumes, tmp_path / "out" / "m.pt", TrainConfig(**{**TINY, "steps": 1, **options}))
+        train(*volumes, tmp_path / "out" / "m.pt", tiny(**{"steps": 1, **options}))
     assert not (tmp_path / "out").exists()
 
 
@@ -276,7 +346,7 @@ def test_sampler_reads_output_boxes_in_z_range_and_input_boxes_grown_by_the_halo
         return real_read(array, box)
 
     monkeypatch.setattr(sampling_module, "read_box", spy)
-    config = TrainConfig(**TINY, steps=1, z_range=(2, 5))
+    config = tiny(steps=1, z_range=(2, 5))
     geometry = config.geometry()  # output (1, 12, 12), input (1, 52, 52): halo (0, 20, 20)
     sampler = PatchSampler(TrainingData.open(*volumes, z_range=(2, 5)), geometry, num_classes=2)
     rng = np.random.default_rng(0)
@@ -293,7 +363,7 @@ def test_sampler_reads_output_boxes_in_z_range_and_input_boxes_grown_by_the_halo
 def test_sampler_tile_is_the_mirrored_volume_at_its_box(volumes: tuple[str, str]) -> None:
     image = zarr.open_array(volumes[0], mode="r")[...]
     labels = zarr.open_array(volumes[1], mode="r")[...]
-    geometry = TrainConfig(**TINY, steps=1).geometry()
+    geometry = tiny(steps=1).geometry()
     sampler = PatchSampler(TrainingData.open(*volumes), geometry, num_classes=2)
     patch = sampler.read(Box((3, 0, 36), (4, 12, 48)))  # touches two borders
     got_image, got_labels = patch.image, patch.labels
@@ -331,7 +401,7 @@ def test_augment_tile_moves_image_and_labels_together(shape: tuple[int, ...]) ->
 def test_to_classes_binary_treats_any_nonzero_as_class_1() -> None:
     assert to_classes(np.array([0, 1, 255, 7]), 2).tolist() == [0, 1, 1, 1]
     assert to_classes(np.array([0, 1, 2]), 3).tolist() == [0, 1, 2]
-    with pytest.raises(InputError, match="value 1.5"):
+    with pytest.raises(InputError, match=r"value 1\.5"):
         to_classes(np.array([0.0, 1.5]), 3)
 
 
@@ -377,7 +447,7 @@ def test_sampler_mask_zeroes_weights_and_weight_volume_is_read(
         weights=write_zarr(tmp_path / "w.zarr", weights),
         mask=write_zarr(tmp_path / "m.zarr", mask),
     )
-    sampler = PatchSampler(data, TrainConfig(**TINY, steps=1).geometry(), num_classes=2)
+    sampler = PatchSampler(data, tiny(steps=1).geometry(), num_classes=2)
     patch = sampler.read(Box((0, 18, 0), (1, 30, 12)))  # rows 18..29: 6 annotated, 6 not
     sampler.close()
     assert patch.weights[0, :6].tolist() == [[3.0] * 12] * 6 and not patch.weights[0, 6:].any()
@@ -387,15 +457,8 @@ def test_train_validates_saves_state_and_curve_then_resumes(
     volumes: tuple[str, str], tmp_path: Path
 ) -> None:
     out = tmp_path / "m.pt"
-    config = TrainConfig(
-        **{
-            **TINY,
-            "steps": 4,
-            "validate_every": 2,
-            "validation_z_range": (4, 6),
-            "z_range": (0, 4),
-            "checkpoint_every": 4,
-        }
+    config = tiny(
+        steps=4, validate_every=2, validation_z_range=(4, 6), z_range=(0, 4), checkpoint_every=4
     )
     first = train(*volumes, out, config)
     assert [v["step"] for v in first.curve.validation] == [2.0, 4.0]
@@ -405,7 +468,7 @@ def test_train_validates_saves_state_and_curve_then_resumes(
         :4
     ] == b"\x89PNG"
     normalization = read_checkpoint(out).metadata["normalization"]
-    resumed = train(*volumes, out, TrainConfig(**{**config.__dict__, "steps": 6}), resume=out)
+    resumed = train(*volumes, out, dataclasses.replace(config, steps=6), resume=out)
     assert resumed.steps == 6 and resumed.losses[:4] == first.losses  # the curve goes on
     assert read_checkpoint(out).metadata["normalization"] == normalization  # kept, not re-estimated
 
@@ -414,12 +477,12 @@ def test_train_resume_refuses_a_different_architecture(
     volumes: tuple[str, str], tmp_path: Path
 ) -> None:
     out = tmp_path / "m.pt"
-    train(*volumes, out, TrainConfig(**TINY, steps=1))
-    with pytest.raises(InputError, match=r"\(ndim, depth, classes\) = \(2, 2, 2\)"):
+    train(*volumes, out, tiny(steps=1))
+    with pytest.raises(InputError, match=r"another network.*depth 2 \(checkpoint\) vs 1 \(run\)"):
         train(
             *volumes,
             tmp_path / "n.pt",
-            TrainConfig(**{**TINY, "depth": 1, "tile_output": (1, 4, 4)}, steps=1),
+            tiny(depth=1, tile_output=(1, 4, 4), steps=1),
             resume=out,
         )
     assert not (tmp_path / "n.pt").exists()
@@ -428,5 +491,27 @@ def test_train_resume_refuses_a_different_architecture(
 def test_train_reads_and_augments_in_dataloader_workers(
     volumes: tuple[str, str], tmp_path: Path
 ) -> None:
-    report = train(*volumes, tmp_path / "m.pt", TrainConfig(**TINY, steps=3, loader_workers=1))
+    report = train(*volumes, tmp_path / "m.pt", tiny(steps=3, loader_workers=1))
     assert report.steps == 3 and np.isfinite(report.final_loss)
+
+
+def first_batches(volumes: tuple[str, str], workers: int, seed: int = 0) -> list[torch.Tensor]:
+    """The labels of the first 4 batches of 2 tiles that ``workers`` loader processes yield."""
+    config = tiny(steps=1, seed=seed, augment="paper")
+    sampler = PatchSampler(TrainingData.open(*volumes), config.geometry(), num_classes=2)
+    stream = TileStream(sampler, config, (0.0, 1.0), np.ones(2))
+    loader = DataLoader(stream, batch_size=2, num_workers=workers)
+    batches = [labels for (_, labels, _), _ in zip(loader, range(4))]
+    sampler.close()
+    return batches
+
+
+def test_tile_stream_seeds_each_loader_worker_reproducibly(volumes: tuple[str, str]) -> None:
+    # Generator of worker i: (seed, i + 1); in process: (seed, 0). Batches alternate workers.
+    first, again = first_batches(volumes, workers=2), first_batches(volumes, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], first[1])  # worker 0 and worker 1 draw different tiles
+    in_process = first_batches(volumes, workers=0)
+    assert not torch.equal(first[0], in_process[0])
+    other_seed = first_batches(volumes, workers=2, seed=1)
+    assert not any(torch.equal(a, b) for a, b in zip(first, other_seed))

@@ -8,19 +8,27 @@ exit code 2, with no traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import sys
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from unet_volume.errors import InputError, UnetVolumeError
-from unet_volume.prediction_store import OUTPUT_DTYPES
+from unet_volume.model import UNetConfig
+from unet_volume.predict import PredictOptions
+from unet_volume.train_config import TrainConfig
+from unet_volume.weight_map import WeightMapConfig
 
 if TYPE_CHECKING:
     from distributed import Client
 
 EXIT_USAGE = 2
+T = TypeVar("T")
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -43,6 +51,16 @@ def parse_floats(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def parse_sigma(text: str) -> tuple[float, str]:
+    """``"5"`` or ``"5px"`` -> ``(5.0, "px")`` (voxels); ``"20nm"`` -> ``(20.0, "nm")``."""
+    found = re.fullmatch(r"([0-9.]+(?:e-?[0-9]+)?)\s*([a-zµ]*)", text.strip().lower())
+    if not found or found[2] not in ("", "px", "nm", "um", "µm"):
+        raise argparse.ArgumentTypeError(
+            f"expected a length like 5 or 5px (voxels) or 20nm, got {text!r}"
+        )
+    return float(found[1]), found[2] or "px"
+
+
 def parse_range(text: str) -> tuple[int, int]:
     """``"0:20"`` -> ``(0, 20)`` (half-open)."""
     try:
@@ -52,10 +70,110 @@ def parse_range(text: str) -> tuple[int, int]:
     return begin, end
 
 
+# Flag names that differ from the field's name (``--dashed-name``); the first is shown in --help.
+FLAGS = {
+    "learning_rate": ("--lr", "--learning-rate"),
+    "num_classes": ("--classes", "--num-classes"),
+}
+
+NETWORK_HELP = {
+    "num_classes": "number of classes",
+    "base_channels": "channels of the first level; the paper's net has 64",
+    "depth": "number of poolings; the paper's net has 4",
+    "ndim": "2 (a 2D U-Net on slices) or 3 (a 3D U-Net)",
+    "batch_norm": "batch normalisation before each ReLU (as the 3D U-Net of Cicek et al.)",
+    "dropout": "dropout probability at the end of the contracting path, as the paper",
+}
+"""Help for :class:`~unet_volume.model.UNetConfig` fields, which carry no help metadata."""
+
+WEIGHT_HELP = {
+    "w0": "border weight w0, as the paper",
+    "ndim": "2: cells and distances per z slice; 3: in the volume",
+    "voxel_size": "physical voxel size, e.g. 50,4,4 (nm): distances become physical "
+    "(anisotropic volumes)",
+}
+"""Help for :class:`~unet_volume.weight_map.WeightMapConfig` fields."""
+WEIGHT_BLOCK = {2: (1, 1024, 1024), 3: (128, 128, 128)}
+
+
+def add_options(
+    p: argparse.ArgumentParser,
+    defaults: Any,
+    *,
+    skip: Collection[str] = (),
+    helps: Mapping[str, str] | None = None,
+) -> None:
+    """One option per field of the dataclass instance ``defaults``: name, type, default, help.
+
+    So that each lives in the dataclass alone: the flag is ``--field-name`` (or :data:`FLAGS`),
+    the default the field's value in ``defaults``, the help its ``metadata["help"]`` (else
+    ``helps``). A boolean field that defaults to True becomes ``--no-field-name``. Nested
+    dataclasses and ``skip`` are left out.
+    """
+    hints = typing.get_type_hints(type(defaults))
+    for f in dataclasses.fields(defaults):
+        hint, default = _strip_none(hints[f.name]), getattr(defaults, f.name)
+        if f.name in skip or dataclasses.is_dataclass(hint):
+            continue
+        text = f.metadata.get("help") or (helps or {})[f.name]
+        dashed = "--" + f.name.replace("_", "-")
+        if hint is bool:
+            flag = dashed.replace("--", "--no-") if default else dashed
+            action = "store_false" if default else "store_true"
+            p.add_argument(flag, dest=f.name, action=action, help=_bool_help(text, default))
+            continue
+        shown = "" if default is None else f" (default {_show(default)})"
+        p.add_argument(
+            *FLAGS.get(f.name, (dashed,)),
+            dest=f.name,
+            default=default,
+            help=text + shown,
+            **_parsing(hint),
+        )
+
+
+def _strip_none(hint: Any) -> Any:
+    """``X | None`` -> ``X``: None is the default's business, not the parser's."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1
+    return args[0] if is_optional else hint
+
+
+def _parsing(hint: Any) -> dict[str, Any]:
+    """``type``, ``choices`` and ``metavar`` for values of the type ``hint``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return {"type": type(args[0]), "choices": args}
+    if typing.get_origin(hint) is tuple and args == (int, int):
+        return {"type": parse_range, "metavar": "BEGIN:END"}
+    if typing.get_origin(hint) in (tuple, Sequence):
+        parse = parse_floats if float in args else parse_ints
+        return {"type": parse, "metavar": "Z,Y,X"}
+    return {"type": hint}
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _bool_help(text: str, default: bool) -> str:
+    return f"do not {text}" if default else text
+
+
+def options_from(args: argparse.Namespace, config_type: type[T], **values: Any) -> T:
+    """``config_type`` from the options that :func:`add_options` made, and ``values``."""
+    names = {f.name for f in dataclasses.fields(config_type)}  # type: ignore[arg-type]
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return config_type(**{**given, **values})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unet-volume",
-        description="Train a U-Net on annotated slices and segment whole microscopy volumes with it.",
+        description="Train a U-Net on annotated slices and segment whole microscopy volumes "
+        "with it.",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log progress details (INFO level)"
@@ -65,41 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(
             "predict",
             help="segment a volume with a trained model",
-            description="Predict class probabilities and a segmentation for a whole volume, block by "
-            "block on a Dask cluster (overlap-tile: exact stitching, no seams, no blending).",
+            description="Predict class probabilities and a segmentation for a whole volume, "
+            "block by block on a Dask cluster (overlap-tile: exact stitching, no seams, "
+            "no blending).",
         )
     )
     _add_train(
         commands.add_parser(
             "train",
             help="train a U-Net on an image volume and its labels",
-            description="Train a U-Net on random tiles of IMAGE with LABELS (weighted soft-max cross entropy) "
-            "and save the model to --out.",
+            description="Train a U-Net on random tiles of IMAGE with LABELS (weighted soft-max "
+            "cross entropy) and save the model to --out.",
         )
     )
     _add_evaluate(
         commands.add_parser(
             "evaluate",
             help="score a prediction against labels: pixel error, Rand error, VOI, IoU, Dice",
-            description="Score PREDICTION against LABELS slice by slice and for the whole volume (ISBI 2012 "
-            "metrics: pixel error, adapted Rand error, variation of information; IoU and Dice of the foreground).",
+            description="Score PREDICTION against LABELS slice by slice and for the whole "
+            "volume (ISBI 2012 metrics: pixel error, adapted Rand error, variation of "
+            "information; IoU and Dice of the foreground).",
         )
     )
     _add_weights(
         commands.add_parser(
             "weights",
             help="compute the paper's loss-weight map of a label volume",
-            description="Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS (0 = background, "
-            "cells 1..n, or a binary mask whose connected components are the cells) to OUTPUT, chunk by chunk "
-            "on a Dask cluster. Pass OUTPUT to `unet-volume train --weights`.",
+            description="Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS "
+            "(0 = background, cells 1..n, or a binary mask whose connected components are the "
+            "cells) to OUTPUT, block by block on a Dask cluster. Pass OUTPUT to "
+            "`unet-volume train --weights`.",
         )
     )
     _add_convert(
         commands.add_parser(
             "convert",
             help="copy a TIFF stack (or any input) into a chunked Zarr v3 array",
-            description="Copy INPUT into a Zarr v3 array with dims (z, y, x) and its voxel size, chunk by chunk, "
-            "so that prediction blocks read only their own region.",
+            description="Copy INPUT into a Zarr v3 array with dims (z, y, x) and its voxel "
+            "size, chunk by chunk, so that prediction blocks read only their own region.",
         )
     )
     return parser
@@ -135,7 +256,8 @@ def _convert(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
     )
     print(
-        f"wrote {volume.url}: {_fmt(volume.shape)} {volume.dtype}, voxel size {volume.voxel_size} {volume.units}"
+        f"wrote {volume.url}: {_fmt(volume.shape)} {volume.dtype}, "
+        f"voxel size {volume.voxel_size} {volume.units}"
     )
 
 
@@ -144,34 +266,24 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
         "labels", help="instance labels or binary mask: Zarr array or TIFF stack, (z, y, x)"
     )
     p.add_argument("output", help="Zarr v3 float32 array to create")
-    p.add_argument(
-        "--w0", type=float, default=10.0, help="border weight w0 (default 10, as the paper)"
-    )
+    add_options(p, WeightMapConfig(), skip={"sigma", "class_weights", "binary"}, helps=WEIGHT_HELP)
     p.add_argument(
         "--sigma",
-        type=float,
-        default=5.0,
-        help="border width sigma, in voxels or in --voxel-size units (default 5, as the paper)",
+        dest="sigma_length",
+        type=parse_sigma,
+        default=(WeightMapConfig().sigma, "px"),
+        metavar="LENGTH",
+        help=f"border width sigma: 5 or 5px in voxels (a bare number is voxels), 20nm in the "
+        f"units of --voxel-size (default {WeightMapConfig().sigma:g} voxels, as the paper)",
     )
     p.add_argument(
-        "--ndim",
-        type=int,
-        choices=(2, 3),
-        default=2,
-        help="2: cells and distances per z slice (default); 3: in the volume",
-    )
-    p.add_argument(
-        "--voxel-size",
-        type=parse_floats,
-        metavar="Z,Y,X",
-        help="physical voxel size: distances and sigma become physical (anisotropic volumes)",
-    )
-    p.add_argument(
-        "--chunk-shape",
+        "--block-shape",
         type=parse_ints,
         metavar="Z,Y,X",
-        help="voxels per task and output chunk (default 1,1024,1024 in 2D, 128,128,128 in 3D)",
+        help="voxels per task and output chunk (default "
+        f"{_show(WEIGHT_BLOCK[2])} in 2D, {_show(WEIGHT_BLOCK[3])} in 3D)",
     )
+    p.add_argument("--chunk-shape", type=parse_ints, help=argparse.SUPPRESS)  # the old name
     p.add_argument(
         "--balance-z-range",
         type=parse_range,
@@ -210,34 +322,71 @@ def _client(args: argparse.Namespace) -> AbstractContextManager[Client]:
     """The Dask client the cluster options ask for."""
     from unet_volume.cluster_spec import connect
 
+    # distributed sets INFO on its loggers when first imported: quiet them after that import.
+    logging.getLogger("distributed").setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers} must be at least 1")
     return connect(args.scheduler, args.cluster, n_workers=args.workers)
 
 
 def _weights(args: argparse.Namespace) -> None:
-    from unet_volume.weight_map import WeightMapConfig, compute_weight_volume
+    from unet_volume.weight_volume import compute_weight_volume
 
-    config = WeightMapConfig(
-        w0=args.w0, sigma=args.sigma, ndim=args.ndim, voxel_size=args.voxel_size
+    config = weight_map_config_from(args)
+    voxels = ", ".join(
+        f"{a} {config.sigma / v:g}" for a, v in zip("zyx"[3 - config.ndim :], config.sampling)
     )
-    chunks = args.chunk_shape or ((1, 1024, 1024) if args.ndim == 2 else (128, 128, 128))
+    physical = f" ({config.sigma:g} in --voxel-size units)" if config.voxel_size else ""
+    _say(f"sigma in voxels: {voxels}{physical}")
+    chunks = _weight_block_shape(args) or WEIGHT_BLOCK[config.ndim]
     with _client(args) as client:
         _say(f"Dask dashboard: {client.dashboard_link}")
         report = compute_weight_volume(
             args.labels,
             args.output,
             config,
-            chunk_shape=chunks,
+            block_shape=chunks,  # one output chunk per block
             client=client,
             overwrite=args.overwrite,
             balance_z_range=args.balance_z_range,
         )
     print(
-        f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in {report.seconds:.1f} s "
-        f"({report.voxels_per_second / 1e6:.2f} Mvoxel/s); class weights {report.class_weights}, "
+        f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
+        f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s); "
+        f"class weights {report.class_weights}, "
         f"halo {report.halo}"
     )
+
+
+def weight_map_config_from(args: argparse.Namespace) -> WeightMapConfig:
+    """The weight map that ``unet-volume weights``'s options describe, sigma converted.
+
+    WeightMapConfig takes sigma in the units of ``voxel_size`` when one is given: a sigma in
+    voxels becomes that many of the finest voxel size along the weighed axes.
+    """
+    value, unit = args.sigma_length
+    config = options_from(args, WeightMapConfig)
+    if unit != "px" and config.voxel_size is None:
+        raise InputError(
+            f"--sigma {value:g}{unit} is a physical length but no --voxel-size was given; "
+            f"pass --voxel-size Z,Y,X in {unit}, or --sigma in voxels, e.g. --sigma 5px"
+        )
+    sigma = value * min(config.sampling) if unit == "px" else value
+    return dataclasses.replace(config, sigma=sigma)
+
+
+def _weight_block_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--block-shape``, or its old name ``--chunk-shape`` with a warning."""
+    if args.chunk_shape is None:
+        return typing.cast("tuple[int, ...] | None", args.block_shape)
+    if args.block_shape is not None:
+        raise InputError("--chunk-shape is the old name of --block-shape; pass --block-shape only")
+    print(
+        "unet-volume weights: warning: --chunk-shape is deprecated; pass --block-shape "
+        "(a block is one task and one output chunk)",
+        file=sys.stderr,
+    )
+    return typing.cast("tuple[int, ...]", args.chunk_shape)
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -265,7 +414,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from unet_volume.metrics import evaluate
+    from unet_volume.evaluation import evaluate
 
     report = evaluate(args.prediction, args.labels, z_range=args.z_range)
     print(report.to_table())
@@ -285,40 +434,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help="checkpoint written by `unet-volume train` or save_model"
     )
-    p.add_argument(
-        "--block-shape",
-        type=parse_ints,
-        metavar="Z,Y,X",
-        help="voxels per task and per output chunk; multiples of 2**depth on convolved "
-        "axes (default 1,512,512 for 2D models, 64,64,64 for 3D)",
-    )
-    p.add_argument(
-        "--tile-shape",
-        type=parse_ints,
-        metavar="Z,Y,X",
-        help="smallest output of one forward pass; a block runs several tiles when "
-        "it is larger (default: the block shape)",
-    )
-    p.add_argument(
-        "--output-dtype",
-        default="uint8",
-        choices=OUTPUT_DTYPES,
-        help="stored probability type; uint8 stores round(p * 255) (default uint8)",
-    )
-    p.add_argument(
-        "--voxel-size",
-        type=parse_floats,
-        metavar="Z,Y,X",
-        help="physical voxel size for the output coordinates (default: read from the input)",
-    )
-    p.add_argument("--units", help="units of the voxel size (default: the input's, else nm)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation: average over the 8 flips and quarter turns of each tile "
-        "(8x slower; stitching stays exact)",
-    )
+    add_options(p, PredictOptions())
     _add_cluster_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_predict)
@@ -336,23 +452,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="checkpoint file to write (and update during training)"
     )
-    p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
-    p.add_argument("--steps", type=int, help="stop after this many steps (default: only --minutes)")
-    p.add_argument(
-        "--z-range",
-        type=parse_range,
-        metavar="BEGIN:END",
-        help="train on slices BEGIN..END-1 only, e.g. 0:20 (default: all)",
-    )
-    p.add_argument(
-        "--validation-z-range",
-        type=parse_range,
-        metavar="BEGIN:END",
-        help="held-out slices scored every --validate-every steps, e.g. 20:25 (default: none)",
-    )
-    p.add_argument(
-        "--validate-every", type=int, default=100, help="steps between validations (default 100)"
-    )
+    add_options(p, TrainConfig())
+    add_options(p, TrainConfig().model, skip={"in_channels"}, helps=NETWORK_HELP)
     p.add_argument(
         "--weights",
         metavar="VOLUME",
@@ -369,75 +470,19 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue from this checkpoint (weights, optimizer, curve); --steps counts the total",
     )
-    p.add_argument("--ndim", type=int, default=2, choices=(2, 3), help="2D or 3D U-Net (default 2)")
-    p.add_argument(
-        "--depth", type=int, default=4, help="number of poolings (default 4, as the paper)"
-    )
-    p.add_argument(
-        "--base-channels",
-        type=int,
-        default=16,
-        help="channels of the first level (the paper: 64; default 16 for CPUs)",
-    )
-    p.add_argument("--classes", type=int, default=2, help="number of classes (default 2)")
-    p.add_argument(
-        "--tile-output",
-        type=parse_ints,
-        metavar="Z,Y,X",
-        help="output shape of one training tile (default 1,132,132)",
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per step (default 4)")
-    p.add_argument(
-        "--optimizer",
-        choices=("adam", "sgd"),
-        default="adam",
-        help="adam, or sgd with momentum 0.99 as the paper (default adam)",
-    )
-    p.add_argument("--lr", type=float, help="learning rate (default: the optimizer's default)")
-    p.add_argument(
-        "--lr-schedule",
-        choices=("cosine", "constant"),
-        default="cosine",
-        help="cosine decay over the run's steps or minutes, or constant (default cosine)",
-    )
-    p.add_argument(
-        "--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)"
-    )
-    p.add_argument(
-        "--loader-workers",
-        type=int,
-        default=0,
-        help="processes that read and augment tiles (default 0: in the training process)",
-    )
-    p.add_argument(
-        "--augment",
-        choices=("plain", "paper", "none"),
-        default="plain",
-        help="plain: random flips and right-angle turns; paper: elastic deformation (3x3 grid, "
-        "10 px), any rotation, flips and gray-value changes; none (default plain)",
-    )
-    p.add_argument("--no-class-balance", action="store_true", help="unweighted cross entropy")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_train)
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from unet_volume.predict import PredictOptions, plan_prediction, run_plan
+    from unet_volume.predict import plan_prediction, run_plan
 
-    options = PredictOptions(
-        args.block_shape,
-        args.tile_shape,
-        args.output_dtype,
-        args.voxel_size,
-        args.units,
-        args.overwrite,
-        args.tta,
-    )
+    options = options_from(args, PredictOptions)
     plan = plan_prediction(args.model, args.input, args.output, options)
     client = _client(args)  # options checked before anything is said or started
     _say(
-        f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a {_fmt(plan.volume.shape)} volume; "
+        f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a "
+        f"{_fmt(plan.volume.shape)} volume; "
         f"tile {_fmt(plan.geometry.input_shape)} -> {_fmt(plan.geometry.output_shape)}"
     )
     with client as active:
@@ -448,41 +493,19 @@ def _predict(args: argparse.Namespace) -> None:
         f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s)\n"
         "open it with:\n"
         f"    import xarray as xr; ds = xr.open_zarr({report.output_url!r})\n"
-        f"    # or: from unet_volume import open_prediction; ds = open_prediction({report.output_url!r})"
+        "    # or: from unet_volume import open_prediction; "
+        f"ds = open_prediction({report.output_url!r})"
     )
 
 
 def _train(args: argparse.Namespace) -> None:
-    from unet_volume.train import TrainConfig, train
+    from unet_volume.train import train
 
-    options = {
-        "base_channels": args.base_channels,
-        "depth": args.depth,
-        "ndim": args.ndim,
-        "num_classes": args.classes,
-        "batch_size": args.batch_size,
-        "optimizer": args.optimizer,
-        "minutes": args.minutes,
-        "steps": args.steps,
-        "z_range": args.z_range,
-        "seed": args.seed,
-        "augment": args.augment,
-        "class_balance": not args.no_class_balance,
-        "validation_z_range": args.validation_z_range,
-        "validate_every": args.validate_every,
-        "lr_schedule": args.lr_schedule,
-        "checkpoint_every": args.checkpoint_every,
-        "loader_workers": args.loader_workers,
-    }
-    if args.tile_output is not None:
-        options["tile_output"] = args.tile_output
-    if args.lr is not None:
-        options["learning_rate"] = args.lr
     report = train(
         args.image,
         args.labels,
         args.out,
-        TrainConfig(**options),
+        train_config_from(args),
         weights=args.weights,
         mask=args.mask,
         resume=args.resume,
@@ -491,9 +514,15 @@ def _train(args: argparse.Namespace) -> None:
     validation = report.curve.validation[-1] if report.curve.validation else None
     scores = f", validation pixel error {validation['pixel_error']:.4f}" if validation else ""
     print(
-        f"trained {report.steps} steps in {report.seconds:.0f} s, final loss {report.final_loss:.4f}{scores}; "
+        f"trained {report.steps} steps in {report.seconds:.0f} s, "
+        f"final loss {report.final_loss:.4f}{scores}; "
         f"model saved to {report.checkpoint} (curve: {report.checkpoint}.curve.png)"
     )
+
+
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    """The recipe that ``unet-volume train``'s options describe."""
+    return options_from(args, TrainConfig, model=options_from(args, UNetConfig))
 
 
 def _fmt(shape: Sequence[int]) -> str:
@@ -509,7 +538,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("distributed").setLevel(level)  # it sets INFO on its own loggers
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)

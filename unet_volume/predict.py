@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,10 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 """Input tile ``(c, z, y, x)`` -> probabilities ``(k, *output_shape)``."""
 
 DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return ",".join(map(str, shape))
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,24 +210,51 @@ class PredictionPlan:
         return count_blocks(self.volume.shape, self.block_shape)
 
 
+def _option(default: Any, help_text: str) -> Any:
+    """A field with its help text, which ``unet-volume predict --help`` shows."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class PredictOptions:
-    """How to predict: the options of :func:`predict_volume` and ``unet-volume predict``."""
+    """How to predict: the options of :func:`predict_volume`, ``unet-volume predict`` and the
+    ``predict`` flow, each with its default and (``metadata["help"]``) help, in this one place."""
 
-    block_shape: Sequence[int] | None = None
-    tile_shape: Sequence[int] | None = None
-    output_dtype: str = "uint8"
-    voxel_size: Sequence[float] | None = None
-    units: str | None = None
-    overwrite: bool = False
-    tta: bool = False
+    block_shape: Sequence[int] | None = _option(
+        None,
+        "voxels per task and per output chunk (z, y, x); multiples of 2**depth on convolved "
+        f"axes (default {_shape(DEFAULT_BLOCK[2])} for 2D models, {_shape(DEFAULT_BLOCK[3])} "
+        "for 3D)",
+    )
+    tile_shape: Sequence[int] | None = _option(
+        None,
+        "smallest output of one forward pass (z, y, x); a block runs several tiles when it is "
+        "larger (default: the block shape)",
+    )
+    output_dtype: OutputDtype = _option(  # noqa: RUF009 (a dataclasses.field, not a value)
+        "uint8", "stored probability type; uint8 stores round(p * 255)"
+    )
+    voxel_size: Sequence[float] | None = _option(
+        None,
+        "physical voxel size (z, y, x) for the output coordinates (default: read from the input)",
+    )
+    units: str | None = _option(None, "units of the voxel size (default: the input's, else nm)")
+    overwrite: bool = _option(False, "replace the output if it exists")
+    tta: bool = _option(
+        False,
+        "test-time augmentation: average over the 8 flips and quarter turns of each tile in "
+        "(y, x) (8x slower; stitching stays exact)",
+    )
+
+
+DEFAULT_OPTIONS = PredictOptions()
 
 
 def plan_prediction(
     model: UNet | str | Path,
     source: str | Path,
     output: str | Path,
-    options: PredictOptions = PredictOptions(),
+    options: PredictOptions = DEFAULT_OPTIONS,
 ) -> PredictionPlan:
     """Validate a run (see :func:`predict_volume`) without writing anything.
 
@@ -237,7 +268,7 @@ def plan_prediction(
     if volume.channels != info.config.in_channels:
         raise InputError(
             f"input {volume.url} has {volume.channels} channel(s) but the model expects "
-            f"{info.config.in_channels}; pass a (c, z, y, x) array with {info.config.in_channels} channels"
+            f"{info.config.in_channels}; pass a (c, z, y, x) array with that many channels"
         )
     dtype = check_output_dtype(options.output_dtype)
     shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
@@ -292,41 +323,28 @@ def predict_volume(
     model: UNet | str | Path,
     source: str | Path,
     output: str | Path,
+    options: PredictOptions = DEFAULT_OPTIONS,
     *,
-    block_shape: Sequence[int] | None = None,
-    tile_shape: Sequence[int] | None = None,
-    output_dtype: str = "uint8",
-    voxel_size: Sequence[float] | None = None,
-    units: str | None = None,
-    overwrite: bool = False,
-    tta: bool = False,
     client: Client | None = None,
     progress: bool = False,
+    **changes: Any,
 ) -> RunReport:
     """Predict a whole volume with a U-Net into a Zarr group at ``output``.
 
     Args:
         model: a :class:`UNet` or the path of a checkpoint.
-        source: input Zarr array (path or fsspec URL) or TIFF stack, ``(z, y, x)`` or ``(c, z, y, x)``.
+        source: input Zarr array (path or fsspec URL) or TIFF stack, ``(z, y, x)`` or
+            ``(c, z, y, x)``.
         output: the output group (refused if it exists, unless ``overwrite``).
-        block_shape: output chunk and task size (z, y, x); multiples of the period
-            (2**depth) on convolved axes. Default (1, 512, 512) in 2D, (64, 64, 64) in 3D.
-        tile_shape: smallest output of one forward pass (z, y, x); default: the block.
-        output_dtype: ``float32``, ``float16`` or ``uint8`` (``round(p * 255)``).
-        voxel_size: (z, y, x) physical voxel size, overriding what the input stores.
-        units: units of ``voxel_size`` (default: the stored ones, else nm).
-        overwrite: replace an existing output.
-        tta: average each tile's probabilities over its 8 flips and quarter turns in (y, x)
-            (8x the compute; stitching stays exact).
+        options: how to predict; see :class:`PredictOptions` for each field and its default.
         client: an existing Dask client; by default a LocalCluster is started.
         progress: show a progress bar.
+        changes: fields of ``options`` to change, e.g. ``block_shape=(1, 512, 512)``,
+            ``output_dtype="float64"`` (``uint8``, ``float16``, ``float32`` or ``float64``).
 
     Everything is validated before anything is written (:func:`plan_prediction`).
     """
-    options = PredictOptions(
-        block_shape, tile_shape, output_dtype, voxel_size, units, overwrite, tta
-    )
-    plan = plan_prediction(model, source, output, options)
+    plan = plan_prediction(model, source, output, replace(options, **changes))
     with nullcontext(client) if client is not None else open_client() as active:
         return run_plan(plan, active, progress=progress)
 

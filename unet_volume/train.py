@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 STATISTICS_PATCHES = 32  # tiles sampled once up front for normalisation and class frequencies
 LOG_EVERY = 20  # steps between loss log lines; ``final_loss`` averages this many last steps
 BINARY_CLASSES = ["background/membrane", "foreground/interior"]
+DEFAULT_CONFIG = TrainConfig()
 
 
 @dataclass
@@ -109,7 +110,10 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         rng = np.random.default_rng([self.config.seed, 0 if info is None else info.id + 1])
         while True:
             patch = augment_tile(
-                self.sampler.sample(rng), self.config.augmentation(), rng, ndim=self.config.ndim
+                self.sampler.sample(rng),
+                self.config.augmentation(),
+                rng,
+                ndim=self.config.model.ndim,
             )
             weights = patch.weights
             if self.sampler.data.weights is None:  # no weight map: balance classes per voxel
@@ -121,7 +125,7 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def to_batch(
     x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ndim: int
 ) -> tuple[torch.Tensor, ...]:
-    """Collated tiles ``(b, c, z, y, x)`` -> network batches; a 2D net takes slices as batch items."""
+    """Collated tiles ``(b, c, z, y, x)`` -> network batches; 2D nets take slices as batch items."""
     if ndim == 2:
         return x.permute(0, 2, 1, 3, 4).flatten(0, 1), y.flatten(0, 1), w.flatten(0, 1)
     return x, y, w
@@ -190,7 +194,7 @@ def train(
     image: str | Path,
     labels: str | Path,
     out: str | Path,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig = DEFAULT_CONFIG,
     *,
     weights: str | Path | None = None,
     mask: str | Path | None = None,
@@ -206,12 +210,16 @@ def train(
     """
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
     geometry = config.geometry()
-    context = required_context(config.augmentation(), geometry.input_shape, ndim=config.ndim)
-    sampler = PatchSampler(data, geometry, num_classes=config.num_classes, context=_frame(context))
+    context = required_context(config.augmentation(), geometry.input_shape, ndim=config.model.ndim)
+    sampler = PatchSampler(
+        data, geometry, num_classes=config.model.num_classes, context=_frame(context)
+    )
     validation = None
     if config.validation_z_range is not None:
         validation = PatchSampler(
-            data.with_region(config.validation_z_range), geometry, num_classes=config.num_classes
+            data.with_region(config.validation_z_range),
+            geometry,
+            num_classes=config.model.num_classes,
         )
     previous = _read_resume(resume, config) if resume is not None else None
     rng = np.random.default_rng(config.seed)
@@ -226,15 +234,10 @@ def train(
     else:
         mean, std, counts = estimate_statistics(sampler, rng)
         normalization = (mean, std)
-        balance = class_weights(counts) if config.class_balance else np.ones(config.num_classes)
-        model = UNet(
-            in_channels=data.image.channels,
-            num_classes=config.num_classes,
-            depth=config.depth,
-            base_channels=config.base_channels,
-            ndim=config.ndim,
-            dropout=config.dropout,
+        balance = (
+            class_weights(counts) if config.class_balance else np.ones(config.model.num_classes)
         )
+        model = UNet.from_config(config.unet_config(data.image.channels))
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
     loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
     if previous is not None:
@@ -256,12 +259,16 @@ def _frame(context: tuple[int, ...]) -> tuple[int, int, int]:
 
 def _read_resume(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(resume)
-    wanted = (config.ndim, config.depth, config.num_classes)
-    found = (checkpoint.config.ndim, checkpoint.config.depth, checkpoint.config.num_classes)
+    found, wanted = checkpoint.config, config.unet_config(checkpoint.config.in_channels)
     if found != wanted:
+        differences = ", ".join(
+            f"{name} {getattr(found, name)!r} (checkpoint) vs {getattr(wanted, name)!r} (run)"
+            for name in found.to_dict()
+            if getattr(found, name) != getattr(wanted, name)
+        )
         raise InputError(
-            f"checkpoint {resume} is a (ndim, depth, classes) = {found} model but the run asks "
-            f"for {wanted}; pass matching --ndim/--depth/--classes or start a new run"
+            f"checkpoint {resume} is another network than the run asks for: {differences}; "
+            "pass the checkpoint's values or start a new run"
         )
     norm = checkpoint.metadata.get("normalization")
     if not norm:
@@ -271,7 +278,9 @@ def _read_resume(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
     path = state_path(Path(resume))
     state = torch.load(path, weights_only=True) if path.exists() else {}
     balance = np.asarray(
-        checkpoint.metadata.get("training", {}).get("class_weights", [1.0] * config.num_classes)
+        checkpoint.metadata.get("training", {}).get(
+            "class_weights", [1.0] * config.model.num_classes
+        )
     )
     return {
         "model": checkpoint.to_model(),
@@ -319,7 +328,7 @@ class _Loop:
             pin_memory=self.device.type == "cuda",
         )
         for x, y, w in loader:
-            yield to_batch(x, y, w, self.config.ndim)
+            yield to_batch(x, y, w, self.config.model.ndim)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
         x, y, w = (t.to(self.device, non_blocking=True) for t in (x, y, w))
@@ -392,7 +401,7 @@ class _Loop:
                 torch.from_numpy(patch.labels)[None],
                 torch.from_numpy(patch.weights)[None],
             )
-            x, y, w = to_batch(image, labels, weights, self.config.ndim)
+            x, y, w = to_batch(image, labels, weights, self.config.model.ndim)
             logits = self.model(x.to(self.device))
             loss += float(weighted_cross_entropy(logits, y.to(self.device), w.to(self.device)))
             annotated = w.to(self.device) > 0
@@ -428,7 +437,7 @@ class _Loop:
         log.info("checkpoint %s at step %d", self.out, len(self.curve.losses))
 
     def metadata(self) -> dict[str, Any]:
-        k = self.config.num_classes
+        k = self.config.model.num_classes
         mean, std = self.normalization
         return {
             "normalization": {"mean": mean, "std": std},

@@ -1,17 +1,26 @@
-"""The recipe of a training run: one frozen, validated record, stored in each checkpoint."""
+"""The recipe of a training run: one frozen, validated record, stored in each checkpoint.
+
+Every option of ``unet-volume train`` and every parameter of the ``train`` flow is a field here or
+of :class:`~unet_volume.model.UNetConfig`: its name, type, default and (``metadata["help"]``) help
+text live in this one place, and the command line and the flow are derived from them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from unet_volume.augment import AugmentConfig
 from unet_volume.errors import InputError
+from unet_volume.model import UNetConfig
 from unet_volume.tiling import TileGeometry
 
+Augment = Literal["none", "plain", "paper"]
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "sgd": 1e-2}  # SGD runs with the paper's momentum 0.99
+TRAINING_MODEL = UNetConfig(base_channels=16)
+"""The network trained by default: the paper's, with 16 base channels instead of 64 (CPUs)."""
 
 
 def _positive_int(value: object) -> bool:
@@ -22,44 +31,66 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _option(default: Any, help_text: str) -> Any:
+    """A field with its help text, which ``unet-volume train --help`` shows."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run's recipe; stored in the checkpoint's ``training`` metadata.
 
-    ``tile_output`` is the (z, y, x) output of one training tile (its input follows from the
-    net's geometry); a 2D net takes the tile's z slices as extra batch items. Training stops
-    after ``steps`` or ``minutes`` (of training, after a second or two of set-up), whichever
-    comes first. ``learning_rate=None`` means the optimizer's default (Adam 1e-3, SGD 1e-2).
+    ``model`` is the network to train; its ``in_channels`` is taken from the image, whatever
+    it says here. ``tile_output`` is the (z, y, x) output of one training tile (its input
+    follows from the net's geometry); a 2D net takes the tile's z slices as extra batch items.
+    Training stops after ``steps`` or ``minutes`` (of training, after a second or two of
+    set-up), whichever comes first.
     """
 
-    base_channels: int = 16
-    depth: int = 4
-    ndim: int = 2
-    num_classes: int = 2
-    tile_output: tuple[int, int, int] = (1, 132, 132)
-    batch_size: int = 4
-    optimizer: Literal["adam", "sgd"] = "adam"
-    learning_rate: float | None = None
-    steps: int | None = None
-    minutes: float | None = 3.0
-    z_range: tuple[int, int] | None = None
-    validation_z_range: tuple[int, int] | None = None
-    class_balance: bool = True
-    augment: Literal["none", "plain", "paper"] = "plain"
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
-    validate_every: int = 100
-    validation_tiles: int = 8
-    checkpoint_every: int = 200
-    loader_workers: int = 0
-    amp: bool = True
-    seed: int = 0
-    dropout: float = 0.5
+    model: UNetConfig = TRAINING_MODEL
+    tile_output: tuple[int, int, int] = _option(
+        (1, 132, 132), "output shape (z, y, x) of one training tile"
+    )
+    batch_size: int = _option(4, "tiles per step")
+    optimizer: Literal["adam", "sgd"] = _option(
+        "adam", "adam, or sgd with momentum 0.99 as the paper"
+    )
+    learning_rate: float | None = _option(
+        None, "learning rate (default: the optimizer's, adam 1e-3, sgd 1e-2)"
+    )
+    steps: int | None = _option(None, "stop after this many steps (default: only --minutes)")
+    minutes: float | None = _option(3.0, "training time budget in minutes")
+    z_range: tuple[int, int] | None = _option(
+        None, "train on slices BEGIN..END-1 only, e.g. 0:20 (default: all)"
+    )
+    validation_z_range: tuple[int, int] | None = _option(
+        None, "held-out slices scored every --validate-every steps, e.g. 20:25 (default: none)"
+    )
+    class_balance: bool = _option(
+        True, "weigh the classes by inverse frequency when no --weights map is given"
+    )
+    augment: Augment = _option(  # noqa: RUF009 (a dataclasses.field, not a value)
+        "plain",
+        "plain: random flips and right-angle turns; paper: elastic deformation (3x3 grid, "
+        "10 px), any rotation, flips and gray-value changes; none",
+    )
+    lr_schedule: Literal["constant", "cosine"] = _option(
+        "cosine", "cosine decay over the run's steps or minutes, or constant"
+    )
+    validate_every: int = _option(100, "steps between validations")
+    validation_tiles: int = _option(8, "held-out tiles scored per validation")
+    checkpoint_every: int = _option(200, "steps between checkpoints")
+    loader_workers: int = _option(
+        0, "processes that read and augment tiles; 0 reads them in the training process"
+    )
+    amp: bool = _option(True, "use mixed precision on CUDA (no effect on CPUs)")
+    seed: int = _option(0, "random seed")
 
     def __post_init__(self) -> None:
         # Everything checked here, once, so a bad value fails before any data is read.
+        if not isinstance(self.model, UNetConfig):
+            raise InputError(f"model must be a UNetConfig, got {self.model!r}")
         for name, low in (
-            ("base_channels", 1),
-            ("depth", 1),
             ("batch_size", 1),
             ("checkpoint_every", 1),
             ("seed", 0),
@@ -71,12 +102,6 @@ class TrainConfig:
                 _is_number(value := getattr(self, name)) and isinstance(value, int) and value >= low
             ):
                 raise InputError(f"{name} must be an int >= {low}, got {value!r}")
-        if self.ndim not in (2, 3):
-            raise InputError(f"ndim must be 2 or 3, got {self.ndim!r}; pass ndim=2 (slices) or 3")
-        if not _positive_int(self.num_classes) or self.num_classes < 2:
-            raise InputError(
-                f"num_classes must be an int >= 2, got {self.num_classes!r}; pass 2 for binary"
-            )
         if self.optimizer not in DEFAULT_LEARNING_RATE:
             raise InputError(f"optimizer {self.optimizer!r} is unknown; pass 'adam' or 'sgd'")
         if self.augment not in ("none", "plain", "paper"):
@@ -92,8 +117,6 @@ class TrainConfig:
             _is_number(self.learning_rate) and self.learning_rate > 0
         ):
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate!r}; e.g. 1e-3")
-        if not (_is_number(self.dropout) and 0 <= self.dropout < 1):
-            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}; pass 0.5 or 0")
         self._check_stopping()
         object.__setattr__(self, "tile_output", self._checked_tile_output())
         object.__setattr__(self, "z_range", _checked_z_range(self.z_range, "z_range"))
@@ -122,15 +145,18 @@ class TrainConfig:
             )
         geometry = self.geometry()
         if geometry.output_shape != shape:
+            net = f"{self.model.ndim}D depth-{self.model.depth} U-Net"
             raise InputError(
-                f"tile_output {shape} is not a valid output of a {self.ndim}D depth-{self.depth} "
-                f"U-Net; the nearest valid one above is {geometry.output_shape}: pass that"
+                f"tile_output {shape} is not a valid output of a {net}; "
+                f"the nearest valid one above is {geometry.output_shape}: pass that"
             )
         return shape
 
     def geometry(self) -> TileGeometry:
         """The training tile: the smallest valid tile whose output covers ``tile_output``."""
-        return TileGeometry.for_unet(self.ndim, self.depth, min_output=tuple(self.tile_output))
+        return TileGeometry.for_unet(
+            self.model.ndim, self.model.depth, min_output=tuple(self.tile_output)
+        )
 
     def resolved_learning_rate(self) -> float:
         return float(self.learning_rate or DEFAULT_LEARNING_RATE[self.optimizer])
@@ -144,7 +170,7 @@ class TrainConfig:
         }[self.augment]
 
     def learning_rate_at(self, progress: float) -> float:
-        """The learning rate at ``progress`` in [0, 1] of the run (steps or time, whichever is further).
+        """The learning rate at ``progress`` in [0, 1] of the run (steps or time, the further).
 
         >>> TrainConfig(learning_rate=1.0, lr_schedule="cosine").learning_rate_at(0.5)
         0.5
@@ -156,9 +182,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists) for the checkpoint's metadata."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
+        values = dataclasses.asdict(self)  # the model becomes a dict too
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    def unet_config(self, in_channels: int) -> UNetConfig:
+        """The network to build for an image of ``in_channels`` channels."""
+        return dataclasses.replace(self.model, in_channels=in_channels)
 
 
 def _checked_z_range(value: tuple[int, int] | None, name: str) -> tuple[int, int] | None:
