@@ -25,7 +25,7 @@ from unet_volume.metrics import (
 )
 from unet_volume.prediction_store import create_prediction
 from unet_volume.storage import open_volume
-from unet_volume.testing import label_pairs
+from unet_volume.testing import assert_one_line_error, label_pairs
 
 ISBI_LABELS = Path(__file__).parents[1] / "data" / "isbi2012" / "train-labels.tif"
 BAD_BACKGROUND: Any = "zero"  # not a SegBackground: the type checker would refuse it
@@ -204,6 +204,4 @@ def test_evaluation_report_renders_as_json_and_a_table() -> None:
     ],
 )
 def test_evaluate_bad_input_is_one_line_input_error(call: Callable[[], object], match: str) -> None:
-    with pytest.raises(InputError, match=match) as info:
-        call()
-    assert "\n" not in str(info.value)
+    assert_one_line_error(call, InputError, match)

@@ -21,7 +21,7 @@ from unet_volume.metrics import (
     pixel_error,
     variation_of_information,
 )
-from unet_volume.testing import label_pairs
+from unet_volume.testing import assert_one_line_error, label_pairs
 
 # --- hand-made cases ---------------------------------------------------------------------------
 
@@ -205,6 +205,4 @@ def test_singletons_background_equals_scikit_image_on_relabelled_background(
     ],
 )
 def test_metrics_bad_input_is_one_line_input_error(call: Callable[[], object], match: str) -> None:
-    with pytest.raises(InputError, match=match) as info:
-        call()
-    assert "\n" not in str(info.value)
+    assert_one_line_error(call, InputError, match)

@@ -24,6 +24,7 @@ from unet_volume.errors import (
 from unet_volume.model import UNet
 from unet_volume.predict import (
     PredictOptions,
+    Predictor,
     RunReport,
     plan_prediction,
     predict_volume,
@@ -69,55 +70,44 @@ def test_predict_crop_probe_returns_the_volume_exactly(
     # A predictor that returns its input's centre must reproduce an arange volume voxel for voxel:
     # any tile read, cropped or written one voxel off shows up.
     data = np.arange(5 * 23 * 29, dtype=np.float32).reshape(5, 23, 29)
-    volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
     geometry = TileGeometry.for_unet(ndim, depth, min_output=tile)
-    store = create_prediction(
-        str(tmp_path / "out.zarr"),
-        volume=volume,
-        num_classes=1,
-        block_shape=block,
-        output_dtype="float32",
-        attrs={},
-    )
-    report = run_prediction(
-        client,
-        predictor=CropPredictor(geometry),
-        geometry=geometry,
-        volume=volume,
-        store=store,
-        block_shape=block,
-    )
+    predictor = CropPredictor(geometry)
+    report, got = run_blocks(client, tmp_path, predictor, geometry, data, block, num_classes=1)
     assert report.voxels == data.size
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[0], data)
+    np.testing.assert_array_equal(got[0], data)
 
 
-def run_logits(
+def run_blocks(
     client: Client,
     tmp_path: Path,
-    predictor: ModelPredictor,
+    predictor: Predictor,
+    geometry: TileGeometry,
     data: np.ndarray,
     block: tuple[int, ...],
-    geometry: TileGeometry,
-) -> np.ndarray:
-    """Predict ``data`` block by block on the cluster, storing float64 logits; return them."""
+    *,
+    num_classes: int = 2,
+    **options: Any,
+) -> tuple[RunReport, np.ndarray]:
+    """Predict ``data`` block by block on the cluster into float64; the report and the output."""
     volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
     store = create_prediction(
         str(tmp_path / "out.zarr"),
         volume=volume,
-        num_classes=2,
+        num_classes=num_classes,
         block_shape=block,
         output_dtype="float64",
         attrs={},
     )
-    run_prediction(
+    report = run_prediction(
         client,
         predictor=predictor,
         geometry=geometry,
         volume=volume,
         store=store,
         block_shape=block,
+        **options,
     )
-    return np.asarray(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[:])
+    return report, np.asarray(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[:])
 
 
 def exact_whole_pass(predictor: ModelPredictor, data: np.ndarray, depth: int) -> np.ndarray:
@@ -158,7 +148,7 @@ def test_predict_stitched_blocks_equal_one_whole_volume_pass(
     )
     data = blob_volume(shape)
     geometry = TileGeometry.for_unet(ndim, depth, min_output=tile or block)
-    got = run_logits(client, tmp_path, predictor, data, block, geometry)
+    _, got = run_blocks(client, tmp_path, predictor, geometry, data, block)
     np.testing.assert_array_equal(got, exact_whole_pass(predictor, data, depth))
 
 
@@ -281,26 +271,12 @@ def crop_probe_run(
 ) -> RunReport:
     """A 2D depth-2 crop probe over an arange volume; its output must equal the volume."""
     data = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
-    volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
     geometry = TileGeometry.for_unet(2, 2, min_output=(1, 4, 4))
-    store = create_prediction(
-        str(tmp_path / "out.zarr"),
-        volume=volume,
-        num_classes=1,
-        block_shape=block,
-        output_dtype="float32",
-        attrs={},
+    predictor = CropPredictor(geometry)
+    report, got = run_blocks(
+        client, tmp_path, predictor, geometry, data, block, num_classes=1, **options
     )
-    report = run_prediction(
-        client,
-        predictor=CropPredictor(geometry),
-        geometry=geometry,
-        volume=volume,
-        store=store,
-        block_shape=block,
-        **options,
-    )
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[0], data)
+    np.testing.assert_array_equal(got[0], data)
     return report
 
 
@@ -395,7 +371,7 @@ def test_predict_test_time_augmentation_keeps_stitching_exact(
     predictor = ModelPredictor(model, dtype="float64", tta=True, output="logits")
     data = blob_volume(shape)
     geometry = TileGeometry.for_unet(ndim, 2, min_output=block)
-    got = run_logits(client, tmp_path, predictor, data, block, geometry)
+    _, got = run_blocks(client, tmp_path, predictor, geometry, data, block)
     expected = exact_whole_pass(predictor, data, 2)
     np.testing.assert_array_equal(got, expected)
     plain = predict_whole(ModelPredictor(model, dtype="float64", output="logits"), data, ndim, 2)

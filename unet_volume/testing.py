@@ -206,3 +206,16 @@ def label_pairs(max_label: int = 5) -> Any:
             arrays(np.int64, shape, elements=st.integers(0, max_label)),
         )
     )
+
+
+def assert_one_line_error(call: Callable[[], object], error: type[Exception], match: str) -> None:
+    """``call()`` raises ``error``, whose message matches ``match`` and fits on one line.
+
+    The house rule for bad input: one line naming the problem and the fix, which the CLI
+    prints as is (exit code 2, no traceback).
+    """
+    import pytest
+
+    with pytest.raises(error, match=match) as info:
+        call()
+    assert "\n" not in str(info.value), f"a multi-line message: {info.value}"
