@@ -29,6 +29,7 @@ import torch
 
 from unet_volume.cluster import open_client
 from unet_volume.evaluation import evaluate
+from unet_volume.model import UNetConfig
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
 from unet_volume.train import TrainConfig, train
@@ -86,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
-        base_channels=args.base_channels,
+        model=UNetConfig(base_channels=args.base_channels),
         augment=args.augment,
         optimizer=args.optimizer,
         tile_output=(1, args.tile_output, args.tile_output),

@@ -16,8 +16,10 @@ from unet_volume_flows.predict import predict_flow
 
 @task(**STORAGE_RETRIES, timeout_seconds=300, cache_policy=NO_CACHE)
 def scan(landing: str, outputs: str, model: str, reprocess: bool) -> list[Arrival]:
-    """The volumes in ``landing`` with no complete prediction in ``outputs`` (or, with ``reprocess``,
-    one made by another model)."""
+    """The volumes in ``landing`` with no complete prediction in ``outputs``.
+
+    With ``reprocess``, also those whose prediction another model made.
+    """
     return due(find_volumes(landing), outputs, read_checkpoint(model).sha256, reprocess=reprocess)
 
 
@@ -32,7 +34,7 @@ def ingest_flow(
     scheduler: str | None = None,
     cluster: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict every volume of ``landing`` (folder or fsspec URL) that has no prediction in ``outputs`` yet.
+    """Predict each volume of ``landing`` (folder or URL) that has no prediction in ``outputs`` yet.
 
     Idempotent: what is done is read from the outputs, so a second run finds nothing to do.
     A new ``model`` leaves finished predictions alone unless ``reprocess``. One failing volume
