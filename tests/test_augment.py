@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unet_volume.augment import AugmentConfig, augment, required_context
+from unet_volume.augment import AugmentConfig, augment, required_apron
 from unet_volume.errors import InputError
 
 TILE_2D = ((1, 52, 52), (1, 12, 12))  # (z, y, x) input and output; z is a batch of one slice
@@ -42,8 +42,8 @@ CONFIGS = [
 TILES = [pytest.param(2, TILE_2D, id="2d"), pytest.param(3, TILE_3D, id="3d")]
 
 
-def grown(shape: tuple[int, ...], context: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(n + 2 * m for n, m in zip(shape, context))
+def grown(shape: tuple[int, ...], apron: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n + 2 * m for n, m in zip(shape, apron))
 
 
 def centre(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -68,13 +68,13 @@ def blob_labels(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 def label_tile(
     ndim: int,
     tile: tuple[tuple[int, ...], tuple[int, ...]],
-    context: tuple[int, ...],
+    apron: tuple[int, ...],
     seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Image ``10 * labels`` (c=1) on the grown input tile; labels, weights, mask on the output."""
     in_shape, out_shape = tile
-    labels_in = blob_labels(grown(in_shape, context), seed)
-    labels = centre(labels_in, grown(out_shape, context))
+    labels_in = blob_labels(grown(in_shape, apron), seed)
+    labels = centre(labels_in, grown(out_shape, apron))
     weights = (1.0 + labels).astype(np.float32)
     return (10.0 * labels_in[None]).astype(np.float32), {
         "labels": labels,
@@ -89,15 +89,15 @@ def agreement(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("ndim, tile", TILES)
-@pytest.mark.parametrize("context", [0, 5], ids=["tiles", "context5"])
-def test_augment_none_gives_tiles_back_exactly(ndim: int, tile: Any, context: int) -> None:
-    spatial = (0, context, context) if ndim == 2 else (context,) * 3
+@pytest.mark.parametrize("apron", [0, 5], ids=["tiles", "apron5"])
+def test_augment_none_gives_tiles_back_exactly(ndim: int, tile: Any, apron: int) -> None:
+    spatial = (0, apron, apron) if ndim == 2 else (apron,) * 3
     image, targets = label_tile(ndim, tile, spatial)
     image += np.random.default_rng(1).random(
         image.shape, dtype=np.float32
     )  # not only multiples of 10
     out_image, out_targets = augment(
-        image, targets, AugmentConfig.none(), np.random.default_rng(0), ndim=ndim, context=spatial
+        image, targets, AugmentConfig.none(), np.random.default_rng(0), ndim=ndim, apron=spatial
     )
     np.testing.assert_array_equal(out_image, centre(image, tile[0]))
     for name, target in targets.items():
@@ -157,11 +157,11 @@ def test_augment_targets_take_only_values_they_had(seed: int, values: list[int],
 def test_augment_moves_image_and_targets_together(ndim: int, tile: Any) -> None:
     # Elastic + any rotation + flips: the image is bicubic, so only voxels at a class boundary
     # may disagree (hand count for these blobs: a few percent). Weights and mask follow labels.
-    context = required_context(GEOMETRIC, tile[0], ndim=ndim)
+    apron = required_apron(GEOMETRIC, tile[0], ndim=ndim)
     for seed in range(3):
-        image, targets = label_tile(ndim, tile, context, seed)
+        image, targets = label_tile(ndim, tile, apron, seed)
         out_image, out = augment(
-            image, targets, GEOMETRIC, np.random.default_rng(seed), ndim=ndim, context=context
+            image, targets, GEOMETRIC, np.random.default_rng(seed), ndim=ndim, apron=apron
         )
         assert agreement(out_image, out["labels"]).mean() > 0.95
         np.testing.assert_array_equal(out["weights"], 1.0 + out["labels"])
@@ -244,22 +244,22 @@ def test_augment_elastic_knots_are_gaussian_draws_at_the_input_tiles_corners_and
     config = AugmentConfig(rotate="none", flip=False, brightness=0, contrast=0, gamma=0)
     rank = 2 if ndim == 2 else 3
     spatial = in_shape[-rank:]
-    context = (0,) * (3 - rank) + (45,) * rank  # > 3 std: the ramp is never mirrored near a knot
-    source = np.indices(grown(in_shape, context), dtype=np.float32)[-rank:]  # (rank, *grown)
+    apron = (0,) * (3 - rank) + (45,) * rank  # > 3 std: the ramp is never mirrored near a knot
+    source = np.indices(grown(in_shape, apron), dtype=np.float32)[-rank:]  # (rank, *grown)
     for seed in range(3):
-        labels = np.zeros(grown(in_shape[:-rank] + (5,) * (rank - 2) + (21, 21), context), np.int64)
+        labels = np.zeros(grown(in_shape[:-rank] + (5,) * (rank - 2) + (21, 21), apron), np.int64)
         out, _ = augment(
             source,
             {"labels": labels},
             config,
             np.random.default_rng(seed),
             ndim=ndim,
-            context=context,
+            apron=apron,
         )
         knots = np.ix_(*[[0, (n - 1) // 2, n - 1] for n in spatial])
         grid = np.indices(spatial)  # tile voxel positions
         for a in range(rank):
-            moved = out[a].reshape(spatial)[knots] - context[-rank + a] - grid[a][knots]
+            moved = out[a].reshape(spatial)[knots] - apron[-rank + a] - grid[a][knots]
             draws = np.random.default_rng(seed).normal(0.0, 10.0, size=(rank,) + (3,) * rank)
             np.testing.assert_allclose(moved, draws[a], atol=1e-3)
 
@@ -268,18 +268,18 @@ def test_augment_elastic_knots_are_gaussian_draws_at_the_input_tiles_corners_and
     "config", [*CONFIGS, pytest.param(AugmentConfig(shift=4.0), id="paper+shift")]
 )
 @pytest.mark.parametrize("ndim, tile", TILES)
-def test_required_context_is_enough(config: AugmentConfig, ndim: int, tile: Any) -> None:
-    # With the context no source point lies outside the arrays, so more context (here: a ring of
+def test_required_apron_is_enough(config: AugmentConfig, ndim: int, tile: Any) -> None:
+    # With the apron no source point lies outside the arrays, so more apron (here: a ring of
     # -1s, which the targets never hold) changes no target voxel.
-    context = required_context(config, tile[0], ndim=ndim)
-    image, targets = label_tile(ndim, tile, context)
+    apron = required_apron(config, tile[0], ndim=ndim)
+    image, targets = label_tile(ndim, tile, apron)
     ring = (0, 6, 6) if ndim == 2 else (6, 6, 6)
     pairs = [(r, r) for r in ring]
     wider = {name: np.pad(t, pairs, constant_values=-1) for name, t in targets.items()}
     wider_image = np.pad(image, [(0, 0), *pairs])
     for seed in range(4):
         _, out = augment(
-            image, targets, config, np.random.default_rng(seed), ndim=ndim, context=context
+            image, targets, config, np.random.default_rng(seed), ndim=ndim, apron=apron
         )
         _, out_wider = augment(
             wider_image,
@@ -287,7 +287,7 @@ def test_required_context_is_enough(config: AugmentConfig, ndim: int, tile: Any)
             config,
             np.random.default_rng(seed),
             ndim=ndim,
-            context=tuple(m + r for m, r in zip(context, ring)),
+            apron=tuple(m + r for m, r in zip(apron, ring)),
         )
         for name in targets:
             np.testing.assert_array_equal(out_wider[name], out[name])
@@ -312,10 +312,10 @@ def test_required_context_is_enough(config: AugmentConfig, ndim: int, tile: Any)
         pytest.param(AugmentConfig.none(), (116, 132, 132), 3, (0, 0, 0), id="none"),
     ],
 )
-def test_required_context_covers_turned_corners_and_displacements(
+def test_required_apron_covers_turned_corners_and_displacements(
     config: AugmentConfig, input_shape: Any, ndim: int, expected: tuple[int, ...]
 ) -> None:
-    assert required_context(config, input_shape, ndim=ndim) == expected
+    assert required_apron(config, input_shape, ndim=ndim) == expected
 
 
 def test_augment_gray_changes_image_values_only_monotonically() -> None:
@@ -347,18 +347,18 @@ def test_augment_config_rejects_bad_values(changes: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "image_shape, target_shape, ndim, context",
+    "image_shape, target_shape, ndim, apron",
     [
         pytest.param((1, 1, 52, 52), (1, 13, 13), 2, None, id="not-centred"),
         pytest.param((1, 1, 52, 52), (2, 12, 12), 2, None, id="2d-z-mismatch"),
-        pytest.param((1, 1, 52, 52), (1, 12, 12), 2, (1, 0, 0), id="2d-z-context"),
+        pytest.param((1, 1, 52, 52), (1, 12, 12), 2, (1, 0, 0), id="2d-z-apron"),
         pytest.param((1, 52, 52), (12, 12), 3, None, id="3d-needs-z"),
-        pytest.param((1, 8, 8, 8), (4, 4, 4), 3, (4, 4, 4), id="context-eats-tile"),
+        pytest.param((1, 8, 8, 8), (4, 4, 4), 3, (4, 4, 4), id="apron-eats-tile"),
         pytest.param((1, 1, 52, 52), (1, 12, 12), 4, None, id="ndim-4"),
     ],
 )
 def test_augment_rejects_targets_that_are_not_the_tiles_output(
-    image_shape: Any, target_shape: Any, ndim: int, context: Any
+    image_shape: Any, target_shape: Any, ndim: int, apron: Any
 ) -> None:
     with pytest.raises(InputError):
         augment(
@@ -367,5 +367,5 @@ def test_augment_rejects_targets_that_are_not_the_tiles_output(
             AugmentConfig(),
             np.random.default_rng(0),
             ndim=ndim,
-            context=context,
+            apron=apron,
         )

@@ -25,7 +25,7 @@ from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
 from unet_volume.model import UNetConfig
-from unet_volume.sampling import Patch, PatchSampler, TrainingData, to_classes
+from unet_volume.sampling import TileSampler, TrainingData, TrainingTile, to_classes
 from unet_volume.train import TileStream, TrainConfig, augment_tile, class_weights, train
 
 SHAPE = (6, 48, 48)
@@ -242,21 +242,21 @@ def test_train_augmentation_transforms_the_tiles(
     augment: str,
     warped: bool,
 ) -> None:
-    seen: list[tuple[Patch, Patch]] = []
+    seen: list[tuple[TrainingTile, TrainingTile]] = []
     real_augment = train_module.augment_tile
 
-    def spy(patch: Patch, config: AugmentConfig, rng: Any, *, ndim: int) -> Patch:
-        seen.append((patch, real_augment(patch, config, rng, ndim=ndim)))
+    def spy(tile: TrainingTile, config: AugmentConfig, rng: Any, *, ndim: int) -> TrainingTile:
+        seen.append((tile, real_augment(tile, config, rng, ndim=ndim)))
         return seen[-1][1]
 
     monkeypatch.setattr(train_module, "augment_tile", spy)
     train(*volumes, tmp_path / "m.pt", tiny(steps=2, augment=augment))
-    # The paper's warp reads context around each tile (3 std of 10 px, plus a turn's corners).
-    assert all((p.context[1] > 0) == warped for p, _ in seen)
+    # The paper's warp reads an apron around each tile (3 std of 10 px, plus a turn's corners).
+    assert all((p.apron[1] > 0) == warped for p, _ in seen)
     flips_or_turns = []
-    for patch, moved in seen:
-        _, cy, cx = patch.context
-        centre = patch.labels[0, cy : patch.labels.shape[1] - cy, cx : patch.labels.shape[2] - cx]
+    for tile, moved in seen:
+        _, cy, cx = tile.apron
+        centre = tile.labels[0, cy : tile.labels.shape[1] - cy, cx : tile.labels.shape[2] - cx]
         flips_or_turns.append(is_flip_or_turn(moved.labels[0], centre))
     assert len(seen) >= 8  # 2 steps of 4 tiles (and the batch drawn when the run ends)
     assert all(flips_or_turns) == (not warped)
@@ -348,11 +348,11 @@ def test_sampler_reads_output_boxes_in_z_range_and_input_boxes_grown_by_the_halo
     monkeypatch.setattr(sampling_module, "read_box", spy)
     config = tiny(steps=1, z_range=(2, 5))
     geometry = config.geometry()  # output (1, 12, 12), input (1, 52, 52): halo (0, 20, 20)
-    sampler = PatchSampler(TrainingData.open(*volumes, z_range=(2, 5)), geometry, num_classes=2)
+    sampler = TileSampler(TrainingData.open(*volumes, z_range=(2, 5)), geometry, num_classes=2)
     rng = np.random.default_rng(0)
     for _ in range(50):
-        patch = sampler.sample(rng)
-        assert patch.image.shape == (1, 1, 52, 52) and patch.labels.shape == (1, 12, 12)
+        tile = sampler.sample(rng)
+        assert tile.image.shape == (1, 1, 52, 52) and tile.labels.shape == (1, 12, 12)
     sampler.close()
     image_boxes, label_boxes = reads[0::2], reads[1::2]
     assert all(Box((2, 0, 0), (5, 48, 48)).contains(b) for b in label_boxes)
@@ -364,9 +364,9 @@ def test_sampler_tile_is_the_mirrored_volume_at_its_box(volumes: tuple[str, str]
     image = zarr.open_array(volumes[0], mode="r")[...]
     labels = zarr.open_array(volumes[1], mode="r")[...]
     geometry = tiny(steps=1).geometry()
-    sampler = PatchSampler(TrainingData.open(*volumes), geometry, num_classes=2)
-    patch = sampler.read(Box((3, 0, 36), (4, 12, 48)))  # touches two borders
-    got_image, got_labels = patch.image, patch.labels
+    sampler = TileSampler(TrainingData.open(*volumes), geometry, num_classes=2)
+    tile = sampler.read(Box((3, 0, 36), (4, 12, 48)))  # touches two borders
+    got_image, got_labels = tile.image, tile.labels
     sampler.close()
     padded = np.pad(image, ((0, 0), (20, 20), (20, 20)), mode="reflect")
     np.testing.assert_array_equal(got_image[0], padded[3:4, 0:52, 36:88])
@@ -386,7 +386,10 @@ def test_augment_tile_moves_image_and_labels_together(shape: tuple[int, ...]) ->
     seen = set()
     for _ in range(64):
         moved = augment_tile(
-            Patch(image, labels, labels.astype(np.float32)), AugmentConfig.plain(), rng, ndim=2
+            TrainingTile(image, labels, labels.astype(np.float32)),
+            AugmentConfig.plain(),
+            rng,
+            ndim=2,
         )
         new_image, new_labels = moved.image, moved.labels
         np.testing.assert_array_equal(new_image[0], new_labels)
@@ -447,10 +450,10 @@ def test_sampler_mask_zeroes_weights_and_weight_volume_is_read(
         weights=write_zarr(tmp_path / "w.zarr", weights),
         mask=write_zarr(tmp_path / "m.zarr", mask),
     )
-    sampler = PatchSampler(data, tiny(steps=1).geometry(), num_classes=2)
-    patch = sampler.read(Box((0, 18, 0), (1, 30, 12)))  # rows 18..29: 6 annotated, 6 not
+    sampler = TileSampler(data, tiny(steps=1).geometry(), num_classes=2)
+    tile = sampler.read(Box((0, 18, 0), (1, 30, 12)))  # rows 18..29: 6 annotated, 6 not
     sampler.close()
-    assert patch.weights[0, :6].tolist() == [[3.0] * 12] * 6 and not patch.weights[0, 6:].any()
+    assert tile.weights[0, :6].tolist() == [[3.0] * 12] * 6 and not tile.weights[0, 6:].any()
 
 
 def test_train_validates_saves_state_and_curve_then_resumes(
@@ -498,7 +501,7 @@ def test_train_reads_and_augments_in_dataloader_workers(
 def first_batches(volumes: tuple[str, str], workers: int, seed: int = 0) -> list[torch.Tensor]:
     """The labels of the first 4 batches of 2 tiles that ``workers`` loader processes yield."""
     config = tiny(steps=1, seed=seed, augment="paper")
-    sampler = PatchSampler(TrainingData.open(*volumes), config.geometry(), num_classes=2)
+    sampler = TileSampler(TrainingData.open(*volumes), config.geometry(), num_classes=2)
     stream = TileStream(sampler, config, (0.0, 1.0), np.ones(2))
     loader = DataLoader(stream, batch_size=2, num_workers=workers)
     batches = [labels for (_, labels, _), _ in zip(loader, range(4))]

@@ -11,9 +11,9 @@ coordinates. It is sampled at the input grid for the image and at the output gri
 per-voxel targets (labels, weights, masks), so a target voxel and the image voxel the network
 predicts it from always come from the same source point::
 
-    source arrays: image and targets, each `context` larger per side than its tile
+    source arrays: image and targets, each `apron` larger per side than its tile
     +---------------------------------+
-    |  context  .  .  rotated,  .     |      image tile   (c, *input_shape)
+    |  apron    .  .  rotated,  .     |      image tile   (c, *input_shape)
     |        .  +-----------+    .    |      target tile  (*output_shape), centred in it
     |     .     |  target   |  .      |      source point = centre + A @ r + shift + d(r)
     |    .      |   tile    | .       |        r: tile voxel - tile centre
@@ -24,10 +24,12 @@ predicts it from always come from the same source point::
 Source points outside the given arrays are mirrored without repeating the edge voxel (the
 project's border, :mod:`unet_volume.border`; scipy's ``mode="mirror"``). Mirroring is harmless
 for the image but not for targets: a mirrored label beside an unmirrored image is a wrong
-label. So read image *and* targets grown by :func:`required_context` (the volume mirrored at its
-border by ``read_box``, as usual); then no source point leaves the arrays and the results are
-cropped back to the tiles. No context (the default: tiles as is) works too, at the cost of such edge
-voxels. (``context`` is the augmentation's extra read, on top of the network's halo.)
+label. So read image *and* targets grown by an *apron*: the extra voxels read around a tile so that
+the warps and rotations find source voxels, on top of the network's halo (which the image tile
+already includes). :func:`required_apron` gives one that suffices; ``read_box`` mirrors the
+volume at its border as usual. Then no source point leaves the arrays and the results are
+cropped back to the tiles. No apron (the default: tiles as is) works too, at the cost of such
+edge voxels.
 
 Interpolation: the image is bicubic (``order=3``, the paper; ``image_order=1`` is ~3x faster in
 3D). Every target is sampled at the *nearest* source voxel, one shared gather: a (label,
@@ -37,10 +39,10 @@ With ``ndim=2`` the tile's z axis is a batch of slices, each transformed indepen
 
 Usage::
 
-    context = required_context(config, geometry.input_shape, ndim=2)
-    image = read_box(image_array, geometry.input_box(output_box).grow(context))
-    labels = read_box(label_array, output_box.grow(context))[0]
-    image, targets = augment(image, {"labels": labels}, config, rng, ndim=2, context=context)
+    apron = required_apron(config, geometry.input_shape, ndim=2)
+    image = read_box(image_array, geometry.input_box(output_box).grow(apron))
+    labels = read_box(label_array, output_box.grow(apron))[0]
+    image, targets = augment(image, {"labels": labels}, config, rng, ndim=2, apron=apron)
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from scipy import ndimage
 from unet_volume.border import reflect
 from unet_volume.errors import InputError
 
-TRUNCATE = 3.0  # elastic displacements are cut at 3 std, so required_context is a hard bound
+TRUNCATE = 3.0  # elastic displacements are cut at 3 std, so required_apron is a hard bound
 Rotate = Literal["any", "quarter", "none"]
 
 
@@ -152,30 +154,30 @@ class AugmentConfig:
         return self.rotate != "any" and self.elastic_std == 0 and self.shift == 0
 
 
-def required_context(
+def required_apron(
     config: AugmentConfig, input_shape: Sequence[int], *, ndim: int
 ) -> tuple[int, ...]:
-    """Voxels of context per side that keep every source point inside the given arrays.
+    """The apron: voxels per side around the tiles that keep every source point inside them.
 
-    ``input_shape`` is the image tile's spatial shape, ``(z, y, x)`` or ``(y, x)``; the context
+    ``input_shape`` is the image tile's spatial shape, ``(z, y, x)`` or ``(y, x)``; the apron
     has the same length (0 for a 2D tile's z batch). It covers the corners of a turned tile
     (``rotate="any"``), the elastic displacement (at most 3 std, see ``TRUNCATE``) and ``shift``.
 
-    >>> required_context(AugmentConfig.none(), (1, 316, 316), ndim=2)
+    >>> required_apron(AugmentConfig.none(), (1, 316, 316), ndim=2)
     (0, 0, 0)
-    >>> required_context(AugmentConfig(), (1, 316, 316), ndim=2)  # 157.5 (sqrt(2) - 1) + 3 * 10
+    >>> required_apron(AugmentConfig(), (1, 316, 316), ndim=2)  # 157.5 (sqrt(2) - 1) + 3 * 10
     (0, 96, 96)
     """
     shape = _checked_rank(input_shape, ndim)
     first = len(shape) - _transformed_rank(len(shape), ndim)
     halves = [(n - 1) / 2 for n in shape]
-    context = [0] * len(shape)
+    apron = [0] * len(shape)
     for axis in range(first, len(shape)):
         extent = TRUNCATE * config.elastic_std + config.shift
         if config.rotate == "any" and axis >= len(shape) - 2:
             extent += math.hypot(halves[-2], halves[-1]) - halves[axis]
-        context[axis] = math.ceil(extent - 1e-9)
-    return tuple(context)
+        apron[axis] = math.ceil(extent - 1e-9)
+    return tuple(apron)
 
 
 def augment(
@@ -185,31 +187,31 @@ def augment(
     rng: np.random.Generator,
     *,
     ndim: int,
-    context: Sequence[int] | None = None,
+    apron: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One random transform of an image tile and its per-voxel targets, applied to all alike.
 
     Args:
         image: ``(c, z, y, x)`` (or ``(c, y, x)`` with ``ndim=2``): the input tile grown by
-            ``context`` per side; any real dtype, returned as float32.
-        targets: per-voxel arrays ``(z, y, x)`` on the output tile grown by ``context``, centred
+            ``apron`` per side; any real dtype, returned as float32.
+        targets: per-voxel arrays ``(z, y, x)`` on the output tile grown by ``apron``, centred
             in the image (labels, weights, masks; any dtype, which is kept).
         config: which parts to apply; :meth:`AugmentConfig.none` gives the tiles back unchanged.
         rng: all randomness; the same seed and inputs give the same outputs.
         ndim: 2 (z is a batch of slices, each with its own transform) or 3.
-        context: the extra voxels per side that image and targets carry, ``(z, y, x)``;
-            default none. See :func:`required_context`.
+        apron: the extra voxels per side that image and targets carry, ``(z, y, x)``;
+            default none. See :func:`required_apron`.
 
     Returns:
         The image tile ``(c, *input_shape)`` float32 and targets ``(*output_shape)``.
     """
     image = np.asarray(image, dtype=np.float32)
-    context = _checked_context(image, targets, ndim, context)
+    apron = _checked_apron(image, targets, ndim, apron)
     if ndim == 3 or image.ndim == 3:
-        return _augment_tile(image, dict(targets), config, rng, context)
+        return _augment_tile(image, dict(targets), config, rng, apron)
     slices = [
         _augment_tile(
-            image[:, k], {name: t[k] for name, t in targets.items()}, config, rng, context[1:]
+            image[:, k], {name: t[k] for name, t in targets.items()}, config, rng, apron[1:]
         )
         for k in range(image.shape[1])
     ]  # 2D: every slice its own transform
@@ -234,30 +236,29 @@ def _checked_rank(shape: Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(int(n) for n in shape)
 
 
-def _checked_context(
-    image: np.ndarray, targets: Mapping[str, np.ndarray], ndim: int, context: Sequence[int] | None
+def _checked_apron(
+    image: np.ndarray, targets: Mapping[str, np.ndarray], ndim: int, apron: Sequence[int] | None
 ) -> tuple[int, ...]:
-    """Raise InputError unless the arrays are tiles grown by ``context`` with targets centred."""
+    """Raise InputError unless the arrays are tiles grown by ``apron`` with targets centred."""
     spatial = _checked_rank(image.shape[1:], ndim)
-    context = tuple(context) if context is not None else (0,) * len(spatial)
-    if len(context) != len(spatial) or any(
-        not isinstance(m, int | np.integer) or m < 0 for m in context
+    apron = tuple(apron) if apron is not None else (0,) * len(spatial)
+    if len(apron) != len(spatial) or any(
+        not isinstance(m, int | np.integer) or m < 0 for m in apron
     ):
         raise InputError(
-            f"context {context} must be {len(spatial)} ints >= 0, like the image's {spatial}"
+            f"apron {apron} must be {len(spatial)} ints >= 0, like the image's {spatial}"
         )
-    if len(spatial) == 3 and ndim == 2 and context[0] != 0:
+    if len(spatial) == 3 and ndim == 2 and apron[0] != 0:
         raise InputError(
-            f"context {context} has z context, but a 2D tile's z is a batch; pass (0, y, x)"
+            f"apron {apron} reaches along z, but a 2D tile's z is a batch; pass (0, y, x)"
         )
-    tile = [n - 2 * m for n, m in zip(spatial, context)]
+    tile = [n - 2 * m for n, m in zip(spatial, apron)]
     if min(tile) < 1:
         raise InputError(
-            f"image {spatial} is not larger than twice the context {context}; "
-            f"pass a smaller context"
+            f"image {spatial} is not larger than twice the apron {apron}; pass a smaller apron"
         )
     for name, target in targets.items():
-        out = [n - 2 * m for n, m in zip(target.shape, context)]
+        out = [n - 2 * m for n, m in zip(target.shape, apron)]
         if (
             target.ndim != len(spatial)
             or any(o < 1 or o > t or (t - o) % 2 for o, t in zip(out, tile))
@@ -265,10 +266,10 @@ def _checked_context(
         ):
             raise InputError(
                 f"target {name!r} of shape {target.shape} is not an output tile centred in the "
-                f"image tile {tuple(tile)} (each grown by context {context}); pass the output box "
-                f"of this tile, grown by the same context"
+                f"image tile {tuple(tile)} (each grown by apron {apron}); pass the output box "
+                f"of this tile, grown by the same apron"
             )
-    return context
+    return apron
 
 
 def _augment_tile(
@@ -276,17 +277,17 @@ def _augment_tile(
     targets: dict[str, np.ndarray],
     config: AugmentConfig,
     rng: np.random.Generator,
-    context: Sequence[int],
+    apron: Sequence[int],
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One tile: image ``(c, *S)`` and targets ``(*S')``, every spatial axis transformed."""
     tiles = [
-        tuple(n - 2 * m for n, m in zip(a.shape[-len(context) :], context))
+        tuple(n - 2 * m for n, m in zip(a.shape[-len(apron) :], apron))
         for a in (image, *targets.values())
     ]
     transform = _Transform.draw(config, tiles, rng)
     if config.is_exact():
-        image = transform.index(_crop(image, context))
-        targets = {name: transform.index(_crop(t, context)) for name, t in targets.items()}
+        image = transform.index(_crop(image, apron))
+        targets = {name: transform.index(_crop(t, apron)) for name, t in targets.items()}
     else:
         image = np.stack(
             [
@@ -301,11 +302,9 @@ def _augment_tile(
     return _vary_gray(image, config, rng), targets
 
 
-def _crop(array: np.ndarray, context: Sequence[int]) -> np.ndarray:
-    lead = (slice(None),) * (array.ndim - len(context))
-    return array[
-        lead + tuple(slice(m, n - m) for m, n in zip(context, array.shape[-len(context) :]))
-    ]
+def _crop(array: np.ndarray, apron: Sequence[int]) -> np.ndarray:
+    lead = (slice(None),) * (array.ndim - len(apron))
+    return array[lead + tuple(slice(m, n - m) for m, n in zip(apron, array.shape[-len(apron) :]))]
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,17 @@
 
 A :class:`TrainingData` names the volumes (image, labels, and optionally per-voxel
 loss weights and an annotation mask) and the region tiles are drawn from. A
-:class:`PatchSampler` reads one tile at a time, never a whole volume: a random
+:class:`TileSampler` reads one tile at a time, never a whole volume: a random
 output box inside the region, the labels / weights / mask of that box, and the
 image over the box grown by the network's halo (mirrored at the volume border,
 exactly as prediction reads it)::
 
     image read box   [------[-------------)------)    = output box grown by the halo
     targets                 [-------------)            = the tile's output box
+
+A sampler with an ``apron`` (the augmentation's extra read, see
+:func:`~unet_volume.augment.required_apron`) grows the output box by it first, so both reads
+grow by the apron, and the image read by the halo on top.
 
 Label convention: with 2 classes any nonzero label is class 1 (so 0/255 masks
 work; for ISBI 2012 class 0 is membrane and class 1 cell interior); with more
@@ -98,10 +102,10 @@ def _check_same_shape(image: Volume, other: Volume, name: str) -> None:
 
 
 @dataclass
-class Patch:
+class TrainingTile:
     """One training tile: image ``(c, *input_shape)`` float32; targets over ``(*output_shape)``.
 
-    Each array may carry ``context`` extra voxels per side (for augmentation to warp from).
+    Each array may carry ``apron`` extra voxels per side (for augmentation to warp from).
     """
 
     image: np.ndarray
@@ -109,10 +113,10 @@ class Patch:
     weights: (
         np.ndarray
     )  # float32 loss weight per voxel (mask applied; 1 where no weights are given)
-    context: tuple[int, ...] = (0, 0, 0)
+    apron: tuple[int, ...] = (0, 0, 0)
 
 
-class PatchSampler:
+class TileSampler:
     """Reads random training tiles of ``geometry`` from ``data``, one tile at a time.
 
     Arrays are opened on first use in each process (so a sampler can be pickled to
@@ -125,7 +129,7 @@ class PatchSampler:
         geometry: TileGeometry,
         *,
         num_classes: int,
-        context: tuple[int, ...] = (0, 0, 0),
+        apron: tuple[int, ...] = (0, 0, 0),
     ) -> None:
         if any(r < t for r, t in zip(data.region.shape, geometry.output_shape)):
             raise InputError(
@@ -133,7 +137,7 @@ class PatchSampler:
                 f"output {geometry.output_shape}; pass a smaller tile output or a wider z range"
             )
         self.data, self.geometry, self.num_classes = data, geometry, num_classes
-        self.context = tuple(context)
+        self.apron = tuple(apron)
         self._arrays: dict[str, ArrayLike] | None = None
         self._stack: ExitStack | None = None
 
@@ -142,7 +146,7 @@ class PatchSampler:
             "data": self.data,
             "geometry": self.geometry,
             "num_classes": self.num_classes,
-            "context": self.context,
+            "apron": self.apron,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -150,7 +154,7 @@ class PatchSampler:
             state["data"],
             state["geometry"],
             num_classes=state["num_classes"],  # type: ignore[misc]
-            context=state["context"],
+            apron=state["apron"],
         )
 
     def _open(self) -> dict[str, ArrayLike]:
@@ -177,10 +181,10 @@ class PatchSampler:
         ]
         return Box.from_shape(shape, begin=begin)
 
-    def read(self, output_box: Box) -> Patch:
-        """The tile whose output is ``output_box``, with the sampler's context around it."""
+    def read(self, output_box: Box) -> TrainingTile:
+        """The tile whose output is ``output_box``, with the sampler's apron around it."""
         arrays = self._open()
-        target_box = output_box.grow(self.context)
+        target_box = output_box.grow(self.apron)
         image = read_box(arrays["image"], self.geometry.input_box(target_box)).astype(np.float32)
         labels = to_classes(
             read_box(arrays["labels"], target_box)[0], self.num_classes, self.data.labels.url
@@ -190,9 +194,9 @@ class PatchSampler:
             weights = read_box(arrays["weights"], target_box)[0].astype(np.float32)
         if "mask" in arrays:
             weights = weights * (read_box(arrays["mask"], target_box)[0] != 0)
-        return Patch(image, labels, weights, self.context)
+        return TrainingTile(image, labels, weights, self.apron)
 
-    def sample(self, rng: np.random.Generator) -> Patch:
+    def sample(self, rng: np.random.Generator) -> TrainingTile:
         return self.read(self.output_box(rng))
 
     def grid(self, limit: int) -> list[Box]:

@@ -6,7 +6,7 @@ volume (``unet-volume weights``: class balance plus the border term separating t
 cells), else from inverse class frequencies (``class_balance``), times an annotation mask
 (unannotated voxels weigh 0, as in 3D U-Net's sparse annotation).
 
-Tiles are drawn by :class:`~unet_volume.sampling.PatchSampler` (never a whole volume),
+Tiles are drawn by :class:`~unet_volume.sampling.TileSampler` (never a whole volume),
 augmented and normalised in DataLoader workers (``loader_workers``) or in process.
 Every ``validate_every`` steps the model is scored on a fixed grid of tiles of the
 held-out ``validation_z_range``. Checkpoints are atomic; ``MODEL.state.pt`` beside the
@@ -35,19 +35,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from unet_volume.augment import AugmentConfig, augment, required_context
+from unet_volume.augment import AugmentConfig, augment, required_apron
 from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.learning_curve import LearningCurve
 from unet_volume.model import UNet
-from unet_volume.sampling import Patch, PatchSampler, TrainingData
+from unet_volume.sampling import TileSampler, TrainingData, TrainingTile
 from unet_volume.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "TrainReport", "train"]
 
 log = logging.getLogger(__name__)
 
-STATISTICS_PATCHES = 32  # tiles sampled once up front for normalisation and class frequencies
+STATISTICS_TILES = 32  # tiles sampled once up front for normalisation and class frequencies
 LOG_EVERY = 20  # steps between loss log lines; ``final_loss`` averages this many last steps
 BINARY_CLASSES = ["background/membrane", "foreground/interior"]
 DEFAULT_CONFIG = TrainConfig()
@@ -73,18 +73,18 @@ class TrainReport:
 
 
 def augment_tile(
-    patch: Patch, config: AugmentConfig, rng: np.random.Generator, *, ndim: int
-) -> Patch:
+    tile: TrainingTile, config: AugmentConfig, rng: np.random.Generator, *, ndim: int
+) -> TrainingTile:
     """One random transform of the tile's image, labels and weights alike, cropped to the tile."""
     image, targets = augment(
-        patch.image,
-        {"labels": patch.labels, "weights": patch.weights},
+        tile.image,
+        {"labels": tile.labels, "weights": tile.weights},
         config,
         rng,
         ndim=ndim,
-        context=patch.context,
+        apron=tile.apron,
     )
-    return Patch(image, targets["labels"], targets["weights"])
+    return TrainingTile(image, targets["labels"], targets["weights"])
 
 
 class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -96,7 +96,7 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
     def __init__(
         self,
-        sampler: PatchSampler,
+        sampler: TileSampler,
         config: TrainConfig,
         normalization: tuple[float, float],
         class_weights: np.ndarray,
@@ -109,17 +109,17 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         info = get_worker_info()
         rng = np.random.default_rng([self.config.seed, 0 if info is None else info.id + 1])
         while True:
-            patch = augment_tile(
+            tile = augment_tile(
                 self.sampler.sample(rng),
                 self.config.augmentation(),
                 rng,
                 ndim=self.config.model.ndim,
             )
-            weights = patch.weights
+            weights = tile.weights
             if self.sampler.data.weights is None:  # no weight map: balance classes per voxel
-                weights = weights * self.class_weights[patch.labels]
-            image = (patch.image - self.mean) / self.std
-            yield torch.from_numpy(image), torch.from_numpy(patch.labels), torch.from_numpy(weights)
+                weights = weights * self.class_weights[tile.labels]
+            image = (tile.image - self.mean) / self.std
+            yield torch.from_numpy(image), torch.from_numpy(tile.labels), torch.from_numpy(weights)
 
 
 def to_batch(
@@ -140,7 +140,7 @@ def weighted_cross_entropy(
 
 
 def estimate_statistics(
-    sampler: PatchSampler, rng: np.random.Generator, *, patches: int = STATISTICS_PATCHES
+    sampler: TileSampler, rng: np.random.Generator, *, tiles: int = STATISTICS_TILES
 ) -> tuple[float, float, np.ndarray]:
     """Image mean and std and per-class voxel counts (annotated voxels), from random tiles.
 
@@ -148,11 +148,11 @@ def estimate_statistics(
     """
     sums = np.zeros(3)  # voxels, sum, sum of squares
     counts = np.zeros(sampler.num_classes, dtype=np.int64)
-    for _ in range(patches):
-        patch = sampler.sample(rng)
-        x = patch.image.astype(np.float64)
+    for _ in range(tiles):
+        tile = sampler.sample(rng)
+        x = tile.image.astype(np.float64)
         sums += (x.size, x.sum(), np.square(x).sum())
-        counts += np.bincount(patch.labels[patch.weights > 0], minlength=sampler.num_classes)
+        counts += np.bincount(tile.labels[tile.weights > 0], minlength=sampler.num_classes)
     mean = float(sums[1] / sums[0])
     std = math.sqrt(max(sums[2] / sums[0] - mean * mean, 0.0))
     return mean, std if std > 1e-6 else 1.0, counts
@@ -210,13 +210,11 @@ def train(
     """
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
     geometry = config.geometry()
-    context = required_context(config.augmentation(), geometry.input_shape, ndim=config.model.ndim)
-    sampler = PatchSampler(
-        data, geometry, num_classes=config.model.num_classes, context=_frame(context)
-    )
+    apron = required_apron(config.augmentation(), geometry.input_shape, ndim=config.model.ndim)
+    sampler = TileSampler(data, geometry, num_classes=config.model.num_classes, apron=_frame(apron))
     validation = None
     if config.validation_z_range is not None:
-        validation = PatchSampler(
+        validation = TileSampler(
             data.with_region(config.validation_z_range),
             geometry,
             num_classes=config.model.num_classes,
@@ -251,9 +249,9 @@ def train(
             validation.close()
 
 
-def _frame(context: tuple[int, ...]) -> tuple[int, int, int]:
-    """Context per (z, y, x) axis from :func:`required_context`, which omits z for 2D nets."""
-    padded = (0,) * (3 - len(context)) + tuple(context)
+def _frame(apron: tuple[int, ...]) -> tuple[int, int, int]:
+    """Apron per (z, y, x) axis from :func:`required_apron`, which omits z for 2D nets."""
+    padded = (0,) * (3 - len(apron)) + tuple(apron)
     return (padded[0], padded[1], padded[2])
 
 
@@ -297,8 +295,8 @@ class _Loop:
         self,
         model: UNet,
         config: TrainConfig,
-        sampler: PatchSampler,
-        validation: PatchSampler | None,
+        sampler: TileSampler,
+        validation: TileSampler | None,
         normalization: tuple[float, float],
         balance: np.ndarray,
         out: Path,
@@ -395,11 +393,11 @@ class _Loop:
         mean, std = self.normalization
         boxes = self.validation.grid(self.config.validation_tiles)
         for box in boxes:
-            patch = self.validation.read(box)
-            image = torch.from_numpy((patch.image - mean) / std)[None]
+            tile = self.validation.read(box)
+            image = torch.from_numpy((tile.image - mean) / std)[None]
             labels, weights = (
-                torch.from_numpy(patch.labels)[None],
-                torch.from_numpy(patch.weights)[None],
+                torch.from_numpy(tile.labels)[None],
+                torch.from_numpy(tile.weights)[None],
             )
             x, y, w = to_batch(image, labels, weights, self.config.model.ndim)
             logits = self.model(x.to(self.device))
