@@ -467,9 +467,8 @@ def test_train_validates_saves_state_and_curve_then_resumes(
     assert [v["step"] for v in first.curve.validation] == [2.0, 4.0]
     assert 0 <= first.curve.validation[-1]["pixel_error"] <= 1
     assert read_checkpoint(out).metadata["training"]["validation"]["step"] == 4.0
-    assert (tmp_path / "m.pt.state.pt").exists() and (tmp_path / "m.pt.curve.png").read_bytes()[
-        :4
-    ] == b"\x89PNG"
+    assert (tmp_path / "m.pt.state.pt").exists()
+    assert (tmp_path / "m.pt.curve.png").read_bytes()[:4] == b"\x89PNG"
     normalization = read_checkpoint(out).metadata["normalization"]
     resumed = train(*volumes, out, dataclasses.replace(config, steps=6), resume=out)
     assert resumed.steps == 6 and resumed.losses[:4] == first.losses  # the curve goes on
