@@ -29,10 +29,10 @@ import torch
 
 from unet_volume.cluster import open_client
 from unet_volume.evaluation import evaluate
-from unet_volume.model import UNetConfig
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
 from unet_volume.train import TrainConfig, train
+from unet_volume.unet_config import UNetConfig
 from unet_volume.weight_map import WeightMapConfig
 from unet_volume.weight_volume import compute_weight_volume
 

@@ -11,15 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import PositiveFloat, PositiveInt
 
-from unet_volume.cluster_spec import connect
-from unet_volume.predict import (
-    DEFAULT_OPTIONS,
-    PredictionPlan,
-    PredictOptions,
-    RunReport,
-    plan_prediction,
-    run_plan,
-)
+from unet_volume.cluster import open_client
+from unet_volume.predict import PredictionPlan, RunReport, plan_prediction, run_plan
+from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
 from unet_volume_flows.common import STORAGE_RETRIES
@@ -37,7 +31,7 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
 @task(cache_policy=NO_CACHE)  # no timeout: a 10^12-voxel volume takes as long as it takes
 def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | None) -> RunReport:
     """Every block on the Dask cluster; a failed run leaves no output."""
-    with connect(scheduler, cluster) as client:
+    with open_client(scheduler, cluster) as client:
         get_run_logger().info(
             "%d blocks on %s (dashboard %s)",
             prediction.num_blocks,

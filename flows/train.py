@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from unet_volume.cluster_spec import connect
+from unet_volume.cluster import open_client
 from unet_volume.evaluation import EvaluationReport, evaluate
 from unet_volume.predict import PredictOptions, plan_prediction, run_plan
 from unet_volume.preview import write_preview
@@ -38,12 +38,11 @@ def weigh(
 ) -> str:
     """The paper's weight map (borders between touching cells weigh more), one Dask task per chunk;
     class frequencies from the training slices ``z_range`` only."""
-    with connect(scheduler, cluster, dashboard=False) as client:
+    with open_client(scheduler, cluster, dashboard=False) as client:
         return compute_weight_volume(
             labels,
             out,
             WeightMapConfig(),
-            block_shape=(1, 512, 512),
             client=client,
             overwrite=True,
             balance_z_range=z_range,
@@ -70,7 +69,7 @@ def assess(
     """Predict the image with the new model; score the held-out slices (pixel, Rand, VOI, IoU)."""
     out = f"{model}.evaluation.zarr"
     prediction = plan_prediction(model, image, out, PredictOptions(overwrite=True))
-    with connect(scheduler, cluster, dashboard=False) as client:
+    with open_client(scheduler, cluster, dashboard=False) as client:
         run_plan(prediction, client)
     return evaluate(out, labels, z_range=z_range)
 

@@ -16,7 +16,7 @@ import pytest
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from hypothesis import settings
 
-from unet_volume.cluster import local_cluster_config
+from unet_volume.cluster_spec import local_cluster_config
 
 settings.register_profile("ci", max_examples=50, deadline=None)
 settings.load_profile("ci")
@@ -31,6 +31,22 @@ def torch_threads() -> None:
         import torch
 
         torch.set_num_threads(THREADS)
+
+
+@pytest.fixture
+def training_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Training in this process on one torch thread (or UNET_VOLUME_TEST_THREADS).
+
+    Tiny nets gain nothing from threads, and two stall on a busy 2-core machine. ``train``
+    keeps the thread count a user chose through OMP_NUM_THREADS, so that is set too.
+    """
+    import torch
+
+    threads, wanted = torch.get_num_threads(), THREADS or 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(wanted))
+    torch.set_num_threads(wanted)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

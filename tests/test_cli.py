@@ -15,7 +15,6 @@ import argparse
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -416,16 +415,6 @@ def test_cli_predict_takes_a_scheduler_or_a_cluster_spec_not_both(
 # --- train ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """`train` takes every core unless OMP_NUM_THREADS says otherwise; tiny nets need one."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_training_pair(root: Path, labels_shape: tuple[int, int, int]) -> tuple[str, str]:
     image = blob_volume((2, 32, 32))
     labels = (255 * (blob_volume(labels_shape) > 150)).astype(
@@ -449,7 +438,7 @@ TRAIN_TINY = [
 ]
 
 
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("training_threads")
 def test_cli_train_writes_a_loadable_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -463,7 +452,7 @@ def test_cli_train_writes_a_loadable_checkpoint(
     assert (model.config.depth, model.config.base_channels, model.config.ndim) == (2, 4, 2)
 
 
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("training_threads")
 def test_cli_train_mismatched_labels_exit_2_without_a_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -500,7 +489,7 @@ def test_cli_evaluate_prints_the_metrics_table_and_writes_json(
     assert scores["volume"]["pixel_error"] == 0.0 and scores["volume"]["rand_error"] == 0.0
 
 
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("training_threads")
 def test_cli_weights_then_train_with_them(
     client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

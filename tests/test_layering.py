@@ -40,6 +40,12 @@ TORCH_FREE = [
     "unet_volume.preview",
     "unet_volume.landing",
     "unet_volume.cluster_spec",
+    "unet_volume.options",
+    "unet_volume.unet_config",
+    "unet_volume.predict_config",
+    "unet_volume.train_config",
+    # The command line parses and says --help without torch; commands import it when they run.
+    "unet_volume.cli",
 ]
 
 # What each lower-layer module may import from the package: the layers below it, and the leaf
@@ -54,7 +60,7 @@ ALLOWED_IMPORTS = {
     "metrics": {"errors"},
     "evaluation": {"errors", "storage", "prediction_store", "metrics", "__init__"},
     "augment": {"errors", "border"},
-    "weight_map": {"errors", "geometry"},
+    "weight_map": {"errors", "geometry", "options"},
     "weight_volume": {
         "errors",
         "geometry",
@@ -67,8 +73,11 @@ ALLOWED_IMPORTS = {
     "preview": {"errors", "geometry", "storage", "prediction_store"},
     "landing": {"errors", "storage", "prediction_store"},
     "cluster": {"errors", "cluster_spec"},
-    # cluster: only the `connect` shim kept for callers of the old name (see cluster_spec).
-    "cluster_spec": {"errors", "cluster"},
+    "cluster_spec": {"errors"},
+    "options": set(),
+    "unet_config": {"errors", "options"},
+    "predict_config": {"options", "prediction_store"},
+    "train_config": {"errors", "options", "augment", "tiling", "unet_config"},
 }
 UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
 

@@ -19,9 +19,10 @@ from unet_volume.cli import (
     train_config_from,
     weight_map_config_from,
 )
-from unet_volume.model import UNetConfig
-from unet_volume.predict import PredictOptions, predict_volume
+from unet_volume.predict import predict_volume
+from unet_volume.predict_config import PredictOptions
 from unet_volume.train_config import TrainConfig
+from unet_volume.unet_config import UNetConfig
 from unet_volume.weight_map import WeightMapConfig
 from unet_volume_flows.demo import demo_flow
 from unet_volume_flows.predict import predict_flow

@@ -7,7 +7,6 @@ The tiny net is 2D, depth 2, 4 base channels: a tile output of 12 needs an input
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,12 @@ from unet_volume.augment import AugmentConfig
 from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.model import UNetConfig
 from unet_volume.sampling import TileSampler, TrainingData, TrainingTile, to_classes
 from unet_volume.train import TileStream, TrainConfig, augment_tile, class_weights, train
+from unet_volume.unet_config import UNetConfig
+
+# Training in this process: one torch thread unless UNET_VOLUME_TEST_THREADS says otherwise.
+pytestmark = pytest.mark.usefixtures("training_threads")
 
 SHAPE = (6, 48, 48)
 TINY = {"tile_output": (1, 12, 12), "batch_size": 4, "minutes": None}
@@ -57,19 +59,6 @@ def write_zarr(path: Path, data: np.ndarray) -> str:
     array = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, chunks=chunks)
     array[...] = data
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tiny nets gain nothing from threads, and 2 threads stall on a busy 2-core machine.
-
-    ``train`` keeps the thread count the user chose through OMP_NUM_THREADS.
-    """
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

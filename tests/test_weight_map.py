@@ -225,11 +225,13 @@ def test_weight_map_of_a_write_box_in_its_halo_equals_the_whole_volume_crop(
     target = wm.training_target(labels, config)
     read = box.grow(halo)
     low, high = read.outside(Box.from_shape(labels.shape))
-    context = np.pad(
+    read_labels = np.pad(
         labels[read.intersect(Box.from_shape(labels.shape)).to_slices()], list(zip(low, high))
     )
     classes = wm.balanced_class_weights(int(target.sum()), target.size)
-    block = weight_map(context, config, classes, write_box=Box.from_shape(box.shape, begin=halo))
+    block = weight_map(
+        read_labels, config, classes, write_box=Box.from_shape(box.shape, begin=halo)
+    )
     np.testing.assert_array_equal(block, whole[box.to_slices()])
 
 

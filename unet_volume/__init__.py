@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "UNet": "unet_volume.model",
-    "UNetConfig": "unet_volume.model",
+    "UNetConfig": "unet_volume.unet_config",
     "save_model": "unet_volume.checkpoint",
     "load_model": "unet_volume.checkpoint",
     "predict_volume": "unet_volume.predict",

@@ -10,163 +10,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import sys
-import types
 import typing
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from unet_volume.errors import InputError, UnetVolumeError
-from unet_volume.model import UNetConfig
-from unet_volume.predict import PredictOptions
+from unet_volume.options import (
+    add_options,
+    options_from,
+    parse_floats,
+    parse_ints,
+    parse_range,
+    parse_sigma,
+    show,
+)
+from unet_volume.predict_config import PredictOptions
 from unet_volume.train_config import TrainConfig
-from unet_volume.weight_map import WeightMapConfig
+from unet_volume.unet_config import UNetConfig
+from unet_volume.weight_map import WEIGHT_BLOCK, WeightMapConfig
 
 if TYPE_CHECKING:
     from distributed import Client
 
 EXIT_USAGE = 2
-T = TypeVar("T")
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    """``"1,512,512"`` -> ``(1, 512, 512)``."""
-    try:
-        return tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 1,512,512, got {text!r}"
-        ) from None
-
-
-def parse_floats(text: str) -> tuple[float, ...]:
-    """``"50,4,4"`` -> ``(50.0, 4.0, 4.0)``."""
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 50,4,4, got {text!r}"
-        ) from None
-
-
-def parse_sigma(text: str) -> tuple[float, str]:
-    """``"5"`` or ``"5px"`` -> ``(5.0, "px")`` (voxels); ``"20nm"`` -> ``(20.0, "nm")``."""
-    found = re.fullmatch(r"([0-9.]+(?:e-?[0-9]+)?)\s*([a-zµ]*)", text.strip().lower())
-    if not found or found[2] not in ("", "px", "nm", "um", "µm"):
-        raise argparse.ArgumentTypeError(
-            f"expected a length like 5 or 5px (voxels) or 20nm, got {text!r}"
-        )
-    return float(found[1]), found[2] or "px"
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """``"0:20"`` -> ``(0, 20)`` (half-open)."""
-    try:
-        begin, end = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BEGIN:END like 0:20, got {text!r}") from None
-    return begin, end
-
-
-# Flag names that differ from the field's name (``--dashed-name``); the first is shown in --help.
-FLAGS = {
-    "learning_rate": ("--lr", "--learning-rate"),
-    "num_classes": ("--classes", "--num-classes"),
-}
-
-NETWORK_HELP = {
-    "num_classes": "number of classes",
-    "base_channels": "channels of the first level; the paper's net has 64",
-    "depth": "number of poolings; the paper's net has 4",
-    "ndim": "2 (a 2D U-Net on slices) or 3 (a 3D U-Net)",
-    "batch_norm": "batch normalisation before each ReLU (as the 3D U-Net of Cicek et al.)",
-    "dropout": "dropout probability at the end of the contracting path, as the paper",
-}
-"""Help for :class:`~unet_volume.model.UNetConfig` fields, which carry no help metadata."""
-
-WEIGHT_HELP = {
-    "w0": "border weight w0, as the paper",
-    "ndim": "2: cells and distances per z slice; 3: in the volume",
-    "voxel_size": "physical voxel size, e.g. 50,4,4 (nm): distances become physical "
-    "(anisotropic volumes)",
-}
-"""Help for :class:`~unet_volume.weight_map.WeightMapConfig` fields."""
-WEIGHT_BLOCK = {2: (1, 1024, 1024), 3: (128, 128, 128)}
-
-
-def add_options(
-    p: argparse.ArgumentParser,
-    defaults: Any,
-    *,
-    skip: Collection[str] = (),
-    helps: Mapping[str, str] | None = None,
-) -> None:
-    """One option per field of the dataclass instance ``defaults``: name, type, default, help.
-
-    So that each lives in the dataclass alone: the flag is ``--field-name`` (or :data:`FLAGS`),
-    the default the field's value in ``defaults``, the help its ``metadata["help"]`` (else
-    ``helps``). A boolean field that defaults to True becomes ``--no-field-name``. Nested
-    dataclasses and ``skip`` are left out.
-    """
-    hints = typing.get_type_hints(type(defaults))
-    for f in dataclasses.fields(defaults):
-        hint, default = _strip_none(hints[f.name]), getattr(defaults, f.name)
-        if f.name in skip or dataclasses.is_dataclass(hint):
-            continue
-        text = f.metadata.get("help") or (helps or {})[f.name]
-        dashed = "--" + f.name.replace("_", "-")
-        if hint is bool:
-            flag = dashed.replace("--", "--no-") if default else dashed
-            action = "store_false" if default else "store_true"
-            p.add_argument(flag, dest=f.name, action=action, help=_bool_help(text, default))
-            continue
-        shown = "" if default is None else f" (default {_show(default)})"
-        p.add_argument(
-            *FLAGS.get(f.name, (dashed,)),
-            dest=f.name,
-            default=default,
-            help=text + shown,
-            **_parsing(hint),
-        )
-
-
-def _strip_none(hint: Any) -> Any:
-    """``X | None`` -> ``X``: None is the default's business, not the parser's."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    is_optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1
-    return args[0] if is_optional else hint
-
-
-def _parsing(hint: Any) -> dict[str, Any]:
-    """``type``, ``choices`` and ``metavar`` for values of the type ``hint``."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is typing.Literal:
-        return {"type": type(args[0]), "choices": args}
-    if typing.get_origin(hint) is tuple and args == (int, int):
-        return {"type": parse_range, "metavar": "BEGIN:END"}
-    if typing.get_origin(hint) in (tuple, Sequence):
-        parse = parse_floats if float in args else parse_ints
-        return {"type": parse, "metavar": "Z,Y,X"}
-    return {"type": hint}
-
-
-def _show(value: object) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _bool_help(text: str, default: bool) -> str:
-    return f"do not {text}" if default else text
-
-
-def options_from(args: argparse.Namespace, config_type: type[T], **values: Any) -> T:
-    """``config_type`` from the options that :func:`add_options` made, and ``values``."""
-    names = {f.name for f in dataclasses.fields(config_type)}  # type: ignore[arg-type]
-    given = {k: v for k, v in vars(args).items() if k in names}
-    return config_type(**{**given, **values})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,7 +134,7 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
         "labels", help="instance labels or binary mask: Zarr array or TIFF stack, (z, y, x)"
     )
     p.add_argument("output", help="Zarr v3 float32 array to create")
-    add_options(p, WeightMapConfig(), skip={"sigma", "class_weights", "binary"}, helps=WEIGHT_HELP)
+    add_options(p, WeightMapConfig(), skip={"sigma", "class_weights", "binary"})
     p.add_argument(
         "--sigma",
         dest="sigma_length",
@@ -281,7 +149,7 @@ def _add_weights(p: argparse.ArgumentParser) -> None:
         type=parse_ints,
         metavar="Z,Y,X",
         help="voxels per task and output chunk (default "
-        f"{_show(WEIGHT_BLOCK[2])} in 2D, {_show(WEIGHT_BLOCK[3])} in 3D)",
+        f"{show(WEIGHT_BLOCK[2])} in 2D, {show(WEIGHT_BLOCK[3])} in 3D)",
     )
     p.add_argument("--chunk-shape", type=parse_ints, help=argparse.SUPPRESS)  # the old name
     p.add_argument(
@@ -320,13 +188,13 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 def _client(args: argparse.Namespace) -> AbstractContextManager[Client]:
     """The Dask client the cluster options ask for."""
-    from unet_volume.cluster_spec import connect
+    from unet_volume.cluster import open_client
 
     # distributed sets INFO on its loggers when first imported: quiet them after that import.
     logging.getLogger("distributed").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if args.workers is not None and args.workers < 1:
+    if args.workers is not None and args.workers < 1:  # in the CLI's words, not the library's
         raise InputError(f"--workers {args.workers} must be at least 1")
-    return connect(args.scheduler, args.cluster, n_workers=args.workers)
+    return open_client(args.scheduler, args.cluster, n_workers=args.workers)
 
 
 def _weights(args: argparse.Namespace) -> None:
@@ -338,14 +206,14 @@ def _weights(args: argparse.Namespace) -> None:
     )
     physical = f" ({config.sigma:g} in --voxel-size units)" if config.voxel_size else ""
     _say(f"sigma in voxels: {voxels}{physical}")
-    chunks = _weight_block_shape(args) or WEIGHT_BLOCK[config.ndim]
+    block_shape = _weight_block_shape(args)  # checked before a cluster starts
     with _client(args) as client:
         _say(f"Dask dashboard: {client.dashboard_link}")
         report = compute_weight_volume(
             args.labels,
             args.output,
             config,
-            block_shape=chunks,  # one output chunk per block
+            block_shape=block_shape,
             client=client,
             overwrite=args.overwrite,
             balance_z_range=args.balance_z_range,
@@ -453,7 +321,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--out", required=True, help="checkpoint file to write (and update during training)"
     )
     add_options(p, TrainConfig())
-    add_options(p, TrainConfig().model, skip={"in_channels"}, helps=NETWORK_HELP)
+    add_options(p, TrainConfig().model, skip={"in_channels"})
     p.add_argument(
         "--weights",
         metavar="VOLUME",

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 from distributed import Client, as_completed, get_worker
 
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
-from unet_volume.cluster_spec import local_cluster_config as local_cluster_config  # re-export
 from unet_volume.errors import BlockError, InputError
 
 Item = TypeVar("Item")

@@ -23,14 +23,13 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import dask
 import yaml
-from distributed import Client, LocalCluster
+from distributed import LocalCluster
 from distributed.deploy.cluster import Cluster
 
 from unet_volume.errors import InputError
@@ -208,19 +207,3 @@ def _import_backend(spec: ClusterSpec, module: str, attribute: str) -> Any:
             f"cluster spec {spec.path} has kind {spec.kind!r}, which needs {package} "
             f"({error}); pip install 'unet-volume[{extra}]'"
         ) from error
-
-
-def connect(
-    scheduler: str | None = None,
-    cluster: str | Path | None = None,
-    *,
-    n_workers: int | None = None,
-    dashboard: bool = True,
-) -> AbstractContextManager[Client]:
-    """:func:`unet_volume.cluster.open_client`, under the name older callers import from here.
-
-    Kept only until the CLI and the flows import ``open_client``; then delete it.
-    """
-    from unet_volume.cluster import open_client  # here: cluster imports this module
-
-    return open_client(scheduler, cluster, n_workers=n_workers, dashboard=dashboard)

@@ -40,18 +40,17 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.tiling import SizeMap, TileGeometry, check_input_size, next_valid_input
+from unet_volume.unet_config import UNetConfig
 
 # A 3D U-Net is the 2D one with every layer one rank up [2].
 _CONV: dict[int, type[nn.Conv2d | nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -62,61 +61,6 @@ _NORM: dict[int, type[nn.BatchNorm2d | nn.BatchNorm3d]] = {2: nn.BatchNorm2d, 3:
 _CONV_TYPES = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _POINTWISE = (nn.ReLU, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Identity)
 _AXES = {2: "yx", 3: "zyx"}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Everything that defines a U-Net; its printout identifies the model.
-
-    >>> UNetConfig(depth=3, ndim=3)  # doctest: +NORMALIZE_WHITESPACE
-    UNetConfig(in_channels=1, num_classes=2, base_channels=64, depth=3, ndim=3,
-               batch_norm=False, dropout=0.5)
-    """
-
-    in_channels: int = 1
-    num_classes: int = 2
-    base_channels: int = 64
-    depth: int = 4
-    ndim: int = 2
-    batch_norm: bool = False
-    dropout: float = 0.5
-
-    def __post_init__(self) -> None:
-        # Checked here, once, so a bad value fails with its name instead of deep inside torch.
-        for name, least, hint in (
-            ("in_channels", 1, "the number of image channels, e.g. 1 for grayscale"),
-            ("num_classes", 2, "2 or more: the soft-max needs at least two classes"),
-            ("base_channels", 1, "the channels of the first level, e.g. 64 as in the paper"),
-            ("depth", 1, "the number of poolings, e.g. 4 as in the paper"),
-        ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < least:
-                raise InputError(f"{name} must be an int >= {least}, got {value!r}; pass {hint}")
-        if not _is_int(self.ndim) or self.ndim not in (2, 3):
-            raise InputError(f"a U-Net is 2D or 3D, not ndim={self.ndim!r}; pass ndim=2 or ndim=3")
-        if not isinstance(self.batch_norm, bool):
-            raise InputError(f"batch_norm must be True or False, got {self.batch_norm!r}")
-        p = self.dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-            raise InputError(f"dropout must be in [0, 1), got {p!r}; pass 0.5 (the paper) or 0")
-        object.__setattr__(self, "dropout", float(p))  # 0 -> 0.0: one printout per model
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values, e.g. for a checkpoint or a run's parameters file."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UNetConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys fail."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown U-Net config keys {unknown}; use only {sorted(known)}")
-        return cls(**data)
 
 
 # --- geometry: the size of each layer's output, from the layer's own attributes --------------

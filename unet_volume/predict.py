@@ -41,6 +41,7 @@ from unet_volume.cluster import gpu_resources, map_bounded, open_client
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.model import UNet
+from unet_volume.predict_config import DEFAULT_BLOCK, DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import (
     OutputDtype,
     PredictionStore,
@@ -67,12 +68,6 @@ log = logging.getLogger(__name__)
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 """Input tile ``(c, z, y, x)`` -> probabilities ``(k, *output_shape)``."""
-
-DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return ",".join(map(str, shape))
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,46 +203,6 @@ class PredictionPlan:
     @property
     def num_blocks(self) -> int:
         return count_blocks(self.volume.shape, self.block_shape)
-
-
-def _option(default: Any, help_text: str) -> Any:
-    """A field with its help text, which ``unet-volume predict --help`` shows."""
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    """How to predict: the options of :func:`predict_volume`, ``unet-volume predict`` and the
-    ``predict`` flow, each with its default and (``metadata["help"]``) help, in this one place."""
-
-    block_shape: Sequence[int] | None = _option(
-        None,
-        "voxels per task and per output chunk (z, y, x); multiples of 2**depth on convolved "
-        f"axes (default {_shape(DEFAULT_BLOCK[2])} for 2D models, {_shape(DEFAULT_BLOCK[3])} "
-        "for 3D)",
-    )
-    tile_shape: Sequence[int] | None = _option(
-        None,
-        "smallest output of one forward pass (z, y, x); a block runs several tiles when it is "
-        "larger (default: the block shape)",
-    )
-    output_dtype: OutputDtype = _option(  # noqa: RUF009 (a dataclasses.field, not a value)
-        "uint8", "stored probability type; uint8 stores round(p * 255)"
-    )
-    voxel_size: Sequence[float] | None = _option(
-        None,
-        "physical voxel size (z, y, x) for the output coordinates (default: read from the input)",
-    )
-    units: str | None = _option(None, "units of the voxel size (default: the input's, else nm)")
-    overwrite: bool = _option(False, "replace the output if it exists")
-    tta: bool = _option(
-        False,
-        "test-time augmentation: average over the 8 flips and quarter turns of each tile in "
-        "(y, x) (8x slower; stitching stays exact)",
-    )
-
-
-DEFAULT_OPTIONS = PredictOptions()
 
 
 def plan_prediction(

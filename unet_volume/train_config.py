@@ -1,21 +1,23 @@
 """The recipe of a training run: one frozen, validated record, stored in each checkpoint.
 
-Every option of ``unet-volume train`` and every parameter of the ``train`` flow is a field here or
-of :class:`~unet_volume.model.UNetConfig`: its name, type, default and (``metadata["help"]``) help
-text live in this one place, and the command line and the flow are derived from them.
+Every option of ``unet-volume train`` and every parameter of the ``train`` flow is a field here
+or of :class:`~unet_volume.unet_config.UNetConfig`: its name, type, default and help text live in
+this one place (:func:`~unet_volume.options.option`), and the command line and the flow are
+derived from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from unet_volume.augment import AugmentConfig
 from unet_volume.errors import InputError
-from unet_volume.model import UNetConfig
+from unet_volume.options import option
 from unet_volume.tiling import TileGeometry
+from unet_volume.unet_config import UNetConfig
 
 Augment = Literal["none", "plain", "paper"]
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "sgd": 1e-2}  # SGD runs with the paper's momentum 0.99
@@ -31,11 +33,6 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _option(default: Any, help_text: str) -> Any:
-    """A field with its help text, which ``unet-volume train --help`` shows."""
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run's recipe; stored in the checkpoint's ``training`` metadata.
@@ -48,43 +45,43 @@ class TrainConfig:
     """
 
     model: UNetConfig = TRAINING_MODEL
-    tile_output: tuple[int, int, int] = _option(
+    tile_output: tuple[int, int, int] = option(
         (1, 132, 132), "output shape (z, y, x) of one training tile"
     )
-    batch_size: int = _option(4, "tiles per step")
-    optimizer: Literal["adam", "sgd"] = _option(
+    batch_size: int = option(4, "tiles per step")
+    optimizer: Literal["adam", "sgd"] = option(
         "adam", "adam, or sgd with momentum 0.99 as the paper"
     )
-    learning_rate: float | None = _option(
+    learning_rate: float | None = option(
         None, "learning rate (default: the optimizer's, adam 1e-3, sgd 1e-2)"
     )
-    steps: int | None = _option(None, "stop after this many steps (default: only --minutes)")
-    minutes: float | None = _option(3.0, "training time budget in minutes")
-    z_range: tuple[int, int] | None = _option(
+    steps: int | None = option(None, "stop after this many steps (default: only --minutes)")
+    minutes: float | None = option(3.0, "training time budget in minutes")
+    z_range: tuple[int, int] | None = option(
         None, "train on slices BEGIN..END-1 only, e.g. 0:20 (default: all)"
     )
-    validation_z_range: tuple[int, int] | None = _option(
+    validation_z_range: tuple[int, int] | None = option(
         None, "held-out slices scored every --validate-every steps, e.g. 20:25 (default: none)"
     )
-    class_balance: bool = _option(
+    class_balance: bool = option(
         True, "weigh the classes by inverse frequency when no --weights map is given"
     )
-    augment: Augment = _option(  # noqa: RUF009 (a dataclasses.field, not a value)
+    augment: Augment = option(  # noqa: RUF009 (a dataclasses.field, not a value)
         "plain",
         "plain: random flips and right-angle turns; paper: elastic deformation (3x3 grid, "
         "10 px), any rotation, flips and gray-value changes; none",
     )
-    lr_schedule: Literal["constant", "cosine"] = _option(
+    lr_schedule: Literal["constant", "cosine"] = option(
         "cosine", "cosine decay over the run's steps or minutes, or constant"
     )
-    validate_every: int = _option(100, "steps between validations")
-    validation_tiles: int = _option(8, "held-out tiles scored per validation")
-    checkpoint_every: int = _option(200, "steps between checkpoints")
-    loader_workers: int = _option(
+    validate_every: int = option(100, "steps between validations")
+    validation_tiles: int = option(8, "held-out tiles scored per validation")
+    checkpoint_every: int = option(200, "steps between checkpoints")
+    loader_workers: int = option(
         0, "processes that read and augment tiles; 0 reads them in the training process"
     )
-    amp: bool = _option(True, "use mixed precision on CUDA (no effect on CPUs)")
-    seed: int = _option(0, "random seed")
+    amp: bool = option(True, "use mixed precision on CUDA (no effect on CPUs)")
+    seed: int = option(0, "random seed")
 
     def __post_init__(self) -> None:
         # Everything checked here, once, so a bad value fails before any data is read.

@@ -53,7 +53,10 @@ from scipy import ndimage
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
+from unet_volume.options import option
 
+WEIGHT_BLOCK = {2: (1, 1024, 1024), 3: (128, 128, 128)}
+"""Block shape (z, y, x) of a weight volume by ``ndim`` when none is given: a task, a chunk."""
 TOLERANCE = 1e-7  # largest relative change the cutoff may cause (chunked runs promise 1e-5)
 BALANCED_FLOOR = 0.5  # balanced class weights total / (2 * count) are >= 1/2: the cutoff's w_min
 # First search radius, in smallest voxel sizes: where cells touch, d2 <= 5 (99.99%, measured).
@@ -70,12 +73,18 @@ class WeightMapConfig:
     None decides from the data (one nonzero value, e.g. 0/1 or 0/255).
     """
 
-    w0: float = 10.0
-    sigma: float = 5.0
-    ndim: Literal[2, 3] = 2
-    voxel_size: tuple[float, float, float] | None = None
-    class_weights: tuple[float, float] | None = None
-    binary: bool | None = None
+    w0: float = option(10.0, "border weight w0, as the paper")
+    sigma: float = option(5.0, "border width sigma, as the paper (voxels, or voxel_size units)")
+    ndim: Literal[2, 3] = option(2, "2: cells and distances per z slice; 3: in the volume")
+    voxel_size: tuple[float, float, float] | None = option(
+        None, "physical voxel size, e.g. 50,4,4 (nm): distances become physical (anisotropic)"
+    )
+    class_weights: tuple[float, float] | None = option(
+        None, "(background, foreground) class weights; default: balanced"
+    )
+    binary: bool | None = option(
+        None, "the labels are a mask whose components are the cells; default: decide from data"
+    )
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):

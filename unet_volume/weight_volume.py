@@ -34,6 +34,7 @@ from unet_volume.storage import (
 from unet_volume.tiling import Block, block_key, plan_halo_blocks
 from unet_volume.weight_map import (
     TOLERANCE,
+    WEIGHT_BLOCK,
     WeightMapConfig,
     balanced_class_weights,
     cutoff_distance,
@@ -68,14 +69,15 @@ def compute_weight_volume(
     out_url: str,
     config: WeightMapConfig,
     *,
-    block_shape: Sequence[int],
+    block_shape: Sequence[int] | None = None,
     client: Client,
     overwrite: bool = False,
     balance_z_range: tuple[int, int] | None = None,
 ) -> WeightReport:
     """Write the weight map of the labels at ``labels_url``: a float32 Zarr v3 array at ``out_url``.
 
-    One task per block (one output chunk of ``block_shape``) reads its write box grown by
+    One task per block (one output chunk of ``block_shape``, by default
+    :data:`~unet_volume.weight_map.WEIGHT_BLOCK`) reads its write box grown by
     :func:`halo_for` and writes its chunk. A binary mask needs blocks spanning its components
     (whole (y, x) slices for ``ndim=2``, the volume for ``ndim=3``); otherwise label it first.
     ``balance_z_range`` (half-open) counts the class frequencies over those slices only, e.g.
@@ -85,7 +87,7 @@ def compute_weight_volume(
     start = time.perf_counter()
     given, out_url = str(out_url), absolute(out_url)  # workers may have another cwd
     volume = _open_labels(str(labels_url))
-    shape = _check_block_shape(block_shape, volume)
+    shape = _check_block_shape(block_shape or WEIGHT_BLOCK[config.ndim], volume)
     prediction_store.check_output(given, overwrite=overwrite)
     region = _balance_region(volume.box, balance_z_range)
     boxes = [box for _, box in volume.box.grid(shape)]

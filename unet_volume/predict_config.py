@@ -1,0 +1,56 @@
+"""The options of a prediction run, in one place for the library, the CLI and the flows.
+
+Kept apart from :mod:`unet_volume.predict` (which imports torch) so that ``unet-volume --help``
+and planning tools read them without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from unet_volume.options import option
+from unet_volume.prediction_store import OutputDtype
+
+DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
+"""Block shape (z, y, x) by model ndim when none is given: one task, one output chunk."""
+
+
+def _csv(shape: Sequence[int]) -> str:
+    return ",".join(map(str, shape))
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict: the options of :func:`~unet_volume.predict.predict_volume`,
+    ``unet-volume predict`` and the ``predict`` flow, each with its default and help, here only.
+    """
+
+    block_shape: Sequence[int] | None = option(
+        None,
+        "voxels per task and per output chunk (z, y, x); multiples of 2**depth on convolved "
+        f"axes (default {_csv(DEFAULT_BLOCK[2])} for 2D models, {_csv(DEFAULT_BLOCK[3])} "
+        "for 3D)",
+    )
+    tile_shape: Sequence[int] | None = option(
+        None,
+        "smallest output of one forward pass (z, y, x); a block runs several tiles when it is "
+        "larger (default: the block shape)",
+    )
+    output_dtype: OutputDtype = option(  # noqa: RUF009 (a dataclasses.field, not a value)
+        "uint8", "stored probability type; uint8 stores round(p * 255)"
+    )
+    voxel_size: Sequence[float] | None = option(
+        None,
+        "physical voxel size (z, y, x) for the output coordinates (default: read from the input)",
+    )
+    units: str | None = option(None, "units of the voxel size (default: the input's, else nm)")
+    overwrite: bool = option(False, "replace the output if it exists")
+    tta: bool = option(
+        False,
+        "test-time augmentation: average over the 8 flips and quarter turns of each tile in "
+        "(y, x) (8x slower; stitching stays exact)",
+    )
+
+
+DEFAULT_OPTIONS = PredictOptions()
