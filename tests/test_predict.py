@@ -321,7 +321,7 @@ def test_predict_failed_block_names_the_block_and_leaves_no_output(
             id="block",
         ),
         pytest.param({"output_dtype": "int8"}, InputError, "output dtype 'int8'", id="dtype"),
-        pytest.param({"source": "missing.zarr"}, InputError, "does not exist", id="missing-input"),
+        pytest.param({"image": "missing.zarr"}, InputError, "does not exist", id="missing-input"),
         pytest.param(
             {"model": "not-a-model.pt"}, CheckpointError, "does not exist", id="missing-model"
         ),
@@ -340,14 +340,14 @@ def test_predict_bad_input_is_refused_before_anything_is_written(
 ) -> None:
     source = write_zarr(tmp_path / "in.zarr", np.zeros((1, 8, 8), dtype=np.uint8))
     (tmp_path / "existing").mkdir()
-    args = {"model": tiny_unet(), "source": source, "output": tmp_path / "out.zarr", **kwargs}
-    for key in ("model", "source", "output"):
+    args = {"model": tiny_unet(), "image": source, "output": tmp_path / "out.zarr", **kwargs}
+    for key in ("model", "image", "output"):
         if isinstance(args[key], str) and not args[key].startswith(str(tmp_path)):
             args[key] = str(tmp_path / args[key])
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(error, match=message) as info:
         plan_prediction(
-            args.pop("model"), args.pop("source"), args.pop("output"), PredictOptions(**args)
+            args.pop("model"), args.pop("image"), args.pop("output"), PredictOptions(**args)
         )
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -292,8 +292,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "input",
-        help="input volume: a Zarr array (path or fsspec URL, v2 or v3) or a TIFF "
+        "image",
+        help="the volume to segment: a Zarr array (path or fsspec URL, v2 or v3) or a TIFF "
         "stack, shape (z, y, x) or (c, z, y, x)",
     )
     p.add_argument(
@@ -346,7 +346,7 @@ def _predict(args: argparse.Namespace) -> None:
     from unet_volume.predict import plan_prediction, run_plan
 
     options = options_from(args, PredictOptions)
-    plan = plan_prediction(args.model, args.input, args.output, options)
+    plan = plan_prediction(args.model, args.image, args.output, options)
     client = _client(args)  # options checked before anything is said or started
     _say(
         f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a "

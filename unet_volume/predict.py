@@ -207,7 +207,7 @@ class PredictionPlan:
 
 def plan_prediction(
     model: UNet | str | Path,
-    source: str | Path,
+    image: str | Path,
     output: str | Path,
     options: PredictOptions = DEFAULT_OPTIONS,
 ) -> PredictionPlan:
@@ -219,10 +219,10 @@ def plan_prediction(
     """
     checkpoint = _checkpoint_of(model)
     info = checkpoint_from_bytes(checkpoint)
-    volume = open_volume(source, voxel_size=options.voxel_size, units=options.units)
+    volume = open_volume(image, voxel_size=options.voxel_size, units=options.units)
     if volume.channels != info.config.in_channels:
         raise InputError(
-            f"input {volume.url} has {volume.channels} channel(s) but the model expects "
+            f"image {volume.url} has {volume.channels} channel(s) but the model expects "
             f"{info.config.in_channels}; pass a (c, z, y, x) array with that many channels"
         )
     dtype = check_output_dtype(options.output_dtype)
@@ -276,7 +276,7 @@ def run_plan(
 
 def predict_volume(
     model: UNet | str | Path,
-    source: str | Path,
+    image: str | Path,
     output: str | Path,
     options: PredictOptions = DEFAULT_OPTIONS,
     *,
@@ -288,8 +288,8 @@ def predict_volume(
 
     Args:
         model: a :class:`UNet` or the path of a checkpoint.
-        source: input Zarr array (path or fsspec URL) or TIFF stack, ``(z, y, x)`` or
-            ``(c, z, y, x)``.
+        image: the volume to segment: a Zarr array (path or fsspec URL) or TIFF stack,
+            ``(z, y, x)`` or ``(c, z, y, x)``.
         output: the output group (refused if it exists, unless ``overwrite``).
         options: how to predict; see :class:`PredictOptions` for each field and its default.
         client: an existing Dask client; by default a LocalCluster is started.
@@ -299,7 +299,7 @@ def predict_volume(
 
     Everything is validated before anything is written (:func:`plan_prediction`).
     """
-    plan = plan_prediction(model, source, output, replace(options, **changes))
+    plan = plan_prediction(model, image, output, replace(options, **changes))
     with nullcontext(client) if client is not None else open_client() as active:
         return run_plan(plan, active, progress=progress)
 
