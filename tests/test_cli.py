@@ -279,7 +279,8 @@ def test_cli_process_exit_code_and_output(
 # --- end to end --------------------------------------------------------------------------------
 
 
-def predict_args(volume_path: str, output: Path, model_path: Path, client: Client) -> list[str]:
+def predict_args(volume_path: str, output: Path, model_path: Path, *where: str) -> list[str]:
+    """``unet-volume predict`` of the tiny model in 1x16x16 blocks on the cluster ``where``."""
     return [
         "predict",
         volume_path,
@@ -288,12 +289,16 @@ def predict_args(volume_path: str, output: Path, model_path: Path, client: Clien
         str(model_path),
         "--block-shape",
         "1,16,16",
-        "--scheduler",
-        client.scheduler.address,
+        *where,
         "--no-progress",
         "--voxel-size",
         "50,4,4",
     ]
+
+
+def on(client: Client) -> tuple[str, str]:
+    """The cluster options that send the blocks to the test suite's cluster."""
+    return ("--scheduler", client.scheduler.address)
 
 
 def test_cli_predict_writes_an_xarray_dataset_and_says_how_to_open_it(
@@ -304,7 +309,7 @@ def test_cli_predict_writes_an_xarray_dataset_and_says_how_to_open_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     output = tmp_path / "out.zarr"
-    assert main(predict_args(volume_path, output, model_path, client)) == EXIT_OK
+    assert main(predict_args(volume_path, output, model_path, *on(client))) == EXIT_OK
     captured = capsys.readouterr()
     said = captured.out + captured.err
     assert str(output) in said and "xr.open_zarr(" in said and "Dask dashboard: " in said
@@ -329,7 +334,7 @@ def test_cli_predict_again_needs_overwrite(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     output = tmp_path / "out.zarr"
-    args = predict_args(volume_path, output, model_path, client)
+    args = predict_args(volume_path, output, model_path, *on(client))
     assert main(args) == EXIT_OK
     first = snapshot(output)
     capsys.readouterr()
@@ -348,7 +353,7 @@ def test_cli_predict_output_is_byte_identical_to_the_library(
     client: Client, tmp_path: Path, volume_path: str, model_path: Path
 ) -> None:
     cli_output, library_output = tmp_path / "cli.zarr", tmp_path / "library.zarr"
-    assert main(predict_args(volume_path, cli_output, model_path, client)) == EXIT_OK
+    assert main(predict_args(volume_path, cli_output, model_path, *on(client))) == EXIT_OK
     predict_volume(
         model_path,
         volume_path,
@@ -375,18 +380,7 @@ def test_cli_predict_on_a_cluster_spec_starts_and_closes_that_cluster(
         "dashboard_address: null\n"
     )
     output = tmp_path / "out.zarr"
-    args = [
-        "predict",
-        volume_path,
-        str(output),
-        "--model",
-        str(model_path),
-        "--block-shape",
-        "1,16,16",
-        "--cluster",
-        str(spec),
-        "--no-progress",
-    ]
+    args = predict_args(volume_path, output, model_path, "--cluster", str(spec))
     assert main(args) == EXIT_OK
     assert xr.open_zarr(output).attrs["unet_volume"]["report"]["blocks"] == 27
 

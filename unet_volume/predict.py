@@ -50,14 +50,14 @@ from unet_volume.prediction_store import (
     create_prediction,
     finish_prediction,
     prepare_output,
-    remove_output,
     volume_attrs,
 )
 from unet_volume.predictor import ModelPredictor
-from unet_volume.storage import Volume, absolute, open_volume
+from unet_volume.storage import Volume, absolute, open_volume, removed_on_failure
 from unet_volume.tiling import (
     Block,
     TileGeometry,
+    block_key,
     check_block_shape,
     count_blocks,
     plan_blocks,
@@ -168,7 +168,7 @@ def run_prediction(
         client,
         predict_block,
         plan_blocks(volume.shape, block_shape, geometry),
-        name=lambda block: "predict-block-" + "-".join(map(str, block.index)),
+        name=block_key("predict-block"),
         window=max_in_flight,
         resources=gpu_resources(client),
         volume=volume,
@@ -257,7 +257,7 @@ def run_plan(
     )
     if predictor is None:
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
-    try:
+    with removed_on_failure(plan.output_url):  # no partial prediction left behind
         report = run_prediction(
             client,
             predictor=predictor,
@@ -267,9 +267,6 @@ def run_plan(
             block_shape=plan.block_shape,
             progress=progress,
         )
-    except BaseException:
-        remove_output(plan.output_url)  # no partial prediction left behind
-        raise
     finish_prediction(plan.output_url, {"report": report.to_dict()})
     return report
 
