@@ -47,50 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log progress details (INFO level)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_predict(
-        commands.add_parser(
-            "predict",
-            help="segment a volume with a trained model",
-            description="Predict class probabilities and a segmentation for a whole volume, "
-            "block by block on a Dask cluster (overlap-tile: exact stitching, no seams, "
-            "no blending).",
-        )
-    )
-    _add_train(
-        commands.add_parser(
-            "train",
-            help="train a U-Net on an image volume and its labels",
-            description="Train a U-Net on random tiles of IMAGE with LABELS (weighted soft-max "
-            "cross entropy) and save the model to --out.",
-        )
-    )
-    _add_evaluate(
-        commands.add_parser(
-            "evaluate",
-            help="score a prediction against labels: pixel error, Rand error, VOI, IoU, Dice",
-            description="Score PREDICTION against LABELS slice by slice and for the whole "
-            "volume (ISBI 2012 metrics: pixel error, adapted Rand error, variation of "
-            "information; IoU and Dice of the foreground).",
-        )
-    )
-    _add_weights(
-        commands.add_parser(
-            "weights",
-            help="compute the paper's loss-weight map of a label volume",
-            description="Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS "
-            "(0 = background, cells 1..n, or a binary mask whose connected components are the "
-            "cells) to OUTPUT, block by block on a Dask cluster. Pass OUTPUT to "
-            "`unet-volume train --weights`.",
-        )
-    )
-    _add_convert(
-        commands.add_parser(
-            "convert",
-            help="copy a TIFF stack (or any input) into a chunked Zarr v3 array",
-            description="Copy INPUT into a Zarr v3 array with dims (z, y, x) and its voxel "
-            "size, chunk by chunk, so that prediction blocks read only their own region.",
-        )
-    )
+    for name, add, summary, description in COMMANDS:
+        add(commands.add_parser(name, help=summary, description=description))
     return parser
 
 
@@ -399,6 +357,48 @@ def _fmt(shape: Sequence[int]) -> str:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] = [
+    (
+        "predict",
+        _add_predict,
+        "segment a volume with a trained model",
+        "Predict class probabilities and a segmentation for a whole volume, block by block on "
+        "a Dask cluster (overlap-tile: exact stitching, no seams, no blending).",
+    ),
+    (
+        "train",
+        _add_train,
+        "train a U-Net on an image volume and its labels",
+        "Train a U-Net on random tiles of IMAGE with LABELS (weighted soft-max cross entropy) "
+        "and save the model to --out.",
+    ),
+    (
+        "evaluate",
+        _add_evaluate,
+        "score a prediction against labels: pixel error, Rand error, VOI, IoU, Dice",
+        "Score PREDICTION against LABELS slice by slice and for the whole volume (ISBI 2012 "
+        "metrics: pixel error, adapted Rand error, variation of information; IoU and Dice of "
+        "the foreground).",
+    ),
+    (
+        "weights",
+        _add_weights,
+        "compute the paper's loss-weight map of a label volume",
+        "Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS (0 = background, "
+        "cells 1..n, or a binary mask whose connected components are the cells) to OUTPUT, "
+        "block by block on a Dask cluster. Pass OUTPUT to `unet-volume train --weights`.",
+    ),
+    (
+        "convert",
+        _add_convert,
+        "copy a TIFF stack (or any input) into a chunked Zarr v3 array",
+        "Copy INPUT into a Zarr v3 array with dims (z, y, x) and its voxel size, chunk by "
+        "chunk, so that prediction blocks read only their own region.",
+    ),
+]
+"""Each command: name, the function that adds its options, its --help line and description."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

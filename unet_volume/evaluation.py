@@ -146,14 +146,7 @@ def evaluate(
             )
         z_begin, z_end = check_z_range(z_range, pred.shape[0])
         classes = num_classes or pred.num_classes or true.num_classes or 2
-        planes = (
-            (
-                z,
-                _foreground(pred.read(z), classes, foreground_class),
-                _foreground(true.read(z), classes, foreground_class),
-            )
-            for z in range(z_begin, z_end)
-        )
+        planes = _planes(pred, true, range(z_begin, z_end), classes, foreground_class)
         slices, volume = _score(
             planes, per_slice=per_slice, connectivity=connectivity, seg_background=seg_background
         )
@@ -168,6 +161,18 @@ def evaluate(
         volume,
         slices,
     )
+
+
+def _planes(
+    pred: _Source, true: _Source, zs: range, num_classes: int, foreground_class: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(z, predicted foreground, true foreground)`` for each slice, read one at a time."""
+    for z in zs:
+        yield (
+            z,
+            _foreground(pred.read(z), num_classes, foreground_class),
+            _foreground(true.read(z), num_classes, foreground_class),
+        )
 
 
 def _score(

@@ -209,16 +209,7 @@ def train(
     writes nothing.
     """
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
-    geometry = config.geometry()
-    apron = required_apron(config.augmentation(), geometry.input_shape, ndim=config.model.ndim)
-    sampler = TileSampler(data, geometry, num_classes=config.model.num_classes, apron=_frame(apron))
-    validation = None
-    if config.validation_z_range is not None:
-        validation = TileSampler(
-            data.with_region(config.validation_z_range),
-            geometry,
-            num_classes=config.model.num_classes,
-        )
+    sampler, validation = _samplers(data, config)
     previous = _read_resume(resume, config) if resume is not None else None
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
@@ -230,12 +221,7 @@ def train(
             previous["balance"],
         )
     else:
-        mean, std, counts = estimate_statistics(sampler, rng)
-        normalization = (mean, std)
-        balance = (
-            class_weights(counts) if config.class_balance else np.ones(config.model.num_classes)
-        )
-        model = UNet.from_config(config.unet_config(data.image.channels))
+        model, normalization, balance = _fresh_start(data, sampler, config, rng)
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
     loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
     if previous is not None:
@@ -247,6 +233,28 @@ def train(
         sampler.close()
         if validation is not None:
             validation.close()
+
+
+def _samplers(data: TrainingData, config: TrainConfig) -> tuple[TileSampler, TileSampler | None]:
+    """The training tiles (with the augmentation's apron) and the held-out ones, if any."""
+    geometry = config.geometry()
+    apron = required_apron(config.augmentation(), geometry.input_shape, ndim=config.model.ndim)
+    classes = config.model.num_classes
+    sampler = TileSampler(data, geometry, num_classes=classes, apron=_frame(apron))
+    if config.validation_z_range is None:
+        return sampler, None
+    held_out = data.with_region(config.validation_z_range)
+    return sampler, TileSampler(held_out, geometry, num_classes=classes)
+
+
+def _fresh_start(
+    data: TrainingData, sampler: TileSampler, config: TrainConfig, rng: np.random.Generator
+) -> tuple[UNet, tuple[float, float], np.ndarray]:
+    """A new network, the input normalisation and the class weights, from sampled tiles."""
+    mean, std, counts = estimate_statistics(sampler, rng)
+    classes = config.model.num_classes
+    balance = class_weights(counts) if config.class_balance else np.ones(classes)
+    return UNet.from_config(config.unet_config(data.image.channels)), (mean, std), balance
 
 
 def _frame(apron: tuple[int, ...]) -> tuple[int, int, int]:
