@@ -25,15 +25,17 @@ _MODELS: dict[tuple[str, str, str], UNet] = {}
 class ModelPredictor:
     """A picklable predictor around checkpoint bytes; the network is built once per process.
 
-    Applies the checkpoint's input normalisation, runs the net (a 2D net takes the
-    tile's z slices as its batch), and returns soft-max probabilities as float32
-    (or float64 with ``dtype="float64"``). ``output="logits"`` returns the net's raw
-    class scores instead: with integer weights and inputs every sum in them is exact,
-    which is how the tests prove stitching exact on any CPU (the soft-max's ``exp`` is
-    not exact, and vector math libraries may round it differently).
+    Applies the checkpoint's input normalisation, runs the net (a 2D net takes the tile's z
+    slices as its batch), and returns soft-max probabilities as float32 (or float64 with
+    ``dtype="float64"``). On CUDA, torch runs float32 convolutions in TF32 (10-bit mantissa):
+    tiles and a whole pass then differ by up to ~1e-2 in probability (0.006 measured on an
+    H100). ``output="logits"`` returns the net's raw class scores
+    instead: with integer weights and inputs every sum in them is exact, which is how the tests
+    prove stitching exact on any CPU (and on an H100's cuDNN, in float64); the soft-max's
+    ``exp`` is not exact, and vector math libraries may round it differently.
 
-    ``tta=True`` averages the probabilities over the 8 flips and right-angle turns of
-    the tile in (y, x), as the paper averaged rotated copies. Stitching stays exact:
+    ``tta=True`` averages the probabilities (or logits) over the 8 flips and right-angle turns
+    of the tile in (y, x), as the paper averaged rotated copies. Stitching stays exact:
     every valid input size of a depth-d U-Net has the same phase modulo 2^d, so a
     turned tile's pooling grid sits on one fixed lattice for every tile and for the
     whole volume alike.

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one script for a lent GPU machine (see README, "Tests").
+#
+#   bash benchmarks/gpu_checks.sh [OUTDIR]
+#
+# Uses the machine's own python3 with its CUDA torch. Packages it lacks travel as wheels in
+# .whl/ (downloaded beforehand with `pip download --python-version 3.12 ...`): they go to a
+# private site directory, nothing is installed system-wide. Writes the card, the tests' output
+# and the throughput figures to OUTDIR (default: runs/gpu-checks).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu-checks}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/unet-volume-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/unet-volume-site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), \
+'gpu', torch.cuda.get_device_name())"
+} 2>&1 | tee "$out/card.txt"
+# The engine, checkpoints, the model and training on CUDA: the exactness tests run their
+# float64 passes on the GPU here (ModelPredictor picks CUDA), so they check that cuDNN's
+# float64 kernels keep every integer sum exact too. Flow tests need Prefect: not here.
+timeout 300 python3 -m pytest -p no:cacheprovider -q -o addopts="" -m "not slow" \
+  --durations=8 tests/test_predict.py tests/test_checkpoint.py tests/test_model.py \
+  tests/test_train.py tests/test_weight_volume.py 2>&1 | tee "$out/tests.txt" | tail -30
+timeout 120 python3 benchmarks/predict_throughput.py --repeats 2 2>&1 \
+  | tee "$out/predict_throughput.txt" | tail -8
