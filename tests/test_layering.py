@@ -77,7 +77,7 @@ ALLOWED_IMPORTS = {
     "options": set(),
     "unet_config": {"errors", "options"},
     "predict_config": {"options", "prediction_store"},
-    "train_config": {"errors", "options", "augment", "tiling", "unet_config"},
+    "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
 }
 UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
 

@@ -31,7 +31,14 @@ import numpy as np
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.storage import ArrayLike, Volume, open_volume, opened_array, read_box
+from unet_volume.storage import (
+    ArrayLike,
+    Volume,
+    check_z_range,
+    open_volume,
+    opened_array,
+    read_box,
+)
 from unet_volume.tiling import TileGeometry
 
 
@@ -64,22 +71,13 @@ class TrainingData:
         }
         for name, volume in (("labels", label_volume), *extra.items()):
             _check_same_shape(image_volume, volume, name)
-        z0, z1 = z_range if z_range is not None else (0, image_volume.shape[0])
-        if not 0 <= z0 < z1 <= image_volume.shape[0]:
-            raise InputError(
-                f"z range {z0}:{z1} does not lie within the volume's {image_volume.shape[0]} "
-                f"slices; pass BEGIN:END with 0 <= BEGIN < END <= {image_volume.shape[0]}"
-            )
+        z0, z1 = check_z_range(z_range, image_volume.shape[0])
         region = Box((z0, 0, 0), (z1, *image_volume.shape[1:]))
         return cls(image_volume, label_volume, region, extra.get("weights"), extra.get("mask"))
 
     def with_region(self, z_range: tuple[int, int]) -> TrainingData:
         """The same volumes, another slab of slices (e.g. a held-out validation region)."""
-        z0, z1 = z_range
-        if not 0 <= z0 < z1 <= self.image.shape[0]:
-            raise InputError(
-                f"z range {z0}:{z1} does not lie within the volume's {self.image.shape[0]} slices"
-            )
+        z0, z1 = check_z_range(z_range, self.image.shape[0], what="validation z range")
         return TrainingData(
             self.image,
             self.labels,

@@ -125,19 +125,32 @@ def remove_output(url: str) -> None:
 
 
 def check_z_range(
-    z_range: tuple[int, int] | None, depth: int, *, what: str = "z range"
+    z_range: Sequence[int] | None, depth: int | None, *, what: str = "z range"
 ) -> tuple[int, int]:
     """``z_range`` (half-open; None: all ``depth`` slices) if it is a non-empty part of them.
 
     The one check of every z range (evaluation, training and validation slices, class balance).
+    ``depth=None`` checks the range alone, before any volume is open (a training recipe).
+
+    >>> check_z_range((20, 25), 25), check_z_range(None, 25)
+    ((20, 25), (0, 25))
     """
-    begin, end = z_range if z_range is not None else (0, depth)
-    if not 0 <= begin < end <= depth:
+    if z_range is None and depth is not None:
+        return 0, depth
+    bound = "" if depth is None else f" <= {depth}"
+    values = tuple(z_range) if z_range is not None else ()
+    if (
+        len(values) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        or not 0 <= values[0] < values[1] <= (depth if depth is not None else values[1])
+    ):
+        part = "non-empty part of the volume's" if depth is not None else "non-empty range of"
+        slices = f"{depth} slices" if depth is not None else "slices"
+        shown = ":".join(map(str, values)) if len(values) == 2 else repr(z_range)
         raise InputError(
-            f"{what} {begin}:{end} is not a non-empty part of the volume's {depth} slices; "
-            f"pass BEGIN:END with 0 <= BEGIN < END <= {depth}"
+            f"{what} {shown} is not a {part} {slices}; pass BEGIN:END with 0 <= BEGIN < END{bound}"
         )
-    return int(begin), int(end)
+    return int(values[0]), int(values[1])
 
 
 @contextmanager

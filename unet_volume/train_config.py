@@ -16,6 +16,7 @@ from typing import Any, Literal
 from unet_volume.augment import AugmentConfig
 from unet_volume.errors import InputError
 from unet_volume.options import option
+from unet_volume.storage import check_z_range
 from unet_volume.tiling import TileGeometry
 from unet_volume.unet_config import UNetConfig
 
@@ -116,12 +117,10 @@ class TrainConfig:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate!r}; e.g. 1e-3")
         self._check_stopping()
         object.__setattr__(self, "tile_output", self._checked_tile_output())
-        object.__setattr__(self, "z_range", _checked_z_range(self.z_range, "z_range"))
-        object.__setattr__(
-            self,
-            "validation_z_range",
-            _checked_z_range(self.validation_z_range, "validation_z_range"),
-        )
+        for name in ("z_range", "validation_z_range"):
+            value = getattr(self, name)
+            if value is not None:  # the volume's depth is checked when it is opened
+                object.__setattr__(self, name, check_z_range(value, None, what=name))
 
     def _check_stopping(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -185,12 +184,3 @@ class TrainConfig:
     def unet_config(self, in_channels: int) -> UNetConfig:
         """The network to build for an image of ``in_channels`` channels."""
         return dataclasses.replace(self.model, in_channels=in_channels)
-
-
-def _checked_z_range(value: tuple[int, int] | None, name: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    z = tuple(value)
-    if len(z) != 2 or not all(isinstance(v, int) for v in z) or not 0 <= z[0] < z[1]:
-        raise InputError(f"{name} {z} must be (begin, end) with 0 <= begin < end, e.g. (0, 20)")
-    return (z[0], z[1])
