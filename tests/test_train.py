@@ -289,7 +289,7 @@ def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
             {"tile_output": (1, 10, 10)}, r"\(1, 10, 10\).*\(1, 12, 12\)", id="invalid-tile"
         ),
         pytest.param({"optimizer": "rmsprop"}, "'rmsprop'.*'adam' or 'sgd'", id="optimizer"),
-        pytest.param({"z_range": (3, 3)}, r"z_range 3:3 is not a non-empty range", id="empty-z-range"),
+        pytest.param({"z_range": (3, 3)}, r"z_range 3:3 is not a non-empty", id="empty-z-range"),
         pytest.param({"batch_size": 0}, "batch_size.*>= 1", id="batch-size"),
         pytest.param({"num_classes": 1}, "num_classes.*>= 2", id="one-class"),
         pytest.param({"seed": -1}, "seed must be an int >= 0", id="negative-seed"),
