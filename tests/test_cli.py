@@ -315,11 +315,8 @@ def test_cli_predict_writes_an_xarray_dataset_and_says_how_to_open_it(
     assert str(output) in said and "xr.open_zarr(" in said and "Dask dashboard: " in said
     assert "27 blocks" in said  # 3 x 3 x 3 blocks of 1 x 16 x 16 over 3 x 40 x 36
     ds = xr.open_zarr(output)  # plain xarray, no help from us
-    assert ds.probabilities.dims == ("class", "z", "y", "x") and ds.segmentation.dims == (
-        "z",
-        "y",
-        "x",
-    )
+    assert ds.probabilities.dims == ("class", "z", "y", "x")
+    assert ds.segmentation.dims == ("z", "y", "x")
     assert ds.probabilities.shape == (2, 3, 40, 36)
     assert ds.z.values.tolist() == [0.0, 50.0, 100.0]  # --voxel-size 50,4,4: z in steps of 50 nm
     assert ds.x.values[-1] == 35 * 4.0 and ds.z.attrs["units"] == "nm"

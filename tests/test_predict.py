@@ -205,11 +205,8 @@ def test_predict_output_is_an_xarray_dataset_with_physical_coordinates(
         model, source, tmp_path / "out.zarr", block_shape=(2, 16, 16), client=client
     )
     ds = xr.open_zarr(tmp_path / "out.zarr")  # plain xarray, no help from us
-    assert ds.probabilities.dims == ("class", "z", "y", "x") and ds.segmentation.dims == (
-        "z",
-        "y",
-        "x",
-    )
+    assert ds.probabilities.dims == ("class", "z", "y", "x")
+    assert ds.segmentation.dims == ("z", "y", "x")
     assert ds.probabilities.dtype == np.uint8 and ds.probabilities.shape == (2, 3, 20, 24)
     assert ds.z.values.tolist() == [0.0, 50.0, 100.0] and ds.x.values[-1] == 23 * 4.0
     assert ds.y.attrs["units"] == "nm"
