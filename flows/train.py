@@ -16,7 +16,8 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster import open_client
 from unet_volume.evaluation import EvaluationReport, evaluate
-from unet_volume.predict import PredictOptions, plan_prediction, run_plan
+from unet_volume.predict import plan_prediction, run_plan
+from unet_volume.predict_config import PredictOptions
 from unet_volume.preview import write_preview
 from unet_volume.train import TrainConfig, TrainReport, train
 from unet_volume.train_config import Augment
