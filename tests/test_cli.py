@@ -141,7 +141,14 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(commands.choices) == ["convert", "evaluate", "predict", "train", "weights"]
+    assert sorted(commands.choices) == [
+        "convert",
+        "evaluate",
+        "predict",
+        "status",
+        "train",
+        "weights",
+    ]
     # The commands, each with its one-line help; and the options (-h, -v) of the top level.
     assert_help_explains(
         text, [*commands._choices_actions, *(a for a in parser._actions if a.option_strings)]
@@ -225,7 +232,8 @@ def test_cli_predict_refuses_an_existing_output_and_leaves_it_untouched(
     code = main(["predict", "in.zarr", "out.zarr", "--model", str(model_path), "--no-progress"])
     assert code == EXIT_USAGE
     line = assert_one_error_line(capsys.readouterr().err, "predict")
-    assert "output out.zarr already exists; pass --overwrite" in line
+    assert "output out.zarr already exists and is not a resumable" in line
+    assert "pass --overwrite" in line
     assert snapshot(bad_inputs) == before
 
 
@@ -323,7 +331,7 @@ def test_cli_predict_writes_an_xarray_dataset_and_says_how_to_open_it(
     assert ds.attrs["unet_volume"]["complete"] is True
 
 
-def test_cli_predict_again_needs_overwrite(
+def test_cli_predict_again_on_a_complete_output_says_so_and_changes_nothing(
     client: Client,
     tmp_path: Path,
     volume_path: str,
@@ -335,8 +343,8 @@ def test_cli_predict_again_needs_overwrite(
     assert main(args) == EXIT_OK
     first = snapshot(output)
     capsys.readouterr()
-    assert main(args) == EXIT_USAGE
-    assert "--overwrite" in assert_one_error_line(capsys.readouterr().err, "predict")
+    assert main(args) == EXIT_OK
+    assert "is complete (27 blocks): nothing to do" in capsys.readouterr().out
     assert snapshot(output) == first
     assert main([*args, "--overwrite"]) == EXIT_OK
     again = xr.open_zarr(output)

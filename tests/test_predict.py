@@ -15,7 +15,6 @@ from distributed import Client, get_task_stream
 from unet_volume.checkpoint import checkpoint_bytes, save_model
 from unet_volume.cluster import gpu_resources
 from unet_volume.errors import (
-    BlockError,
     CheckpointError,
     GeometryError,
     InputError,
@@ -291,30 +290,6 @@ def test_predict_bounded_window_of_one_task_gives_the_same_output(
 ) -> None:
     report = crop_probe_run(client, tmp_path, (3, 20, 20), (1, 4, 8), max_in_flight=1)
     assert report.blocks == 3 * 5 * 3
-
-
-class FailingPredictor(CropPredictor):
-    """Fails on tiles that start past y = 8, as a corrupt input chunk or an OOM would."""
-
-    def __call__(self, tile: np.ndarray) -> np.ndarray:
-        if tile[0, 0, 0, 0] > 9 * 20:  # the arange value at (0, 9, 0)
-            raise RuntimeError("simulated failure")
-        return super().__call__(tile)
-
-
-def test_predict_failed_block_names_the_block_and_leaves_no_output(
-    client: Client, tmp_path: Path
-) -> None:
-    from unet_volume.predict import run_plan
-
-    source = write_zarr(tmp_path / "in.zarr", np.arange(400, dtype=np.float32).reshape(1, 20, 20))
-    plan = plan_prediction(
-        tiny_unet(), source, tmp_path / "out.zarr", PredictOptions(block_shape=(1, 4, 4))
-    )
-    failing = FailingPredictor(plan.geometry)
-    with pytest.raises(BlockError, match=r"predict-block-.*simulated failure"):
-        run_plan(plan, client, predictor=failing)
-    assert not (tmp_path / "out.zarr").exists()
 
 
 @pytest.mark.parametrize(

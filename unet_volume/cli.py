@@ -152,7 +152,9 @@ def _client(args: argparse.Namespace) -> AbstractContextManager[Client]:
     logging.getLogger("distributed").setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.workers is not None and args.workers < 1:  # in the CLI's words, not the library's
         raise InputError(f"--workers {args.workers} must be at least 1")
-    return open_client(args.scheduler, args.cluster, n_workers=args.workers)
+    # Workers we start print to our stderr: a failed block is reported once, in one line.
+    quiet = not args.verbose and not args.scheduler
+    return open_client(args.scheduler, args.cluster, n_workers=args.workers, quiet=quiet)
 
 
 def _weights(args: argparse.Namespace) -> None:
@@ -305,23 +307,62 @@ def _predict(args: argparse.Namespace) -> None:
 
     options = options_from(args, PredictOptions)
     plan = plan_prediction(args.model, args.image, args.output, options)
+    existing = plan.existing
+    if existing is not None and existing.complete:
+        print(f"{plan.output_url} is complete ({existing.total} blocks): nothing to do")
+        return
     client = _client(args)  # options checked before anything is said or started
     _say(
         f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a "
         f"{_fmt(plan.volume.shape)} volume; "
         f"tile {_fmt(plan.geometry.input_shape)} -> {_fmt(plan.geometry.output_shape)}"
     )
+    if existing is not None:
+        _say(
+            f"resuming {plan.output_url}: {existing.done} of {existing.total} blocks done, "
+            f"{existing.total - existing.done} to go"
+        )
     with client as active:
         _say(f"Dask dashboard: {active.dashboard_link}")
         report = run_plan(plan, active, progress=not args.no_progress)
+    resumed = f" (and {report.skipped} done before)" if report.skipped else ""
     print(
-        f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
+        f"wrote {report.output_url}: {report.blocks} blocks{resumed}, {report.voxels:,} voxels in "
         f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s)\n"
         "open it with:\n"
         f"    import xarray as xr; ds = xr.open_zarr({report.output_url!r})\n"
         "    # or: from unet_volume import open_prediction; "
         f"ds = open_prediction({report.output_url!r})"
     )
+
+
+def _add_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "output", help="a prediction written (or being written) by `unet-volume predict`"
+    )
+    p.add_argument(
+        "--errors", type=int, default=5, metavar="N", help="show the first N failures (default 5)"
+    )
+    p.set_defaults(run=_status)
+
+
+def _status(args: argparse.Namespace) -> None:
+    from unet_volume.prediction_store import read_status
+
+    status = read_status(args.output)
+    print(status.summary())
+    identity = status.identity
+    if identity:
+        source = identity.get("input", {})
+        print(
+            f"run: model sha256 {str(identity.get('model_sha256'))[:12]}, blocks "
+            f"{_fmt(identity.get('block_shape', []))}, dtype {identity.get('output_dtype')}, "
+            f"input {source.get('url')} {_fmt(source.get('shape', []))}"
+        )
+    for failure in status.failures[: args.errors]:
+        print(f"failed: {failure}")
+    if not status.complete:
+        print("run the same `unet-volume predict` command again to resume")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -389,6 +430,13 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
         "Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS (0 = background, "
         "cells 1..n, or a binary mask whose connected components are the cells) to OUTPUT, "
         "block by block on a Dask cluster. Pass OUTPUT to `unet-volume train --weights`.",
+    ),
+    (
+        "status",
+        _add_status,
+        "how far a prediction got: blocks done, failed and missing, and the first errors",
+        "Print the state of the run writing OUTPUT (done / failed / missing / total blocks), "
+        "the run's identity (model, geometry, dtype, input) and its first failures.",
     ),
     (
         "convert",

@@ -30,7 +30,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from distributed import Client, as_completed, get_worker
+from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
 from unet_volume.errors import BlockError, InputError
@@ -51,6 +51,7 @@ def open_client(
     *,
     n_workers: int | None = None,
     dashboard: bool = True,
+    quiet: bool = False,
 ) -> Iterator[Client]:
     """A Dask client: of the scheduler at ``scheduler``, of a cluster started from a spec, or
     of a fresh LocalCluster, so that every caller finds its workers the same way.
@@ -63,6 +64,8 @@ def open_client(
         n_workers: worker processes (one thread each) of the default LocalCluster; default one
             per core. Only for the LocalCluster: a spec says its own size.
         dashboard: serve the LocalCluster's dashboard (on a free port).
+        quiet: workers log no tracebacks of failed tasks (:class:`QuietTaskErrors`), e.g.
+            when their output is the caller's terminal and the caller reports failures.
 
     The default LocalCluster is closed on exit too.
     """
@@ -78,7 +81,21 @@ def open_client(
     )
     with started, Client(started) as client:
         client.wait_for_workers(1)
+        if quiet:
+            client.register_plugin(QuietTaskErrors())
         yield client
+
+
+class QuietTaskErrors(WorkerPlugin):
+    """Workers keep failed tasks' tracebacks to themselves (the driver reports each block).
+
+    Without it, every failed block prints a multi-line traceback from its worker.
+    """
+
+    name = "unet-volume-quiet-task-errors"
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
 
 
 def _check_cluster_choice(
@@ -119,6 +136,7 @@ def map_bounded(
     name: Callable[[Item], str],
     window: int | None = None,
     resources: Mapping[str, float] | None = None,
+    max_failures: int = 0,
     **kwargs: Any,
 ) -> Iterator[Any]:
     """``function(item, **kwargs)`` as one Dask task per item; yields results as tasks finish.
@@ -126,30 +144,43 @@ def map_bounded(
     At most ``window`` tasks (default: 4 per worker thread) are on the cluster at once, so
     a 10^6-block volume never floods the scheduler, and ``items`` may be a lazy iterator.
     Keys are ``name(item)`` plus a run token (unique per call: Dask must never see the same
-    key with another graph). A failed task cancels the rest and raises :class:`BlockError`
-    naming it. ``resources`` (e.g. ``{"GPU": 1}``) restricts every task to workers that
-    advertise them, and runs as many at once on a worker as its amount allows.
+    key with another graph). Up to ``max_failures`` failed tasks are set aside while the rest
+    carry on; one more cancels what is left. Either way, once it stops, a :class:`BlockError`
+    names every failed task and carries them (``error.failures``: ``(item, exception)``).
+    ``resources`` (e.g. ``{"GPU": 1}``) restricts every task to workers that advertise them,
+    and runs as many at once on a worker as its amount allows.
     """
     run = uuid.uuid4().hex[:8]
     todo = iter(items)
     limit = window or 4 * max(1, sum(client.nthreads().values()))
+    pending: dict[str, Item] = {}
+    failures: list[tuple[Any, BaseException]] = []
 
     def submit(item: Item) -> Any:
-        return client.submit(
+        future = client.submit(
             function, item, key=f"{name(item)}-{run}", pure=False, resources=resources, **kwargs
         )
+        pending[future.key] = item
+        return future
 
     running = as_completed([submit(item) for item in islice(todo, limit)])
     for future in running:
+        item = pending.pop(future.key)
         try:
             result = future.result()
         except Exception as error:
-            client.cancel(list(running.futures))
-            running.clear()
-            raise BlockError(f"block task {future.key} failed: {error}") from error
-        future.release()
+            failures.append((item, error))
+            if len(failures) > max_failures:
+                client.cancel(list(running.futures))
+                running.clear()
+                break
+        else:
+            yield result
+        finally:
+            future.release()
         running.update(submit(item) for item in islice(todo, 1))
-        yield result
+    if failures:
+        raise BlockError(failures, names=[name(item) for item, _ in failures])
 
 
 def gpu_resources(client: Client) -> dict[str, float] | None:

@@ -9,6 +9,11 @@ not know our types.
 
 from __future__ import annotations
 
+import errno
+
+TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT})
+"""I/O errors worth another try: busy or flaky storage, not a missing file or a full disk."""
+
 
 class UnetVolumeError(Exception):
     """Base of every error unet-volume raises deliberately."""
@@ -31,16 +36,42 @@ class OutputExistsError(UnetVolumeError, FileExistsError):
 
 
 class BlockError(UnetVolumeError, RuntimeError):
-    """A block task failed during a run; the message names the block."""
+    """Block tasks failed during a run; the message names them, ``failures`` holds them.
+
+    ``failures`` is a list of ``(item, exception)``: the block (or other task input) and
+    what it raised, for callers that record them.
+    """
+
+    def __init__(
+        self,
+        failures: list[tuple[object, BaseException]],
+        *,
+        names: list[str] | None = None,
+        message: str | None = None,
+    ):
+        self.failures = failures
+        names = names or [str(item) for item, _ in failures]
+        if message is not None:
+            pass
+        elif len(failures) == 1:
+            message = f"block task {names[0]} failed: {failures[0][1]}"
+        else:
+            shown = "; ".join(f"{n}: {error}" for n, (_, error) in zip(names[:3], failures))
+            more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+            message = f"{len(failures)} block tasks failed: {shown}{more}"
+        super().__init__(message)
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether trying again may succeed: a dropped connection or a timeout, as object stores and
-    network file systems have under load, but never an error we raised about the input itself.
+    """Whether trying again may succeed: a dropped connection, a timeout or a busy device, as
+    object stores and network file systems have under load, but never an error we raised
+    about the input itself.
 
     >>> is_transient(ConnectionResetError()), is_transient(InputError("bad shape"))
     (True, False)
     """
-    return isinstance(error, ConnectionError | TimeoutError) and not isinstance(
-        error, UnetVolumeError
-    )
+    if isinstance(error, UnetVolumeError):
+        return False
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS

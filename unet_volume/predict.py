@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,22 +38,24 @@ from unet_volume.checkpoint import (
     read_checkpoint_bytes,
 )
 from unet_volume.cluster import gpu_resources, map_bounded, open_client
-from unet_volume.errors import GeometryError, InputError
+from unet_volume.errors import BlockError, GeometryError, InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.model import UNet
 from unet_volume.predict_config import DEFAULT_BLOCK, DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import (
     OutputDtype,
     PredictionStore,
-    check_output,
     check_output_dtype,
     create_prediction,
+    find_resumable,
     finish_prediction,
     prepare_output,
+    record_failures,
     volume_attrs,
 )
 from unet_volume.predictor import ModelPredictor
-from unet_volume.storage import Volume, absolute, open_volume, removed_on_failure
+from unet_volume.run_record import BlockFailure, RunStatus, done_blocks, fingerprint
+from unet_volume.storage import Volume, absolute, open_volume, with_retries
 from unet_volume.tiling import (
     Block,
     TileGeometry,
@@ -80,6 +82,8 @@ class RunReport:
     seconds: float
     task_seconds: dict[str, float] = field(default_factory=dict)
     """Time summed over block tasks, per stage: ``read``, ``predict``, ``write``."""
+    skipped: int = 0
+    """Blocks done by an earlier run of the same prediction (resumed), not redone."""
 
     @property
     def voxels_per_second(self) -> float:
@@ -116,6 +120,24 @@ def predict_tiles(
     return result
 
 
+def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:
+    """Refuse NaN or Inf in a block's input, naming the block and the first bad voxel.
+
+    Checked per block, as it is read: scanning a terabyte up front would take as long as
+    the run. A network fed NaN predicts NaN everywhere its receptive field reaches.
+    """
+    if data.dtype.kind != "f" or np.isfinite(data).all():
+        return
+    channel, *offset = (int(i) for i in np.argwhere(~np.isfinite(data))[0])
+    voxel = tuple(o + b for o, b in zip(offset, block.read_box.begin))
+    where = "" if volume.box.contains(Box.from_shape((1, 1, 1), begin=voxel)) else " (mirrored)"
+    raise InputError(
+        f"input {volume.url} holds {data[(channel, *offset)]} at voxel (z, y, x) {voxel}{where}, "
+        f"channel {channel}, read by block {block.index} {block.write_box}; replace NaN and Inf "
+        "(e.g. numpy.nan_to_num), then run the same command again"
+    )
+
+
 def predict_block(
     block: Block,
     *,
@@ -124,15 +146,22 @@ def predict_block(
     predictor: Predictor,
     geometry: TileGeometry,
 ) -> dict[str, Any]:
-    """One Dask task: read the block's read box, predict, write its chunks. Returns timings."""
+    """One Dask task: read the block's read box, predict, write its chunks, mark it done.
+
+    Idempotent: a block run twice (a worker died after writing) writes the same chunks.
+    Transient read and write errors are retried; non-finite input fails the block.
+    Returns the block's timings.
+    """
     start = time.perf_counter()
-    data = volume.read(block.read_box)
+    data = with_retries(volume.read, block.read_box)
+    check_finite(data, block, volume)
     read_s = time.perf_counter() - start
     probs = predict_tiles(
         data, block.read_box, block.write_box, predictor=predictor, geometry=geometry
     )
     predict_s = time.perf_counter() - start - read_s
-    store.write(block.write_box, probs)
+    with_retries(store.write, block.write_box, probs)
+    with_retries(store.mark_done, block.index)  # only after the data is stored
     return {
         "index": block.index,
         "voxels": block.write_box.size,
@@ -154,23 +183,30 @@ def run_prediction(
     block_shape: Shape,
     max_in_flight: int | None = None,
     progress: bool = False,
+    skip: Collection[Shape] = (),
+    max_failures: int = 0,
 ) -> RunReport:
-    """Submit one task per block, keeping at most ``max_in_flight`` on the cluster.
+    """Submit one task per block not in ``skip``, keeping at most ``max_in_flight`` running.
 
     A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
     flooding the scheduler; the predictor is scattered once to every worker. When workers
-    advertise a ``GPU`` resource, blocks run only there, one per GPU at a time.
+    advertise a ``GPU`` resource, blocks run only there, one per GPU at a time. Up to
+    ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
+    (its ``failures`` hold the blocks) is raised.
     """
     start = time.perf_counter()
-    total = count_blocks(volume.shape, block_shape)
+    skipped = set(map(tuple, skip))
+    total = count_blocks(volume.shape, block_shape) - len(skipped)
     shared = client.scatter(predictor, broadcast=True, hash=False)
+    blocks = plan_blocks(volume.shape, block_shape, geometry)
     results = map_bounded(
         client,
         predict_block,
-        plan_blocks(volume.shape, block_shape, geometry),
+        (block for block in blocks if block.index not in skipped),
         name=block_key("predict-block"),
         window=max_in_flight,
         resources=gpu_resources(client),
+        max_failures=max_failures,
         volume=volume,
         store=store,
         predictor=shared,
@@ -183,7 +219,8 @@ def run_prediction(
             voxels += result["voxels"]
             stages.update(result["seconds"])
             bar.update(1)
-    return RunReport(store.url, total, voxels, time.perf_counter() - start, dict(stages))
+    seconds = time.perf_counter() - start
+    return RunReport(store.url, total, voxels, seconds, dict(stages), skipped=len(skipped))
 
 
 @dataclass(frozen=True)
@@ -199,6 +236,10 @@ class PredictionPlan:
     output_dtype: OutputDtype
     overwrite: bool
     tta: bool = False
+    max_failures: int = 0
+    identity: dict[str, Any] = field(default_factory=dict)
+    existing: RunStatus | None = None
+    """The run of the same identity found at the output, to resume (None: start anew)."""
 
     @property
     def num_blocks(self) -> int:
@@ -227,10 +268,23 @@ def plan_prediction(
         )
     dtype = check_output_dtype(options.output_dtype)
     shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
-    check_output(str(output), overwrite=options.overwrite)
+    _check_max_failures(options.max_failures)
     output_url = absolute(output)  # workers may not share our working directory
+    identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
+    existing = None if options.overwrite else find_resumable(str(output), output_url, identity)
     return PredictionPlan(
-        checkpoint, info, volume, output_url, shape, geometry, dtype, options.overwrite, options.tta
+        checkpoint,
+        info,
+        volume,
+        output_url,
+        shape,
+        geometry,
+        dtype,
+        options.overwrite,
+        options.tta,
+        options.max_failures,
+        identity,
+        existing,
     )
 
 
@@ -241,11 +295,41 @@ def run_plan(
     progress: bool = False,
     predictor: Predictor | None = None,
 ) -> RunReport:
-    """Create the output, run every block on ``client``, and mark the output complete.
+    """Create (or resume) the output, run its missing blocks on ``client``, mark it complete.
 
-    ``predictor`` replaces the plan's model (e.g. a probe in tests). A failed run
-    removes its output: no partial prediction is left behind.
+    ``predictor`` replaces the plan's model (e.g. a probe in tests). A run that stops early
+    (failed blocks, a killed driver, a lost cluster) keeps every finished block; failed blocks
+    are recorded, and running the same plan again redoes only what is not done.
     """
+    if plan.existing is not None and plan.existing.complete:
+        return RunReport(plan.output_url, 0, 0, 0.0, skipped=plan.existing.total)
+    store, done = _open_store(plan)
+    if predictor is None:
+        predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
+    try:
+        report = run_prediction(
+            client,
+            predictor=predictor,
+            geometry=plan.geometry,
+            volume=plan.volume,
+            store=store,
+            block_shape=plan.block_shape,
+            progress=progress,
+            skip=done,
+            max_failures=plan.max_failures,
+        )
+    except BlockError as error:
+        raise _recorded(plan, error) from error
+    finish_prediction(plan.output_url, {"report": report.to_dict()})
+    return report
+
+
+def _open_store(plan: PredictionPlan) -> tuple[PredictionStore, set[Shape]]:
+    """The output to write: the resumed one with its done blocks, or a new, empty one."""
+    if plan.existing is not None:
+        record_failures(plan.output_url, [])  # failed blocks are tried again
+        store = PredictionStore(plan.output_url, plan.output_dtype)
+        return store, done_blocks(plan.output_url)
     prepare_output(plan.output_url, overwrite=plan.overwrite)
     store = create_prediction(
         plan.output_url,
@@ -255,20 +339,29 @@ def run_plan(
         output_dtype=plan.output_dtype,
         attrs=_run_attrs(plan),
     )
-    if predictor is None:
-        predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
-    with removed_on_failure(plan.output_url):  # no partial prediction left behind
-        report = run_prediction(
-            client,
-            predictor=predictor,
-            geometry=plan.geometry,
-            volume=plan.volume,
-            store=store,
-            block_shape=plan.block_shape,
-            progress=progress,
-        )
-    finish_prediction(plan.output_url, {"report": report.to_dict()})
-    return report
+    return store, set()
+
+
+def _recorded(plan: PredictionPlan, error: BlockError) -> BlockError:
+    """Record the failed blocks in the output; the error that names them and says what next."""
+    failures = sorted(
+        BlockFailure(block.index, str(block.write_box), str(cause))
+        for block, cause in error.failures
+    )
+    record_failures(plan.output_url, failures)
+    done = len(done_blocks(plan.output_url))
+    first = "; ".join(map(str, failures[:3])) + ("; ..." if len(failures) > 3 else "")
+    return BlockError(
+        error.failures,
+        message=f"{len(failures)} block(s) failed: {first}. The {done} finished blocks are kept "
+        f"in {plan.output_url}; fix the cause and run the same command again to resume "
+        "(`unet-volume status OUTPUT` lists the failures)",
+    )
+
+
+def _check_max_failures(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"max_failures must be an int >= 0, got {value!r}; e.g. 10")
 
 
 def predict_volume(
@@ -294,7 +387,9 @@ def predict_volume(
         changes: fields of ``options`` to change, e.g. ``block_shape=(1, 512, 512)``,
             ``output_dtype="float64"`` (``uint8``, ``float16``, ``float32`` or ``float64``).
 
-    Everything is validated before anything is written (:func:`plan_prediction`).
+    Everything is validated before anything is written (:func:`plan_prediction`). An
+    incomplete output of the same run (model, geometry, dtype, input) is resumed: only its
+    missing blocks are computed (:attr:`RunReport.skipped` counts the others).
     """
     plan = plan_prediction(model, image, output, replace(options, **changes))
     with nullcontext(client) if client is not None else open_client() as active:
@@ -329,6 +424,28 @@ def _checkpoint_of(model: UNet | str | Path) -> bytes:
     return read_checkpoint_bytes(model)
 
 
+def run_identity(
+    info: Checkpoint,
+    volume: Volume,
+    block_shape: Shape,
+    geometry: TileGeometry,
+    output_dtype: OutputDtype,
+    *,
+    tta: bool,
+) -> dict[str, Any]:
+    """What makes two runs the same run: only then may one resume the other's output."""
+    return {
+        "model_sha256": info.sha256,
+        "block_shape": list(block_shape),
+        "tile_input_shape": list(geometry.input_shape),
+        "tile_output_shape": list(geometry.output_shape),
+        "halo": list(geometry.halo),
+        "output_dtype": output_dtype,
+        "tta": tta,
+        "input": fingerprint(volume),
+    }
+
+
 def _run_attrs(plan: PredictionPlan) -> dict[str, Any]:
     info, geometry = plan.info, plan.geometry
     return {
@@ -349,4 +466,5 @@ def _run_attrs(plan: PredictionPlan) -> dict[str, Any]:
             "test_time_augmentation": "mean of 8 flips/turns in (y, x)" if plan.tta else None,
         },
         "input": volume_attrs(plan.volume),
+        "identity": plan.identity,
     }

@@ -45,7 +45,16 @@ class PredictOptions:
         "physical voxel size (z, y, x) for the output coordinates (default: read from the input)",
     )
     units: str | None = option(None, "units of the voxel size (default: the input's, else nm)")
-    overwrite: bool = option(False, "replace the output if it exists")
+    overwrite: bool = option(
+        False,
+        "replace the output if it exists; without it, an incomplete output of the same run "
+        "(model, geometry, dtype, input) is resumed, and a complete one is left as it is",
+    )
+    max_failures: int = option(
+        10,
+        "blocks that may fail (bad data) while the rest carry on; one more stops the run. "
+        "Failed blocks are recorded in the output and redone when the run is resumed",
+    )
     tta: bool = option(
         False,
         "test-time augmentation: average over the 8 flips and quarter turns of each tile in "

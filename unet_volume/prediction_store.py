@@ -4,14 +4,17 @@ Layout of ``OUTPUT`` (all arrays carry ``dimension_names``, which is what
 ``xarray.open_zarr`` needs on Zarr v3)::
 
     OUTPUT/
-      zarr.json          group attributes: model, geometry, input, status
+      zarr.json          group attributes: identity, model, geometry, input, complete, failures
       probabilities      (class, z, y, x)  float32 | float16 | uint8 (p * 255, rounded) | float64
       segmentation       (z, y, x)         uint8 argmax of the float probabilities
       class, z, y, x     1-D coordinates: class index; voxel centres in physical units
+      done               (block_z, block_y, block_x) uint8: 1 where a block is written
 
 Chunks are the block grid (one chunk per block and array), so each block task
 writes its own chunks and no two tasks touch the same one. Compression is
-Blosc-zstd with bit-shuffle.
+Blosc-zstd with bit-shuffle. The identity and done markers (:mod:`unet_volume.run_record`)
+let a run resume; an output that is not complete is refused by :func:`open_prediction`
+unless asked for, so missing blocks never pass for zeros.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
@@ -30,6 +33,15 @@ from zarr.codecs import BloscCodec
 
 from unet_volume.errors import InputError, OutputExistsError
 from unet_volume.geometry import Box, Shape
+from unet_volume.run_record import (
+    BlockFailure,
+    RunStatus,
+    block_grid,
+    create_done_markers,
+    done_blocks,
+    identity_differences,
+    mark_done,
+)
 from unet_volume.storage import Volume, exists, remove_output
 
 OutputDtype = Literal["float32", "float16", "uint8", "float64"]
@@ -57,6 +69,10 @@ class PredictionStore:
         segmentation[slices] = np.argmax(probabilities, axis=0).astype(np.uint8)
         stored = cast("zarr.Array[Any]", group["probabilities"])
         stored[(slice(None), *slices)] = encode_probabilities(probabilities, self.output_dtype)
+
+    def mark_done(self, index: Shape) -> None:
+        """Record block ``index`` as done, after :meth:`write` returned (its data is stored)."""
+        mark_done(self.url, index)
 
 
 def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -> np.ndarray:
@@ -136,7 +152,8 @@ def create_prediction(
         )
         centres = np.arange(volume.shape[axis], dtype=np.float64) * spacing
         _write_coordinate(group, name, centres, units)
-    group.attrs.update({ATTRS_KEY: {**attrs, "complete": False}})
+    create_done_markers(group, block_grid(volume.shape, chunks))
+    group.attrs.update({ATTRS_KEY: {**attrs, "complete": False, "failures": []}})
     return PredictionStore(url=url, output_dtype=output_dtype)
 
 
@@ -160,6 +177,54 @@ def finish_prediction(url: str, extra: Mapping[str, Any]) -> None:
     and without its "consolidated metadata" warning.
     """
     _update_run_info(url, {**extra, "complete": True})
+
+
+def record_failures(url: str, failures: Iterable[BlockFailure]) -> None:
+    """Record the blocks that failed for good (the rest of the output stays as it is)."""
+    _update_run_info(url, {"failures": [failure.to_dict() for failure in failures]})
+
+
+def find_resumable(given: str, url: str, identity: Mapping[str, Any]) -> RunStatus | None:
+    """The status of the same run at ``url``, to resume or leave be; None if nothing is there.
+
+    Anything else at ``url`` is refused, naming what differs: another model, geometry, dtype
+    or input would mix two runs' blocks in one output. ``given`` is ``url`` as the user wrote it.
+    """
+    if not exists(url):
+        return None
+    info = run_info(url)
+    if info is None or "identity" not in info:
+        raise OutputExistsError(
+            f"output {given} already exists and is not a resumable unet-volume prediction; "
+            "pass --overwrite (overwrite=True) to replace it, or choose another output path"
+        )
+    differences = identity_differences(info["identity"], identity)
+    if differences:
+        raise OutputExistsError(
+            f"output {given} holds another run ({'; '.join(differences)}); pass --overwrite "
+            "(overwrite=True) to start it anew, or choose another output path"
+        )
+    return read_status(url)
+
+
+def read_status(url: str) -> RunStatus:
+    """How far the run writing the prediction at ``url`` got (done, failed, missing blocks)."""
+    info = run_info(url)
+    if info is None:
+        raise InputError(
+            f"{url} is not a unet-volume prediction; pass the OUTPUT of `unet-volume predict`"
+        )
+    group = zarr.open_group(url, mode="r", zarr_format=3)
+    total = int(np.prod(cast("zarr.Array[Any]", group["done"]).shape))
+    failures = tuple(BlockFailure.from_dict(f) for f in info.get("failures", []))
+    return RunStatus(
+        url,
+        total,
+        len(done_blocks(url)),
+        bool(info.get("complete")),
+        dict(info.get("identity", {})),
+        failures,
+    )
 
 
 def record_provenance(url: str, provenance: Mapping[str, Any]) -> None:
@@ -211,13 +276,31 @@ def run_info(url: str) -> dict[str, Any] | None:
     return dict(info) if isinstance(info, dict) else None
 
 
-def open_prediction(url: str) -> xr.Dataset:
+def open_prediction(url: str, *, allow_incomplete: bool = False) -> xr.Dataset:
     """Open a prediction as an xarray Dataset with dims (class, z, y, x), lazily (dask).
+
+    An incomplete output (a run still going, killed or failed) is refused: its missing
+    blocks would read as zeros. ``allow_incomplete=True`` opens it with a warning; its
+    ``done`` variable (dims ``block_z, block_y, block_x``) then says which blocks hold data.
 
     >>> # ds = open_prediction("out.zarr"); ds.segmentation.sel(z=100.0)
     """
     if not exists(url):
         raise InputError(f"prediction {url} does not exist; run `unet-volume predict` first")
+    info = run_info(url) or {}
+    if not info.get("complete", True):
+        status = read_status(url)
+        if not allow_incomplete:
+            raise InputError(
+                f"prediction {url} is incomplete ({status.done} of {status.total} blocks done, "
+                f"{len(status.failures)} failed): run the same `unet-volume predict` again to "
+                "resume, or pass allow_incomplete=True to read what is there"
+            )
+        warnings.warn(
+            f"{status.summary()}; the `done` variable marks the blocks that hold data",
+            UserWarning,
+            stacklevel=2,
+        )
     group = zarr.open_group(url, mode="r", zarr_format=3)
     consolidated = group.metadata.consolidated_metadata is not None
     with warnings.catch_warnings():

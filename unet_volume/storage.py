@@ -14,11 +14,13 @@ Outputs are Zarr v3 groups that ``xarray.open_zarr`` reads (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import fsspec
 import numpy as np
@@ -27,10 +29,12 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from unet_volume.border import reflect
-from unet_volume.errors import InputError
+from unet_volume.errors import InputError, is_transient
 from unet_volume.geometry import Box, Shape
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ArrayLike(Protocol):
@@ -151,6 +155,23 @@ def check_z_range(
             f"{what} {shown} is not a {part} {slices}; pass BEGIN:END with 0 <= BEGIN < END{bound}"
         )
     return int(values[0]), int(values[1])
+
+
+def with_retries(call: Callable[..., T], *args: Any, attempts: int = 4, delay: float = 0.5) -> T:
+    """``call(*args)``, tried again after transient I/O errors, with doubling delays.
+
+    Object stores and network file systems drop connections and time out under load; a
+    block should not fail for that. Other errors (bad data, a full disk) fail at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return call(*args)
+        except Exception as error:
+            if attempt == attempts - 1 or not is_transient(error):
+                raise
+            log.warning("retrying after a transient error (%s): %s", type(error).__name__, error)
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 @contextmanager

@@ -1,0 +1,177 @@
+"""Runs that survive what happens on clusters: real processes killed, real CLI, bad data.
+
+Each test runs the real thing (a LocalCluster with worker processes, `python -m unet_volume`
+in a subprocess), disturbs it, and checks the output against an undisturbed run, bit for bit:
+every block is deterministic, so a block computed twice writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from distributed import Client, LocalCluster
+
+from unet_volume.checkpoint import save_model
+from unet_volume.cli import main
+from unet_volume.cluster_spec import local_cluster_config
+from unet_volume.model import UNet
+from unet_volume.prediction_store import read_status
+from unet_volume.run_record import done_blocks
+from unet_volume.testing import blob_volume, write_zarr
+
+EXIT_OK, EXIT_USAGE = 0, 2
+# 6 x 48 x 48 voxels in blocks of 1 x 16 x 16: 6 x 3 x 3 = 54 blocks.
+SHAPE, BLOCK = (6, 48, 48), "1,16,16"
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, base_channels=8, depth=2, ndim=2, dropout=0.0)
+    return save_model(net, tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def predict_args(image: str, output: Path, model: Path, *where: str) -> list[str]:
+    return [
+        "predict",
+        image,
+        str(output),
+        "--model",
+        str(model),
+        "--block-shape",
+        BLOCK,
+        "--output-dtype",
+        "float32",
+        "--no-progress",
+        *where,
+    ]
+
+
+def arrays(output: Path) -> dict[str, np.ndarray]:
+    return {name: zarr.open_array(output / name)[...] for name in ("probabilities", "segmentation")}
+
+
+def assert_same_output(got: Path, expected: Path) -> None:
+    for name, values in arrays(expected).items():
+        np.testing.assert_array_equal(arrays(got)[name], values, err_msg=name)
+
+
+def wait_for_done(output: Path, at_least: int, timeout: float = 120.0) -> int:
+    """Poll the done markers until ``at_least`` blocks are done; returns how many are."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = len(done_blocks(str(output))) if (output / "done").exists() else 0
+        if done >= at_least:
+            return done
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} blocks done after {timeout} s")
+
+
+def test_failures_driver_killed_then_the_same_command_resumes_to_the_undisturbed_output(
+    client: Client, tmp_path: Path, model_path: Path
+) -> None:
+    image = write_zarr(tmp_path / "in.zarr", blob_volume(SHAPE))
+    expected, output = tmp_path / "expected.zarr", tmp_path / "out.zarr"
+    on_suite_cluster = ("--scheduler", client.scheduler.address)
+    assert main(predict_args(image, expected, model_path, *on_suite_cluster)) == EXIT_OK
+    # The driver and its LocalCluster (one single-threaded worker: a window of 4 blocks) in
+    # their own process group, killed at once with SIGKILL, as a pre-empted job would be.
+    command = [sys.executable, "-m", "unet_volume", *predict_args(image, output, model_path)]
+    driver = subprocess.Popen(
+        [*command, "--workers", "1"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_done(output, 10)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    done = done_blocks(str(output))
+    assert 10 <= len(done) < 54
+    # Blocks written but not yet marked done were in flight: at most the window.
+    written = {
+        tuple(int(i) for i in p.relative_to(output / "segmentation" / "c").parts)
+        for p in (output / "segmentation" / "c").rglob("*")
+        if p.is_file()
+    }
+    assert len(written - done) <= 4
+    status = read_status(str(output))
+    assert not status.complete and status.missing == 54 - len(done)
+    started = time.perf_counter()
+    assert main(predict_args(image, output, model_path, *on_suite_cluster)) == EXIT_OK
+    print(f"resumed: {54 - len(done)} blocks redone in {time.perf_counter() - started:.1f} s")
+    assert read_status(str(output)).complete
+    assert_same_output(output, expected)
+
+
+def test_failures_worker_killed_mid_run_still_gives_the_undisturbed_output(
+    tmp_path: Path, model_path: Path
+) -> None:
+    image = write_zarr(tmp_path / "in.zarr", blob_volume(SHAPE))
+    expected, output = tmp_path / "expected.zarr", tmp_path / "out.zarr"
+    with (
+        dask_config(),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
+        ) as cluster,
+        Client(cluster) as own,
+    ):
+        where = ("--scheduler", own.scheduler.address)
+        assert main(predict_args(image, expected, model_path, *where)) == EXIT_OK
+        victim = next(iter(own.run(os.getpid).values()))
+
+        def kill_one_worker() -> None:
+            wait_for_done(output, 8)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one_worker)
+        killer.start()
+        assert main(predict_args(image, output, model_path, *where)) == EXIT_OK
+        killer.join()
+        assert victim not in own.run(os.getpid).values()  # it really died
+    assert read_status(str(output)).complete
+    assert_same_output(output, expected)
+
+
+def dask_config():
+    import dask
+
+    return dask.config.set(local_cluster_config())
+
+
+def test_failures_nan_input_fails_its_blocks_in_one_line_and_keeps_the_rest(
+    client: Client, tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = blob_volume(SHAPE).astype(np.float32)
+    data[3, 40, 40] = np.nan  # in block (3, 2, 2); no other block's halo reaches it in z
+    image = write_zarr(tmp_path / "in.zarr", data)
+    output = tmp_path / "out.zarr"
+    args = predict_args(image, output, model_path, "--scheduler", client.scheduler.address)
+    assert main(args) == EXIT_USAGE
+    lines = capsys.readouterr().err.splitlines()
+    error = [line for line in lines if "error:" in line]
+    assert len(error) == 1 and error[0].startswith("unet-volume predict: error: ")
+    assert "holds nan at voxel (z, y, x) (3, 40, 40)" in error[0]
+    assert "finished blocks are kept" in error[0] and "run the same command again" in error[0]
+    status = read_status(str(output))
+    failed = {failure.index for failure in status.failures}
+    # The blocks whose read box holds the voxel: (3, 2, 2) and its in-plane neighbours whose
+    # 20-voxel halo reaches y or x = 40 (from 16:32 they read up to 52).
+    assert failed == {(3, y, x) for y in (1, 2) for x in (1, 2)}
+    assert status.done == 54 - len(failed) and not status.complete
+    assert main(["status", str(output)]) == EXIT_OK
+    said = capsys.readouterr().out
+    assert f"done 50 / failed {len(failed)} / missing 0 / total 54 blocks" in said
+    assert said.count("failed: block (3, ") == 4 and "to resume" in said

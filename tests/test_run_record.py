@@ -1,0 +1,156 @@
+"""Runs that survive: per-block done markers, the run's identity, failures kept, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from distributed import Client
+
+from unet_volume.errors import BlockError, OutputExistsError
+from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
+from unet_volume.predict_config import PredictOptions
+from unet_volume.prediction_store import open_prediction, read_status
+from unet_volume.run_record import done_blocks, identity_differences
+from unet_volume.testing import CropPredictor, integer_unet, write_zarr
+from unet_volume.tiling import TileGeometry
+
+# 1 x 20 x 20 voxels in blocks of 1 x 4 x 4: a 1 x 5 x 5 block grid, 25 blocks.
+SHAPE, BLOCK = (1, 20, 20), (1, 4, 4)
+
+
+class RowsFailPredictor(CropPredictor):
+    """A crop probe that fails on tiles whose output starts at y >= 12, as bad data would.
+
+    On the arange volume the value at (0, y, x) is 20 y + x, so the tile's first output
+    voxel says where it is: blocks of block rows 3 and 4 fail, 2 x 5 = 10 of them.
+    """
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        first = tile[0, 0, self.geometry.halo[1], self.geometry.halo[2]]
+        if first // 20 >= 12:
+            raise RuntimeError("simulated bad data")
+        return super().__call__(tile)
+
+
+def arange_plan(tmp_path: Path, **options: object) -> PredictionPlan:
+    """A plan over the arange volume (written once) into ``out.zarr``."""
+    image = tmp_path / "in.zarr"
+    if not image.exists():
+        write_zarr(image, np.arange(400, dtype=np.float32).reshape(SHAPE))
+    model = integer_unet(depth=2)
+    options = {"block_shape": BLOCK, "output_dtype": "float32", **options}
+    return plan_prediction(model, str(image), tmp_path / "out.zarr", PredictOptions(**options))
+
+
+def probe(plan: PredictionPlan, cls: type[CropPredictor] = CropPredictor) -> CropPredictor:
+    return cls(TileGeometry.for_unet(2, 2, min_output=plan.geometry.output_shape))
+
+
+def test_run_record_failed_blocks_are_recorded_and_finished_blocks_kept(
+    client: Client, tmp_path: Path
+) -> None:
+    plan = arange_plan(tmp_path)
+    with pytest.raises(BlockError, match=r"10 block\(s\) failed: block \(0, 3, 0\)") as info:
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    assert "The 15 finished blocks are kept" in str(info.value)
+    status = read_status(plan.output_url)
+    assert (status.done, len(status.failures), status.missing, status.total) == (15, 10, 0, 25)
+    assert not status.complete
+    assert {f.index for f in status.failures} == {(0, y, x) for y in (3, 4) for x in range(5)}
+    assert "simulated bad data" in status.failures[0].error
+    assert done_blocks(plan.output_url) == {(0, y, x) for y in range(3) for x in range(5)}
+
+
+def test_run_record_stops_after_max_failures_and_leaves_the_rest_missing(
+    client: Client, tmp_path: Path
+) -> None:
+    plan = arange_plan(tmp_path, max_failures=1)
+    with pytest.raises(BlockError, match=r"2 block\(s\) failed"):
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    status = read_status(plan.output_url)
+    assert len(status.failures) == 2 and status.missing > 0
+    assert status.done + len(status.failures) + status.missing == 25
+
+
+def test_run_record_resume_redoes_only_missing_and_failed_blocks(
+    client: Client, tmp_path: Path
+) -> None:
+    failed = arange_plan(tmp_path)
+    with pytest.raises(BlockError):
+        run_plan(failed, client, predictor=probe(failed, RowsFailPredictor))
+    resumed = arange_plan(tmp_path)
+    assert resumed.existing is not None and resumed.existing.done == 15
+    report = run_plan(resumed, client, predictor=probe(resumed))
+    assert (report.blocks, report.skipped) == (10, 15)
+    status = read_status(resumed.output_url)
+    assert status.complete and (status.done, status.failures) == (25, ())
+    probabilities = open_prediction(resumed.output_url).probabilities.values
+    np.testing.assert_array_equal(probabilities[0], np.arange(400).reshape(SHAPE))
+
+
+def test_run_record_a_complete_output_is_left_as_it_is(client: Client, tmp_path: Path) -> None:
+    plan = arange_plan(tmp_path)
+    run_plan(plan, client, predictor=probe(plan))
+    before = (tmp_path / "out.zarr" / "zarr.json").read_bytes()
+    again = arange_plan(tmp_path)
+    report = run_plan(again, client, predictor=probe(again))
+    assert (report.blocks, report.skipped) == (0, 25)
+    assert (tmp_path / "out.zarr" / "zarr.json").read_bytes() == before
+
+
+def test_run_record_incomplete_output_is_refused_unless_asked_for(
+    client: Client, tmp_path: Path
+) -> None:
+    # Missing blocks must never pass for zeros.
+    plan = arange_plan(tmp_path)
+    with pytest.raises(BlockError):
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    with pytest.raises(ValueError, match=r"incomplete \(15 of 25 blocks done, 10 failed\)"):
+        open_prediction(plan.output_url)
+    with pytest.warns(UserWarning, match="done 15 / failed 10 / missing 0 / total 25"):
+        ds = open_prediction(plan.output_url, allow_incomplete=True)
+    assert ds.done.dims == ("block_z", "block_y", "block_x")
+    assert ds.done.values.sum() == 15 and ds.done.values[0, :3].all()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        pytest.param({"output_dtype": "float64"}, "output_dtype: float32, now float64", id="dtype"),
+        pytest.param({"block_shape": (1, 8, 8)}, "block_shape", id="geometry"),
+        pytest.param({"tta": True}, "tta: False, now True", id="tta"),
+    ],
+)
+def test_run_record_another_run_is_refused_naming_what_differs(
+    client: Client, tmp_path: Path, change: dict[str, object], named: str
+) -> None:
+    plan = arange_plan(tmp_path)
+    with pytest.raises(BlockError):
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    with pytest.raises(OutputExistsError, match=named) as info:
+        arange_plan(tmp_path, **change)
+    assert "pass --overwrite" in str(info.value) and "\n" not in str(info.value)
+    fresh = arange_plan(tmp_path, overwrite=True, **change)
+    assert fresh.existing is None
+
+
+def test_run_record_a_changed_input_is_noticed_by_its_sampled_content(
+    client: Client, tmp_path: Path
+) -> None:
+    plan = arange_plan(tmp_path)
+    with pytest.raises(BlockError):
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    image = zarr.open_array(tmp_path / "in.zarr", mode="r+")
+    image[0, 10, 10] = -1.0  # same URL, shape, dtype and chunks: only the content changed
+    with pytest.raises(OutputExistsError, match="input: "):
+        arange_plan(tmp_path)
+
+
+def test_run_record_identity_differences_name_each_field() -> None:
+    before = {"model_sha256": "abc", "tta": False, "input": {"shape": [1, 2, 3]}}
+    assert identity_differences(before, before) == []
+    now = {**before, "model_sha256": "def"}
+    assert identity_differences(before, now) == ["model_sha256: abc, now def"]
