@@ -54,7 +54,7 @@ def ingest_flow(
                         arrival.output,
                         tta=tta,
                         scheduler=address,
-                        overwrite=arrival.reason != "new",
+                        overwrite=arrival.reason == "model changed",  # incomplete: resumed
                     )
                     done.append(
                         {

@@ -66,21 +66,23 @@ def test_output_for_names_the_prediction_after_the_volume(source: str, expected:
 
 
 def test_due_sorts_new_incomplete_finished_and_other_model_volumes(tmp_path: Path) -> None:
-    landing = landing_with(tmp_path, "new.zarr", "half.zarr", "done.zarr", "old.zarr")
-    out = tmp_path / "out"
+    names = ("new.zarr", "half.zarr", "done.zarr", "old.zarr", "old-half.zarr")
+    landing, out = landing_with(tmp_path, *names), tmp_path / "out"
     volumes = find_volumes(str(landing))
-    prediction(
-        str(out / "half.zarr"), str(landing / "half.zarr"), "m1", complete=False
-    )  # an interrupted run
+    # An interrupted run resumes; an interrupted run of another model starts anew.
+    prediction(str(out / "half.zarr"), str(landing / "half.zarr"), "m1", complete=False)
+    prediction(str(out / "old-half.zarr"), str(landing / "old-half.zarr"), "m0", complete=False)
     prediction(str(out / "done.zarr"), str(landing / "done.zarr"), "m1")
     prediction(str(out / "old.zarr"), str(landing / "old.zarr"), "m0")
     assert due(volumes, str(out), "m1") == [
         Arrival(str(landing / "half.zarr"), str(out / "half.zarr"), "incomplete"),
         Arrival(str(landing / "new.zarr"), str(out / "new.zarr"), "new"),
+        Arrival(str(landing / "old-half.zarr"), str(out / "old-half.zarr"), "model changed"),
     ]
     assert [a.reason for a in due(volumes, str(out), "m1", reprocess=True)] == [
         "incomplete",
         "new",
+        "model changed",
         "model changed",
     ]
 

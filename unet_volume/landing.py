@@ -5,8 +5,9 @@ or bucket; the ingest flow runs this scan on a schedule. Which volumes are done 
 from the outputs themselves, never from a side database: a volume is done when its
 prediction exists and is marked complete (``run_info(...)["complete"]``). That makes a
 second scan find nothing to do, survives a lost scheduler database, and lets an
-interrupted run (an output left incomplete) be redone on the next scan. A prediction made
-with another model stays, unless reprocessing is asked for.
+interrupted run (an output left incomplete) resume on the next scan, redoing only its
+missing blocks. A prediction made with another model stays, unless reprocessing is asked
+for; an incomplete one made with another model is started anew.
 
 >>> output_for("/landing/brain-01.tif", "s3://bucket/predictions")
 's3://bucket/predictions/brain-01.zarr'
@@ -107,8 +108,9 @@ def _reason(output: str, model_sha256: str, reprocess: bool) -> Reason | None:
                 "or choose another outputs location"
             )
         return "new"
+    same_model = info.get("model", {}).get("sha256") == model_sha256
     if not info.get("complete"):
-        return "incomplete"
-    if reprocess and info.get("model", {}).get("sha256") != model_sha256:
+        return "incomplete" if same_model else "model changed"
+    if reprocess and not same_model:
         return "model changed"
     return None
