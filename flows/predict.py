@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import PositiveFloat, PositiveInt
 
 from unet_volume.cluster import open_client
-from unet_volume.predict import PredictionPlan, RunReport, plan_prediction, run_plan
+from unet_volume.engine import RunReport
+from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview

@@ -81,7 +81,7 @@ ALLOWED_IMPORTS = {
     "predict_config": {"options", "prediction_store"},
     "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
 }
-UPPER_LAYERS = {"predict", "model", "checkpoint", "train", "cli"}
+UPPER_LAYERS = {"predict", "engine", "model", "checkpoint", "train", "cli"}
 
 
 def test_layering_core_modules_import_without_torch(tmp_path: Path) -> None:

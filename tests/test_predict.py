@@ -14,6 +14,7 @@ from distributed import Client, get_task_stream
 
 from unet_volume.checkpoint import checkpoint_bytes, save_model
 from unet_volume.cluster import gpu_resources
+from unet_volume.engine import Predictor, RunReport, run_prediction
 from unet_volume.errors import (
     CheckpointError,
     GeometryError,
@@ -21,14 +22,8 @@ from unet_volume.errors import (
     OutputExistsError,
 )
 from unet_volume.model import UNet
-from unet_volume.predict import (
-    PredictOptions,
-    Predictor,
-    RunReport,
-    plan_prediction,
-    predict_volume,
-    run_prediction,
-)
+from unet_volume.predict import plan_prediction, predict_volume
+from unet_volume.predict_config import PredictOptions
 from unet_volume.prediction_store import create_prediction, open_prediction
 from unet_volume.predictor import ModelPredictor
 from unet_volume.storage import open_volume

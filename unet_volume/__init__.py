@@ -21,7 +21,7 @@ _LAZY = {
     "save_model": "unet_volume.checkpoint",
     "load_model": "unet_volume.checkpoint",
     "predict_volume": "unet_volume.predict",
-    "RunReport": "unet_volume.predict",
+    "RunReport": "unet_volume.engine",
     "open_prediction": "unet_volume.prediction_store",
     "evaluate": "unet_volume.evaluation",
 }

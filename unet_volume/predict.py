@@ -1,34 +1,22 @@
-"""The overlap-tile prediction engine: one Dask task per output block.
+"""A prediction run into an output: planned, checked, run on the engine, resumed, recorded.
 
-Each block task reads its own read box straight from the input store (mirrored
-outside the volume), runs the predictor tile by tile with tile origins on the
-network's period lattice, and writes its own output chunks. No voxel data goes
-through the scheduler or the client; tasks return a few numbers. Because tiles
-of a valid-convolution U-Net placed on the period lattice compute exactly what
-one whole-volume pass computes, the stitched output has no seams and needs no
-blending (see :mod:`unet_volume.tiling`).
-
-The engine (:func:`predict_block`, :func:`run_prediction`) takes any *predictor*:
-a picklable callable mapping an input tile ``(c, z, y, x)`` to class
-probabilities ``(k, *geometry.output_shape)``. :func:`predict_volume` wraps a
-U-Net checkpoint in a :class:`ModelPredictor`, which builds the network once per
-worker process and keeps it.
+:func:`plan_prediction` checks everything before anything is written (input, model, geometry,
+output) and finds a run of the same identity already at the output, to resume.
+:func:`run_plan` creates or resumes the output and runs its missing blocks on the engine
+(:mod:`unet_volume.engine`); failed blocks are recorded and finished ones kept.
+:func:`predict_volume` does both with a U-Net, wrapped in a :class:`ModelPredictor` that
+builds the network once per worker process and keeps it.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from distributed import Client
-from tqdm.auto import tqdm
 
 from unet_volume import __version__
 from unet_volume.checkpoint import (
@@ -37,9 +25,10 @@ from unet_volume.checkpoint import (
     checkpoint_from_bytes,
     read_checkpoint_bytes,
 )
-from unet_volume.cluster import gpu_resources, map_bounded, open_client
-from unet_volume.errors import BlockError, GeometryError, InputError
-from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.cluster import open_client
+from unet_volume.engine import Predictor, RunReport, run_prediction
+from unet_volume.errors import BlockError, InputError
+from unet_volume.geometry import Shape, ceil_div
 from unet_volume.model import UNet
 from unet_volume.predict_config import DEFAULT_BLOCK, DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import (
@@ -55,172 +44,12 @@ from unet_volume.prediction_store import (
 )
 from unet_volume.predictor import ModelPredictor
 from unet_volume.run_record import BlockFailure, RunStatus, done_blocks, fingerprint
-from unet_volume.storage import Volume, absolute, open_volume, with_retries
+from unet_volume.storage import Volume, absolute, open_volume
 from unet_volume.tiling import (
-    Block,
     TileGeometry,
-    block_key,
     check_block_shape,
     count_blocks,
-    plan_blocks,
-    plan_tiles,
 )
-
-log = logging.getLogger(__name__)
-
-Predictor = Callable[[np.ndarray], np.ndarray]
-"""Input tile ``(c, z, y, x)`` -> probabilities ``(k, *output_shape)``."""
-
-
-@dataclass(frozen=True, slots=True)
-class RunReport:
-    """What a run did: counts and timing, recorded in the output's attributes too."""
-
-    output_url: str
-    blocks: int
-    voxels: int
-    seconds: float
-    task_seconds: dict[str, float] = field(default_factory=dict)
-    """Time summed over block tasks, per stage: ``read``, ``predict``, ``write``."""
-    skipped: int = 0
-    """Blocks done by an earlier run of the same prediction (resumed), not redone."""
-
-    @property
-    def voxels_per_second(self) -> float:
-        return self.voxels / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "voxels_per_second": self.voxels_per_second}
-
-
-def predict_tiles(
-    data: np.ndarray, read_box: Box, write_box: Box, *, predictor: Predictor, geometry: TileGeometry
-) -> np.ndarray:
-    """Probabilities for ``write_box`` from ``data`` (the input over ``read_box``).
-
-    Pure and idempotent: tiles start on the period lattice at ``write_box.begin``;
-    each tile's output is cropped to the write box.
-    """
-    result: np.ndarray | None = None
-    for tile_box in plan_tiles(write_box, geometry):
-        tile_input = data[(slice(None), *geometry.input_box(tile_box).to_slices(read_box.begin))]
-        probs = predictor(tile_input)
-        if tuple(probs.shape[1:]) != geometry.output_shape:
-            raise GeometryError(
-                f"predictor returned shape {probs.shape} for a tile of {tile_input.shape}; "
-                f"expected (classes, *{geometry.output_shape})"
-            )
-        if result is None:
-            result = np.empty((probs.shape[0], *write_box.shape), dtype=probs.dtype)
-        part = tile_box.intersect(write_box)
-        result[(slice(None), *part.to_slices(write_box.begin))] = probs[
-            (slice(None), *part.to_slices(tile_box.begin))
-        ]
-    assert result is not None  # plan_tiles always yields at least one tile
-    return result
-
-
-def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:
-    """Refuse NaN or Inf in a block's input, naming the block and the first bad voxel.
-
-    Checked per block, as it is read: scanning a terabyte up front would take as long as
-    the run. A network fed NaN predicts NaN everywhere its receptive field reaches.
-    """
-    if data.dtype.kind != "f" or np.isfinite(data).all():
-        return
-    channel, *offset = (int(i) for i in np.argwhere(~np.isfinite(data))[0])
-    voxel = tuple(o + b for o, b in zip(offset, block.read_box.begin))
-    where = "" if volume.box.contains(Box.from_shape((1, 1, 1), begin=voxel)) else " (mirrored)"
-    raise InputError(
-        f"input {volume.url} holds {data[(channel, *offset)]} at voxel (z, y, x) {voxel}{where}, "
-        f"channel {channel}, read by block {block.index} {block.write_box}; replace NaN and Inf "
-        "(e.g. numpy.nan_to_num), then run the same command again"
-    )
-
-
-def predict_block(
-    block: Block,
-    *,
-    volume: Volume,
-    store: PredictionStore,
-    predictor: Predictor,
-    geometry: TileGeometry,
-) -> dict[str, Any]:
-    """One Dask task: read the block's read box, predict, write its chunks, mark it done.
-
-    Idempotent: a block run twice (a worker died after writing) writes the same chunks.
-    Transient read and write errors are retried; non-finite input fails the block.
-    Returns the block's timings.
-    """
-    start = time.perf_counter()
-    data = with_retries(volume.read, block.read_box)
-    check_finite(data, block, volume)
-    read_s = time.perf_counter() - start
-    probs = predict_tiles(
-        data, block.read_box, block.write_box, predictor=predictor, geometry=geometry
-    )
-    predict_s = time.perf_counter() - start - read_s
-    with_retries(store.write, block.write_box, probs)
-    with_retries(store.mark_done, block.index)  # only after the data is stored
-    return {
-        "index": block.index,
-        "voxels": block.write_box.size,
-        "seconds": {
-            "read": read_s,
-            "predict": predict_s,
-            "write": time.perf_counter() - start - read_s - predict_s,
-        },
-    }
-
-
-def run_prediction(
-    client: Client,
-    *,
-    predictor: Predictor,
-    geometry: TileGeometry,
-    volume: Volume,
-    store: PredictionStore,
-    block_shape: Shape,
-    max_in_flight: int | None = None,
-    progress: bool = False,
-    skip: Collection[Shape] = (),
-    max_failures: int = 0,
-) -> RunReport:
-    """Submit one task per block not in ``skip``, keeping at most ``max_in_flight`` running.
-
-    A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
-    flooding the scheduler; the predictor is scattered once to every worker. When workers
-    advertise a ``GPU`` resource, blocks run only there, one per GPU at a time. Up to
-    ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
-    (its ``failures`` hold the blocks) is raised.
-    """
-    start = time.perf_counter()
-    skipped = set(map(tuple, skip))
-    total = count_blocks(volume.shape, block_shape) - len(skipped)
-    shared = client.scatter(predictor, broadcast=True, hash=False)
-    blocks = plan_blocks(volume.shape, block_shape, geometry)
-    results = map_bounded(
-        client,
-        predict_block,
-        (block for block in blocks if block.index not in skipped),
-        name=block_key("predict-block"),
-        window=max_in_flight,
-        resources=gpu_resources(client),
-        max_failures=max_failures,
-        volume=volume,
-        store=store,
-        predictor=shared,
-        geometry=geometry,
-    )
-    voxels = 0
-    stages: Counter[str] = Counter()
-    with tqdm(total=total, unit="block", disable=not progress, desc="predict") as bar:
-        for result in results:
-            voxels += result["voxels"]
-            stages.update(result["seconds"])
-            bar.update(1)
-    seconds = time.perf_counter() - start
-    return RunReport(store.url, total, voxels, seconds, dict(stages), skipped=len(skipped))
 
 
 @dataclass(frozen=True)
