@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import zarr
-from distributed import Client
+from distributed import Client, LocalCluster
 
+from unet_volume.cluster_spec import local_cluster_config
 from unet_volume.errors import BlockError, OutputExistsError
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import PredictOptions
@@ -154,3 +158,32 @@ def test_run_record_identity_differences_name_each_field() -> None:
     assert identity_differences(before, before) == []
     now = {**before, "model_sha256": "def"}
     assert identity_differences(before, now) == ["model_sha256: abc, now def"]
+
+
+class CrashingPredictor(CropPredictor):
+    """Kills its own worker process on the tiles of block (0, 4, 4), as an out-of-memory kill."""
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        first = tile[0, 0, self.geometry.halo[1], self.geometry.halo[2]]
+        if first == 16 * 20 + 16:  # the arange value at (0, 16, 16), block (0, 4, 4)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(tile)
+
+
+def test_run_record_a_block_that_kills_its_worker_twice_is_recorded_not_retried_forever(
+    tmp_path: Path,
+) -> None:
+    # allowed-failures 1 (clusters we start): the second death gives the block up.
+    plan = arange_plan(tmp_path)
+    with (
+        dask.config.set(local_cluster_config()),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as own,
+        pytest.raises(BlockError, match=r"1 block\(s\) failed: block \(0, 4, 4\)") as info,
+    ):
+        run_plan(plan, own, predictor=probe(plan, CrashingPredictor))
+    assert "killed its worker twice" in str(info.value) and "smaller --block-shape" in str(
+        info.value
+    )
+    status = read_status(plan.output_url)
+    assert (status.done, len(status.failures)) == (24, 1)

@@ -122,9 +122,11 @@ def _local_options(n_workers: int | None, *, dashboard: bool) -> dict[str, Any]:
         "n_workers": n_workers or os.cpu_count() or 1,
         "threads_per_worker": 1,
         "processes": True,
-        "dashboard_address": ":0" if dashboard else None,
+        # Loopback only: a one-machine cluster opens no port to the network.
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0" if dashboard else None,
         # Without a dashboard the scheduler still serves HTTP: on a free port, not 8787.
-        "scheduler_kwargs": {"dashboard_address": ":0"},
+        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
     }
 
 

@@ -46,11 +46,17 @@ EXTRAS = {"slurm": ("dask-jobqueue", "slurm"), "kubernetes": ("dask-kubernetes",
 
 
 def local_cluster_config() -> dict[str, object]:
-    """Dask settings for clusters we start: keep glibc's dynamic mmap threshold.
+    """Dask settings for clusters we start.
 
-    The nanny's default ``MALLOC_TRIM_THRESHOLD_=65536`` makes torch CPU inference ~40% slower.
+    - Keep glibc's dynamic mmap threshold: the nanny's default ``MALLOC_TRIM_THRESHOLD_=65536``
+      makes torch CPU inference ~40% slower.
+    - A task whose worker dies twice is given up (``KilledWorker``), not retried on every
+      worker in turn: a block that runs out of memory or crashes is recorded as failed.
     """
-    return {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    return {
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+        "distributed.scheduler.allowed-failures": 1,
+    }
 
 
 def start_local_cluster(options: Mapping[str, Any], *, scale: int | None = None) -> Cluster:

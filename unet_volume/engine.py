@@ -15,10 +15,11 @@ the tests use probes. :mod:`unet_volume.predict` plans a run into an output and 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from distributed import Client
@@ -31,6 +32,7 @@ from unet_volume.prediction_store import PredictionStore
 from unet_volume.storage import Volume, with_retries
 from unet_volume.tiling import Block, TileGeometry, block_key, count_blocks, plan_blocks, plan_tiles
 
+T = TypeVar("T")
 Predictor = Callable[[np.ndarray], np.ndarray]
 """Input tile ``(c, z, y, x)`` -> probabilities ``(k, *output_shape)``."""
 
@@ -136,6 +138,21 @@ def predict_block(
     }
 
 
+def _itself(value: T) -> T:
+    return value
+
+
+def _shared(client: Client, predictor: Predictor) -> Any:
+    """The predictor as one task's result, which every block task depends on.
+
+    Not ``client.scatter``: scattered data is lost for good when every worker holding it
+    dies, and then every remaining block fails. A task's result is recomputed from its spec
+    (the predictor's bytes, kept by the scheduler), so workers that die and come back, or
+    workers that join late, get it again.
+    """
+    return client.submit(_itself, predictor, key=f"predictor-{uuid.uuid4().hex[:8]}", pure=False)
+
+
 def run_prediction(
     client: Client,
     *,
@@ -152,7 +169,7 @@ def run_prediction(
     """Submit one task per block not in ``skip``, keeping at most ``max_in_flight`` running.
 
     A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
-    flooding the scheduler; the predictor is scattered once to every worker. When workers
+    flooding the scheduler; the predictor reaches workers once, as :func:`_shared`. When workers
     advertise a ``GPU`` resource, blocks run only there, one per GPU at a time. Up to
     ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
     (its ``failures`` hold the blocks) is raised.
@@ -160,7 +177,7 @@ def run_prediction(
     start = time.perf_counter()
     skipped = set(map(tuple, skip))
     total = count_blocks(volume.shape, block_shape) - len(skipped)
-    shared = client.scatter(predictor, broadcast=True, hash=False)
+    shared = _shared(client, predictor)
     blocks = plan_blocks(volume.shape, block_shape, geometry)
     results = map_bounded(
         client,

@@ -174,7 +174,7 @@ def _open_store(plan: PredictionPlan) -> tuple[PredictionStore, set[Shape]]:
 def _recorded(plan: PredictionPlan, error: BlockError) -> BlockError:
     """Record the failed blocks in the output; the error that names them and says what next."""
     failures = sorted(
-        BlockFailure(block.index, str(block.write_box), str(cause))
+        BlockFailure(block.index, str(block.write_box), _describe(cause))
         for block, cause in error.failures
     )
     record_failures(plan.output_url, failures)
@@ -186,6 +186,16 @@ def _recorded(plan: PredictionPlan, error: BlockError) -> BlockError:
         f"in {plan.output_url}; fix the cause and run the same command again to resume "
         "(`unet-volume status OUTPUT` lists the failures)",
     )
+
+
+def _describe(cause: BaseException) -> str:
+    """A block's error in one line, with what to try where Dask's own words do not say it."""
+    if type(cause).__name__ == "KilledWorker":
+        return (
+            "it killed its worker twice (out of memory, or a crash in native code); "
+            "try a smaller --block-shape or --tile-shape, or workers with more memory"
+        )
+    return " ".join(f"{type(cause).__name__}: {cause}".split())
 
 
 def _check_max_failures(value: int) -> None:

@@ -2,7 +2,7 @@
 
 The prediction engine (:mod:`unet_volume.predict`) accepts any picklable callable
 mapping an input tile ``(c, z, y, x)`` to probabilities ``(k, z', y', x')``. This is
-the one that wraps a trained U-Net: it is scattered once to every Dask worker, and
+the one that wraps a trained U-Net: it reaches every Dask worker once, and
 each worker process builds the network on first use and keeps it for every block.
 """
 
