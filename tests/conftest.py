@@ -61,7 +61,7 @@ def client() -> Iterator[Client]:
             host="127.0.0.1",
             # The scheduler's web server still starts without a dashboard: a free port, so a
             # Dask cluster or benchmark already on 8787 cannot break the suite.
-            scheduler_kwargs={"dashboard_address": ":0"},
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         )
     with cluster, Client(cluster) as client:
         yield client
@@ -74,7 +74,10 @@ def gpu_client() -> Iterator[Client]:
         "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
         "cpu": {"cls": Nanny, "options": {"nthreads": 1}},
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"},
+    }
     with dask.config.set(local_cluster_config()):
         cluster = SpecCluster(workers=workers, scheduler=scheduler)
     with cluster, Client(cluster) as client:

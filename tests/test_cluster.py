@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
+from urllib.parse import urlparse
 
+import psutil
 import pytest
 from distributed import Client, get_worker
 
@@ -125,6 +128,30 @@ def test_open_client_starts_a_local_cluster_and_closes_it_on_exit() -> None:
         assert client.submit(abs, -3).result() == 3
         cluster = client.cluster
     assert cluster is not None and cluster.status.name == "closed"
+
+
+def listening(process: psutil.Process) -> set[tuple[str, int]]:
+    """The TCP (host, port) pairs ``process`` and its children listen on."""
+    found = set()
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            for conn in each.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def test_open_client_local_cluster_listens_on_loopback_only() -> None:
+    # issue 13: nothing we start opens a port to the network unless told to.
+    me = psutil.Process()
+    before = listening(me)
+    with open_client(n_workers=1) as client:
+        opened = listening(me) - before
+        addresses = [client.scheduler.address, *client.scheduler_info()["workers"]]
+        assert all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
+        assert urlparse(client.dashboard_link).hostname == "127.0.0.1"
+    # scheduler, dashboard, worker and nanny (each with its own server): all on loopback
+    assert len(opened) >= 4 and {host for host, _ in opened} == {"127.0.0.1"}, opened
 
 
 def test_open_client_starts_the_cluster_a_spec_describes_and_closes_it(tmp_path: Path) -> None:
