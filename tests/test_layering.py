@@ -57,7 +57,7 @@ ALLOWED_IMPORTS = {
     "border": set(),
     "tiling": {"errors", "geometry"},
     "storage": {"errors", "geometry", "tiling", "border"},
-    "run_record": {"geometry", "storage"},
+    "run_record": {"errors", "geometry", "storage"},
     "prediction_store": {"errors", "geometry", "tiling", "storage", "run_record", "__init__"},
     "metrics": {"errors"},
     "evaluation": {"errors", "storage", "prediction_store", "metrics", "__init__"},

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dask
@@ -17,7 +21,13 @@ from unet_volume.errors import BlockError, OutputExistsError
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import PredictOptions
 from unet_volume.prediction_store import open_prediction, read_status
-from unet_volume.run_record import done_blocks, identity_differences
+from unet_volume.run_record import (
+    Lease,
+    done_blocks,
+    identity_differences,
+    read_lease,
+    write_lease,
+)
 from unet_volume.testing import CropPredictor, integer_unet, write_zarr
 from unet_volume.tiling import TileGeometry
 
@@ -187,3 +197,44 @@ def test_run_record_a_block_that_kills_its_worker_twice_is_recorded_not_retried_
     )
     status = read_status(plan.output_url)
     assert (status.done, len(status.failures)) == (24, 1)
+
+
+def another_run_lease(seconds: float) -> Lease:
+    """The lease of a driver on another machine, expiring in ``seconds``."""
+    return Lease("other-host:4242:cafe0000", time.time() + seconds)
+
+
+def test_run_record_an_output_another_live_run_writes_is_refused_even_with_overwrite(
+    client: Client, tmp_path: Path
+) -> None:
+    plan = arange_plan(tmp_path)
+    with pytest.raises(BlockError):
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    write_lease(plan.output_url, another_run_lease(60))
+    for options in ({}, {"overwrite": True}):
+        with pytest.raises(OutputExistsError, match="being written by another run") as info:
+            arange_plan(tmp_path, **options)
+        assert "host other-host, pid 4242" in str(info.value)
+
+
+def test_run_record_a_lease_left_by_a_stopped_run_is_taken_over_with_a_warning(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plan = arange_plan(tmp_path)
+    with pytest.raises(BlockError):
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    write_lease(plan.output_url, another_run_lease(-1))  # expired a second ago
+    resumed = arange_plan(tmp_path)
+    run_plan(resumed, client, predictor=probe(resumed))
+    assert "taking over the lease of a run that stopped (host other-host" in caplog.text
+    left = read_lease(plan.output_url)
+    assert left is not None and not left.is_alive()  # released when the run ended
+
+
+def test_run_record_a_lease_held_on_this_machine_by_a_dead_process_is_free_at_once() -> None:
+    # A driver killed with SIGKILL cannot release its lease; on its own machine that is seen.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease = Lease(f"{platform.node()}:{dead.pid}:0", time.time() + 60)
+    assert not lease.is_alive()
+    assert Lease(f"{platform.node()}:{os.getpid()}:0", time.time() + 60).is_alive()

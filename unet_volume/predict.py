@@ -43,8 +43,15 @@ from unet_volume.prediction_store import (
     volume_attrs,
 )
 from unet_volume.predictor import ModelPredictor
-from unet_volume.run_record import BlockFailure, RunStatus, done_blocks, fingerprint
-from unet_volume.storage import Volume, absolute, open_volume
+from unet_volume.run_record import (
+    BlockFailure,
+    RunStatus,
+    check_lease_free,
+    done_blocks,
+    fingerprint,
+    held_lease,
+)
+from unet_volume.storage import Volume, absolute, exists, open_volume
 from unet_volume.tiling import (
     TileGeometry,
     check_block_shape,
@@ -100,6 +107,8 @@ def plan_prediction(
     _check_max_failures(options.max_failures)
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
+    if exists(output_url):
+        check_lease_free(output_url, str(output))  # not even --overwrite while another runs
     existing = None if options.overwrite else find_resumable(str(output), output_url, identity)
     return PredictionPlan(
         checkpoint,
@@ -132,35 +141,34 @@ def run_plan(
     """
     if plan.existing is not None and plan.existing.complete:
         return RunReport(plan.output_url, 0, 0, 0.0, skipped=plan.existing.total)
-    store, done = _open_store(plan)
+    if plan.existing is None:
+        _create_output(plan)
     if predictor is None:
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
-    try:
-        report = run_prediction(
-            client,
-            predictor=predictor,
-            geometry=plan.geometry,
-            volume=plan.volume,
-            store=store,
-            block_shape=plan.block_shape,
-            progress=progress,
-            skip=done,
-            max_failures=plan.max_failures,
-        )
-    except BlockError as error:
-        raise _recorded(plan, error) from error
-    finish_prediction(plan.output_url, {"report": report.to_dict()})
+    with held_lease(plan.output_url, plan.output_url):  # one driver writes an output
+        record_failures(plan.output_url, [])  # failed blocks are tried again
+        try:
+            report = run_prediction(
+                client,
+                predictor=predictor,
+                geometry=plan.geometry,
+                volume=plan.volume,
+                store=PredictionStore(plan.output_url, plan.output_dtype),
+                block_shape=plan.block_shape,
+                progress=progress,
+                skip=done_blocks(plan.output_url),
+                max_failures=plan.max_failures,
+            )
+        except BlockError as error:
+            raise _recorded(plan, error) from error
+        finish_prediction(plan.output_url, {"report": report.to_dict()})
     return report
 
 
-def _open_store(plan: PredictionPlan) -> tuple[PredictionStore, set[Shape]]:
-    """The output to write: the resumed one with its done blocks, or a new, empty one."""
-    if plan.existing is not None:
-        record_failures(plan.output_url, [])  # failed blocks are tried again
-        store = PredictionStore(plan.output_url, plan.output_dtype)
-        return store, done_blocks(plan.output_url)
+def _create_output(plan: PredictionPlan) -> None:
+    """A new, empty output (an existing one is removed only with ``overwrite``)."""
     prepare_output(plan.output_url, overwrite=plan.overwrite)
-    store = create_prediction(
+    create_prediction(
         plan.output_url,
         volume=plan.volume,
         num_classes=plan.info.config.num_classes,
@@ -168,7 +176,6 @@ def _open_store(plan: PredictionPlan) -> tuple[PredictionStore, set[Shape]]:
         output_dtype=plan.output_dtype,
         attrs=_run_attrs(plan),
     )
-    return store, set()
 
 
 def _recorded(plan: PredictionPlan, error: BlockError) -> BlockError:

@@ -26,7 +26,14 @@ pre-empted, drivers are killed. So the output itself says how far the run got:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import logging
+import os
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +41,11 @@ import fsspec
 import numpy as np
 import zarr
 
+from unet_volume.errors import OutputExistsError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.storage import Volume, opened_array
+
+log = logging.getLogger(__name__)
 
 DONE = "done"
 """Name of the done-marker array in the output group."""
@@ -171,3 +181,114 @@ class RunStatus:
             f"{self.url}: {state}; done {self.done} / failed {len(self.failures)} / "
             f"missing {self.missing} / total {self.total} blocks"
         )
+
+
+LEASE = "lease"
+"""Name of the lease group in the output: who is writing it, and until when."""
+LEASE_SECONDS = 60.0
+"""How long a lease holds without a refresh; the running driver refreshes it every third."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A run's claim on an output: one driver writes it at a time.
+
+    Held in the attributes of a small ``lease`` group of the output (its own object, so
+    refreshing it never rewrites the output's metadata). A driver killed without releasing
+    it leaves a lease that expires after :data:`LEASE_SECONDS`; the next run takes it over.
+    """
+
+    holder: str
+    expires: float
+
+    @classmethod
+    def mine(cls, seconds: float = LEASE_SECONDS) -> Lease:
+        return cls(f"{platform.node()}:{os.getpid()}:{_RUN_TOKEN}", time.time() + seconds)
+
+    def is_alive(self, now: float | None = None) -> bool:
+        """Unexpired, and, when held on this machine, by a process that still exists.
+
+        A killed driver on this host frees its output at once; one elsewhere, on expiry.
+        """
+        if self.expires <= (time.time() if now is None else now):
+            return False
+        host, pid, _ = [*self.holder.split(":"), "", "", ""][:3]
+        return host != platform.node() or not pid.isdigit() or _process_exists(int(pid))
+
+    def describe(self) -> str:
+        host, pid, _ = [*self.holder.split(":"), "", "", ""][:3]
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.expires))
+        return f"host {host}, pid {pid}, lease until {stamp}"
+
+
+_RUN_TOKEN = uuid.uuid4().hex[:8]
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def read_lease(group_url: str) -> Lease | None:
+    """The lease on the output at ``group_url``, or None if there is none (or it is unreadable)."""
+    try:
+        attrs = zarr.open_group(f"{group_url.rstrip('/')}/{LEASE}", mode="r").attrs
+        return Lease(str(attrs["holder"]), float(attrs["expires"]))
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return None
+
+
+def write_lease(group_url: str, lease: Lease) -> None:
+    group = zarr.open_group(f"{group_url.rstrip('/')}/{LEASE}", mode="a", zarr_format=3)
+    group.attrs.update({"holder": lease.holder, "expires": lease.expires})
+
+
+def check_lease_free(group_url: str, given: str) -> Lease | None:
+    """Refuse an output another live run is writing; return an expired lease to take over.
+
+    ``given`` is the output as the user wrote it, for the message.
+    """
+    lease = read_lease(group_url)
+    if lease is not None and lease.is_alive() and lease.holder != Lease.mine().holder:
+        raise OutputExistsError(
+            f"output {given} is being written by another run ({lease.describe()}); wait for it "
+            "to finish, or, if it was killed, run again once its lease has expired"
+        )
+    return lease if lease is not None and lease.expires > 0 else None
+
+
+@contextmanager
+def held_lease(group_url: str, given: str, *, seconds: float = LEASE_SECONDS) -> Iterator[Lease]:
+    """Hold the output's lease while the body runs, refreshing it every ``seconds / 3``.
+
+    A lease left by a killed run is taken over, with a warning naming it.
+    """
+    left = check_lease_free(group_url, given)
+    if left is not None and left.holder != Lease.mine().holder:
+        log.warning("taking over the lease of a run that stopped (%s)", left.describe())
+    lease = Lease.mine(seconds)
+    write_lease(group_url, lease)
+    stop = threading.Event()
+    refresher = threading.Thread(
+        target=_refresh, args=(group_url, seconds, stop), name="lease", daemon=True
+    )
+    refresher.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        refresher.join()
+        write_lease(group_url, Lease(lease.holder, 0.0))  # released: free at once
+
+
+def _refresh(group_url: str, seconds: float, stop: threading.Event) -> None:
+    while not stop.wait(seconds / 3):
+        try:
+            write_lease(group_url, Lease.mine(seconds))
+        except OSError as error:  # a flaky store: the next refresh may succeed
+            log.warning("could not refresh the lease on %s: %s", group_url, error)
