@@ -79,11 +79,8 @@ def killed_run(args: list[str], output: Path, kill_at: int) -> tuple[float, set,
     seconds = time.perf_counter() - start
     done = done_blocks(str(output))
     chunks = output / "probabilities" / "c"
-    written = {
-        tuple(int(i) for i in p.relative_to(chunks).parts[1:])
-        for p in chunks.rglob("*")
-        if p.is_file()
-    }
+    keys = [p.relative_to(chunks).parts[1:] for p in chunks.rglob("*") if p.is_file()]
+    written = {tuple(map(int, key)) for key in keys if all(part.isdigit() for part in key)}
     return seconds, done, written - done
 
 

@@ -17,7 +17,7 @@ import zarr
 from distributed import Client, LocalCluster
 
 from unet_volume.cluster_spec import local_cluster_config
-from unet_volume.errors import BlockError, OutputExistsError
+from unet_volume.errors import BlockError, OutputExistsError, StallError
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import PredictOptions
 from unet_volume.prediction_store import open_prediction, read_status
@@ -238,3 +238,31 @@ def test_run_record_a_lease_held_on_this_machine_by_a_dead_process_is_free_at_on
     lease = Lease(f"{platform.node()}:{dead.pid}:0", time.time() + 60)
     assert not lease.is_alive()
     assert Lease(f"{platform.node()}:{os.getpid()}:0", time.time() + 60).is_alive()
+
+
+class HangingPredictor(CropPredictor):
+    """Hangs on the tiles of block (0, 2, 2), as a read from a dead network mount would."""
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        if tile[0, 0, self.geometry.halo[1], self.geometry.halo[2]] == 8 * 20 + 8:
+            time.sleep(60)
+        return super().__call__(tile)
+
+
+def test_run_record_a_stalled_run_stops_naming_the_blocks_in_flight_and_their_workers(
+    tmp_path: Path,
+) -> None:
+    plan = arange_plan(tmp_path, stall_after=2.0)
+    with (
+        dask.config.set(local_cluster_config()),
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as own,
+    ):
+        started = time.monotonic()
+        with pytest.raises(StallError, match=r"no block finished for \d+ s") as info:
+            run_plan(plan, own, predictor=probe(plan, HangingPredictor))
+        assert time.monotonic() - started < 30  # stopped, not waited out
+    assert "predict-block-0-2-2-" in str(info.value) and " on tcp://" in str(info.value)
+    status = read_status(plan.output_url)
+    # The others finished and were kept (a block queued behind the hung one may not have run).
+    assert status.done >= 20 and not status.complete

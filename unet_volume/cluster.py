@@ -23,6 +23,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import statistics
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,12 +36,14 @@ from typing import Any, TypeVar
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
-from unet_volume.errors import BlockError, InputError
+from unet_volume.errors import BlockError, InputError, StallError
 
 Item = TypeVar("Item")
 
 log = logging.getLogger(__name__)
 
+STALL_AFTER = 600.0
+"""Seconds without a finished task after which a run stops (unless tasks take longer)."""
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 _TUNED = False
@@ -139,6 +144,7 @@ def map_bounded(
     window: int | None = None,
     resources: Mapping[str, float] | None = None,
     max_failures: int = 0,
+    stall_after: float = STALL_AFTER,
     **kwargs: Any,
 ) -> Iterator[Any]:
     """``function(item, **kwargs)`` as one Dask task per item; yields results as tasks finish.
@@ -149,6 +155,8 @@ def map_bounded(
     key with another graph). Up to ``max_failures`` failed tasks are set aside while the rest
     carry on; one more cancels what is left. Either way, once it stops, a :class:`BlockError`
     names every failed task and carries them (``error.failures``: ``(item, exception)``).
+    If no task finishes for ``stall_after`` seconds (or 10 times the median task, if longer),
+    :class:`StallError` names the tasks in flight and their workers: it never hangs silently.
     ``resources`` (e.g. ``{"GPU": 1}``) restricts every task to workers that advertise them,
     and runs as many at once on a worker as its amount allows.
     """
@@ -157,6 +165,7 @@ def map_bounded(
     limit = window or 4 * max(1, sum(client.nthreads().values()))
     pending: dict[str, Item] = {}
     failures: list[tuple[Any, BaseException]] = []
+    watchdog = StallWatchdog(client, at_least=stall_after)
 
     def submit(item: Item) -> Any:
         future = client.submit(
@@ -166,23 +175,86 @@ def map_bounded(
         return future
 
     running = as_completed([submit(item) for item in islice(todo, limit)])
-    for future in running:
-        item = pending.pop(future.key)
-        try:
-            result = future.result()
-        except Exception as error:
-            failures.append((item, error))
-            if len(failures) > max_failures:
-                client.cancel(list(running.futures))
-                running.clear()
+    with watchdog.watching(running):
+        for future in running:
+            if watchdog.stalled:
                 break
-        else:
-            yield result
-        finally:
-            future.release()
-        running.update(submit(item) for item in islice(todo, 1))
+            watchdog.finished()
+            item = pending.pop(future.key)
+            try:
+                result = future.result()
+            except Exception as error:
+                failures.append((item, error))
+                if len(failures) > max_failures:
+                    client.cancel(list(running.futures))
+                    running.clear()
+                    break
+            else:
+                yield result
+            finally:
+                future.release()
+            running.update(submit(item) for item in islice(todo, 1))
+    if watchdog.stalled:
+        raise StallError(watchdog.stalled)
     if failures:
         raise BlockError(failures, names=[name(item) for item, _ in failures])
+
+
+class StallWatchdog:
+    """Stops a run in which no task has finished for far longer than tasks take.
+
+    A hung read (a dead NFS mount), a deadlocked worker or a scheduler that lost its workers
+    would otherwise wait forever. The limit is ``at_least`` seconds, or ``factor`` times the
+    median time between finishes, whichever is longer. On a stall it records which tasks were
+    in flight on which workers (:attr:`stalled`) and cancels them, which ends the iteration.
+    """
+
+    def __init__(self, client: Client, *, at_least: float, factor: float = 10.0) -> None:
+        self.client, self.at_least, self.factor = client, at_least, factor
+        self.stalled: str | None = None
+        self._last = time.monotonic()
+        self._gaps: list[float] = []
+
+    def finished(self) -> None:
+        now = time.monotonic()
+        self._gaps = [*self._gaps[-999:], now - self._last]
+        self._last = now
+
+    def limit(self) -> float:
+        typical = statistics.median(self._gaps) if self._gaps else 0.0
+        return max(self.at_least, self.factor * typical)
+
+    @contextmanager
+    def watching(self, running: as_completed) -> Iterator[None]:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._watch, args=(running, stop), name="stall-watchdog", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _watch(self, running: as_completed, stop: threading.Event) -> None:
+        while not stop.wait(min(self.limit() / 4, 5.0)):
+            idle = time.monotonic() - self._last
+            if idle > self.limit():
+                futures = list(running.futures)
+                self.stalled = self._describe(futures, idle)
+                self.client.cancel(futures)
+                return
+
+    def _describe(self, futures: list[Any], idle: float) -> str:
+        where = {key: worker for worker, keys in self.client.processing().items() for key in keys}
+        shown = ", ".join(f"{f.key} on {where.get(f.key, 'no worker')}" for f in futures[:5])
+        more = f" and {len(futures) - 5} more" if len(futures) > 5 else ""
+        return (
+            f"no block finished for {idle:.0f} s (limit {self.limit():.0f} s); in flight: "
+            f"{shown}{more}. Look at those workers (dashboard, logs); finished blocks are kept, "
+            "so run the same command again to resume"
+        )
 
 
 def gpu_resources(client: Client) -> dict[str, float] | None:

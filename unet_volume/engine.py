@@ -25,7 +25,7 @@ import numpy as np
 from distributed import Client
 from tqdm.auto import tqdm
 
-from unet_volume.cluster import gpu_resources, map_bounded
+from unet_volume.cluster import STALL_AFTER, gpu_resources, map_bounded
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.prediction_store import PredictionStore
@@ -165,6 +165,7 @@ def run_prediction(
     progress: bool = False,
     skip: Collection[Shape] = (),
     max_failures: int = 0,
+    stall_after: float = STALL_AFTER,
 ) -> RunReport:
     """Submit one task per block not in ``skip``, keeping at most ``max_in_flight`` running.
 
@@ -172,7 +173,8 @@ def run_prediction(
     flooding the scheduler; the predictor reaches workers once, as :func:`_shared`. When workers
     advertise a ``GPU`` resource, blocks run only there, one per GPU at a time. Up to
     ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
-    (its ``failures`` hold the blocks) is raised.
+    (its ``failures`` hold the blocks) is raised; a run in which no block finishes for
+    ``stall_after`` seconds stops with :class:`~unet_volume.errors.StallError`.
     """
     start = time.perf_counter()
     skipped = set(map(tuple, skip))
@@ -187,6 +189,7 @@ def run_prediction(
         window=max_in_flight,
         resources=gpu_resources(client),
         max_failures=max_failures,
+        stall_after=stall_after,
         volume=volume,
         store=store,
         predictor=shared,

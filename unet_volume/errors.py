@@ -62,6 +62,10 @@ class BlockError(UnetVolumeError, RuntimeError):
         super().__init__(message)
 
 
+class StallError(UnetVolumeError, TimeoutError):
+    """No block finished for far longer than blocks take; the message names those in flight."""
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether trying again may succeed: a dropped connection, a timeout or a busy device, as
     object stores and network file systems have under load, but never an error we raised

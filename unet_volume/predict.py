@@ -73,6 +73,7 @@ class PredictionPlan:
     overwrite: bool
     tta: bool = False
     max_failures: int = 0
+    stall_after: float = 600.0
     identity: dict[str, Any] = field(default_factory=dict)
     existing: RunStatus | None = None
     """The run of the same identity found at the output, to resume (None: start anew)."""
@@ -104,7 +105,7 @@ def plan_prediction(
         )
     dtype = check_output_dtype(options.output_dtype)
     shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
-    _check_max_failures(options.max_failures)
+    _check_run_limits(options)
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
     if exists(output_url):
@@ -121,6 +122,7 @@ def plan_prediction(
         options.overwrite,
         options.tta,
         options.max_failures,
+        options.stall_after,
         identity,
         existing,
     )
@@ -158,6 +160,7 @@ def run_plan(
                 progress=progress,
                 skip=done_blocks(plan.output_url),
                 max_failures=plan.max_failures,
+                stall_after=plan.stall_after,
             )
         except BlockError as error:
             raise _recorded(plan, error) from error
@@ -205,9 +208,12 @@ def _describe(cause: BaseException) -> str:
     return " ".join(f"{type(cause).__name__}: {cause}".split())
 
 
-def _check_max_failures(value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"max_failures must be an int >= 0, got {value!r}; e.g. 10")
+def _check_run_limits(options: PredictOptions) -> None:
+    failures, stall = options.max_failures, options.stall_after
+    if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+        raise InputError(f"max_failures must be an int >= 0, got {failures!r}; e.g. 10")
+    if isinstance(stall, bool) or not isinstance(stall, int | float) or not stall > 0:
+        raise InputError(f"stall_after must be a number of seconds > 0, got {stall!r}; e.g. 600")
 
 
 def predict_volume(

@@ -50,6 +50,11 @@ class PredictOptions:
         "replace the output if it exists; without it, an incomplete output of the same run "
         "(model, geometry, dtype, input) is resumed, and a complete one is left as it is",
     )
+    stall_after: float = option(
+        600.0,
+        "seconds without a finished block (or 10 times the usual gap, if longer) after which "
+        "the run stops with an error naming the blocks in flight and their workers",
+    )
     max_failures: int = option(
         10,
         "blocks that may fail (bad data) while the rest carry on; one more stops the run. "

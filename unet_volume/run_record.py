@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import threading
 import time
 import uuid
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 DONE = "done"
 """Name of the done-marker array in the output group."""
 BLOCK_DIMS = ("block_z", "block_y", "block_x")
+DONE_KEY = re.compile(r"c\.\d+\.\d+\.\d+")
 SAMPLE = (1, 256, 256)
 """Shape of each region of the input hashed into its fingerprint (z, y, x)."""
 
@@ -135,7 +137,8 @@ def done_blocks(group_url: str) -> set[Shape]:
     found = set()
     for name in names:
         key = str(name).rstrip("/").rsplit("/", 1)[-1]
-        if key.startswith("c."):
+        # c.3.0.7; a store writing atomically lists its temporary files too (c.3.0.7.<uuid>)
+        if DONE_KEY.fullmatch(key):
             found.add(tuple(int(i) for i in key[2:].split(".")))
     return found
 
