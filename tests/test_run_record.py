@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import signal
@@ -252,12 +253,15 @@ class HangingPredictor(CropPredictor):
 def test_run_record_a_stalled_run_stops_naming_the_blocks_in_flight_and_their_workers(
     tmp_path: Path,
 ) -> None:
-    plan = arange_plan(tmp_path, stall_after=2.0)
+    plan = arange_plan(tmp_path, stall_after=4.0)
     with (
         dask.config.set(local_cluster_config()),
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
         Client(cluster) as own,
     ):
+        # Warm workers (the engine imported) so that only the hung block can stall, even on
+        # a busy machine: the first blocks of a cold worker may take seconds.
+        own.run(importlib.import_module, "unet_volume.engine")
         started = time.monotonic()
         with pytest.raises(StallError, match=r"no block finished for \d+ s") as info:
             run_plan(plan, own, predictor=probe(plan, HangingPredictor))
