@@ -21,9 +21,10 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
-from unet_volume.checkpoint import save_model
+from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.cli import main
 from unet_volume.cluster_spec import local_cluster_config
+from unet_volume.errors import UnetVolumeError
 from unet_volume.model import UNet
 from unet_volume.prediction_store import read_status
 from unet_volume.run_record import done_blocks
@@ -174,3 +175,54 @@ def test_failures_nan_input_fails_its_blocks_in_one_line_and_keeps_the_rest(
     said = capsys.readouterr().out
     assert f"done 50 / failed {len(failed)} / missing 0 / total 54 blocks" in said
     assert said.count("failed: block (3, ") == 4 and "to resume" in said
+
+
+def checkpoint_steps(path: Path) -> int:
+    """Training steps the checkpoint at ``path`` holds; 0 while there is none (or half a one)."""
+    try:
+        return int(read_checkpoint(path).metadata["training"]["steps"])
+    except (UnetVolumeError, OSError, KeyError):
+        return 0
+
+
+def test_failures_training_killed_mid_run_resumes_from_its_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = blob_volume((4, 48, 48))
+    labels = (image > 120).astype(np.uint8)
+    paths = [write_zarr(tmp_path / "i.zarr", image), write_zarr(tmp_path / "l.zarr", labels)]
+    out = tmp_path / "model.pt"
+    args = [
+        "train", *paths, "--out", str(out), "--steps", "40", "--minutes", "30",
+        "--checkpoint-every", "5", "--depth", "2", "--base-channels", "4",
+        "--tile-output", "1,12,12", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "unet_volume", *args],
+        start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while checkpoint_steps(out) < 10 and time.monotonic() < deadline:
+            assert trainer.poll() is None, "training finished before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=30)
+    saved = checkpoint_steps(out)
+    assert 10 <= saved < 40
+    before = losses(out)  # the curve in the last state file the killed run wrote
+    assert main([*args, "--resume", str(out)]) == EXIT_OK
+    assert "trained 40 steps" in capsys.readouterr().out
+    assert checkpoint_steps(out) == 40
+    after = losses(out)
+    assert len(after) == 40 and after[: len(before)] == before  # continued, not started over
+
+
+def losses(model: Path) -> list[float]:
+    state = torch.load(model.with_name(model.name + ".state.pt"), weights_only=True)
+    return list(state["curve"]["losses"])
