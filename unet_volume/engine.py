@@ -25,6 +25,7 @@ import numpy as np
 from distributed import Client
 from tqdm.auto import tqdm
 
+from unet_volume.border import reflect
 from unet_volume.cluster import STALL_AFTER, gpu_resources, map_bounded
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape
@@ -94,10 +95,11 @@ def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:
     if data.dtype.kind != "f" or np.isfinite(data).all():
         return
     channel, *offset = (int(i) for i in np.argwhere(~np.isfinite(data))[0])
-    voxel = tuple(o + b for o, b in zip(offset, block.read_box.begin))
-    where = "" if volume.box.contains(Box.from_shape((1, 1, 1), begin=voxel)) else " (mirrored)"
+    # The read box reaches past the volume, mirrored: name the voxel as it is stored.
+    read = (o + b for o, b in zip(offset, block.read_box.begin))
+    voxel = tuple(int(reflect(np.array([r]), n)[0]) for r, n in zip(read, volume.shape))
     raise InputError(
-        f"input {volume.url} holds {data[(channel, *offset)]} at voxel (z, y, x) {voxel}{where}, "
+        f"input {volume.url} holds {data[(channel, *offset)]} at voxel (z, y, x) {voxel}, "
         f"channel {channel}, read by block {block.index} {block.write_box}; replace NaN and Inf "
         "(e.g. numpy.nan_to_num), then run the same command again"
     )

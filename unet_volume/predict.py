@@ -51,7 +51,7 @@ from unet_volume.run_record import (
     fingerprint,
     held_lease,
 )
-from unet_volume.storage import Volume, absolute, exists, open_volume
+from unet_volume.storage import Volume, absolute, exists, open_volume, removed_on_failure
 from unet_volume.tiling import (
     TileGeometry,
     check_block_shape,
@@ -169,16 +169,27 @@ def run_plan(
 
 
 def _create_output(plan: PredictionPlan) -> None:
-    """A new, empty output (an existing one is removed only with ``overwrite``)."""
+    """A new, empty output (an existing one is removed only with ``overwrite``).
+
+    A location that cannot be written (read-only, not a folder, full) is refused in one line,
+    and whatever part of the output was created is removed again.
+    """
     prepare_output(plan.output_url, overwrite=plan.overwrite)
-    create_prediction(
-        plan.output_url,
-        volume=plan.volume,
-        num_classes=plan.info.config.num_classes,
-        block_shape=plan.block_shape,
-        output_dtype=plan.output_dtype,
-        attrs=_run_attrs(plan),
-    )
+    try:
+        with removed_on_failure(plan.output_url):
+            create_prediction(
+                plan.output_url,
+                volume=plan.volume,
+                num_classes=plan.info.config.num_classes,
+                block_shape=plan.block_shape,
+                output_dtype=plan.output_dtype,
+                attrs=_run_attrs(plan),
+            )
+    except OSError as error:
+        raise InputError(
+            f"output {plan.output_url} cannot be created ({type(error).__name__}: "
+            f"{error.strerror or error}); choose a location you can write to"
+        ) from error
 
 
 def _recorded(plan: PredictionPlan, error: BlockError) -> BlockError:

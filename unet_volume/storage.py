@@ -94,14 +94,51 @@ class Volume:
     def read(self, box: Box) -> np.ndarray:
         """Read a spatial box, mirrored outside the volume: ``(channels, *box.shape)``.
 
-        Only the chunks (TIFF pages) the box touches are read.
+        Only the chunks (TIFF pages) the box touches are read. A chunk that cannot be decoded
+        (corrupt, truncated) is named in an :class:`InputError`; transient errors pass as they
+        are, to be retried.
         """
         with opened_array(self.url, self.kind) as array:
-            return read_box(array, box)
+            try:
+                return read_box(array, box)
+            except Exception as error:
+                if is_transient(error) or isinstance(error, InputError):
+                    raise
+                raise InputError(
+                    f"input {self.url} cannot be read in {box}: {_bad_chunk(array, box, error)}; "
+                    "replace it (copy or convert the input again), then run the same command again"
+                ) from error
 
     @property
     def box(self) -> Box:
         return Box.from_shape(self.shape)
+
+
+def _bad_chunk(array: Any, box: Box, error: Exception) -> str:
+    """Which chunk of ``array`` in ``box`` fails to read, and why (on the error path only)."""
+    shape = tuple(array.shape[-box.ndim :])
+    spatial = Box.from_shape(shape)
+    chunks = tuple(getattr(array, "chunks", array.shape))[-box.ndim :]
+    lead = len(array.shape) - box.ndim
+    # The voxels read_box reads: the box, mirrored into the volume.
+    indices = [reflect(np.arange(b, e), n) for b, e, n in zip(box.begin, box.end, shape)]
+    window = Box(tuple(int(i.min()) for i in indices), tuple(int(i.max()) + 1 for i in indices))
+    for _, chunk in window.snap(chunks).grid(chunks):
+        part = chunk.intersect(spatial)
+        try:
+            np.asarray(array[(Ellipsis, *part.to_slices())])
+        except Exception as cause:
+            coords = tuple(b // c for b, c in zip(part.begin, chunks))
+            key = _chunk_key(array, (0,) * lead + coords)
+            return f"chunk {coords}{key} is damaged ({type(cause).__name__}: {cause})"
+    return f"{type(error).__name__}: {error}"
+
+
+def _chunk_key(array: Any, coords: tuple[int, ...]) -> str:
+    try:
+        return f" (key {array.metadata.encode_chunk_key(coords)})"
+    except (AttributeError, TypeError, ValueError):
+        return ""
 
 
 def is_tiff(url: str) -> bool:
