@@ -23,7 +23,7 @@ from unet_volume.cli import main
 from unet_volume.model import UNet
 from unet_volume.prediction_store import read_status
 from unet_volume.run_record import Lease, write_lease
-from unet_volume.testing import blob_labels, blob_volume, write_zarr
+from unet_volume.testing import blob_labels, blob_volume, snapshot, write_zarr
 
 EXIT_USAGE = 2
 SHAPE = (3, 40, 36)  # blocks of 1 x 16 x 16: 27
@@ -206,14 +206,6 @@ CASES: list[tuple[str, Callable[[dict[str, str], Path], list[str]], str]] = [
 ]
 
 
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {
-        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 def one_error_line(stderr: str, command: str) -> str:
     """The one error line; progress lines (blocks, dashboard) may come before it, no traceback."""
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
@@ -240,14 +232,20 @@ def test_bad_input_before_a_run_is_one_line_exit_2_and_changes_nothing(
     assert not (tmp_path / "payload-ran").exists()  # the pickle's code never ran
 
 
+def nan_image(root: Path) -> str:
+    """The image with a NaN at (1, 20, 20): its slice-1 blocks fail while running."""
+    data = blob_volume(SHAPE).astype(np.float32)
+    data[1, 20, 20] = np.nan
+    return write_zarr(root / "nan.zarr", data)
+
+
 def test_bad_input_an_output_another_live_run_writes_is_refused(
     client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = setup_files(tmp_path)
-    data = blob_volume(SHAPE).astype(np.float32)
-    data[1, 20, 20] = np.nan
-    nan_image = write_zarr(tmp_path / "nan.zarr", data)
-    args = predict(files, tmp_path, "--scheduler", client.scheduler.address, image=nan_image)
+    args = predict(
+        files, tmp_path, "--scheduler", client.scheduler.address, image=nan_image(tmp_path)
+    )
     assert main(args) == EXIT_USAGE  # the NaN blocks fail; the others are kept
     write_lease(str(tmp_path / "out.zarr"), Lease("other-host:1:x", time.time() + 60))
     capsys.readouterr()
@@ -286,12 +284,11 @@ def test_bad_input_an_input_changed_between_a_run_and_its_resume_is_refused(
     client: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = setup_files(tmp_path)
-    data = blob_volume(SHAPE).astype(np.float32)
-    data[1, 20, 20] = np.nan
-    image = write_zarr(tmp_path / "nan.zarr", data)
+    image = nan_image(tmp_path)
     args = predict(files, tmp_path, "--scheduler", client.scheduler.address, image=image)
     assert main(args) == EXIT_USAGE
-    zarr.open_array(tmp_path / "nan.zarr", mode="r+")[...] = np.nan_to_num(data)  # fixed in place
+    fixed = np.nan_to_num(zarr.open_array(image)[...])
+    zarr.open_array(image, mode="r+")[...] = fixed  # fixed in place: another input
     capsys.readouterr()
     assert main(args) == EXIT_USAGE
     line = one_error_line(capsys.readouterr().err, "predict")

@@ -29,7 +29,7 @@ from unet_volume.checkpoint import load_model, save_model
 from unet_volume.cli import build_parser, main, weight_map_config_from
 from unet_volume.model import UNet
 from unet_volume.predict import predict_volume
-from unet_volume.testing import blob_volume
+from unet_volume.testing import blob_volume, snapshot
 
 EXIT_OK, EXIT_USAGE = 0, 2
 SUBPROCESS_TIMEOUT_S = 120
@@ -60,15 +60,6 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=SUBPROCESS_TIMEOUT_S,
         check=False,
     )
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``root``: its bytes and modification time, to show nothing was touched."""
-    return {
-        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def assert_one_error_line(stderr: str, command: str) -> str:

@@ -64,6 +64,14 @@ def probe(plan: PredictionPlan, cls: type[CropPredictor] = CropPredictor) -> Cro
     return cls(TileGeometry.for_unet(2, 2, min_output=plan.geometry.output_shape))
 
 
+def failed_run(client: Client, tmp_path: Path) -> PredictionPlan:
+    """A run whose block rows 3 and 4 failed: 15 of 25 blocks done, 10 failed."""
+    plan = arange_plan(tmp_path)
+    with pytest.raises(BlockError):
+        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    return plan
+
+
 def test_run_record_failed_blocks_are_recorded_and_finished_blocks_kept(
     client: Client, tmp_path: Path
 ) -> None:
@@ -93,9 +101,7 @@ def test_run_record_stops_after_max_failures_and_leaves_the_rest_missing(
 def test_run_record_resume_redoes_only_missing_and_failed_blocks(
     client: Client, tmp_path: Path
 ) -> None:
-    failed = arange_plan(tmp_path)
-    with pytest.raises(BlockError):
-        run_plan(failed, client, predictor=probe(failed, RowsFailPredictor))
+    failed_run(client, tmp_path)
     resumed = arange_plan(tmp_path)
     assert resumed.existing is not None and resumed.existing.done == 15
     report = run_plan(resumed, client, predictor=probe(resumed))
@@ -120,9 +126,7 @@ def test_run_record_incomplete_output_is_refused_unless_asked_for(
     client: Client, tmp_path: Path
 ) -> None:
     # Missing blocks must never pass for zeros.
-    plan = arange_plan(tmp_path)
-    with pytest.raises(BlockError):
-        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    plan = failed_run(client, tmp_path)
     with pytest.raises(ValueError, match=r"incomplete \(15 of 25 blocks done, 10 failed\)"):
         open_prediction(plan.output_url)
     with pytest.warns(UserWarning, match="done 15 / failed 10 / missing 0 / total 25"):
@@ -142,9 +146,7 @@ def test_run_record_incomplete_output_is_refused_unless_asked_for(
 def test_run_record_another_run_is_refused_naming_what_differs(
     client: Client, tmp_path: Path, change: dict[str, object], named: str
 ) -> None:
-    plan = arange_plan(tmp_path)
-    with pytest.raises(BlockError):
-        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    failed_run(client, tmp_path)
     with pytest.raises(OutputExistsError, match=named) as info:
         arange_plan(tmp_path, **change)
     assert "pass --overwrite" in str(info.value) and "\n" not in str(info.value)
@@ -155,9 +157,7 @@ def test_run_record_another_run_is_refused_naming_what_differs(
 def test_run_record_a_changed_input_is_noticed_by_its_sampled_content(
     client: Client, tmp_path: Path
 ) -> None:
-    plan = arange_plan(tmp_path)
-    with pytest.raises(BlockError):
-        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    failed_run(client, tmp_path)
     image = zarr.open_array(tmp_path / "in.zarr", mode="r+")
     image[0, 10, 10] = -1.0  # same URL, shape, dtype and chunks: only the content changed
     with pytest.raises(OutputExistsError, match="input: "):
@@ -208,9 +208,7 @@ def another_run_lease(seconds: float) -> Lease:
 def test_run_record_an_output_another_live_run_writes_is_refused_even_with_overwrite(
     client: Client, tmp_path: Path
 ) -> None:
-    plan = arange_plan(tmp_path)
-    with pytest.raises(BlockError):
-        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    plan = failed_run(client, tmp_path)
     write_lease(plan.output_url, another_run_lease(60))
     for options in ({}, {"overwrite": True}):
         with pytest.raises(OutputExistsError, match="being written by another run") as info:
@@ -221,9 +219,7 @@ def test_run_record_an_output_another_live_run_writes_is_refused_even_with_overw
 def test_run_record_a_lease_left_by_a_stopped_run_is_taken_over_with_a_warning(
     client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    plan = arange_plan(tmp_path)
-    with pytest.raises(BlockError):
-        run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
+    plan = failed_run(client, tmp_path)
     write_lease(plan.output_url, another_run_lease(-1))  # expired a second ago
     resumed = arange_plan(tmp_path)
     run_plan(resumed, client, predictor=probe(resumed))

@@ -219,3 +219,13 @@ def assert_one_line_error(call: Callable[[], object], error: type[Exception], ma
     with pytest.raises(error, match=match) as info:
         call()
     assert "\n" not in str(info.value), f"a multi-line message: {info.value}"
+
+
+def snapshot(root: str | Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``root``: its bytes and modification time, to show nothing was touched."""
+    base = Path(root)
+    return {
+        str(p.relative_to(base)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(base.rglob("*"))
+        if p.is_file()
+    }
