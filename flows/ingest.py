@@ -7,20 +7,27 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from pydantic import NonNegativeFloat
 
 from unet_volume.checkpoint import read_checkpoint
-from unet_volume.landing import Arrival, due, find_volumes
+from unet_volume.landing import Arrival, due, find_volumes, settled_volumes
 from unet_volume_flows.common import STORAGE_RETRIES, scheduler_address
 from unet_volume_flows.predict import predict_flow
 
 
 @task(**STORAGE_RETRIES, timeout_seconds=300, cache_policy=NO_CACHE)
-def scan(landing: str, outputs: str, model: str, reprocess: bool) -> list[Arrival]:
+def scan(
+    landing: str, outputs: str, model: str, reprocess: bool, settle_seconds: float
+) -> list[Arrival]:
     """The volumes in ``landing`` with no complete prediction in ``outputs``.
 
-    With ``reprocess``, also those whose prediction another model made.
+    With ``reprocess``, also those whose prediction another model made. Volumes still being
+    copied (or truncated) are logged and left for the next scan.
     """
-    return due(find_volumes(landing), outputs, read_checkpoint(model).sha256, reprocess=reprocess)
+    ready, waiting = settled_volumes(find_volumes(landing), settle_seconds=settle_seconds)
+    for source, why in waiting:
+        get_run_logger().info("%s left for the next scan: %s", source, why)
+    return due(ready, outputs, read_checkpoint(model).sha256, reprocess=reprocess)
 
 
 @flow(name="ingest")
@@ -33,15 +40,17 @@ def ingest_flow(
     tta: bool = False,
     scheduler: str | None = None,
     cluster: str | None = None,
+    settle_seconds: NonNegativeFloat = 60.0,
 ) -> list[dict[str, Any]]:
     """Predict each volume of ``landing`` (folder or URL) that has no prediction in ``outputs`` yet.
 
     Idempotent: what is done is read from the outputs, so a second run finds nothing to do.
-    A new ``model`` leaves finished predictions alone unless ``reprocess``. One failing volume
-    does not stop the others; the flow fails at the end, naming it.
+    A new ``model`` leaves finished predictions alone unless ``reprocess``. A volume still being
+    copied (changed within ``settle_seconds``, empty or truncated) waits for the next scan. One
+    failing volume does not stop the others; the flow fails at the end, naming it.
     """
     log = get_run_logger()
-    arrivals = scan(landing, outputs, model, reprocess)
+    arrivals = scan(landing, outputs, model, reprocess, settle_seconds)
     log.info("%d volume(s) due in %s", len(arrivals), landing)
     done, failed = [], []
     if arrivals:

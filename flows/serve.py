@@ -38,6 +38,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--cluster", help="cluster spec name (deploy/clusters) or path; default a LocalCluster"
     )
+    parser.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=60.0,
+        help="a volume changed more recently than this is left for the next scan (default 60)",
+    )
     args = parser.parse_args(argv)
     serve(
         ingest_flow.to_deployment(
@@ -48,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "outputs": args.outputs,
                 "model": args.model,
                 "cluster": args.cluster,
+                "settle_seconds": args.settle_seconds,
             },
         ),
         predict_flow.to_deployment(name="predict"),

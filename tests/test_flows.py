@@ -124,7 +124,7 @@ def test_ingest_flow_predicts_each_new_volume_once(client: Client, tmp_path: Pat
     tifffile.imwrite(landing / "b.tif", blob_volume((2, 32, 32), seed=2))
     (landing / "notes.txt").write_text("not a volume")
     model = tiny_model(tmp_path / "m.pt")
-    run = {"scheduler": client.scheduler.address}
+    run = {"scheduler": client.scheduler.address, "settle_seconds": 0}
 
     first = ingest_flow(str(landing), str(outputs), model, **run)
     assert sorted((r["output"], r["reason"]) for r in first) == [
@@ -168,6 +168,7 @@ def test_ingest_flow_retries_a_failed_read_of_the_landing_location(
         str(tmp_path / "out"),
         tiny_model(tmp_path / "m.pt"),
         scheduler=client.scheduler.address,
+        settle_seconds=0,
     )
     assert FlakyFileSystem.failures_left == 0  # the first scan failed ...
     assert [r["reason"] for r in done] == ["new"]  # ... and the retry found the volume

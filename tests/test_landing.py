@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import tifffile
 import zarr
 
 from unet_volume.errors import InputError
-from unet_volume.landing import Arrival, due, find_volumes, output_for
+from unet_volume.landing import Arrival, due, find_volumes, output_for, settled_volumes
 from unet_volume.prediction_store import create_prediction, finish_prediction
 from unet_volume.storage import open_volume
 
@@ -100,3 +102,32 @@ def test_due_refuses_to_overwrite_data_that_is_not_a_prediction(tmp_path: Path) 
     )  # someone else's array
     with pytest.raises(InputError, match="is not a unet-volume prediction; move it away"):
         due(find_volumes(str(landing)), str(tmp_path / "out"), "m1")
+
+
+def test_settled_volumes_leave_what_is_still_being_copied_for_the_next_scan(
+    tmp_path: Path,
+) -> None:
+    # issue 13: a TIFF still being copied, an empty or a truncated one must neither be predicted
+    # nor fail the scan; each waits, with its reason, and is tried again at the next scan.
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    whole = landing / "whole.tif"
+    tifffile.imwrite(whole, np.zeros((3, 64, 64), np.uint8), photometric="minisblack")
+    (landing / "empty.tif").write_bytes(b"")
+    (landing / "half.tif").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    (landing / "started.zarr").mkdir()  # no metadata yet
+    old = time.time() - 3600
+    for path in landing.iterdir():
+        os.utime(path, (old, old))
+    (landing / "fresh.tif").write_bytes(whole.read_bytes())  # written just now
+    ready, waiting = settled_volumes(find_volumes(str(landing)), settle_seconds=60)
+    assert ready == [str(whole)]
+    reasons = {Path(source).name: why for source, why in waiting}
+    assert reasons["empty.tif"].startswith("empty file")
+    half = reasons["half.tif"]
+    assert half.startswith("truncated") or half.startswith("not a readable TIFF yet")
+    assert reasons["started.zarr"].startswith("no Zarr metadata")
+    assert reasons["fresh.tif"].startswith("changed 0 s ago")
+    # Once it has been still long enough, the fresh copy is ready too.
+    later = time.time() + 120
+    assert str(landing / "fresh.tif") in settled_volumes([str(landing / "fresh.tif")], now=later)[0]

@@ -122,6 +122,8 @@ def test_serve_runs_ingest_on_its_cron_schedule(
             str(model),
             "--cron",
             "* * * * *",
+            "--settle-seconds",
+            "0",
         ],
         prefect_server,
         tmp_path / "serve.log",

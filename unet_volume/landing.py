@@ -16,11 +16,14 @@ for; an incomplete one made with another model is started anew.
 from __future__ import annotations
 
 import posixpath
+import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import fsspec
+import numpy as np
+import tifffile
 from fsspec.implementations.local import LocalFileSystem
 
 from unet_volume.errors import InputError
@@ -61,6 +64,76 @@ def find_volumes(landing: str) -> list[str]:
         for name in names
         if name.lower().endswith(VOLUME_SUFFIXES) and not name.startswith(".")
     ]
+
+
+def settled_volumes(
+    sources: list[str], *, settle_seconds: float = 60.0, now: float | None = None
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split ``sources`` into volumes ready to read and those to leave for the next scan.
+
+    A volume still being copied must not be predicted (nor fail the scan): a TIFF that is
+    empty, changed within ``settle_seconds``, or whose pages reach past its end (truncated);
+    a Zarr array whose metadata is missing or changed within ``settle_seconds``. Returns
+    ``(ready, waiting)``, ``waiting`` as ``(source, why)``.
+    """
+    now = time.time() if now is None else now
+    ready, waiting = [], []
+    for source in sources:
+        why = _not_settled(source, settle_seconds, now)
+        if why is None:
+            ready.append(source)
+        else:
+            waiting.append((source, why))
+    return ready, waiting
+
+
+def _not_settled(source: str, settle_seconds: float, now: float) -> str | None:
+    fs, path = fsspec.core.url_to_fs(source)
+    is_tiff = source.lower().endswith(TIFF_SUFFIXES)
+    marker = path if is_tiff else posixpath.join(path, "zarr.json")
+    if not is_tiff and not fs.exists(marker):
+        marker = posixpath.join(path, ".zarray")  # a Zarr v2 array
+    if not fs.exists(marker):
+        return "no Zarr metadata yet (still being copied?)"
+    info = fs.info(marker)
+    if is_tiff and not info.get("size"):
+        return "empty file (still being copied?)"
+    changed = _modified(info)
+    if changed is not None and now - changed < settle_seconds:
+        waited = f"{now - changed:.0f} s ago"
+        return f"changed {waited}; waiting until it has been still for {settle_seconds:g} s"
+    return _tiff_problem(fs, path, int(info["size"])) if is_tiff else None
+
+
+def _modified(info: dict[str, object]) -> float | None:
+    """Modification time (seconds since the epoch) from an fsspec ``info``, where it has one."""
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())  # type: ignore[union-attr]
+    return None
+
+
+def _tiff_problem(fs: Any, path: str, size: int) -> str | None:
+    """Why a TIFF cannot be read whole yet (unreadable header, a page past the end), or None."""
+    try:
+        with fs.open(path, "rb") as handle, tifffile.TiffFile(handle) as tiff:
+            pages = [page for page in tiff.pages if page is not None]
+            ends = [
+                offset + count
+                for page in pages
+                for offset, count in zip(page.dataoffsets, page.databytecounts)  # type: ignore[union-attr]
+            ]
+            # A cut-off file loses its last pages' IFDs: the stack's shape still counts them.
+            per_page = max(1, int(np.prod(pages[0].shape))) if pages else 1
+            expected = int(np.prod(tiff.series[0].shape)) // per_page if tiff.series else 0
+    except Exception as error:  # any failure to parse: not a whole TIFF (yet)
+        return f"not a readable TIFF yet ({type(error).__name__}: {error})"
+    if len(pages) < expected or (ends and max(ends) > size):
+        return f"truncated: {len(pages)} of {expected} pages readable in its {size} bytes"
+    return None
 
 
 def output_for(source: str, outputs: str) -> str:
