@@ -26,7 +26,8 @@ import zarr
 from distributed import Client
 
 from unet_volume.checkpoint import load_model, save_model
-from unet_volume.cli import build_parser, main, weight_map_config_from
+from unet_volume.cli import build_parser, main
+from unet_volume.cli_train import weight_map_config_from
 from unet_volume.model import UNet
 from unet_volume.predict import predict_volume
 from unet_volume.testing import blob_volume, snapshot

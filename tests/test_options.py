@@ -13,12 +13,9 @@ from typing import Any
 
 import pytest
 
-from unet_volume.cli import (
-    build_parser,
-    options_from,
-    train_config_from,
-    weight_map_config_from,
-)
+from unet_volume.cli import build_parser
+from unet_volume.cli_train import train_config_from, weight_map_config_from
+from unet_volume.options import options_from
 from unet_volume.predict import predict_volume
 from unet_volume.predict_config import PredictOptions
 from unet_volume.train_config import TrainConfig

@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 
 import unet_volume.train as train_module
 from unet_volume import sampling as sampling_module
+from unet_volume import tile_stream
 from unet_volume.augment import AugmentConfig
 from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
 from unet_volume.sampling import TileSampler, TrainingData, TrainingTile, to_classes
-from unet_volume.train import TileStream, TrainConfig, augment_tile, class_weights, train
+from unet_volume.tile_stream import TileStream, augment_tile, class_weights
+from unet_volume.train import TrainConfig, train
 from unet_volume.unet_config import UNetConfig
 
 # Training in this process: one torch thread unless UNET_VOLUME_TEST_THREADS says otherwise.
@@ -232,13 +234,13 @@ def test_train_augmentation_transforms_the_tiles(
     warped: bool,
 ) -> None:
     seen: list[tuple[TrainingTile, TrainingTile]] = []
-    real_augment = train_module.augment_tile
+    real_augment = tile_stream.augment_tile
 
     def spy(tile: TrainingTile, config: AugmentConfig, rng: Any, *, ndim: int) -> TrainingTile:
         seen.append((tile, real_augment(tile, config, rng, ndim=ndim)))
         return seen[-1][1]
 
-    monkeypatch.setattr(train_module, "augment_tile", spy)
+    monkeypatch.setattr(tile_stream, "augment_tile", spy)
     train(*volumes, tmp_path / "m.pt", tiny(steps=2, augment=augment))
     # The paper's warp reads an apron around each tile (3 std of 10 px, plus a turn's corners).
     assert all((p.apron[1] > 0) == warped for p, _ in seen)

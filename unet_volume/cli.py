@@ -1,4 +1,5 @@
-"""The ``unet-volume`` command: ``train``, ``predict``, ``evaluate`` and ``weights``.
+"""The ``unet-volume`` command: ``predict``, ``status``, ``evaluate``, ``convert`` here, and
+``train`` and ``weights`` from :mod:`unet_volume.cli_train`.
 
 Thin over the library: parse, call, report. A :class:`UnetVolumeError` (bad
 input, existing output, not a checkpoint, ...) becomes one line on stderr and
@@ -8,31 +9,25 @@ exit code 2, with no traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import typing
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from unet_volume.errors import InputError, UnetVolumeError
+from unet_volume.cli_common import add_cluster_options, client_from, fmt, say
+from unet_volume.cli_train import add_train, add_weights
+from unet_volume.errors import UnetVolumeError
 from unet_volume.options import (
     add_options,
     options_from,
     parse_floats,
     parse_ints,
     parse_range,
-    parse_sigma,
-    show,
 )
 from unet_volume.predict_config import PredictOptions
-from unet_volume.train_config import TrainConfig
-from unet_volume.unet_config import UNetConfig
-from unet_volume.weight_map import WEIGHT_BLOCK, WeightMapConfig
 
 if TYPE_CHECKING:
-    from distributed import Client
+    pass
 
 EXIT_USAGE = 2
 
@@ -82,139 +77,9 @@ def _convert(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
     )
     print(
-        f"wrote {volume.url}: {_fmt(volume.shape)} {volume.dtype}, "
+        f"wrote {volume.url}: {fmt(volume.shape)} {volume.dtype}, "
         f"voxel size {volume.voxel_size} {volume.units}"
     )
-
-
-def _add_weights(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "labels", help="instance labels or binary mask: Zarr array or TIFF stack, (z, y, x)"
-    )
-    p.add_argument("output", help="Zarr v3 float32 array to create")
-    add_options(p, WeightMapConfig(), skip={"sigma", "class_weights", "binary"})
-    p.add_argument(
-        "--sigma",
-        dest="sigma_length",
-        type=parse_sigma,
-        default=(WeightMapConfig().sigma, "px"),
-        metavar="LENGTH",
-        help=f"border width sigma: 5 or 5px in voxels (a bare number is voxels), 20nm in the "
-        f"units of --voxel-size (default {WeightMapConfig().sigma:g} voxels, as the paper)",
-    )
-    p.add_argument(
-        "--block-shape",
-        type=parse_ints,
-        metavar="Z,Y,X",
-        help="voxels per task and output chunk (default "
-        f"{show(WEIGHT_BLOCK[2])} in 2D, {show(WEIGHT_BLOCK[3])} in 3D)",
-    )
-    p.add_argument("--chunk-shape", type=parse_ints, help=argparse.SUPPRESS)  # the old name
-    p.add_argument(
-        "--balance-z-range",
-        type=parse_range,
-        metavar="BEGIN:END",
-        help="count the class frequencies over these slices only (the training slices, so "
-        "held-out ones stay unseen); default all",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    _add_cluster_options(p)
-    p.set_defaults(run=_weights)
-
-
-def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--scheduler",
-        metavar="ADDRESS",
-        help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 "
-        "(default: start a LocalCluster)",
-    )
-    where.add_argument(
-        "--cluster",
-        metavar="SPEC",
-        help="start the cluster a spec describes: a name in deploy/clusters (local, slurm-gpu, "
-        "k8s-gpu) or a YAML path",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="worker processes of the LocalCluster, one thread each (default: one per core)",
-    )
-
-
-def _client(args: argparse.Namespace) -> AbstractContextManager[Client]:
-    """The Dask client the cluster options ask for."""
-    from unet_volume.cluster import open_client
-
-    # distributed sets INFO on its loggers when first imported: quiet them after that import.
-    logging.getLogger("distributed").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if args.workers is not None and args.workers < 1:  # in the CLI's words, not the library's
-        raise InputError(f"--workers {args.workers} must be at least 1")
-    # Workers we start print to our stderr: a failed block is reported once, in one line.
-    quiet = not args.verbose and not args.scheduler
-    return open_client(args.scheduler, args.cluster, n_workers=args.workers, quiet=quiet)
-
-
-def _weights(args: argparse.Namespace) -> None:
-    from unet_volume.weight_volume import compute_weight_volume
-
-    config = weight_map_config_from(args)
-    voxels = ", ".join(
-        f"{a} {config.sigma / v:g}" for a, v in zip("zyx"[3 - config.ndim :], config.sampling)
-    )
-    physical = f" ({config.sigma:g} in --voxel-size units)" if config.voxel_size else ""
-    _say(f"sigma in voxels: {voxels}{physical}")
-    block_shape = _weight_block_shape(args)  # checked before a cluster starts
-    with _client(args) as client:
-        _say(f"Dask dashboard: {client.dashboard_link}")
-        report = compute_weight_volume(
-            args.labels,
-            args.output,
-            config,
-            block_shape=block_shape,
-            client=client,
-            overwrite=args.overwrite,
-            balance_z_range=args.balance_z_range,
-        )
-    print(
-        f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
-        f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s); "
-        f"class weights {report.class_weights}, "
-        f"halo {report.halo}"
-    )
-
-
-def weight_map_config_from(args: argparse.Namespace) -> WeightMapConfig:
-    """The weight map that ``unet-volume weights``'s options describe, sigma converted.
-
-    WeightMapConfig takes sigma in the units of ``voxel_size`` when one is given: a sigma in
-    voxels becomes that many of the finest voxel size along the weighed axes.
-    """
-    value, unit = args.sigma_length
-    config = options_from(args, WeightMapConfig)
-    if unit != "px" and config.voxel_size is None:
-        raise InputError(
-            f"--sigma {value:g}{unit} is a physical length but no --voxel-size was given; "
-            f"pass --voxel-size Z,Y,X in {unit}, or --sigma in voxels, e.g. --sigma 5px"
-        )
-    sigma = value * min(config.sampling) if unit == "px" else value
-    return dataclasses.replace(config, sigma=sigma)
-
-
-def _weight_block_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
-    """``--block-shape``, or its old name ``--chunk-shape`` with a warning."""
-    if args.chunk_shape is None:
-        return typing.cast("tuple[int, ...] | None", args.block_shape)
-    if args.block_shape is not None:
-        raise InputError("--chunk-shape is the old name of --block-shape; pass --block-shape only")
-    print(
-        "unet-volume weights: warning: --chunk-shape is deprecated; pass --block-shape "
-        "(a block is one task and one output chunk)",
-        file=sys.stderr,
-    )
-    return typing.cast("tuple[int, ...]", args.chunk_shape)
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -263,43 +128,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="checkpoint written by `unet-volume train` or save_model"
     )
     add_options(p, PredictOptions())
-    _add_cluster_options(p)
+    add_cluster_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_predict)
-
-
-def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "image", help="image volume: Zarr array or TIFF stack, (z, y, x) or (c, z, y, x)"
-    )
-    p.add_argument(
-        "labels",
-        help="label volume of the same (z, y, x) shape: class indices; with 2 "
-        "classes any nonzero label is class 1",
-    )
-    p.add_argument(
-        "--out", required=True, help="checkpoint file to write (and update during training)"
-    )
-    add_options(p, TrainConfig())
-    add_options(p, TrainConfig().model, skip={"in_channels"})
-    p.add_argument(
-        "--weights",
-        metavar="VOLUME",
-        help="per-voxel loss weights of the same shape, e.g. from `unet-volume weights` "
-        "(default: inverse class frequencies)",
-    )
-    p.add_argument(
-        "--mask",
-        metavar="VOLUME",
-        help="annotation mask of the same shape: voxels where it is 0 do not count",
-    )
-    p.add_argument(
-        "--resume",
-        metavar="CHECKPOINT",
-        help="continue from this checkpoint (weights, optimizer, curve); --steps counts the total",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(run=_train)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -311,19 +142,19 @@ def _predict(args: argparse.Namespace) -> None:
     if existing is not None and existing.complete:
         print(f"{plan.output_url} is complete ({existing.total} blocks): nothing to do")
         return
-    client = _client(args)  # options checked before anything is said or started
-    _say(
-        f"{plan.num_blocks} blocks of {_fmt(plan.block_shape)} over a "
-        f"{_fmt(plan.volume.shape)} volume; "
-        f"tile {_fmt(plan.geometry.input_shape)} -> {_fmt(plan.geometry.output_shape)}"
+    client = client_from(args)  # options checked before anything is said or started
+    say(
+        f"{plan.num_blocks} blocks of {fmt(plan.block_shape)} over a "
+        f"{fmt(plan.volume.shape)} volume; "
+        f"tile {fmt(plan.geometry.input_shape)} -> {fmt(plan.geometry.output_shape)}"
     )
     if existing is not None:
-        _say(
+        say(
             f"resuming {plan.output_url}: {existing.done} of {existing.total} blocks done, "
             f"{existing.total - existing.done} to go"
         )
     with client as active:
-        _say(f"Dask dashboard: {active.dashboard_link}")
+        say(f"Dask dashboard: {active.dashboard_link}")
         report = run_plan(plan, active, progress=not args.no_progress)
     resumed = f" (and {report.skipped} done before)" if report.skipped else ""
     print(
@@ -356,48 +187,13 @@ def _status(args: argparse.Namespace) -> None:
         source = identity.get("input", {})
         print(
             f"run: model sha256 {str(identity.get('model_sha256'))[:12]}, blocks "
-            f"{_fmt(identity.get('block_shape', []))}, dtype {identity.get('output_dtype')}, "
-            f"input {source.get('url')} {_fmt(source.get('shape', []))}"
+            f"{fmt(identity.get('block_shape', []))}, dtype {identity.get('output_dtype')}, "
+            f"input {source.get('url')} {fmt(source.get('shape', []))}"
         )
     for failure in status.failures[: args.errors]:
         print(f"failed: {failure}")
     if not status.complete:
         print("run the same `unet-volume predict` command again to resume")
-
-
-def _train(args: argparse.Namespace) -> None:
-    from unet_volume.train import train
-
-    report = train(
-        args.image,
-        args.labels,
-        args.out,
-        train_config_from(args),
-        weights=args.weights,
-        mask=args.mask,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
-    validation = report.curve.validation[-1] if report.curve.validation else None
-    scores = f", validation pixel error {validation['pixel_error']:.4f}" if validation else ""
-    print(
-        f"trained {report.steps} steps in {report.seconds:.0f} s, "
-        f"final loss {report.final_loss:.4f}{scores}; "
-        f"model saved to {report.checkpoint} (curve: {report.checkpoint}.curve.png)"
-    )
-
-
-def train_config_from(args: argparse.Namespace) -> TrainConfig:
-    """The recipe that ``unet-volume train``'s options describe."""
-    return options_from(args, TrainConfig, model=options_from(args, UNetConfig))
-
-
-def _fmt(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] = [
@@ -410,7 +206,7 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
     ),
     (
         "train",
-        _add_train,
+        add_train,
         "train a U-Net on an image volume and its labels",
         "Train a U-Net on random tiles of IMAGE with LABELS (weighted soft-max cross entropy) "
         "and save the model to --out.",
@@ -425,7 +221,7 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
     ),
     (
         "weights",
-        _add_weights,
+        add_weights,
         "compute the paper's loss-weight map of a label volume",
         "Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS (0 = background, "
         "cells 1..n, or a binary mask whose connected components are the cells) to OUTPUT, "

@@ -206,7 +206,7 @@ class Lease:
 
     @classmethod
     def mine(cls, seconds: float = LEASE_SECONDS) -> Lease:
-        return cls(f"{platform.node()}:{os.getpid()}:{_RUN_TOKEN}", time.time() + seconds)
+        return cls(_holder(), time.time() + seconds)
 
     def is_alive(self, now: float | None = None) -> bool:
         """Unexpired, and, when held on this machine, by a process that still exists.
@@ -225,6 +225,11 @@ class Lease:
 
 
 _RUN_TOKEN = uuid.uuid4().hex[:8]
+
+
+def _holder() -> str:
+    """This driver, as a lease names it: host, process id, and a token for this run."""
+    return f"{platform.node()}:{os.getpid()}:{_RUN_TOKEN}"
 
 
 def _process_exists(pid: int) -> bool:
@@ -257,7 +262,7 @@ def check_lease_free(group_url: str, given: str) -> Lease | None:
     ``given`` is the output as the user wrote it, for the message.
     """
     lease = read_lease(group_url)
-    if lease is not None and lease.is_alive() and lease.holder != Lease.mine().holder:
+    if lease is not None and lease.is_alive() and lease.holder != _holder():
         raise OutputExistsError(
             f"output {given} is being written by another run ({lease.describe()}); wait for it "
             "to finish, or, if it was killed, run again once its lease has expired"
@@ -272,7 +277,7 @@ def held_lease(group_url: str, given: str, *, seconds: float = LEASE_SECONDS) ->
     A lease left by a killed run is taken over, with a warning naming it.
     """
     left = check_lease_free(group_url, given)
-    if left is not None and left.holder != Lease.mine().holder:
+    if left is not None and left.holder != _holder():
         log.warning("taking over the lease of a run that stopped (%s)", left.describe())
     lease = Lease.mine(seconds)
     write_lease(group_url, lease)

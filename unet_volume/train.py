@@ -32,22 +32,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from unet_volume.augment import AugmentConfig, augment, required_apron
+from unet_volume.augment import required_apron
 from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.learning_curve import LearningCurve
 from unet_volume.model import UNet
-from unet_volume.sampling import TileSampler, TrainingData, TrainingTile
+from unet_volume.sampling import TileSampler, TrainingData
+from unet_volume.tile_stream import TileStream, class_weights, estimate_statistics, to_batch
 from unet_volume.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "TrainReport", "train"]
 
 log = logging.getLogger(__name__)
 
-STATISTICS_TILES = 32  # tiles sampled once up front for normalisation and class frequencies
 LOG_EVERY = 20  # steps between loss log lines; ``final_loss`` averages this many last steps
 BINARY_CLASSES = ["background/membrane", "foreground/interior"]
 DEFAULT_CONFIG = TrainConfig()
@@ -72,101 +72,12 @@ class TrainReport:
         return self.steps / self.seconds if self.seconds > 0 else 0.0
 
 
-def augment_tile(
-    tile: TrainingTile, config: AugmentConfig, rng: np.random.Generator, *, ndim: int
-) -> TrainingTile:
-    """One random transform of the tile's image, labels and weights alike, cropped to the tile."""
-    image, targets = augment(
-        tile.image,
-        {"labels": tile.labels, "weights": tile.weights},
-        config,
-        rng,
-        ndim=ndim,
-        apron=tile.apron,
-    )
-    return TrainingTile(image, targets["labels"], targets["weights"])
-
-
-class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """An endless stream of augmented, normalised tiles: ``(image, labels, weights)`` tensors.
-
-    Each DataLoader worker draws from its own generator, seeded by (seed, worker id),
-    so runs are reproducible for a given number of workers.
-    """
-
-    def __init__(
-        self,
-        sampler: TileSampler,
-        config: TrainConfig,
-        normalization: tuple[float, float],
-        class_weights: np.ndarray,
-    ) -> None:
-        self.sampler, self.config = sampler, config
-        self.mean, self.std = normalization
-        self.class_weights = class_weights.astype(np.float32)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        info = get_worker_info()
-        rng = np.random.default_rng([self.config.seed, 0 if info is None else info.id + 1])
-        while True:
-            tile = augment_tile(
-                self.sampler.sample(rng),
-                self.config.augmentation(),
-                rng,
-                ndim=self.config.model.ndim,
-            )
-            weights = tile.weights
-            if self.sampler.data.weights is None:  # no weight map: balance classes per voxel
-                weights = weights * self.class_weights[tile.labels]
-            image = (tile.image - self.mean) / self.std
-            yield torch.from_numpy(image), torch.from_numpy(tile.labels), torch.from_numpy(weights)
-
-
-def to_batch(
-    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ndim: int
-) -> tuple[torch.Tensor, ...]:
-    """Collated tiles ``(b, c, z, y, x)`` -> network batches; 2D nets take slices as batch items."""
-    if ndim == 2:
-        return x.permute(0, 2, 1, 3, 4).flatten(0, 1), y.flatten(0, 1), w.flatten(0, 1)
-    return x, y, w
-
-
 def weighted_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """``sum w * CE / sum w``: the paper's weighted soft-max loss, independent of tile size."""
     ce = F.cross_entropy(logits.float(), target, reduction="none")
     return (ce * weights).sum() / weights.sum().clamp_min(1e-8)
-
-
-def estimate_statistics(
-    sampler: TileSampler, rng: np.random.Generator, *, tiles: int = STATISTICS_TILES
-) -> tuple[float, float, np.ndarray]:
-    """Image mean and std and per-class voxel counts (annotated voxels), from random tiles.
-
-    Also checks the labels of those tiles before any training.
-    """
-    sums = np.zeros(3)  # voxels, sum, sum of squares
-    counts = np.zeros(sampler.num_classes, dtype=np.int64)
-    for _ in range(tiles):
-        tile = sampler.sample(rng)
-        x = tile.image.astype(np.float64)
-        sums += (x.size, x.sum(), np.square(x).sum())
-        counts += np.bincount(tile.labels[tile.weights > 0], minlength=sampler.num_classes)
-    mean = float(sums[1] / sums[0])
-    std = math.sqrt(max(sums[2] / sums[0] - mean * mean, 0.0))
-    return mean, std if std > 1e-6 else 1.0, counts
-
-
-def class_weights(counts: np.ndarray) -> np.ndarray:
-    """Inverse class frequency, scaled so a balanced class gets 1; absent classes get 1.
-
-    >>> class_weights(np.array([25, 75])).tolist()
-    [2.0, 0.6666666666666666]
-    """
-    frequency = counts / max(int(counts.sum()), 1)
-    safe = np.where(counts > 0, frequency, 1.0)
-    return np.asarray(np.where(counts > 0, 1.0 / (len(counts) * safe), 1.0), dtype=np.float64)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

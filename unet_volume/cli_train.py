@@ -1,0 +1,182 @@
+"""The training commands of ``unet-volume``: ``train``, and ``weights`` (its loss-weight maps).
+
+Thin over the library, as :mod:`unet_volume.cli`: options derived from the config
+dataclasses, one library call, a line of results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from unet_volume.cli_common import add_cluster_options, client_from, say
+from unet_volume.errors import InputError
+from unet_volume.options import (
+    add_options,
+    options_from,
+    parse_ints,
+    parse_range,
+    parse_sigma,
+    show,
+)
+from unet_volume.train_config import TrainConfig
+from unet_volume.unet_config import UNetConfig
+from unet_volume.weight_map import WEIGHT_BLOCK, WeightMapConfig
+
+
+def add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "labels", help="instance labels or binary mask: Zarr array or TIFF stack, (z, y, x)"
+    )
+    p.add_argument("output", help="Zarr v3 float32 array to create")
+    add_options(p, WeightMapConfig(), skip={"sigma", "class_weights", "binary"})
+    p.add_argument(
+        "--sigma",
+        dest="sigma_length",
+        type=parse_sigma,
+        default=(WeightMapConfig().sigma, "px"),
+        metavar="LENGTH",
+        help=f"border width sigma: 5 or 5px in voxels (a bare number is voxels), 20nm in the "
+        f"units of --voxel-size (default {WeightMapConfig().sigma:g} voxels, as the paper)",
+    )
+    p.add_argument(
+        "--block-shape",
+        type=parse_ints,
+        metavar="Z,Y,X",
+        help="voxels per task and output chunk (default "
+        f"{show(WEIGHT_BLOCK[2])} in 2D, {show(WEIGHT_BLOCK[3])} in 3D)",
+    )
+    p.add_argument("--chunk-shape", type=parse_ints, help=argparse.SUPPRESS)  # the old name
+    p.add_argument(
+        "--balance-z-range",
+        type=parse_range,
+        metavar="BEGIN:END",
+        help="count the class frequencies over these slices only (the training slices, so "
+        "held-out ones stay unseen); default all",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_cluster_options(p)
+    p.set_defaults(run=_weights)
+
+
+def _weights(args: argparse.Namespace) -> None:
+    from unet_volume.weight_volume import compute_weight_volume
+
+    config = weight_map_config_from(args)
+    voxels = ", ".join(
+        f"{a} {config.sigma / v:g}" for a, v in zip("zyx"[3 - config.ndim :], config.sampling)
+    )
+    physical = f" ({config.sigma:g} in --voxel-size units)" if config.voxel_size else ""
+    say(f"sigma in voxels: {voxels}{physical}")
+    block_shape = _weight_block_shape(args)  # checked before a cluster starts
+    with client_from(args) as client:
+        say(f"Dask dashboard: {client.dashboard_link}")
+        report = compute_weight_volume(
+            args.labels,
+            args.output,
+            config,
+            block_shape=block_shape,
+            client=client,
+            overwrite=args.overwrite,
+            balance_z_range=args.balance_z_range,
+        )
+    print(
+        f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
+        f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s); "
+        f"class weights {report.class_weights}, "
+        f"halo {report.halo}"
+    )
+
+
+def weight_map_config_from(args: argparse.Namespace) -> WeightMapConfig:
+    """The weight map that ``unet-volume weights``'s options describe, sigma converted.
+
+    WeightMapConfig takes sigma in the units of ``voxel_size`` when one is given: a sigma in
+    voxels becomes that many of the finest voxel size along the weighed axes.
+    """
+    value, unit = args.sigma_length
+    config = options_from(args, WeightMapConfig)
+    if unit != "px" and config.voxel_size is None:
+        raise InputError(
+            f"--sigma {value:g}{unit} is a physical length but no --voxel-size was given; "
+            f"pass --voxel-size Z,Y,X in {unit}, or --sigma in voxels, e.g. --sigma 5px"
+        )
+    sigma = value * min(config.sampling) if unit == "px" else value
+    return dataclasses.replace(config, sigma=sigma)
+
+
+def _weight_block_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--block-shape``, or its old name ``--chunk-shape`` with a warning."""
+    if args.chunk_shape is None:
+        return typing.cast("tuple[int, ...] | None", args.block_shape)
+    if args.block_shape is not None:
+        raise InputError("--chunk-shape is the old name of --block-shape; pass --block-shape only")
+    print(
+        "unet-volume weights: warning: --chunk-shape is deprecated; pass --block-shape "
+        "(a block is one task and one output chunk)",
+        file=sys.stderr,
+    )
+    return typing.cast("tuple[int, ...]", args.chunk_shape)
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "image", help="image volume: Zarr array or TIFF stack, (z, y, x) or (c, z, y, x)"
+    )
+    p.add_argument(
+        "labels",
+        help="label volume of the same (z, y, x) shape: class indices; with 2 "
+        "classes any nonzero label is class 1",
+    )
+    p.add_argument(
+        "--out", required=True, help="checkpoint file to write (and update during training)"
+    )
+    add_options(p, TrainConfig())
+    add_options(p, TrainConfig().model, skip={"in_channels"})
+    p.add_argument(
+        "--weights",
+        metavar="VOLUME",
+        help="per-voxel loss weights of the same shape, e.g. from `unet-volume weights` "
+        "(default: inverse class frequencies)",
+    )
+    p.add_argument(
+        "--mask",
+        metavar="VOLUME",
+        help="annotation mask of the same shape: voxels where it is 0 do not count",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue from this checkpoint (weights, optimizer, curve); --steps counts the total",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from unet_volume.train import train
+
+    report = train(
+        args.image,
+        args.labels,
+        args.out,
+        train_config_from(args),
+        weights=args.weights,
+        mask=args.mask,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    validation = report.curve.validation[-1] if report.curve.validation else None
+    scores = f", validation pixel error {validation['pixel_error']:.4f}" if validation else ""
+    print(
+        f"trained {report.steps} steps in {report.seconds:.0f} s, "
+        f"final loss {report.final_loss:.4f}{scores}; "
+        f"model saved to {report.checkpoint} (curve: {report.checkpoint}.curve.png)"
+    )
+
+
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    """The recipe that ``unet-volume train``'s options describe."""
+    return options_from(args, TrainConfig, model=options_from(args, UNetConfig))
