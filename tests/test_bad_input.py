@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from distributed import Client
+from distributed import Client, LocalCluster
 
 from unet_volume.checkpoint import save_model
 from unet_volume.cli import main
 from unet_volume.model import UNet
-from unet_volume.prediction_store import read_status
+from unet_volume.output_run import read_status
 from unet_volume.run_record import Lease, write_lease
 from unet_volume.testing import blob_labels, blob_volume, snapshot, write_zarr
 
@@ -201,7 +201,7 @@ CASES: list[tuple[str, Callable[[dict[str, str], Path], list[str]], str]] = [
     (
         "status-not-a-prediction",
         lambda f, r: ["status", str(r / "busy.zarr")],
-        "not a unet-volume prediction",
+        "not a unet-volume output",
     ),
 ]
 
@@ -230,6 +230,45 @@ def test_bad_input_before_a_run_is_one_line_exit_2_and_changes_nothing(
     assert named in line
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "payload-ran").exists()  # the pickle's code never ran
+
+
+@pytest.fixture(scope="module")
+def small_workers() -> Iterator[Client]:
+    """One worker process with a memory limit of 1 GiB."""
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            memory_limit="1GiB",
+            dashboard_address=None,
+            host="127.0.0.1",
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("command", ["predict", "weights"])
+def test_bad_input_a_block_too_large_for_the_workers_memory_is_refused_printing_the_estimate(
+    small_workers: Client, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    files = setup_files(tmp_path)
+    # 1 x 4096 x 4096 voxels, none stored: a block of all of it is refused before any is read.
+    big = tmp_path / "big.zarr"
+    zarr.create_array(big, shape=(1, 4096, 4096), chunks=(1, 1024, 1024), dtype="uint16")
+    where = ("--scheduler", small_workers.scheduler.address, "--block-shape", "1,4096,4096")
+    argv = (
+        [*predict(files, tmp_path, image=str(big)), *where]
+        if command == "predict"
+        else ["weights", str(big), str(tmp_path / "w.zarr"), *where]
+    )
+    before = snapshot(tmp_path)
+    assert main(argv) == EXIT_USAGE
+    line = one_error_line(capsys.readouterr().err, command)
+    assert "block 1x4096x4096 needs about" in line and "GiB" in line
+    assert "more than the workers' memory limit of 1.0 GiB" in line and "--block-shape" in line
+    assert snapshot(tmp_path) == before
 
 
 def nan_image(root: Path) -> str:
@@ -292,4 +331,4 @@ def test_bad_input_an_input_changed_between_a_run_and_its_resume_is_refused(
     capsys.readouterr()
     assert main(args) == EXIT_USAGE
     line = one_error_line(capsys.readouterr().err, "predict")
-    assert "holds another run (input: " in line and "--overwrite" in line
+    assert "holds another run (input.samples_sha256: " in line and "--overwrite" in line

@@ -499,7 +499,7 @@ def test_cli_weights_then_train_with_them(
         ]
     )
     assert code == EXIT_OK and f"wrote {weights}" in capsys.readouterr().out
-    stored = zarr.open_array(weights, mode="r")
+    stored = zarr.open_array(f"{weights}/weights", mode="r")
     assert stored.shape == (2, 32, 32) and float(np.asarray(stored[:]).min()) > 0
     out = tmp_path / "model.pt"
     assert (
@@ -561,7 +561,7 @@ def test_cli_weights_chunk_shape_is_a_deprecated_name_of_block_shape(
     args = ["weights", labels, str(out), "--scheduler", client.scheduler.address]
     assert main([*args, "--chunk-shape", "2,32,32"]) == EXIT_OK
     assert "--chunk-shape is deprecated; pass --block-shape" in capsys.readouterr().err
-    assert zarr.open_array(out, mode="r").chunks == (2, 32, 32)  # one chunk per block
+    assert zarr.open_array(out / "weights", mode="r").chunks == (2, 32, 32)  # one chunk per block
     assert "--chunk-shape" not in build_parser().format_help() + subparser("weights").format_help()
 
 

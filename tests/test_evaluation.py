@@ -23,7 +23,8 @@ from unet_volume.metrics import (
     pixel_error,
     variation_of_information,
 )
-from unet_volume.prediction_store import create_prediction, finish_prediction
+from unet_volume.output_run import finish_output
+from unet_volume.prediction_store import create_prediction
 from unet_volume.storage import open_volume
 from unet_volume.testing import assert_one_line_error, label_pairs
 
@@ -147,7 +148,7 @@ def test_evaluate_reads_a_prediction_group_and_tiff_labels(tmp_path: Path) -> No
         one_hot = np.stack([1 - predicted[z : z + 1], predicted[z : z + 1]]).astype(np.float64)
         store.write(Box((z, 0, 0), (z + 1, 20, 24)), one_hot)
         store.mark_done((z, 0, 0))
-    finish_prediction(store.url, {})  # an incomplete prediction is refused (missing blocks)
+    finish_output(store.url, {})  # an incomplete prediction is refused (missing blocks)
     got = evaluate(store.url, tiff_path)
     expected = evaluate(predicted, labels)
     assert (got.prediction, got.labels) == (store.url, tiff_path)

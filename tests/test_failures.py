@@ -26,9 +26,16 @@ from unet_volume.cli import main
 from unet_volume.cluster_spec import local_cluster_config
 from unet_volume.errors import UnetVolumeError
 from unet_volume.model import UNet
-from unet_volume.prediction_store import read_status
+from unet_volume.output_run import read_status
 from unet_volume.run_record import done_blocks
-from unet_volume.testing import blob_volume, write_zarr
+from unet_volume.testing import (
+    FULL_DISK,
+    SPACE_FILE,
+    blob_labels,
+    blob_volume,
+    register_full_disk,
+    write_zarr,
+)
 
 EXIT_OK, EXIT_USAGE = 0, 2
 # 6 x 48 x 48 voxels in blocks of 1 x 16 x 16: 6 x 3 x 3 = 54 blocks.
@@ -175,6 +182,66 @@ def test_failures_nan_input_fails_its_blocks_in_one_line_and_keeps_the_rest(
     said = capsys.readouterr().out
     assert f"done 50 / failed {len(failed)} / missing 0 / total 54 blocks" in said
     assert said.count("failed: block (3, ") == 4 and "to resume" in said
+
+
+def weights_args(labels: str, output: Path | str, *where: str) -> list[str]:
+    return ["weights", labels, str(output), "--block-shape", BLOCK, "--sigma", "2", *where]
+
+
+@pytest.fixture
+def full_disk(client: Client) -> None:
+    """``fulldisk://`` URLs: a local disk whose space a ``.space`` file holds (FullDisk)."""
+    register_full_disk()
+    client.run(register_full_disk)
+
+
+@pytest.mark.parametrize("command", ["predict", "weights"])
+def test_failures_a_full_disk_keeps_finished_blocks_and_the_run_resumes_once_there_is_space(
+    client: Client,
+    tmp_path: Path,
+    model_path: Path,
+    full_disk: None,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    volume = blob_volume(SHAPE)
+    image = write_zarr(tmp_path / "in.zarr", volume)
+    labels = write_zarr(tmp_path / "labels.zarr", blob_labels(SHAPE, 12, seed=3))
+
+    def args(output: Path | str) -> list[str]:
+        where = ("--scheduler", client.scheduler.address)
+        if command == "predict":
+            return predict_args(image, output, model_path, *where)  # type: ignore[arg-type]
+        return weights_args(labels, output, *where)
+
+    # How many bytes a whole run writes (metadata, data, records), on a disk that has room.
+    roomy, full = tmp_path / "disk0", tmp_path / "disk1"  # paths of one length: same metadata
+    for disk, space in ((roomy, 10**9), (full, None)):
+        disk.mkdir()
+        (disk / SPACE_FILE).write_text(str(space))
+    assert main(args(f"{FULL_DISK}://{roomy}/out.zarr")) == EXIT_OK
+    used = 10**9 - int((roomy / SPACE_FILE).read_text())
+    # Half of that: the output is created, some blocks are written, then the disk is full.
+    (full / SPACE_FILE).write_text(str(used // 2))
+    output = f"{FULL_DISK}://{full}/out.zarr"
+    capsys.readouterr()
+    assert main(args(output)) == EXIT_USAGE
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and error[0].startswith(f"unet-volume {command}: error: "), error
+    assert "disk is full" in error[0] and "finished blocks are kept" in error[0], error[0]
+    status = read_status(output)
+    assert 0 < status.done < status.total == 54 and not status.complete
+    (full / SPACE_FILE).unlink()  # space again
+    assert main(args(output)) == EXIT_OK
+    assert f"{status.done} " in capsys.readouterr().out  # says how many were done before
+    assert read_status(output).complete
+    names = ("probabilities", "segmentation") if command == "predict" else ("weights",)
+    for name in names:
+        np.testing.assert_array_equal(
+            zarr.open_array(f"{output}/{name}")[...],
+            zarr.open_array(f"{FULL_DISK}://{roomy}/out.zarr/{name}")[...],
+            err_msg=name,
+        )
 
 
 def checkpoint_steps(path: Path) -> int:

@@ -26,8 +26,8 @@ from prefect.testing.utilities import prefect_test_harness
 from unet_volume.checkpoint import save_model
 from unet_volume.errors import InputError
 from unet_volume.model import UNet
+from unet_volume.output_run import run_info
 from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import run_info
 from unet_volume.testing import blob_volume
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import default_preview, predict_flow

@@ -13,7 +13,8 @@ import zarr
 
 from unet_volume.errors import InputError
 from unet_volume.landing import Arrival, due, find_volumes, output_for, settled_volumes
-from unet_volume.prediction_store import create_prediction, finish_prediction
+from unet_volume.output_run import finish_output
+from unet_volume.prediction_store import create_prediction
 from unet_volume.storage import open_volume
 
 
@@ -40,7 +41,7 @@ def prediction(url: str, source: str, sha256: str, *, complete: bool = True) -> 
         attrs={"model": {"sha256": sha256}},
     )
     if complete:
-        finish_prediction(url, {})
+        finish_output(url, {})
 
 
 def test_find_volumes_lists_zarr_and_tiff_sorted_and_skips_the_rest(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Imports form a DAG::
 
-    geometry <- tiling <- storage <- prediction_store <- predict <- cli
+    geometry <- tiling <- storage <- run_record <- output_run <- prediction_store <- predict <- cli
     (errors and border are leaves that every layer may import)
 
 Only ``model``, ``checkpoint``, ``train`` and ``predict`` import torch, so planning, storage and
@@ -32,6 +32,8 @@ TORCH_FREE = [
     "unet_volume.storage",
     "unet_volume.prediction_store",
     "unet_volume.run_record",
+    "unet_volume.output_run",
+    "unet_volume.block_memory",
     "unet_volume.cluster",
     "unet_volume.metrics",
     "unet_volume.evaluation",
@@ -60,7 +62,17 @@ ALLOWED_IMPORTS = {
     "tiling": {"errors", "geometry"},
     "storage": {"errors", "geometry", "tiling", "border"},
     "run_record": {"errors", "geometry", "storage"},
-    "prediction_store": {"errors", "geometry", "tiling", "storage", "run_record", "__init__"},
+    "output_run": {"errors", "geometry", "storage", "run_record"},
+    "block_memory": {"errors", "unet_config"},
+    "prediction_store": {
+        "errors",
+        "geometry",
+        "tiling",
+        "storage",
+        "run_record",
+        "output_run",
+        "__init__",
+    },
     "metrics": {"errors"},
     "evaluation": {"errors", "storage", "prediction_store", "metrics", "__init__"},
     "augment": {"errors", "border"},
@@ -70,12 +82,16 @@ ALLOWED_IMPORTS = {
         "geometry",
         "tiling",
         "storage",
+        "run_record",
+        "output_run",
         "prediction_store",
+        "predict_config",
+        "block_memory",
         "cluster",
         "weight_map",
     },
     "preview": {"errors", "geometry", "storage", "prediction_store"},
-    "landing": {"errors", "storage", "prediction_store"},
+    "landing": {"errors", "storage", "output_run"},
     "cluster": {"errors", "cluster_spec"},
     "cluster_spec": {"errors"},
     "options": set(),

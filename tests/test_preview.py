@@ -15,7 +15,8 @@ import zarr
 from matplotlib import image as mpimg
 
 from unet_volume.errors import InputError
-from unet_volume.prediction_store import create_prediction, finish_prediction
+from unet_volume.output_run import finish_output
+from unet_volume.prediction_store import create_prediction
 from unet_volume.preview import choose_slices, write_preview
 from unet_volume.storage import open_volume
 from unet_volume.testing import blob_volume
@@ -39,7 +40,7 @@ def _predicted(tmp_path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> tup
     )
     foreground = (data if data.ndim == 3 else data[0]) / 255.0
     store.write(volume.box, np.stack([1.0 - foreground, foreground]))
-    finish_prediction(prediction_url, {})
+    finish_output(prediction_url, {})
     return image_url, prediction_url
 
 

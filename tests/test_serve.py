@@ -22,7 +22,7 @@ import zarr
 
 from unet_volume.checkpoint import save_model
 from unet_volume.model import UNet
-from unet_volume.prediction_store import run_info
+from unet_volume.output_run import run_info
 from unet_volume.testing import blob_volume
 
 pytestmark = pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from distributed import Client
 
 from unet_volume import weight_volume
 from unet_volume.errors import InputError, OutputExistsError
+from unet_volume.output_run import update_run_info
+from unet_volume.storage import open_volume
 from unet_volume.testing import blob_labels, write_zarr
 from unet_volume.weight_map import (
     WeightMapConfig,
@@ -20,7 +23,7 @@ from unet_volume.weight_map import (
     training_target,
     weight_map,
 )
-from unet_volume.weight_volume import compute_weight_volume
+from unet_volume.weight_volume import WeightReport, compute_weight_volume
 
 
 @pytest.mark.parametrize(
@@ -61,7 +64,7 @@ def test_compute_weight_volume_equals_the_whole_volume_weights(
     # The border term is there, and large.
     assert np.mean(background > report.class_weights[0] + 1e-3) > 0.1
     # Bit for bit: integer voxel sizes make every distance exact (see weight_map's docstring).
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "w.zarr")[:], whole)
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "w.zarr" / "weights")[:], whole)
     assert report.voxels == labels.size and report.halo == halo_for(config)
 
 
@@ -80,7 +83,7 @@ def test_compute_weight_volume_needs_its_whole_halo(
         client=client,
     )
     assert not np.allclose(
-        zarr.open_array(tmp_path / "w.zarr")[:], weight_map(labels, config), rtol=1e-6
+        zarr.open_array(tmp_path / "w.zarr" / "weights")[:], weight_map(labels, config), rtol=1e-6
     )
 
 
@@ -97,10 +100,12 @@ def test_compute_weight_volume_takes_a_binary_mask_in_whole_slices(
         block_shape=(1, 40, 36),
         client=client,
     )
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "w.zarr")[:], weight_map(mask, config))
+    np.testing.assert_array_equal(
+        zarr.open_array(tmp_path / "w.zarr" / "weights")[:], weight_map(mask, config)
+    )
 
 
-def test_compute_weight_volume_writes_a_float32_zarr_v3_array(
+def test_compute_weight_volume_writes_a_float32_array_in_a_zarr_v3_group(
     client: Client, tmp_path: Path
 ) -> None:
     labels = blob_labels((4, 20, 18), 6, seed=4)
@@ -111,14 +116,15 @@ def test_compute_weight_volume_writes_a_float32_zarr_v3_array(
         block_shape=(2, 64, 8),
         client=client,
     )
-    array = zarr.open_array(tmp_path / "w.zarr")
+    array = zarr.open_array(tmp_path / "w.zarr" / "weights")
     assert (array.dtype, array.chunks, array.metadata.dimension_names) == (
         np.float32,
         (2, 20, 8),
         ("z", "y", "x"),
     )
     assert [type(c).__name__ for c in array.metadata.codecs] == ["BytesCodec", "BloscCodec"]
-    assert array.attrs["unet_volume"]["weights"]["border"] == "background (0) outside the volume"
+    recipe = zarr.open_group(tmp_path / "w.zarr").attrs["unet_volume"]["weights"]  # type: ignore[index]
+    assert recipe["border"] == "background (0) outside the volume"  # type: ignore[index]
 
 
 def test_compute_weight_volume_balances_classes_over_the_given_slices_only(
@@ -139,6 +145,36 @@ def test_compute_weight_volume_balances_classes_over_the_given_slices_only(
     # One cell per slice touches no other: no separation borders, so 2 x 16 of 2 x 64 voxels are
     # target.
     assert report.class_weights == balanced_class_weights(2 * 16, 2 * 64)
+
+
+def test_compute_weight_volume_resumes_only_missing_blocks_and_leaves_a_complete_output_be(
+    client: Client, tmp_path: Path
+) -> None:
+    # issue 13: the weights share the prediction's records: done markers, identity, resume.
+    labels = write_zarr(tmp_path / "l.zarr", blob_labels((4, 24, 24), 10, seed=2))
+    out, config = tmp_path / "w.zarr", WeightMapConfig(ndim=2, sigma=1.5)
+
+    def run(config: WeightMapConfig = config) -> WeightReport:
+        return compute_weight_volume(
+            labels, str(out), config, block_shape=(1, 12, 12), client=client
+        )
+
+    first, again = run(), run()
+    assert (first.blocks, first.skipped, again.blocks, again.skipped) == (16, 0, 0, 16)
+    expected = zarr.open_array(out / "weights")[:]
+    # A run stopped midway: two blocks neither written nor marked, the output not complete.
+    for index in ((1, 0, 1), (3, 1, 1)):
+        (out / "done" / ("c." + ".".join(map(str, index)))).unlink()
+        (out / "weights" / "c" / Path(*map(str, index))).unlink()
+    update_run_info(str(out), {"complete": False})
+    with pytest.raises(InputError, match="is incomplete"):  # e.g. train --weights OUT
+        open_volume(str(out))
+    resumed = run()
+    assert (resumed.blocks, resumed.skipped, resumed.voxels) == (2, 14, 2 * 144)
+    np.testing.assert_array_equal(zarr.open_array(out / "weights")[:], expected)
+    assert open_volume(str(out)).shape == (4, 24, 24)  # complete: the group opens as its weights
+    with pytest.raises(OutputExistsError, match=r"holds another run \(weights.w0: 10.0, now 5.0\)"):
+        run(replace(config, w0=5.0))
 
 
 def bad_inputs(tmp_path: Path) -> dict[str, tuple[str, dict[str, Any]]]:

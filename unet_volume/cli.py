@@ -169,7 +169,8 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _add_status(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "output", help="a prediction written (or being written) by `unet-volume predict`"
+        "output",
+        help="an output written (or being written) by `unet-volume predict` or `weights`",
     )
     p.add_argument(
         "--errors", type=int, default=5, metavar="N", help="show the first N failures (default 5)"
@@ -178,22 +179,28 @@ def _add_status(p: argparse.ArgumentParser) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    from unet_volume.prediction_store import read_status
+    from unet_volume.output_run import read_status
 
     status = read_status(args.output)
     print(status.summary())
     identity = status.identity
+    command = "unet-volume weights" if "weights" in identity else "unet-volume predict"
     if identity:
         source = identity.get("input", {})
+        made_by = (
+            f"weights w0 {identity['weights'].get('w0')}, sigma {identity['weights'].get('sigma')}"
+            if "weights" in identity
+            else f"model sha256 {str(identity.get('model_sha256'))[:12]}"
+        )
         print(
-            f"run: model sha256 {str(identity.get('model_sha256'))[:12]}, blocks "
-            f"{fmt(identity.get('block_shape', []))}, dtype {identity.get('output_dtype')}, "
-            f"input {source.get('url')} {fmt(source.get('shape', []))}"
+            f"run: {made_by}, blocks {fmt(identity.get('block_shape', []))}, dtype "
+            f"{identity.get('output_dtype')}, input {source.get('url')} "
+            f"{fmt(source.get('shape', []))}"
         )
     for failure in status.failures[: args.errors]:
         print(f"failed: {failure}")
     if not status.complete:
-        print("run the same `unet-volume predict` command again to resume")
+        print(f"run the same `{command}` command again to resume")
 
 
 COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] = [
@@ -230,7 +237,7 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
     (
         "status",
         _add_status,
-        "how far a prediction got: blocks done, failed and missing, and the first errors",
+        "how far a prediction (or weight volume) got: blocks done, failed, missing; first errors",
         "Print the state of the run writing OUTPUT (done / failed / missing / total blocks), "
         "the run's identity (model, geometry, dtype, input) and its first failures.",
     ),

@@ -21,6 +21,7 @@ from unet_volume.options import (
     parse_sigma,
     show,
 )
+from unet_volume.predict_config import PredictOptions
 from unet_volume.train_config import TrainConfig
 from unet_volume.unet_config import UNetConfig
 from unet_volume.weight_map import WEIGHT_BLOCK, WeightMapConfig
@@ -30,7 +31,11 @@ def add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "labels", help="instance labels or binary mask: Zarr array or TIFF stack, (z, y, x)"
     )
-    p.add_argument("output", help="Zarr v3 float32 array to create")
+    p.add_argument(
+        "output",
+        help="Zarr v3 group to create: float32 `weights` (z, y, x) and the run's records; "
+        "an incomplete one of the same run is resumed",
+    )
     add_options(p, WeightMapConfig(), skip={"sigma", "class_weights", "binary"})
     p.add_argument(
         "--sigma",
@@ -56,7 +61,13 @@ def add_weights(p: argparse.ArgumentParser) -> None:
         help="count the class frequencies over these slices only (the training slices, so "
         "held-out ones stay unseen); default all",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it exists; without it, an incomplete OUTPUT of the same run "
+        "(labels, weight map, block shape) is resumed, and a complete one is left as it is",
+    )
+    add_options(p, PredictOptions(), only={"max_failures", "stall_after"})
     add_cluster_options(p)
     p.set_defaults(run=_weights)
 
@@ -81,9 +92,15 @@ def _weights(args: argparse.Namespace) -> None:
             client=client,
             overwrite=args.overwrite,
             balance_z_range=args.balance_z_range,
+            max_failures=args.max_failures,
+            stall_after=args.stall_after,
         )
+    if report.skipped and not report.blocks:
+        print(f"{report.output_url} is complete ({report.skipped} blocks); nothing to do")
+        return
+    resumed = f" (resumed: {report.skipped} blocks were done)" if report.skipped else ""
     print(
-        f"wrote {report.output_url}: {report.blocks} blocks, {report.voxels:,} voxels in "
+        f"wrote {report.output_url}{resumed}: {report.blocks} blocks, {report.voxels:,} voxels in "
         f"{report.seconds:.1f} s ({report.voxels_per_second / 1e6:.2f} Mvoxel/s); "
         f"class weights {report.class_weights}, "
         f"halo {report.halo}"

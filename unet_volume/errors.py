@@ -13,6 +13,10 @@ import errno
 
 TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT})
 """I/O errors worth another try: busy or flaky storage, not a missing file or a full disk."""
+UNWRITABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
+"""I/O errors that say the output cannot take more data until someone acts: full, read-only."""
 
 
 class UnetVolumeError(Exception):
@@ -60,6 +64,23 @@ class BlockError(UnetVolumeError, RuntimeError):
             more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
             message = f"{len(failures)} block tasks failed: {shown}{more}"
         super().__init__(message)
+
+
+class StorageError(UnetVolumeError, OSError):
+    """The output cannot be written (a full disk, a read-only or forbidden location)."""
+
+
+def is_unwritable(error: BaseException) -> bool:
+    """Whether ``error`` says the output's storage refuses writes (full, read-only, forbidden).
+
+    >>> import errno; is_unwritable(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    """
+    return (
+        isinstance(error, OSError)
+        and not isinstance(error, UnetVolumeError)
+        and error.errno in UNWRITABLE_ERRNOS
+    )
 
 
 class StallError(UnetVolumeError, TimeoutError):

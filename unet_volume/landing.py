@@ -27,7 +27,7 @@ import tifffile
 from fsspec.implementations.local import LocalFileSystem
 
 from unet_volume.errors import InputError
-from unet_volume.prediction_store import run_info
+from unet_volume.output_run import run_info
 from unet_volume.storage import TIFF_SUFFIXES, exists
 
 VOLUME_SUFFIXES = (".zarr", *TIFF_SUFFIXES)

@@ -80,18 +80,21 @@ def add_options(
     defaults: Any,
     *,
     skip: Collection[str] = (),
+    only: Collection[str] | None = None,
 ) -> None:
     """One option per field of the dataclass instance ``defaults``: name, type, default, help.
 
     So that each lives in the dataclass alone: the flag is ``--field-name`` (or :data:`FLAGS`),
     the default the field's value in ``defaults``, the help its ``metadata["help"]`` (see
     :func:`option`). A boolean field that defaults to True becomes ``--no-field-name``. Nested
-    dataclasses and ``skip`` are left out.
+    dataclasses and ``skip`` are left out, and, when ``only`` is given, the fields not in it.
     """
     hints = typing.get_type_hints(type(defaults))
     for f in dataclasses.fields(defaults):
         hint, default = _strip_none(hints[f.name]), getattr(defaults, f.name)
-        if f.name in skip or dataclasses.is_dataclass(hint):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        if dataclasses.is_dataclass(hint):
             continue
         text = f.metadata["help"]
         dashed = "--" + f.name.replace("_", "-")

@@ -10,52 +10,50 @@ builds the network once per worker process and keeps it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from distributed import Client
 
 from unet_volume import __version__
+from unet_volume.block_memory import check_worker_memory, prediction_memory
 from unet_volume.checkpoint import (
     Checkpoint,
     checkpoint_bytes,
     checkpoint_from_bytes,
     read_checkpoint_bytes,
 )
-from unet_volume.cluster import open_client
+from unet_volume.cluster import gpu_resources, open_client
 from unet_volume.engine import Predictor, RunReport, run_prediction
-from unet_volume.errors import BlockError, InputError
-from unet_volume.geometry import Shape, ceil_div
+from unet_volume.errors import InputError
+from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.model import UNet
+from unet_volume.output_run import (
+    check_run_limits,
+    create_output,
+    find_resumable,
+    run_recorded,
+)
 from unet_volume.predict_config import DEFAULT_BLOCK, DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import (
     OutputDtype,
     PredictionStore,
     check_output_dtype,
     create_prediction,
-    find_resumable,
-    finish_prediction,
-    prepare_output,
-    record_failures,
     volume_attrs,
 )
 from unet_volume.predictor import ModelPredictor
-from unet_volume.run_record import (
-    BlockFailure,
-    RunStatus,
-    check_lease_free,
-    done_blocks,
-    fingerprint,
-    held_lease,
-)
-from unet_volume.storage import Volume, absolute, exists, open_volume, removed_on_failure
+from unet_volume.run_record import RunStatus, fingerprint
+from unet_volume.storage import Volume, absolute, open_volume
 from unet_volume.tiling import (
     TileGeometry,
     check_block_shape,
     count_blocks,
+    read_box_of,
 )
 
 
@@ -105,12 +103,10 @@ def plan_prediction(
         )
     dtype = check_output_dtype(options.output_dtype)
     shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
-    _check_run_limits(options)
+    check_run_limits(options.max_failures, options.stall_after)
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
-    if exists(output_url):
-        check_lease_free(output_url, str(output))  # not even --overwrite while another runs
-    existing = None if options.overwrite else find_resumable(str(output), output_url, identity)
+    existing = find_resumable(str(output), output_url, identity, overwrite=options.overwrite)
     return PredictionPlan(
         checkpoint,
         info,
@@ -143,88 +139,62 @@ def run_plan(
     """
     if plan.existing is not None and plan.existing.complete:
         return RunReport(plan.output_url, 0, 0, 0.0, skipped=plan.existing.total)
+    check_block_memory(plan, client)
     if plan.existing is None:
-        _create_output(plan)
+        create_output(plan.output_url, lambda: _create_prediction(plan), overwrite=plan.overwrite)
     if predictor is None:
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
-    with held_lease(plan.output_url, plan.output_url):  # one driver writes an output
-        record_failures(plan.output_url, [])  # failed blocks are tried again
-        try:
-            report = run_prediction(
-                client,
-                predictor=predictor,
-                geometry=plan.geometry,
-                volume=plan.volume,
-                store=PredictionStore(plan.output_url, plan.output_dtype),
-                block_shape=plan.block_shape,
-                progress=progress,
-                skip=done_blocks(plan.output_url),
-                max_failures=plan.max_failures,
-                stall_after=plan.stall_after,
-            )
-        except BlockError as error:
-            raise _recorded(plan, error) from error
-        finish_prediction(plan.output_url, {"report": report.to_dict()})
-    return report
+    store = PredictionStore(plan.output_url, plan.output_dtype)
 
-
-def _create_output(plan: PredictionPlan) -> None:
-    """A new, empty output (an existing one is removed only with ``overwrite``).
-
-    A location that cannot be written (read-only, not a folder, full) is refused in one line,
-    and whatever part of the output was created is removed again.
-    """
-    prepare_output(plan.output_url, overwrite=plan.overwrite)
-    try:
-        with removed_on_failure(plan.output_url):
-            create_prediction(
-                plan.output_url,
-                volume=plan.volume,
-                num_classes=plan.info.config.num_classes,
-                block_shape=plan.block_shape,
-                output_dtype=plan.output_dtype,
-                attrs=_run_attrs(plan),
-            )
-    except OSError as error:
-        raise InputError(
-            f"output {plan.output_url} cannot be created ({type(error).__name__}: "
-            f"{error.strerror or error}); choose a location you can write to"
-        ) from error
-
-
-def _recorded(plan: PredictionPlan, error: BlockError) -> BlockError:
-    """Record the failed blocks in the output; the error that names them and says what next."""
-    failures = sorted(
-        BlockFailure(block.index, str(block.write_box), _describe(cause))
-        for block, cause in error.failures
-    )
-    record_failures(plan.output_url, failures)
-    done = len(done_blocks(plan.output_url))
-    first = "; ".join(map(str, failures[:3])) + ("; ..." if len(failures) > 3 else "")
-    return BlockError(
-        error.failures,
-        message=f"{len(failures)} block(s) failed: {first}. The {done} finished blocks are kept "
-        f"in {plan.output_url}; fix the cause and run the same command again to resume "
-        "(`unet-volume status OUTPUT` lists the failures)",
-    )
-
-
-def _describe(cause: BaseException) -> str:
-    """A block's error in one line, with what to try where Dask's own words do not say it."""
-    if type(cause).__name__ == "KilledWorker":
-        return (
-            "it killed its worker twice (out of memory, or a crash in native code); "
-            "try a smaller --block-shape or --tile-shape, or workers with more memory"
+    def run(done: Collection[Shape]) -> RunReport:
+        return run_prediction(
+            client,
+            predictor=predictor,
+            geometry=plan.geometry,
+            volume=plan.volume,
+            store=store,
+            block_shape=plan.block_shape,
+            progress=progress,
+            skip=done,
+            max_failures=plan.max_failures,
+            stall_after=plan.stall_after,
         )
-    return " ".join(f"{type(cause).__name__}: {cause}".split())
+
+    return run_recorded(
+        plan.output_url, run, lambda r: {"report": r.to_dict()}, command="unet-volume predict"
+    )
 
 
-def _check_run_limits(options: PredictOptions) -> None:
-    failures, stall = options.max_failures, options.stall_after
-    if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
-        raise InputError(f"max_failures must be an int >= 0, got {failures!r}; e.g. 10")
-    if isinstance(stall, bool) or not isinstance(stall, int | float) or not stall > 0:
-        raise InputError(f"stall_after must be a number of seconds > 0, got {stall!r}; e.g. 600")
+def check_block_memory(plan: PredictionPlan, client: Client) -> None:
+    """Refuse a block whose estimated memory exceeds the workers' limit, before any writing."""
+    on_gpu = gpu_resources(client) is not None
+    estimate = prediction_memory(
+        plan.info.config,
+        plan.geometry.input_shape,
+        plan.block_shape,
+        read_box_of(Box.from_shape(plan.block_shape), plan.geometry).shape,
+        input_itemsize=np.dtype(plan.volume.dtype).itemsize,
+        output_itemsize=np.dtype(plan.output_dtype).itemsize,
+        network_on_host=not on_gpu,
+    )
+    check_worker_memory(
+        client.scheduler_info(n_workers=-1)["workers"],
+        estimate,
+        block="x".join(map(str, plan.block_shape)),
+        fix="pass a smaller --block-shape or --tile-shape (the network's share grows with the "
+        "tile), or give the workers more memory",
+    )
+
+
+def _create_prediction(plan: PredictionPlan) -> None:
+    create_prediction(
+        plan.output_url,
+        volume=plan.volume,
+        num_classes=plan.info.config.num_classes,
+        block_shape=plan.block_shape,
+        output_dtype=plan.output_dtype,
+        attrs=_run_attrs(plan),
+    )
 
 
 def predict_volume(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
@@ -31,24 +31,16 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
-from unet_volume.errors import InputError, OutputExistsError
+from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
-from unet_volume.run_record import (
-    BlockFailure,
-    RunStatus,
-    block_grid,
-    create_done_markers,
-    done_blocks,
-    identity_differences,
-    mark_done,
-)
-from unet_volume.storage import Volume, exists, remove_output
+from unet_volume.output_run import ATTRS_KEY, read_status, run_info, update_run_info
+from unet_volume.run_record import block_grid, create_done_markers, mark_done
+from unet_volume.storage import Volume, exists
 
 OutputDtype = Literal["float32", "float16", "uint8", "float64"]
 OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
 DIMS = ("z", "y", "x")
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-ATTRS_KEY = "unet_volume"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,21 +89,6 @@ def check_output_dtype(value: str) -> OutputDtype:
     return value  # type: ignore[return-value]
 
 
-def check_output(url: str, *, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite``."""
-    if not overwrite and exists(url):
-        raise OutputExistsError(
-            f"output {url} already exists; pass --overwrite (overwrite=True) to replace it, "
-            "or choose another output path"
-        )
-
-
-def prepare_output(url: str, *, overwrite: bool) -> None:
-    """Make room for a new output: refuse an existing one unless ``overwrite``, then remove it."""
-    check_output(url, overwrite=overwrite)
-    remove_output(url)
-
-
 def create_prediction(
     url: str,
     *,
@@ -122,8 +99,8 @@ def create_prediction(
     attrs: Mapping[str, Any],
 ) -> PredictionStore:
     """Create the output group with its arrays, coordinates and metadata (no voxel data yet)."""
-    group = zarr.open_group(url, mode="w", zarr_format=3)
     chunks = tuple(min(b, s) for b, s in zip(block_shape, volume.shape))
+    group = new_output_group(url, volume, chunks, attrs)
     group.create_array(
         "probabilities",
         shape=(num_classes, *volume.shape),
@@ -145,6 +122,18 @@ def create_prediction(
         attributes={"long_name": "most probable class"},
     )
     _write_coordinate(group, "class", np.arange(num_classes, dtype=np.int64), {})
+    return PredictionStore(url=url, output_dtype=output_dtype)
+
+
+def new_output_group(
+    url: str, volume: Volume, chunks: Shape, attrs: Mapping[str, Any]
+) -> zarr.Group:
+    """A new output group over ``volume``'s grid: physical z, y, x coordinates, one done marker
+    per chunk of ``chunks`` (a block), and the run information ``attrs``, not yet complete.
+
+    Predictions and weight volumes add their data arrays, chunked by ``chunks``.
+    """
+    group = zarr.open_group(url, mode="w", zarr_format=3)
     for axis, name in enumerate(DIMS):
         spacing = volume.voxel_size[axis] if volume.voxel_size else 1.0
         units: dict[str, Any] = (
@@ -154,7 +143,7 @@ def create_prediction(
         _write_coordinate(group, name, centres, units)
     create_done_markers(group, block_grid(volume.shape, chunks))
     group.attrs.update({ATTRS_KEY: {**attrs, "complete": False, "failures": []}})
-    return PredictionStore(url=url, output_dtype=output_dtype)
+    return group
 
 
 def _encoding(output_dtype: str) -> str:
@@ -170,63 +159,6 @@ def _write_coordinate(
     array[:] = values
 
 
-def finish_prediction(url: str, extra: Mapping[str, Any]) -> None:
-    """Mark the output complete, record ``extra`` (e.g. the run report) and consolidate metadata.
-
-    Consolidated metadata lets ``xarray.open_zarr(url)`` open the group with one read
-    and without its "consolidated metadata" warning.
-    """
-    _update_run_info(url, {**extra, "complete": True})
-
-
-def record_failures(url: str, failures: Iterable[BlockFailure]) -> None:
-    """Record the blocks that failed for good (the rest of the output stays as it is)."""
-    _update_run_info(url, {"failures": [failure.to_dict() for failure in failures]})
-
-
-def find_resumable(given: str, url: str, identity: Mapping[str, Any]) -> RunStatus | None:
-    """The status of the same run at ``url``, to resume or leave be; None if nothing is there.
-
-    Anything else at ``url`` is refused, naming what differs: another model, geometry, dtype
-    or input would mix two runs' blocks in one output. ``given`` is ``url`` as the user wrote it.
-    """
-    if not exists(url):
-        return None
-    info = run_info(url)
-    if info is None or "identity" not in info:
-        raise OutputExistsError(
-            f"output {given} already exists and is not a resumable unet-volume prediction; "
-            "pass --overwrite (overwrite=True) to replace it, or choose another output path"
-        )
-    differences = identity_differences(info["identity"], identity)
-    if differences:
-        raise OutputExistsError(
-            f"output {given} holds another run ({'; '.join(differences)}); pass --overwrite "
-            "(overwrite=True) to start it anew, or choose another output path"
-        )
-    return read_status(url)
-
-
-def read_status(url: str) -> RunStatus:
-    """How far the run writing the prediction at ``url`` got (done, failed, missing blocks)."""
-    info = run_info(url)
-    if info is None:
-        raise InputError(
-            f"{url} is not a unet-volume prediction; pass the OUTPUT of `unet-volume predict`"
-        )
-    group = zarr.open_group(url, mode="r", zarr_format=3)
-    total = int(np.prod(cast("zarr.Array[Any]", group["done"]).shape))
-    failures = tuple(BlockFailure.from_dict(f) for f in info.get("failures", []))
-    return RunStatus(
-        url,
-        total,
-        len(done_blocks(url)),
-        bool(info.get("complete")),
-        dict(info.get("identity", {})),
-        failures,
-    )
-
-
 def record_provenance(url: str, provenance: Mapping[str, Any]) -> None:
     """Record who made a finished prediction and how (e.g. flow run, parameters, package versions).
 
@@ -237,7 +169,7 @@ def record_provenance(url: str, provenance: Mapping[str, Any]) -> None:
         raise InputError(
             f"{url} is not a finished prediction; record provenance after the run completes"
         )
-    _update_run_info(url, {"provenance": dict(provenance)})
+    update_run_info(url, {"provenance": dict(provenance)})
 
 
 def environment() -> dict[str, Any]:
@@ -249,31 +181,6 @@ def environment() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return {"host": platform.node(), "python": platform.python_version(), "packages": versions}
-
-
-def _update_run_info(url: str, extra: Mapping[str, Any]) -> None:
-    """Merge ``extra`` into the run attributes, then re-consolidate the metadata."""
-    group = zarr.open_group(url, mode="r+", zarr_format=3)
-    info = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
-    group.attrs[ATTRS_KEY] = {**info, **extra}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        zarr.consolidate_metadata(url, zarr_format=3)
-
-
-def run_info(url: str) -> dict[str, Any] | None:
-    """What the prediction at ``url`` records of its run (model, input, ``complete``), or None.
-
-    A group that is not a prediction (no ``unet_volume`` attributes) counts as none, too.
-    """
-    if not exists(url):
-        return None
-    try:
-        group = zarr.open_group(url, mode="r", zarr_format=3)
-    except (FileNotFoundError, ValueError, TypeError):  # not a Zarr v3 group
-        return None
-    info = group.attrs.get(ATTRS_KEY)
-    return dict(info) if isinstance(info, dict) else None
 
 
 def open_prediction(url: str, *, allow_incomplete: bool = False) -> xr.Dataset:

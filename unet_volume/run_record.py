@@ -85,17 +85,23 @@ def _sample_boxes(shape: Shape) -> list[Box]:
     return [Box.from_shape(size, begin=(z, begin_y, begin_x)) for z in slices]
 
 
-def identity_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """The fields in which two run identities differ, e.g. ``["model sha256", "input"]``.
+def identity_differences(
+    recorded: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """The fields in which two run identities differ, nested fields by their path.
 
     >>> identity_differences({"model_sha256": "a", "tta": False}, {"model_sha256": "b", "tta": False})
     ['model_sha256: a, now b']
+    >>> identity_differences({"input": {"shape": [2, 9, 9]}}, {"input": {"shape": [3, 9, 9]}})
+    ['input.shape: [2, 9, 9], now [3, 9, 9]']
     """  # noqa: E501
     differences = []
     for key in sorted(set(recorded) | set(wanted)):
         before, now = recorded.get(key), wanted.get(key)
-        if before != now:
-            differences.append(f"{key}: {_short(before)}, now {_short(now)}")
+        if isinstance(before, Mapping) and isinstance(now, Mapping):
+            differences += identity_differences(before, now, f"{prefix}{key}.")
+        elif before != now:
+            differences.append(f"{prefix}{key}: {_short(before)}, now {_short(now)}")
     return differences
 
 
@@ -291,7 +297,10 @@ def held_lease(group_url: str, given: str, *, seconds: float = LEASE_SECONDS) ->
     finally:
         stop.set()
         refresher.join()
-        write_lease(group_url, Lease(lease.holder, 0.0))  # released: free at once
+        try:
+            write_lease(group_url, Lease(lease.holder, 0.0))  # released: free at once
+        except OSError as error:  # e.g. a full disk: the lease expires on its own
+            log.info("could not release the lease on %s: %s", group_url, error)
 
 
 def _refresh(group_url: str, seconds: float, stop: threading.Event) -> None:

@@ -297,12 +297,30 @@ def opened_array(url: str, kind: str) -> Iterator[Any]:
         return
     node = zarr.open(url, mode="r")
     if isinstance(node, zarr.Group):
-        names = sorted(name for name, _ in node.arrays())
+        node = _main_array(node, url)
+    yield node
+
+
+def _main_array(group: zarr.Group, url: str) -> Any:
+    """The array that a unet-volume output names as its volume (a weight volume's ``weights``).
+
+    An output whose run is not complete is refused: its missing blocks would read as zeros.
+    Any other group is refused, naming its arrays.
+    """
+    info = group.attrs.get("unet_volume")
+    name = info.get("array") if isinstance(info, dict) else None
+    if not isinstance(name, str):
+        names = sorted(name for name, _ in group.arrays())
         raise InputError(
             f"input {url} is a Zarr group, not an array; pass one of its arrays, "
             f"e.g. {url.rstrip('/')}/{names[0] if names else 'ARRAY'}"
         )
-    yield node
+    if not info.get("complete"):  # type: ignore[union-attr]
+        raise InputError(
+            f"input {url} is incomplete (its run stopped before every block was written); "
+            "run the command that writes it again to resume (`unet-volume status` shows how far)"
+        )
+    return group[name]
 
 
 def _stored_voxel_size(

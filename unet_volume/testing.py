@@ -6,12 +6,17 @@ the same definitions. Imports hypothesis lazily: it is a test extra.
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from unet_volume.geometry import Box
 from unet_volume.storage import ArrayLike, read_box
@@ -229,3 +234,53 @@ def snapshot(root: str | Path) -> dict[str, tuple[bytes, int]]:
         for p in sorted(base.rglob("*"))
         if p.is_file()
     }
+
+
+FULL_DISK = "fulldisk"
+"""The URL protocol of :class:`FullDisk`: ``fulldisk:///tmp/disk/out.zarr``."""
+SPACE_FILE = ".space"
+
+
+class FullDisk(LocalFileSystem):
+    """A local file system whose disk fills up: a store that raises ENOSPC, for tests.
+
+    The bytes left are kept in a ``.space`` file in a folder above the written path (absent:
+    unlimited). Each write spends its size; a write that does not fit raises
+    ``OSError(ENOSPC)``, as a full disk does, and writes nothing. Removing ``.space`` frees
+    the disk. Kept in a file so that every worker process sees the same disk; register the
+    protocol in each with :func:`register_full_disk`.
+    """
+
+    protocol = FULL_DISK
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "auto_mkdir": True})
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        text = str(path)
+        return super()._strip_protocol(text.removeprefix(FULL_DISK + "://"))
+
+    def pipe_file(self, path: Any, value: bytes, *args: Any, **kwargs: Any) -> None:
+        _spend(Path(self._strip_protocol(path)), len(value))
+        super().pipe_file(path, value, *args, **kwargs)
+
+
+def _spend(path: Path, size: int) -> None:
+    """Take ``size`` bytes from the ``.space`` above ``path``, or raise ENOSPC."""
+    for folder in path.parents:
+        space = folder / SPACE_FILE
+        if space.exists():
+            left = int(space.read_text())
+            if size > left:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            # Replaced, never rewritten in place: other processes read it meanwhile.
+            spent = folder / f"{SPACE_FILE}.{os.getpid()}.{threading.get_ident()}"
+            spent.write_text(str(left - size))
+            os.replace(spent, space)
+            return
+
+
+def register_full_disk() -> None:
+    """Make ``fulldisk://`` URLs open :class:`FullDisk` in this process (run it in workers too)."""
+    fsspec.register_implementation(FULL_DISK, FullDisk, clobber=True)

@@ -1,18 +1,29 @@
 """The loss weight map of a whole label volume, block by block on Dask, into Zarr.
 
 One task per block reads the block's write box grown by :func:`~unet_volume.weight_map.halo_for`
-(background outside the volume), weighs it with :func:`~unet_volume.weight_map.weight_map` and
-writes its own chunk of a float32 Zarr v3 array. Two cheap passes come first, so that every
-block uses the whole volume's class weights: the label range (binary mask or instance
-labels; no negative labels) and the target's class counts. The result equals
+(background outside the volume), weighs it with :func:`~unet_volume.weight_map.weight_map`,
+writes its own chunk of the float32 array ``weights`` and marks itself done. Two cheap passes
+come first, so that every block uses the whole volume's class weights: the label range (binary
+mask or instance labels; no negative labels) and the target's class counts. The result equals
 ``weight_map(whole labels)`` bit for bit for integer voxel sizes (see :mod:`weight_map`).
+
+The output is a Zarr v3 group laid out as a prediction's (:mod:`unet_volume.prediction_store`),
+with the same records (:mod:`unet_volume.output_run`): a run that stops keeps its finished
+blocks, and running it again resumes::
+
+    WEIGHTS.zarr/
+      weights       (z, y, x) float32, one chunk per block
+      z, y, x       voxel centres in physical units
+      done          (block_z, block_y, block_x) uint8: 1 where a block is written
+
+``open_volume("WEIGHTS.zarr")`` opens ``weights`` (the group names it), once it is complete.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -20,18 +31,22 @@ import numpy as np
 import zarr
 from distributed import Client
 
-from unet_volume import prediction_store
+from unet_volume.block_memory import check_worker_memory, weight_memory
 from unet_volume.cluster import map_bounded
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
-from unet_volume.storage import (
-    Volume,
-    absolute,
-    check_z_range,
-    open_volume,
-    removed_on_failure,
+from unet_volume.output_run import (
+    check_run_limits,
+    create_output,
+    find_resumable,
+    run_info,
+    run_recorded,
 )
-from unet_volume.tiling import Block, block_key, plan_halo_blocks
+from unet_volume.predict_config import DEFAULT_OPTIONS
+from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
+from unet_volume.run_record import fingerprint, mark_done
+from unet_volume.storage import Volume, absolute, check_z_range, open_volume, with_retries
+from unet_volume.tiling import Block, block_key, count_blocks, plan_halo_blocks
 from unet_volume.weight_map import (
     TOLERANCE,
     WEIGHT_BLOCK,
@@ -43,12 +58,16 @@ from unet_volume.weight_map import (
     weight_map,
 )
 
+WEIGHTS = "weights"
+"""Name of the weight array in the output group."""
+
 
 @dataclass(frozen=True, slots=True)
 class WeightReport:
     """What :func:`compute_weight_volume` did.
 
-    ``task_seconds`` sums the time of the weight tasks (read, weigh, write).
+    ``task_seconds`` sums the time of the weight tasks (read, weigh, write); ``skipped``
+    counts the blocks an earlier run of the same weights had done (resumed, not redone).
     """
 
     output_url: str
@@ -58,6 +77,7 @@ class WeightReport:
     class_weights: tuple[float, float]
     halo: Shape
     task_seconds: float
+    skipped: int = 0
 
     @property
     def voxels_per_second(self) -> float:
@@ -73,36 +93,100 @@ def compute_weight_volume(
     client: Client,
     overwrite: bool = False,
     balance_z_range: tuple[int, int] | None = None,
+    max_failures: int = DEFAULT_OPTIONS.max_failures,
+    stall_after: float = DEFAULT_OPTIONS.stall_after,
 ) -> WeightReport:
-    """Write the weight map of the labels at ``labels_url``: a float32 Zarr v3 array at ``out_url``.
+    """Write the weight map of the labels at ``labels_url`` into a Zarr v3 group at ``out_url``.
 
-    One task per block (one output chunk of ``block_shape``, by default
-    :data:`~unet_volume.weight_map.WEIGHT_BLOCK`) reads its write box grown by
-    :func:`halo_for` and writes its chunk. A binary mask needs blocks spanning its components
-    (whole (y, x) slices for ``ndim=2``, the volume for ``ndim=3``); otherwise label it first.
-    ``balance_z_range`` (half-open) counts the class frequencies over those slices only, e.g.
-    the training region, so that held-out slices stay unseen. Bad input is refused before
-    anything is written; a run that fails later leaves no output.
+    The group holds the float32 array ``weights`` (z, y, x) with coordinates, and the run's
+    records (:mod:`unet_volume.output_run`). One task per block (one chunk of ``block_shape``,
+    by default :data:`~unet_volume.weight_map.WEIGHT_BLOCK`) reads its write box grown by
+    :func:`halo_for`, writes its chunk and marks itself done. A binary mask needs blocks
+    spanning its components (whole (y, x) slices for ``ndim=2``, the volume for ``ndim=3``);
+    otherwise label it first. ``balance_z_range`` (half-open) counts the class frequencies over
+    those slices only, e.g. the training region, so that held-out slices stay unseen.
+
+    Bad input is refused before anything is written. Running the same weights again resumes an
+    incomplete output (only missing blocks are computed) and leaves a complete one be; up to
+    ``max_failures`` blocks may fail, recorded in the output, before the run stops.
     """
     start = time.perf_counter()
     given, out_url = str(out_url), absolute(out_url)  # workers may have another cwd
     volume = _open_labels(str(labels_url))
     shape = _check_block_shape(block_shape or WEIGHT_BLOCK[config.ndim], volume)
-    prediction_store.check_output(given, overwrite=overwrite)
+    check_run_limits(max_failures, stall_after)
+    _check_memory(client, shape, halo_for(config))
     region = _balance_region(volume.box, balance_z_range)
+    identity = _identity(volume, config, shape, region)
+    existing = find_resumable(given, out_url, identity, overwrite=overwrite)
+    if existing is not None and existing.complete:
+        return _already_done(out_url, existing.total, time.perf_counter() - start)
+    config, weights = _resolve(client, volume, config, shape, region)
+    if existing is None:
+        attrs = _run_attrs(volume, config, weights, identity)
+        create_output(
+            out_url, lambda: _create_output(out_url, volume, shape, attrs), overwrite=overwrite
+        )
+    blocks = plan_halo_blocks(volume.shape, shape, halo_for(config))
+    run_options = {"max_failures": max_failures, "stall_after": stall_after}
+    task = {"volume": volume, "out_url": out_url, "config": config, "class_weights": weights}
+
+    def run(done: Collection[Shape]) -> list[dict[str, Any]]:
+        todo = (block for block in blocks if block.index not in done)
+        return _run_blocks(client, todo, **run_options, **task)
+
+    finished = run_recorded(out_url, run, _report, command="unet-volume weights")
+    voxels, seconds = sum(d["voxels"] for d in finished), sum(d["seconds"] for d in finished)
+    skipped = count_blocks(volume.shape, shape) - len(finished)
+    elapsed = time.perf_counter() - start
+    halo = halo_for(config)
+    return WeightReport(out_url, len(finished), voxels, elapsed, weights, halo, seconds, skipped)
+
+
+def _check_memory(client: Client, block_shape: Shape, halo: Shape) -> None:
+    """Refuse a block whose estimated memory exceeds the workers' limit, before any writing."""
+    read = Box.from_shape(block_shape).grow(halo).shape
+    check_worker_memory(
+        client.scheduler_info(n_workers=-1)["workers"],
+        weight_memory(read),
+        block="x".join(map(str, block_shape)),
+        fix="pass a smaller --block-shape, or give the workers more memory",
+    )
+
+
+def _already_done(url: str, total: int, seconds: float) -> WeightReport:
+    """The report of a run that finds its output complete: nothing done, all skipped."""
+    recipe = (run_info(url) or {})["weights"]
+    weights, halo = tuple(recipe["class_weights"]), tuple(recipe["halo"])
+    return WeightReport(url, 0, 0, seconds, weights, halo, 0.0, skipped=total)  # type: ignore[arg-type]
+
+
+def _resolve(
+    client: Client, volume: Volume, config: WeightMapConfig, shape: Shape, region: Box
+) -> tuple[WeightMapConfig, tuple[float, float]]:
+    """The two cheap passes over the labels: ``binary`` decided (and checked), class weights."""
     boxes = [box for _, box in volume.box.grid(shape)]
     ranges = _run_boxes(client, _label_range, boxes, volume=volume)
     config = _resolve_binary(config, ranges, volume, shape)
-    weights = config.class_weights or _balanced_weights(client, volume, config, boxes, region)
-    blocks = list(plan_halo_blocks(volume.shape, shape, halo_for(config)))
-    _create_output(out_url, volume, config, weights, shape, overwrite=overwrite)
-    with removed_on_failure(out_url):  # no partial weights left behind
-        spent = _run_blocks(
-            client, blocks, volume=volume, out_url=out_url, config=config, class_weights=weights
-        )
-    seconds = time.perf_counter() - start
-    halo = halo_for(config)
-    return WeightReport(out_url, len(blocks), volume.box.size, seconds, weights, halo, sum(spent))
+    return config, config.class_weights or _balanced_weights(client, volume, config, boxes, region)
+
+
+def _report(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the output records of a finished run."""
+    return {"report": {"blocks": len(done), "voxels": sum(d["voxels"] for d in done)}}
+
+
+def _identity(
+    volume: Volume, config: WeightMapConfig, block_shape: Shape, region: Box
+) -> dict[str, Any]:
+    """What makes two weight runs the same run: only then may one resume the other's output."""
+    return {
+        "weights": asdict(config),
+        "block_shape": list(block_shape),
+        "balance_z_range": [region.begin[0], region.end[0]],
+        "output_dtype": "float32",
+        "input": fingerprint(volume),
+    }
 
 
 def _check_block_shape(block_shape: Sequence[int], volume: Volume) -> Shape:
@@ -125,18 +209,14 @@ def _balanced_weights(
     return balanced_class_weights(sum(counts), region.size)
 
 
-def _create_output(
-    out_url: str,
+def _run_attrs(
     volume: Volume,
     config: WeightMapConfig,
     weights: tuple[float, float],
-    block_shape: Shape,
-    *,
-    overwrite: bool,
-) -> None:
-    """The empty float32 output, one chunk per block, its recipe in the attributes."""
-    prediction_store.prepare_output(out_url, overwrite=overwrite)
-    attrs = {
+    identity: dict[str, Any],
+) -> dict[str, Any]:
+    """The output's run information: the weight map's recipe, its input and its identity."""
+    recipe = {
         **asdict(config),
         "class_weights": list(weights),
         "halo": list(halo_for(config)),
@@ -145,15 +225,26 @@ def _create_output(
         "tolerance": TOLERANCE,
         "border": "background (0) outside the volume",
     }
-    zarr.create_array(
-        out_url,
+    return {
+        "array": WEIGHTS,
+        "weights": recipe,
+        "input": volume_attrs(volume),
+        "identity": identity,
+    }
+
+
+def _create_output(url: str, volume: Volume, block_shape: Shape, attrs: dict[str, Any]) -> None:
+    """The empty output group: float32 ``weights``, one chunk per block, and its records."""
+    group = new_output_group(url, volume, block_shape, attrs)
+    group.create_array(
+        WEIGHTS,
         shape=volume.shape,
         chunks=block_shape,
         dtype="float32",
         fill_value=0.0,
-        compressors=[prediction_store.COMPRESSOR],
-        dimension_names=prediction_store.DIMS,
-        attributes={"long_name": "loss weight", prediction_store.ATTRS_KEY: {"weights": attrs}},
+        compressors=[COMPRESSOR],
+        dimension_names=DIMS,
+        attributes={"long_name": "loss weight"},
     )
 
 
@@ -225,20 +316,27 @@ def _weigh_block(
     out_url: str,
     config: WeightMapConfig,
     class_weights: tuple[float, float],
-) -> float:
-    """One task: weigh the write box with the rest of the read box as context, write its chunk.
+) -> dict[str, Any]:
+    """One task: weigh the write box with the rest of the read box as context, write its chunk,
+    mark the block done.
 
-    Returns the task's seconds.
+    Idempotent, as a prediction block; transient read and write errors are retried. Returns the
+    block's voxels and seconds.
     """
     start = time.perf_counter()
-    labels = _read_padded(volume, block.read_box)
+    labels = with_retries(_read_padded, volume, block.read_box)
     inner = block.write_box.shift(tuple(-b for b in block.read_box.begin))
     weights = weight_map(labels, config, class_weights, write_box=inner)
-    zarr.open_array(out_url, mode="r+")[block.write_box.to_slices()] = weights
-    return time.perf_counter() - start
+    with_retries(_write, out_url, block.write_box, weights)
+    with_retries(mark_done, out_url, block.index)  # only after the data is stored
+    return {"voxels": block.write_box.size, "seconds": time.perf_counter() - start}
 
 
-def _run_blocks(client: Client, blocks: list[Block], **kwargs: Any) -> list[float]:
+def _write(url: str, box: Box, weights: np.ndarray) -> None:
+    zarr.open_array(f"{url}/{WEIGHTS}", mode="r+", zarr_format=3)[box.to_slices()] = weights
+
+
+def _run_blocks(client: Client, blocks: Iterable[Block], **kwargs: Any) -> list[dict[str, Any]]:
     """:func:`_weigh_block` per block as Dask tasks, a bounded number in flight."""
     return list(map_bounded(client, _weigh_block, blocks, name=block_key("weigh-block"), **kwargs))
 
