@@ -12,6 +12,7 @@ from prefect.states import State
 
 from unet_volume.cluster import open_client
 from unet_volume.errors import is_transient
+from unet_volume.storage import check_location
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -40,3 +41,14 @@ def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[st
     """
     with open_client(scheduler, cluster, dashboard=False) as client:
         yield client.scheduler.address
+
+
+def check_locations(**locations: str | None) -> None:
+    """Check each path or URL parameter given (see :func:`check_location`), before any task.
+
+    Parameters reach a flow from the UI, the API or a deployment file: a flow refuses in one
+    line, naming the parameter, what no filesystem could open, before it reads or writes.
+    """
+    for name, value in locations.items():
+        if value is not None:
+            check_location(value, name)

@@ -11,7 +11,7 @@ from pydantic import NonNegativeFloat
 
 from unet_volume.checkpoint import read_checkpoint
 from unet_volume.landing import Arrival, due, find_volumes, settled_volumes
-from unet_volume_flows.common import STORAGE_RETRIES, scheduler_address
+from unet_volume_flows.common import STORAGE_RETRIES, check_locations, scheduler_address
 from unet_volume_flows.predict import predict_flow
 
 
@@ -49,6 +49,7 @@ def ingest_flow(
     copied (changed within ``settle_seconds``, empty or truncated) waits for the next scan. One
     failing volume does not stop the others; the flow fails at the end, naming it.
     """
+    check_locations(landing=landing, outputs=outputs, model=model)
     log = get_run_logger()
     arrivals = scan(landing, outputs, model, reprocess, settle_seconds)
     log.info("%d volume(s) due in %s", len(arrivals), landing)

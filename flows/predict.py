@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import PositiveFloat, PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster import open_client
 from unet_volume.engine import RunReport
@@ -17,7 +17,7 @@ from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
-from unet_volume_flows.common import STORAGE_RETRIES
+from unet_volume_flows.common import STORAGE_RETRIES, check_locations
 
 Shape = tuple[PositiveInt, PositiveInt, PositiveInt]
 VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
@@ -31,7 +31,8 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
 
 @task(cache_policy=NO_CACHE)  # no timeout: a 10^12-voxel volume takes as long as it takes
 def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | None) -> RunReport:
-    """Every block on the Dask cluster; a failed run leaves no output."""
+    """Every block not yet done on the Dask cluster; failed blocks are recorded, finished ones
+    kept."""
     with open_client(scheduler, cluster) as client:
         get_run_logger().info(
             "%d blocks on %s (dashboard %s)",
@@ -99,6 +100,8 @@ def predict_flow(
     tta: bool = DEFAULT_OPTIONS.tta,
     voxel_size: VoxelSize | None = DEFAULT_OPTIONS.voxel_size,
     overwrite: bool = DEFAULT_OPTIONS.overwrite,
+    max_failures: NonNegativeInt = DEFAULT_OPTIONS.max_failures,
+    stall_after: PositiveFloat = DEFAULT_OPTIONS.stall_after,
     scheduler: str | None = None,
     cluster: str | None = None,
     preview: str | None = None,
@@ -109,13 +112,19 @@ def predict_flow(
     started from the spec named ``cluster`` (``deploy/clusters``), or on a LocalCluster.
     ``preview`` is the PNG to write (default: beside the output). The other defaults are
     :class:`~unet_volume.predict.PredictOptions`'. Returns the run report as a dict.
+
+    An incomplete output of the same run is resumed; failed blocks are recorded in it and the
+    flow fails naming them (see ``unet-volume status OUT``).
     """
+    check_locations(image=image, model=model, out=out, preview=preview)
     options = replace(
         DEFAULT_OPTIONS,
         block_shape=block_shape,
         output_dtype=output_dtype,
         voxel_size=voxel_size,
         overwrite=overwrite,
+        max_failures=max_failures,
+        stall_after=stall_after,
         tta=tta,
     )
     planned = plan(image, model, out, options)

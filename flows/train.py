@@ -23,7 +23,7 @@ from unet_volume.train import TrainConfig, TrainReport, train
 from unet_volume.train_config import Augment
 from unet_volume.weight_map import WeightMapConfig
 from unet_volume.weight_volume import compute_weight_volume
-from unet_volume_flows.common import STORAGE_RETRIES
+from unet_volume_flows.common import STORAGE_RETRIES, check_locations
 
 ZRange = tuple[NonNegativeInt, PositiveInt]
 DEFAULTS = TrainConfig()  # every default below is read from here, none is written twice
@@ -132,6 +132,7 @@ def train_flow(
     levels deep, trained on tiles of ``tile_output``² output voxels. Defaults are
     :class:`~unet_volume.train.TrainConfig`'s. Returns the figures.
     """
+    check_locations(image=image, labels=labels, model=model)
     config = replace(
         DEFAULTS,
         model=replace(

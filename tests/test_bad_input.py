@@ -176,6 +176,16 @@ CASES: list[tuple[str, Callable[[dict[str, str], Path], list[str]], str]] = [
         "shape",
     ),
     (
+        "train-negative-labels",
+        lambda f, r: ["train", f["image"], f["negative"], "--out", str(r / "m.pt")],
+        "negative values (min -1 in slice 0)",
+    ),
+    (
+        "train-float-labels",
+        lambda f, r: ["train", f["image"], f["float_labels"], "--out", str(r / "m.pt")],
+        "float32, not integers",
+    ),
+    (
         "train-z-range-outside",
         lambda f, r: [
             "train",

@@ -231,6 +231,10 @@ def test_failures_a_full_disk_keeps_finished_blocks_and_the_run_resumes_once_the
     assert "disk is full" in error[0] and "finished blocks are kept" in error[0], error[0]
     status = read_status(output)
     assert 0 < status.done < status.total == 54 and not status.complete
+    assert main(["status", output]) == EXIT_OK
+    said = capsys.readouterr().out
+    assert f"incomplete; done {status.done} / " in said
+    assert f"run the same `unet-volume {command}` command again to resume" in said
     (full / SPACE_FILE).unlink()  # space again
     assert main(args(output)) == EXIT_OK
     assert f"{status.done} " in capsys.readouterr().out  # says how many were done before

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,20 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ParameterTypeError
 from prefect.flows import load_flow_from_entrypoint
 from prefect.testing.utilities import prefect_test_harness
+from test_bad_input import nan_image, setup_files  # the same files as the CLI's cases
 
 from unet_volume.checkpoint import save_model
-from unet_volume.errors import InputError
+from unet_volume.errors import (
+    BlockError,
+    CheckpointError,
+    InputError,
+    OutputExistsError,
+    UnetVolumeError,
+)
 from unet_volume.model import UNet
-from unet_volume.output_run import run_info
+from unet_volume.output_run import read_status, run_info
 from unet_volume.predict import predict_volume
-from unet_volume.testing import blob_volume
+from unet_volume.testing import blob_volume, snapshot
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import default_preview, predict_flow
 from unet_volume_flows.train import train_flow
@@ -269,3 +276,178 @@ def test_predict_flow_fails_bad_input_at_once_without_retrying(tmp_path: Path) -
 )
 def test_predict_flow_preview_goes_beside_a_local_output(out: str, expected: str) -> None:
     assert default_preview(out) == expected
+
+
+# --- bad input through the flows: refused before any task, one line, nothing written -------------
+
+FlowCall = Callable[[dict[str, str], Path], Any]
+
+FLOW_CASES: list[tuple[str, FlowCall, type[Exception], str]] = [
+    (
+        "predict-missing-image",
+        lambda f, r: predict_flow(str(r / "nope.zarr"), f["model"], str(r / "out.zarr")),
+        InputError,
+        "does not exist",
+    ),
+    (
+        "predict-image-with-a-newline",
+        lambda f, r: predict_flow(f["image"] + "\n", f["model"], str(r / "out.zarr")),
+        InputError,
+        "image '/",
+    ),
+    (
+        "predict-unknown-protocol",
+        lambda f, r: predict_flow(f["image"], f["model"], "nosuch://bucket/out.zarr"),
+        InputError,
+        "out 'nosuch://bucket/out.zarr' uses nosuch://, which no installed filesystem reads",
+    ),
+    (
+        "predict-empty-model-path",
+        lambda f, r: predict_flow(f["image"], "", str(r / "out.zarr")),
+        InputError,
+        "model '' is not a path",
+    ),
+    (
+        "predict-not-a-model",
+        lambda f, r: predict_flow(f["image"], str(r / "not-a-model.pt"), str(r / "out.zarr")),
+        CheckpointError,
+        "not a unet-volume checkpoint",
+    ),
+    (
+        "predict-pickle-with-code",
+        lambda f, r: predict_flow(f["image"], str(r / "pickle.pt"), str(r / "out.zarr")),
+        CheckpointError,
+        "pickle.pt",
+    ),
+    (
+        "predict-channels",
+        lambda f, r: predict_flow(f["image2c"], f["model"], str(r / "out.zarr")),
+        InputError,
+        "2 channel(s) but the model expects 1",
+    ),
+    (
+        "predict-block-off-lattice",
+        lambda f, r: predict_flow(
+            f["image"], f["model"], str(r / "out.zarr"), block_shape=(1, 18, 16)
+        ),
+        InputError,
+        "period 4",
+    ),
+    (
+        "predict-output-holds-other-data",
+        lambda f, r: predict_flow(f["image"], f["model"], str(r / "busy.zarr")),
+        OutputExistsError,
+        "not a resumable",
+    ),
+    (
+        "predict-zero-block-side",
+        lambda f, r: predict_flow(
+            f["image"], f["model"], str(r / "o.zarr"), block_shape=(1, 0, 16)
+        ),
+        ParameterTypeError,
+        "greater than 0",
+    ),
+    (
+        "predict-unknown-dtype",
+        lambda f, r: predict_flow(f["image"], f["model"], str(r / "o.zarr"), output_dtype="int7"),
+        ParameterTypeError,
+        "uint8",
+    ),
+    (
+        "predict-negative-max-failures",
+        lambda f, r: predict_flow(f["image"], f["model"], str(r / "o.zarr"), max_failures=-1),
+        ParameterTypeError,
+        "greater than or equal to 0",
+    ),
+    (
+        "predict-not-a-scheduler-address",
+        lambda f, r: predict_flow(
+            f["image"], f["model"], str(r / "out.zarr"), scheduler="localhost 8786; rm -rf /"
+        ),
+        InputError,
+        "is not a Dask address",
+    ),
+    (
+        "ingest-missing-landing",
+        lambda f, r: ingest_flow(str(r / "nowhere"), str(r / "outs"), f["model"]),
+        InputError,
+        "is not a folder",
+    ),
+    (
+        "ingest-negative-settle-seconds",
+        lambda f, r: ingest_flow(str(r), str(r / "outs"), f["model"], settle_seconds=-1),
+        ParameterTypeError,
+        "greater than or equal to 0",
+    ),
+    (
+        "ingest-outputs-with-a-nul",
+        lambda f, r: ingest_flow(str(r), str(r / "outs") + "\x00", f["model"]),
+        InputError,
+        "holds control characters",
+    ),
+    (
+        "train-labels-shape",
+        lambda f, r: train_flow(f["image"], f["short_labels"], str(r / "m.pt"), steps=1),
+        InputError,
+        "shape",
+    ),
+    (
+        "train-negative-labels",
+        lambda f, r: train_flow(f["image"], f["negative"], str(r / "m.pt"), steps=1, depth=2),
+        InputError,
+        "negative",
+    ),
+    (
+        "train-float-labels",
+        lambda f, r: train_flow(f["image"], f["float_labels"], str(r / "m.pt"), steps=1, depth=2),
+        InputError,
+        "not integers",
+    ),
+    (
+        "train-zero-minutes",
+        lambda f, r: train_flow(f["image"], f["labels"], str(r / "m.pt"), minutes=0),
+        ParameterTypeError,
+        "greater than 0",
+    ),
+    (
+        "train-model-url-unknown-protocol",
+        lambda f, r: train_flow(f["image"], f["labels"], "nosuch://models/m.pt", steps=1),
+        InputError,
+        "model 'nosuch://models/m.pt' uses nosuch://",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "call", "error", "named"), [pytest.param(*c, id=c[0]) for c in FLOW_CASES]
+)
+def test_flows_refuse_bad_input_naming_it_and_change_nothing(
+    tmp_path: Path, case: str, call: FlowCall, error: type[Exception], named: str
+) -> None:
+    files = setup_files(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(error) as raised:
+        call(files, tmp_path)
+    assert named in str(raised.value)
+    if isinstance(raised.value, UnetVolumeError):  # ours: one line (Prefect's list each field)
+        assert "\n" not in str(raised.value)
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "payload-ran").exists()  # the pickle's code never ran
+
+
+def test_predict_flow_nan_input_fails_keeping_finished_blocks_and_recording_the_failures(
+    client: Client, tmp_path: Path
+) -> None:
+    files = setup_files(tmp_path)
+    out = str(tmp_path / "out.zarr")
+    with pytest.raises(BlockError, match="holds nan at voxel"):
+        predict_flow(
+            nan_image(tmp_path),
+            files["model"],
+            out,
+            block_shape=(1, 16, 16),
+            scheduler=client.scheduler.address,
+        )
+    status = read_status(out)
+    assert not status.complete and status.done > 0 and status.failures
+    assert all(failure.index[0] == 1 for failure in status.failures)  # the NaN is in slice 1

@@ -250,3 +250,28 @@ def test_layering_flows_are_glue_over_prefect_and_the_library(path: Path) -> Non
 )
 def test_layering_library_never_imports_prefect_or_the_flows(path: Path) -> None:
     assert not import_roots(path) & {"prefect", "unet_volume_flows"}, path.name
+
+
+SHELL_MODULES = {"subprocess", "pty", "pexpect"}
+SHELL_CALLS = {"system", "popen", "execv", "execvp", "execl", "execlp", "spawnv", "spawnl"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, id=f"{p.parent.name}/{p.name}")
+        for p in sorted([*PACKAGE_DIR.glob("*.py"), *FLOWS_DIR.glob("*.py")])
+    ],
+)
+def test_layering_no_module_starts_a_shell_or_a_process_from_user_strings(path: Path) -> None:
+    # issue 13: paths and URLs reach the flows from the UI and the API; none may reach a shell.
+    # Clusters start their processes through Dask (dask-jobqueue, dask-kubernetes), never ours.
+    tree = ast.parse(path.read_text(), filename=path.name)
+    assert not import_roots(path) & SHELL_MODULES, path.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            assert not (node.value.id == "os" and node.attr in SHELL_CALLS), (
+                f"{path.name}:{node.lineno} calls os.{node.attr}"
+            )
+        if isinstance(node, ast.keyword) and node.arg == "shell":
+            raise AssertionError(f"{path.name}:{node.value.lineno} passes shell=")

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import statistics
 import threading
 import time
@@ -103,6 +104,10 @@ class QuietTaskErrors(WorkerPlugin):
         logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
 
 
+SCHEDULER_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss|inproc)://[^\s/]+(:\d+)?(/[^\s]*)?")
+"""A Dask scheduler address: a protocol Dask speaks and a host, no spaces."""
+
+
 def _check_cluster_choice(
     scheduler: str | None, cluster: str | Path | None, n_workers: int | None
 ) -> None:
@@ -119,6 +124,11 @@ def _check_cluster_choice(
         )
     if n_workers is not None and n_workers < 1:
         raise InputError(f"n_workers {n_workers} must be at least 1; or pass None for one per core")
+    if scheduler and not SCHEDULER_ADDRESS.fullmatch(str(scheduler)):
+        raise InputError(
+            f"scheduler address {scheduler!r} is not a Dask address; pass e.g. "
+            "tcp://10.0.0.5:8786 (or tls://... on a secured cluster)"
+        )
 
 
 def _local_options(n_workers: int | None, *, dashboard: bool) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class TrainingData:
             _check_same_shape(image_volume, volume, name)
         z0, z1 = check_z_range(z_range, image_volume.shape[0])
         region = Box((z0, 0, 0), (z1, *image_volume.shape[1:]))
+        _check_labels(label_volume, region)
         return cls(image_volume, label_volume, region, extra.get("weights"), extra.get("mask"))
 
     def with_region(self, z_range: tuple[int, int]) -> TrainingData:
@@ -85,6 +86,29 @@ class TrainingData:
             self.weights,
             self.mask,
         )
+
+
+def _check_labels(labels: Volume, region: Box) -> None:
+    """Integer labels, none negative in the training ``region`` (read slice by slice).
+
+    A float 0.5 or a -1 would silently become foreground (any nonzero label is class 1 with two
+    classes). Training regions are a few annotated slices: reading them once costs little.
+    """
+    kind = np.dtype(labels.dtype).kind
+    if kind not in "uib":
+        raise InputError(
+            f"labels {labels.url} are {np.dtype(labels.dtype)}, not integers; pass integer "
+            "labels (0 = background, 1.. = classes), e.g. converted with numpy's astype(np.uint8)"
+        )
+    if kind != "i":
+        return
+    for z in range(region.begin[0], region.end[0]):
+        lowest = int(labels.read(Box((z, *region.begin[1:]), (z + 1, *region.end[1:]))).min())
+        if lowest < 0:
+            raise InputError(
+                f"labels {labels.url} hold negative values (min {lowest} in slice {z}); "
+                "pass labels >= 0 (0 = background, 1.. = classes)"
+            )
 
 
 def _check_same_shape(image: Volume, other: Volume, name: str) -> None:

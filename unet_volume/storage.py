@@ -158,6 +158,37 @@ def absolute(url: str | Path) -> str:
     return url if "://" in url else str(Path(url).expanduser().absolute())
 
 
+def check_location(value: object, what: str) -> str:
+    """``value`` if it can name a local path or an fsspec URL; for parameters from afar.
+
+    Flow parameters come from the Prefect UI, an API call or a deployment file, not from the
+    user's own shell: refused are a value that is not a string, an empty one, one holding
+    control characters (a newline or NUL smuggled into a path), and a URL whose protocol no
+    installed fsspec filesystem reads. Nothing is ever passed to a shell.
+
+    >>> check_location("memory://volume.zarr", "image")
+    'memory://volume.zarr'
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(
+            f"{what} {value!r} is not a path; pass a local path or an fsspec URL such as "
+            "s3://bucket/volume.zarr"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InputError(f"{what} {value!r} holds control characters; pass a plain path or URL")
+    protocol = value.split("://", 1)[0] if "://" in value else None
+    if protocol is not None:
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise InputError(
+                f"{what} {value!r} uses {protocol}://, which no installed filesystem reads "
+                f"({reason}); pass a local path, or install the fsspec filesystem for it"
+            ) from error
+    return value
+
+
 def remove_output(url: str) -> None:
     """Delete whatever is stored at ``url`` (nothing if it does not exist)."""
     fs, path = fsspec.core.url_to_fs(url)
