@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from itertools import pairwise
@@ -15,6 +14,7 @@ from distributed import Client, get_worker
 
 from unet_volume.cluster import gpu_resources, map_bounded, open_client
 from unet_volume.errors import BlockError, InputError
+from unet_volume.testing import listening_sockets
 
 
 def interval(item: int, *, pause: float) -> tuple[int, float, float]:
@@ -130,23 +130,12 @@ def test_open_client_starts_a_local_cluster_and_closes_it_on_exit() -> None:
     assert cluster is not None and cluster.status.name == "closed"
 
 
-def listening(process: psutil.Process) -> set[tuple[str, int]]:
-    """The TCP (host, port) pairs ``process`` and its children listen on."""
-    found = set()
-    for each in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            for conn in each.net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found.add((conn.laddr.ip, conn.laddr.port))
-    return found
-
-
 def test_open_client_local_cluster_listens_on_loopback_only() -> None:
     # issue 13: nothing we start opens a port to the network unless told to.
     me = psutil.Process()
-    before = listening(me)
+    before = listening_sockets(me)
     with open_client(n_workers=1) as client:
-        opened = listening(me) - before
+        opened = listening_sockets(me) - before
         addresses = [client.scheduler.address, *client.scheduler_info()["workers"]]
         assert all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
         assert urlparse(client.dashboard_link).hostname == "127.0.0.1"

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 import zarr
@@ -23,7 +24,7 @@ import zarr
 from unet_volume.checkpoint import save_model
 from unet_volume.model import UNet
 from unet_volume.output_run import run_info
-from unet_volume.testing import blob_volume
+from unet_volume.testing import blob_volume, listening_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -128,15 +129,19 @@ def test_serve_runs_ingest_on_its_cron_schedule(
         prefect_server,
         tmp_path / "serve.log",
     )
+    opened: set[tuple[str, int]] = set()  # what serve and its flow runs listen on, meanwhile
     try:
         deadline = time.monotonic() + 200  # the next minute's tick, plus the run itself
         while time.monotonic() < deadline and not (run_info(str(outputs / "a.zarr")) or {}).get(
             "complete"
         ):
             assert serve.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(2)
+            opened |= listening_sockets(psutil.Process(serve.pid))
+            time.sleep(0.5)
     finally:
         stop(serve)
     assert (run_info(str(outputs / "a.zarr")) or {}).get("complete"), (
         tmp_path / "serve.log"
     ).read_text()[-3000:]
+    # issue 13: the flow run's LocalCluster (scheduler, worker, nanny) on loopback only.
+    assert opened and {host for host, _ in opened} == {"127.0.0.1"}, opened

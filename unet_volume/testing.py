@@ -6,6 +6,7 @@ the same definitions. Imports hypothesis lazily: it is a test extra.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -284,3 +285,16 @@ def _spend(path: Path, size: int) -> None:
 def register_full_disk() -> None:
     """Make ``fulldisk://`` URLs open :class:`FullDisk` in this process (run it in workers too)."""
     fsspec.register_implementation(FULL_DISK, FullDisk, clobber=True)
+
+
+def listening_sockets(process: Any) -> set[tuple[str, int]]:
+    """The TCP (host, port) pairs a ``psutil.Process`` and its children listen on."""
+    import psutil  # a dependency of distributed
+
+    found = set()
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            for conn in each.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((conn.laddr.ip, conn.laddr.port))
+    return found
