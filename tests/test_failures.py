@@ -123,6 +123,31 @@ def test_failures_driver_killed_then_the_same_command_resumes_to_the_undisturbed
     assert_same_output(output, expected)
 
 
+def test_failures_ctrl_c_stops_driver_and_workers_quietly_keeping_finished_blocks(
+    tmp_path: Path, model_path: Path
+) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the driver and its workers.
+    image = write_zarr(tmp_path / "in.zarr", blob_volume(SHAPE))
+    output = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "unet_volume", *predict_args(image, output, model_path)]
+    driver = subprocess.Popen(
+        [*command, "--workers", "2"], start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for_done(output, 5)
+        os.killpg(driver.pid, signal.SIGINT)
+        _, stderr = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.communicate()
+    code = driver.returncode
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == "unet-volume predict: interrupted", stderr
+    status = read_status(str(output))
+    assert not status.complete and status.done >= 5
+
+
 def test_failures_worker_killed_mid_run_still_gives_the_undisturbed_output(
     tmp_path: Path, model_path: Path
 ) -> None:

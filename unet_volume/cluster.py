@@ -80,13 +80,15 @@ def open_client(
         with Client(scheduler) as client:
             yield client
         return
+    spec = load_cluster_spec(cluster) if cluster else None
     started = (
-        make_cluster(load_cluster_spec(cluster))
-        if cluster
+        make_cluster(spec)
+        if spec is not None
         else start_local_cluster(_local_options(n_workers, dashboard=dashboard))
     )
     with started, Client(started) as client:
-        client.wait_for_workers(1)
+        if spec is None or not spec.starts_empty:  # an adaptive one asks when blocks queue up
+            client.wait_for_workers(1)
         if quiet:
             client.register_plugin(QuietTaskErrors())
         yield client
@@ -257,6 +259,12 @@ class StallWatchdog:
                 return
 
     def _describe(self, futures: list[Any], idle: float) -> str:
+        if not self.client.scheduler_info(n_workers=-1)["workers"]:
+            return (
+                f"no block finished for {idle:.0f} s and no worker is connected: the cluster "
+                "lost its workers (jobs cancelled, pre-empted or past their walltime?); "
+                "finished blocks are kept, so run the same command again to resume"
+            )
         where = {key: worker for worker, keys in self.client.processing().items() for key in keys}
         shown = ", ".join(f"{f.key} on {where.get(f.key, 'no worker')}" for f in futures[:5])
         more = f" and {len(futures) - 5} more" if len(futures) > 5 else ""

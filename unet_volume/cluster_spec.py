@@ -4,7 +4,8 @@ A spec names the upstream cluster manager with ``kind`` and passes every other k
 verbatim, to its constructor (``local``: ``distributed.LocalCluster``, ``slurm``:
 ``dask_jobqueue.SLURMCluster``, ``kubernetes``: ``dask_kubernetes.operator.KubeCluster``);
 an optional ``scale`` key asks for that many workers (SLURM jobs, worker pods) once it
-has started::
+has started, or ``adapt: {minimum: 0, maximum: 8}`` lets Dask ask for workers as blocks queue
+up and release them when idle::
 
     kind: slurm
     scale: 4
@@ -22,7 +23,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -43,10 +47,14 @@ DEFAULT_DIRECTORY = Path("deploy", "clusters")
 PATH_OPTIONS: dict[str, tuple[str, ...]] = {"kubernetes": ("custom_cluster_spec",)}
 LOCAL_START_TIMEOUT = 60.0  # seconds for local worker processes to start
 EXTRAS = {"slurm": ("dask-jobqueue", "slurm"), "kubernetes": ("dask-kubernetes", "k8s")}
+BACKENDS = {
+    "slurm": ("dask_jobqueue", "SLURMCluster"),
+    "kubernetes": ("dask_kubernetes.operator", "KubeCluster"),
+}
 
 
 def local_cluster_config() -> dict[str, object]:
-    """Dask settings for clusters we start.
+    """Dask settings for clusters we start (their scheduler, and local worker processes).
 
     - Keep glibc's dynamic mmap threshold: the nanny's default ``MALLOC_TRIM_THRESHOLD_=65536``
       makes torch CPU inference ~40% slower.
@@ -65,9 +73,27 @@ def start_local_cluster(options: Mapping[str, Any], *, scale: int | None = None)
     The one place a LocalCluster is started, for specs and for the default cluster alike, so
     that every worker it starts, ``scale``'s too, spawns under :func:`local_cluster_config`.
     """
-    with dask.config.set(local_cluster_config()):
+    with dask.config.set(local_cluster_config()), _ctrl_c_left_to_the_caller():
         local = LocalCluster(**options)  # type: ignore[no-untyped-call]
         return _scaled(local, scale, wait=True)
+
+
+@contextmanager
+def _ctrl_c_left_to_the_caller() -> Iterator[None]:
+    """Worker processes started in the body ignore SIGINT; the caller's handler comes back.
+
+    Ctrl-C in a terminal reaches the whole process group: the workers would each print a
+    KeyboardInterrupt traceback while the caller, which owns them, stops and closes them.
+    An ignored signal stays ignored in the processes spawned meanwhile (and theirs).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; its processes are not ours to start
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 @dataclass(frozen=True)
@@ -75,7 +101,8 @@ class ClusterSpec:
     """One cluster spec file: the backend ``kind`` plus its constructor's ``options``.
 
     ``options`` go verbatim to the upstream constructor; ``scale`` (None: leave the
-    constructor's default) is requested after start; ``name`` is the file's stem.
+    constructor's default) is requested after start, or ``adapt`` (``minimum``, ``maximum``
+    workers) makes the cluster adaptive; ``name`` is the file's stem.
 
     >>> spec = ClusterSpec("one", "local", {"n_workers": 1}, None, Path("one.yaml"))
     >>> spec.kind, spec.options["n_workers"], spec.scale
@@ -87,6 +114,12 @@ class ClusterSpec:
     options: dict[str, Any] = field(hash=False)
     scale: int | None
     path: Path
+    adapt: dict[str, int] | None = field(default=None, hash=False)
+
+    @property
+    def starts_empty(self) -> bool:
+        """Whether it may have no worker until work arrives (adaptive from a minimum of 0)."""
+        return self.adapt is not None and self.adapt.get("minimum", 0) == 0
 
 
 def load_cluster_spec(name_or_path: str | Path, *, directory: Path | None = None) -> ClusterSpec:
@@ -125,6 +158,12 @@ def load_cluster_spec(name_or_path: str | Path, *, directory: Path | None = None
         raise InputError(
             f"cluster spec {path} has scale {scale!r}; set 'scale:' to a worker count >= 0 or null"
         )
+    adapt = _adapt_option(options.pop("adapt", None), path)
+    if adapt is not None and scale is not None:
+        raise InputError(
+            f"cluster spec {path} has both scale and adapt; keep one (adapt: a minimum and a "
+            "maximum number of workers, scale: a fixed number)"
+        )
     if bad := [key for key in options if not isinstance(key, str)]:
         raise InputError(
             f"cluster spec {path} has non-string keys {bad!r}; quote them or remove them"
@@ -132,7 +171,25 @@ def load_cluster_spec(name_or_path: str | Path, *, directory: Path | None = None
     for key in PATH_OPTIONS.get(kind, ()):
         if isinstance(options.get(key), str):
             options[key] = str((path.parent / Path(options[key]).expanduser()).resolve())
-    return ClusterSpec(path.stem, cast(Kind, kind), options, scale, path)
+    return ClusterSpec(path.stem, cast(Kind, kind), options, scale, path, adapt)
+
+
+def _adapt_option(value: Any, path: Path) -> dict[str, int] | None:
+    """``adapt: {minimum: 0, maximum: 8}`` checked: worker counts, minimum <= maximum."""
+    if value is None:
+        return None
+    counts = value if isinstance(value, dict) else {}
+    if (
+        not counts
+        or set(counts) - {"minimum", "maximum"}
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values())
+        or counts.get("minimum", 0) > counts.get("maximum", counts.get("minimum", 0))
+    ):
+        raise InputError(
+            f"cluster spec {path} has adapt {value!r}; write e.g. 'adapt: {{minimum: 0, "
+            "maximum: 8}}' (worker counts, minimum <= maximum)"
+        )
+    return dict(counts)
 
 
 def make_cluster(spec: ClusterSpec) -> Cluster:
@@ -146,12 +203,15 @@ def make_cluster(spec: ClusterSpec) -> Cluster:
     here only, so a missing one names the extra to install.
     """
     if spec.kind == "local":
-        return start_local_cluster(spec.options, scale=spec.scale)
-    if spec.kind == "slurm":
-        SLURMCluster = _import_backend(spec, "dask_jobqueue", "SLURMCluster")
-        return _scaled(SLURMCluster(**spec.options), spec.scale)
-    KubeCluster = _import_backend(spec, "dask_kubernetes.operator", "KubeCluster")
-    return _scaled(KubeCluster(**spec.options), spec.scale)
+        cluster = start_local_cluster(spec.options, scale=spec.scale)
+    else:
+        module, name = BACKENDS[spec.kind]
+        backend = _import_backend(spec, module, name)
+        with dask.config.set(local_cluster_config()):  # the scheduler runs in this process
+            cluster = _scaled(backend(**spec.options), spec.scale)
+    if spec.adapt is not None:
+        cluster.adapt(**spec.adapt)
+    return cluster
 
 
 def _scaled(cluster: Cluster, scale: int | None, *, wait: bool = False) -> Cluster:
@@ -204,7 +264,13 @@ def _find_spec(name_or_path: str | Path, directory: Path | None) -> Path:
 
 
 def _import_backend(spec: ClusterSpec, module: str, attribute: str) -> Any:
-    """``module.attribute``, or an InputError naming the extra that provides it."""
+    """``module.attribute``, or an InputError naming the extra that provides it.
+
+    dask-jobqueue 0.9 replaces the SIGINT handler when imported (``dask_jobqueue.runner``:
+    ``sys.exit()`` on Ctrl-C), which made an interrupted run exit 0 without a word; the
+    handler in place before the import is put back.
+    """
+    handler = signal.getsignal(signal.SIGINT)
     try:
         return getattr(importlib.import_module(module), attribute)
     except ImportError as error:
@@ -213,3 +279,6 @@ def _import_backend(spec: ClusterSpec, module: str, attribute: str) -> Any:
             f"cluster spec {spec.path} has kind {spec.kind!r}, which needs {package} "
             f"({error}); pip install 'unet-volume[{extra}]'"
         ) from error
+    finally:
+        if threading.current_thread() is threading.main_thread() and handler is not None:
+            signal.signal(signal.SIGINT, handler)
