@@ -102,7 +102,7 @@ def test_cluster_spec_every_deploy_spec_loads(path: Path) -> None:
 
 
 def test_cluster_spec_deploy_ships_one_spec_per_target() -> None:
-    assert [p.stem for p in SPECS] == ["k8s-gpu", "local", "slurm-gpu"]
+    assert [p.stem for p in SPECS] == ["k8s-gpu", "local", "slurm-cpu", "slurm-gpu"]
 
 
 def test_make_cluster_local_spec_starts_a_cluster_that_runs_tasks() -> None:
@@ -229,6 +229,21 @@ def test_load_cluster_spec_finds_bare_names_in_the_environment_directory(
             r"has scale -1; set 'scale:' to a worker count",
             id="negative-scale",
         ),
+        pytest.param(
+            "kind: slurm\nadapt: {minimum: 4, maximum: 2}\n",
+            r"has adapt .*; write e.g. 'adapt: \{minimum: 0, maximum: 8\}'",
+            id="adapt-minimum-above-maximum",
+        ),
+        pytest.param(
+            "kind: slurm\nadapt: 8\n",
+            r"has adapt 8; write e.g.",
+            id="adapt-not-a-mapping",
+        ),
+        pytest.param(
+            "kind: slurm\nscale: 2\nadapt: {maximum: 8}\n",
+            r"has both scale and adapt; keep one",
+            id="scale-and-adapt",
+        ),
     ],
 )
 def test_load_cluster_spec_rejects_bad_files_naming_the_fix(
@@ -241,10 +256,32 @@ def test_load_cluster_spec_rejects_bad_files_naming_the_fix(
     assert "\n" not in str(caught.value)
 
 
+def test_load_cluster_spec_adapt_is_read_and_an_adaptive_spec_from_zero_starts_empty(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a.yaml").write_text("kind: local\nn_workers: 0\nadapt: {minimum: 0, maximum: 2}\n")
+    spec = load_cluster_spec(tmp_path / "a.yaml")
+    assert (spec.adapt, spec.scale, spec.starts_empty) == ({"minimum": 0, "maximum": 2}, None, True)
+    assert "adapt" not in spec.options
+
+
+def test_make_cluster_slurm_cpu_spec_renders_loopback_workers_that_die_with_their_scheduler() -> (
+    None
+):
+    spec = load_cluster_spec("slurm-cpu", directory=DEPLOY / "clusters")
+    with make_cluster(dataclasses.replace(spec, scale=None)) as cluster:  # no jobs submitted
+        script = cluster.job_script()
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+    assert "#SBATCH -p cpu" in script and "#SBATCH --mem=2G" in script
+    worker_line = script.strip().splitlines()[-1]
+    assert "--nthreads 1 " in worker_line and "--death-timeout 30" in worker_line
+    assert "--interface lo" in worker_line
+
+
 def test_load_cluster_spec_unknown_name_lists_the_available_ones() -> None:
     # "slurm" is a kind, not a spec name: the message lists the names that exist.
     with pytest.raises(
-        InputError, match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, slurm-gpu"
+        InputError, match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, slurm-cpu, slurm-gpu"
     ):
         load_cluster_spec("slurm", directory=DEPLOY / "clusters")
 

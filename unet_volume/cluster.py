@@ -194,7 +194,9 @@ def map_bounded(
             watchdog.finished()
             item = pending.pop(future.key)
             try:
-                result = future.result()
+                result = watchdog.result(future)
+            except _Stalled:
+                break
             except Exception as error:
                 failures.append((item, error))
                 if len(failures) > max_failures:
@@ -212,6 +214,10 @@ def map_bounded(
         raise BlockError(failures, names=[name(item) for item, _ in failures])
 
 
+class _Stalled(Exception):
+    """The watchdog stopped the run while a result was being fetched."""
+
+
 class StallWatchdog:
     """Stops a run in which no task has finished for far longer than tasks take.
 
@@ -226,6 +232,22 @@ class StallWatchdog:
         self.stalled: str | None = None
         self._last = time.monotonic()
         self._gaps: list[float] = []
+
+    def result(self, future: Any) -> Any:
+        """``future.result()``, given up once the run is called stalled.
+
+        A finished task's result lives on its worker: if the worker dies before the result is
+        fetched, Dask computes it again, and with no worker left that never happens.
+        """
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if future.status in ("error", "cancelled"):
+                    raise  # the task's own error (a storage timeout), not our wait
+                if self.stalled:
+                    future.cancel()
+                    raise _Stalled from None
 
     def finished(self) -> None:
         now = time.monotonic()
@@ -254,7 +276,14 @@ class StallWatchdog:
             idle = time.monotonic() - self._last
             if idle > self.limit():
                 futures = list(running.futures)
-                self.stalled = self._describe(futures, idle)
+                try:
+                    self.stalled = self._describe(futures, idle)
+                except Exception as error:  # the run must stop even if the cluster cannot say
+                    self.stalled = (
+                        f"no block finished for {idle:.0f} s, and the cluster could not say "
+                        f"which were in flight ({type(error).__name__}: {error}); finished "
+                        "blocks are kept, so run the same command again to resume"
+                    )
                 self.client.cancel(futures)
                 return
 

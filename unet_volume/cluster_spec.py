@@ -187,7 +187,7 @@ def _adapt_option(value: Any, path: Path) -> dict[str, int] | None:
     ):
         raise InputError(
             f"cluster spec {path} has adapt {value!r}; write e.g. 'adapt: {{minimum: 0, "
-            "maximum: 8}}' (worker counts, minimum <= maximum)"
+            "maximum: 8}' (worker counts, minimum <= maximum)"
         )
     return dict(counts)
 
