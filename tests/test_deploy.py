@@ -281,7 +281,8 @@ def test_make_cluster_slurm_cpu_spec_renders_loopback_workers_that_die_with_thei
 def test_load_cluster_spec_unknown_name_lists_the_available_ones() -> None:
     # "slurm" is a kind, not a spec name: the message lists the names that exist.
     with pytest.raises(
-        InputError, match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, slurm-cpu, slurm-gpu"
+        InputError,
+        match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, slurm-cpu, slurm-gpu",
     ):
         load_cluster_spec("slurm", directory=DEPLOY / "clusters")
 

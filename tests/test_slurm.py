@@ -150,6 +150,75 @@ def test_slurm_weights_equal_the_local_cluster_weights(
     wait_for_no_jobs()
 
 
+def test_slurm_the_predict_flow_runs_its_blocks_in_slurm_jobs(
+    slurm: None, in_tmp: Path, client: Client, model_path: Path
+) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from unet_volume_flows.predict import predict_flow
+
+    image = write_zarr(in_tmp / "in.zarr", blob_volume(SHAPE))
+    local, flow = in_tmp / "local.zarr", in_tmp / "flow.zarr"
+    assert (
+        main(predict_args(image, local, model_path, "--scheduler", client.scheduler.address)) == 0
+    )
+    with prefect_test_harness(server_startup_timeout=120):
+        report = predict_flow(
+            image,
+            str(model_path),
+            str(flow),
+            block_shape=(1, 16, 16),
+            output_dtype="float32",
+            cluster="slurm-cpu",
+        )
+    assert report["blocks"] == BLOCKS
+    assert_same(flow, local, PREDICTION)
+    assert sorted(p.name for p in (in_tmp / "slurm-logs").iterdir())  # the jobs ran it
+    wait_for_no_jobs()
+
+
+def test_slurm_a_failed_run_leaves_no_jobs(
+    slurm: None, in_tmp: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = blob_volume(SHAPE).astype(np.float32)
+    data[2, 40, 40] = np.nan  # its blocks fail; the run exits 2 naming them
+    image = write_zarr(in_tmp / "nan.zarr", data)
+    assert main(predict_args(image, in_tmp / "out.zarr", model_path, "--cluster", "slurm-cpu")) == 2
+    assert "holds nan at voxel" in capsys.readouterr().err
+    print(f"after a failed run: jobs gone {wait_for_no_jobs():.1f} s later")
+
+
+def test_slurm_the_gpu_spec_schedules_on_a_fake_gpu_and_its_workers_advertise_gpu(
+    slurm: None, in_tmp: Path, client: Client, model_path: Path
+) -> None:
+    # slurm-gpu.yaml as a site would copy it, for this node: its GPU partition (a fake GRES),
+    # this environment, small jobs. `--gres=gpu:1` and `--resources GPU=1` stay as shipped.
+    text = (ROOT / "deploy" / "clusters" / "slurm-gpu.yaml").read_text()
+    site = {
+        "scale: 4": "scale: 1",
+        "job_cpu: 8": "job_cpu: 1",
+        "memory: 32GiB": "memory: 2GiB",
+        "python: python": f"python: {sys.executable}\ninterface: lo",
+        "# log_directory: slurm-logs": "log_directory: slurm-logs",
+        "  - module load cuda 2>/dev/null || true\n": "",
+        "  - source ~/unet-volume/.venv/bin/activate\n": "  - echo $CUDA_VISIBLE_DEVICES\n",
+    }
+    for shipped, mine in site.items():
+        assert shipped in text
+        text = text.replace(shipped, mine)
+    (in_tmp / "gpu.yaml").write_text(text)
+    image = write_zarr(in_tmp / "in.zarr", blob_volume((2, 32, 32)))
+    local, gpu = in_tmp / "local.zarr", in_tmp / "gpu.zarr"
+    assert (
+        main(predict_args(image, local, model_path, "--scheduler", client.scheduler.address)) == 0
+    )
+    assert main(predict_args(image, gpu, model_path, "--cluster", str(in_tmp / "gpu.yaml"))) == 0
+    assert_same(gpu, local, PREDICTION)  # blocks asked for GPU=1: they ran on that worker
+    (log,) = (in_tmp / "slurm-logs").glob("*.out")
+    assert log.read_text().strip() == "0"  # SLURM gave the job GPU 0 (/dev/null behind it)
+    wait_for_no_jobs()
+
+
 def wait_for_done(output: Path, at_least: int, timeout: float = 120.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
