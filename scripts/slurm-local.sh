@@ -8,8 +8,9 @@
 #   scripts/slurm-local.sh status [DIR]       the node and the queue
 #
 # DIR (default $SLURM_LOCAL_DIR, else /tmp/unet-volume-slurm) holds the state, spool, logs and
-# process ids. Beyond the packages, only /etc/slurm (slurm.conf, gres.conf) and /etc/munge (a key,
-# if there is none) are written. Idempotent: `start` on a running SLURM checks it and returns;
+# process ids. Beyond the packages, only /etc/slurm (slurm.conf, gres.conf), /etc/munge (a key, if
+# there is none) and munge's socket folder /run/munge are written. The daemons listen on SLURM's
+# ports (6817, 6818) and the node's address is 127.0.0.1. Idempotent: `start` on a running SLURM checks it and returns;
 # `stop` without one does nothing. Partitions: `cpu` (default) and `gpu`, the same node, which
 # has a fake GPU GRES (gres.conf points at /dev/null) so that `--gres=gpu:1` jobs schedule.
 # Exit codes: 0 done, 1 failed (the logs say why), 3 not possible here (not root, no apt).
@@ -91,9 +92,10 @@ start() {
     mkdir -p "$DIR"
     install
     configure
-    mkdir -p /run/munge /var/log/munge /var/lib/munge
+    mkdir -p /run/munge # the socket SLURM's clients look for: /run/munge/munge.socket.2
     if ! running munged; then
-        munged --force --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log"
+        munged --force --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" \
+            --seed-file="$DIR/munged.seed"
     fi
     running slurmctld || slurmctld -i -f "$CONF"
     running slurmd || slurmd -f "$CONF"
