@@ -351,3 +351,18 @@ def test_slurm_an_adaptive_spec_submits_jobs_as_blocks_queue_and_releases_them(
     assert running.returncode == EXIT_OK, stderr
     assert read_status(str(in_tmp / "out.zarr")).complete
     wait_for_no_jobs()
+
+
+def test_slurm_an_adaptive_cluster_releases_its_jobs_when_idle(slurm: None, in_tmp: Path) -> None:
+    from unet_volume.cluster import open_client
+
+    spec = in_tmp / "adaptive.yaml"
+    text = (ROOT / "deploy" / "clusters" / "slurm-cpu.yaml").read_text()
+    spec.write_text(text.replace("scale: 2", "adapt: {minimum: 0, maximum: 2}"))
+    with open_client(cluster=str(spec)) as client:
+        assert client.gather(client.map(time.sleep, [0.5] * 8, pure=False)) == [None] * 8
+        idle = time.monotonic()
+        while jobs():  # the cluster stays open: Dask itself gives the idle jobs back
+            assert time.monotonic() - idle < 120, f"idle jobs kept: {jobs()}"
+            time.sleep(0.5)
+        print(f"adaptive: idle jobs released {time.monotonic() - idle:.1f} s after the work")
