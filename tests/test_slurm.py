@@ -21,12 +21,12 @@ import pytest
 import torch
 import zarr
 from distributed import Client
+from test_failures import predict_args, wait_for_done  # the same runs as the local ones
 
 from unet_volume.checkpoint import save_model
 from unet_volume.cli import main
 from unet_volume.model import UNet
 from unet_volume.output_run import read_status
-from unet_volume.run_record import done_blocks
 from unet_volume.testing import blob_labels, blob_volume, write_zarr
 
 pytestmark = pytest.mark.slurm
@@ -103,13 +103,6 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(net, tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
-def predict_args(image: str, output: Path, model: Path, *where: str) -> list[str]:
-    return [
-        "predict", image, str(output), "--model", str(model), "--block-shape", BLOCK,
-        "--output-dtype", "float32", "--no-progress", *where,
-    ]  # fmt: skip
-
-
 def arrays(output: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {name: zarr.open_array(output / name)[...] for name in names}
 
@@ -122,14 +115,20 @@ def assert_same(got: Path, expected: Path, names: tuple[str, ...]) -> None:
 PREDICTION = ("probabilities", "segmentation")
 
 
-def test_slurm_predict_equals_the_local_cluster_output_and_leaves_no_jobs(
-    slurm: None, in_tmp: Path, client: Client, model_path: Path
-) -> None:
+@pytest.fixture
+def reference(in_tmp: Path, client: Client, model_path: Path) -> tuple[str, Path]:
+    """An input, and its prediction on the suite's LocalCluster: what SLURM must give."""
     image = write_zarr(in_tmp / "in.zarr", blob_volume(SHAPE))
-    local, through_slurm = in_tmp / "local.zarr", in_tmp / "slurm.zarr"
-    assert (
-        main(predict_args(image, local, model_path, "--scheduler", client.scheduler.address)) == 0
-    )
+    expected = in_tmp / "expected.zarr"
+    where = ("--scheduler", client.scheduler.address)
+    assert main(predict_args(image, expected, model_path, *where)) == EXIT_OK
+    return image, expected
+
+
+def test_slurm_predict_equals_the_local_cluster_output_and_leaves_no_jobs(
+    slurm: None, in_tmp: Path, reference: tuple[str, Path], model_path: Path
+) -> None:
+    (image, local), through_slurm = reference, in_tmp / "slurm.zarr"
     start = time.monotonic()
     assert main(predict_args(image, through_slurm, model_path, "--cluster", "slurm-cpu")) == 0
     print(f"predict through 2 SLURM jobs: {time.monotonic() - start:.1f} s")
@@ -151,17 +150,13 @@ def test_slurm_weights_equal_the_local_cluster_weights(
 
 
 def test_slurm_the_predict_flow_runs_its_blocks_in_slurm_jobs(
-    slurm: None, in_tmp: Path, client: Client, model_path: Path
+    slurm: None, in_tmp: Path, reference: tuple[str, Path], model_path: Path
 ) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from unet_volume_flows.predict import predict_flow
 
-    image = write_zarr(in_tmp / "in.zarr", blob_volume(SHAPE))
-    local, flow = in_tmp / "local.zarr", in_tmp / "flow.zarr"
-    assert (
-        main(predict_args(image, local, model_path, "--scheduler", client.scheduler.address)) == 0
-    )
+    (image, local), flow = reference, in_tmp / "flow.zarr"
     with prefect_test_harness(server_startup_timeout=120):
         report = predict_flow(
             image,
@@ -219,16 +214,6 @@ def test_slurm_the_gpu_spec_schedules_on_a_fake_gpu_and_its_workers_advertise_gp
     wait_for_no_jobs()
 
 
-def wait_for_done(output: Path, at_least: int, timeout: float = 120.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = len(done_blocks(str(output))) if (output / "done").exists() else 0
-        if done >= at_least:
-            return done
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {at_least} blocks done after {timeout} s")
-
-
 def cancel_after(output: Path, blocks: int, which: slice) -> threading.Thread:
     """A thread that cancels the jobs ``which`` selects once ``blocks`` blocks are done."""
 
@@ -242,14 +227,9 @@ def cancel_after(output: Path, blocks: int, which: slice) -> threading.Thread:
 
 
 def test_slurm_a_preempted_job_still_gives_the_undisturbed_output(
-    slurm: None, in_tmp: Path, client: Client, model_path: Path
+    slurm: None, in_tmp: Path, reference: tuple[str, Path], model_path: Path
 ) -> None:
-    image = write_zarr(in_tmp / "in.zarr", blob_volume(SHAPE))
-    expected, output = in_tmp / "expected.zarr", in_tmp / "out.zarr"
-    assert (
-        main(predict_args(image, expected, model_path, "--scheduler", client.scheduler.address))
-        == 0
-    )
+    (image, expected), output = reference, in_tmp / "out.zarr"
     canceller = cancel_after(output, 10, slice(0, 1))  # one of the two worker jobs
     start = time.monotonic()
     assert main(predict_args(image, output, model_path, "--cluster", "slurm-cpu")) == EXIT_OK
@@ -263,16 +243,11 @@ def test_slurm_a_preempted_job_still_gives_the_undisturbed_output(
 def test_slurm_all_jobs_cancelled_fails_clearly_then_the_same_command_resumes(
     slurm: None,
     in_tmp: Path,
-    client: Client,
+    reference: tuple[str, Path],
     model_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    image = write_zarr(in_tmp / "in.zarr", blob_volume(SHAPE))
-    expected, output = in_tmp / "expected.zarr", in_tmp / "out.zarr"
-    assert (
-        main(predict_args(image, expected, model_path, "--scheduler", client.scheduler.address))
-        == 0
-    )
+    (image, expected), output = reference, in_tmp / "out.zarr"
     args = predict_args(image, output, model_path, "--cluster", "slurm-cpu", "--stall-after", "20")
     canceller = cancel_after(output, 10, slice(None))
     start = time.monotonic()
