@@ -19,12 +19,14 @@ unless asked for, so missing blocks never pass for zeros.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
+import uuid
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import numpy as np
 import xarray as xr
@@ -34,7 +36,7 @@ from zarr.codecs import BloscCodec
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.output_run import ATTRS_KEY, read_status, run_info, update_run_info
-from unet_volume.run_record import block_grid, create_done_markers, mark_done
+from unet_volume.run_record import DONE, block_grid, create_done_markers
 from unet_volume.storage import Volume, exists
 
 OutputDtype = Literal["float32", "float16", "uint8", "float64"]
@@ -49,22 +51,30 @@ class PredictionStore:
 
     url: str
     output_dtype: OutputDtype
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
+    """This run's opening of the output: its arrays are opened once per process and token."""
 
     def write(self, box: Box, probabilities: np.ndarray) -> None:
         """Write float ``(class, *box.shape)`` probabilities and their argmax into ``box``.
 
         ``box`` must be a whole chunk (a block's write box): one writer per chunk.
         """
-        group = zarr.open_group(self.url, mode="r+", zarr_format=3)
+        segmentation, stored, _ = _opened_output(self.url, self.token)
         slices = box.to_slices()
-        segmentation = cast("zarr.Array[Any]", group["segmentation"])
         segmentation[slices] = np.argmax(probabilities, axis=0).astype(np.uint8)
-        stored = cast("zarr.Array[Any]", group["probabilities"])
         stored[(slice(None), *slices)] = encode_probabilities(probabilities, self.output_dtype)
 
     def mark_done(self, index: Shape) -> None:
         """Record block ``index`` as done, after :meth:`write` returned (its data is stored)."""
-        mark_done(self.url, index)
+        _opened_output(self.url, self.token)[2][tuple(index)] = 1
+
+
+@functools.lru_cache(maxsize=8)
+def _opened_output(url: str, token: str) -> tuple[Any, Any, Any]:
+    """The segmentation, probabilities and done arrays of the output at ``url``, opened once per
+    worker process and run (``token``): block writes then read no metadata."""
+    group = zarr.open_group(url, mode="r+", zarr_format=3)
+    return group["segmentation"], group["probabilities"], group[DONE]
 
 
 def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -> np.ndarray:

@@ -14,11 +14,13 @@ Outputs are Zarr v3 groups that ``xarray.open_zarr`` reads (see
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -90,24 +92,32 @@ class Volume:
     dtype: str
     voxel_size: tuple[float, float, float] | None
     units: str | None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
+    """This opening of the volume: a Zarr array is opened once per process and token."""
 
     def read(self, box: Box) -> np.ndarray:
         """Read a spatial box, mirrored outside the volume: ``(channels, *box.shape)``.
 
-        Only the chunks (TIFF pages) the box touches are read. A chunk that cannot be decoded
-        (corrupt, truncated) is named in an :class:`InputError`; transient errors pass as they
-        are, to be retried.
+        Only the chunks (TIFF pages) the box touches are read. A Zarr input is opened once per
+        worker process (its metadata read once, not per block); a TIFF per read, as its file
+        handle must be closed. A chunk that cannot be decoded (corrupt, truncated) is named in
+        an :class:`InputError`; transient errors pass as they are, to be retried.
         """
+        if self.kind == "zarr":
+            return self._read(_opened_zarr(self.url, self.token), box)
         with opened_array(self.url, self.kind) as array:
-            try:
-                return read_box(array, box)
-            except Exception as error:
-                if is_transient(error) or isinstance(error, InputError):
-                    raise
-                raise InputError(
-                    f"input {self.url} cannot be read in {box}: {_bad_chunk(array, box, error)}; "
-                    "replace it (copy or convert the input again), then run the same command again"
-                ) from error
+            return self._read(array, box)
+
+    def _read(self, array: Any, box: Box) -> np.ndarray:
+        try:
+            return read_box(array, box)
+        except Exception as error:
+            if is_transient(error) or isinstance(error, InputError):
+                raise
+            raise InputError(
+                f"input {self.url} cannot be read in {box}: {_bad_chunk(array, box, error)}; "
+                "replace it (copy or convert the input again), then run the same command again"
+            ) from error
 
     @property
     def box(self) -> Box:
@@ -317,6 +327,17 @@ def _describe(
         voxel_size=size,
         units=units or stored_units or ("nm" if size is not None else None),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _opened_zarr(url: str, token: str) -> Any:
+    """The Zarr array at ``url``, opened once per process for each ``token`` (a run's volume).
+
+    Keyed by the token as well as the URL: an array rewritten under the same URL between two
+    runs is opened again, never read through the first run's metadata.
+    """
+    with opened_array(url, "zarr") as array:
+        return array
 
 
 @contextmanager

@@ -1,0 +1,92 @@
+"""What the engine costs around the network: blocks/s with a predictor that costs nothing.
+
+The crop probe (``unet_volume.testing.CropPredictor``: the tile's centre, as one class) stands in
+for the network, so everything measured is the engine: planning, Dask tasks, reading the input,
+the work around the predictor (tiles, encoding), writing the output and its records. On a
+LocalCluster of 2 single-threaded worker processes, uint8 input and output:
+
+(a) 1x64x64 blocks over (25, 512, 512): 1,600 tiny blocks (target: at least 400 blocks/s);
+(b) the default 1x512x512 block over (100, 512, 512): 100 blocks (target: at least 40 Mvoxel/s
+    per worker).
+
+Prints blocks/s, Mvoxel/s per worker, and read / predict / write milliseconds per block.
+
+    .venv/bin/python benchmarks/engine_overhead.py [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from unet_volume.cluster import open_client
+from unet_volume.engine import run_prediction
+from unet_volume.prediction_store import create_prediction
+from unet_volume.storage import open_volume
+from unet_volume.testing import CropPredictor
+from unet_volume.tiling import TileGeometry, count_blocks
+
+WORKERS = 2
+CASES = [
+    ("(a) 1x64x64 blocks", (25, 512, 512), (1, 64, 64)),
+    ("(b) 1x512x512 blocks", (100, 512, 512), (1, 512, 512)),
+]
+
+
+def measure(client, root: Path, name: str, shape, block) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """One run of the engine over a fresh output; its figures."""
+    url = str(root / f"in-{shape[0]}.zarr")
+    if not Path(url).exists():
+        data = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+        zarr.create_array(url, shape=shape, chunks=(1, 512, 512), dtype="uint8")[...] = data
+    volume = open_volume(url)
+    geometry = TileGeometry.for_unet(2, 4, min_output=block)
+    out = str(root / f"out-{block[1]}.zarr")
+    store = create_prediction(
+        out, volume=volume, num_classes=1, block_shape=block, output_dtype="uint8", attrs={}
+    )
+    start = time.perf_counter()
+    report = run_prediction(
+        client,
+        predictor=CropPredictor(geometry),
+        geometry=geometry,
+        volume=volume,
+        store=store,
+        block_shape=block,
+    )
+    seconds = time.perf_counter() - start
+    blocks = count_blocks(shape, block)
+    per_block = {k: 1000 * v / blocks for k, v in report.task_seconds.items()}
+    return {
+        "blocks/s": blocks / seconds,
+        "Mvoxel/s per worker": report.voxels / seconds / 1e6 / WORKERS,
+        "seconds": seconds,
+        **{f"{k} ms": v for k, v in per_block.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, help="where inputs and outputs go (default: tmp)")
+    args = parser.parse_args()
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="engine-overhead-"))
+    root.mkdir(parents=True, exist_ok=True)
+    with open_client(n_workers=WORKERS, dashboard=False) as client:
+        measure(client, root, "warm-up", (2, 512, 512), (1, 64, 64))
+        for name, shape, block in CASES:
+            f = measure(client, root, name, shape, block)
+            print(
+                f"{name} over {shape}: {f['blocks/s']:.0f} blocks/s, "
+                f"{f['Mvoxel/s per worker']:.1f} Mvoxel/s per worker ({f['seconds']:.1f} s); "
+                f"per block: read {f['read ms']:.1f} ms, predict {f['predict ms']:.1f} ms, "
+                f"write {f['write ms']:.1f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()
