@@ -16,6 +16,7 @@ from unet_volume.tiling import (
     count_blocks,
     plan_blocks,
     plan_tiles,
+    read_box_of,
 )
 
 
@@ -101,3 +102,22 @@ def test_tiling_read_box_is_write_box_plus_halo_plus_last_tile_overhang() -> Non
     (block,) = plan_blocks((1, 16, 16), (1, 16, 16), g)
     assert g.output_shape == (1, 20, 20)
     assert block.read_box == Box((0, -44, -44), (1, 64, 64))  # 16 + 4 + 44 = 64
+
+
+@pytest.mark.parametrize(
+    ("volume", "block", "ndim", "tile"),
+    [
+        pytest.param((3, 50, 47), (1, 16, 16), 2, (1, 16, 16), id="2d-clipped-edges"),
+        pytest.param((20, 70, 33), (8, 24, 16), 3, (4, 8, 8), id="3d-several-tiles"),
+    ],
+)
+def test_plan_blocks_gives_every_block_the_read_box_its_tiles_need(
+    volume: tuple[int, int, int], block: tuple[int, int, int], ndim: int, tile: tuple[int, ...]
+) -> None:
+    # plan_blocks works the read box out once per write-box shape and shifts it: the same box
+    # as planning each block's tiles, inner blocks and those clipped at the far edges alike.
+    geometry = TileGeometry.for_unet(ndim, 2, min_output=tile)
+    blocks = list(plan_blocks(volume, block, geometry))
+    assert len({b.write_box.shape for b in blocks}) > 1  # clipped edge blocks are among them
+    for b in blocks:
+        assert b.read_box == read_box_of(b.write_box, geometry), b.index

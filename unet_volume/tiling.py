@@ -308,8 +308,13 @@ def plan_blocks(
     """
     shape = check_block_shape(block_shape, geometry)
     volume = Box.from_shape(as_shape(volume_shape, VOLUME_NDIM))
+    # The read box depends on the write box's shape alone (tiles start at its origin): worked
+    # out once per shape (inner blocks, and the few clipped at the far edges), then shifted.
+    reach: dict[Shape, Box] = {}
     for index, write_box in volume.grid(shape):
-        yield Block(index, write_box, read_box_of(write_box, geometry))
+        if write_box.shape not in reach:
+            reach[write_box.shape] = read_box_of(Box.from_shape(write_box.shape), geometry)
+        yield Block(index, write_box, reach[write_box.shape].shift(write_box.begin))
 
 
 def count_blocks(volume_shape: Sequence[int], block_shape: Sequence[int]) -> int:
