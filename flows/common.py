@@ -12,7 +12,7 @@ from prefect.states import State
 
 from unet_volume.cluster import open_client
 from unet_volume.errors import is_transient
-from unet_volume.storage import check_location
+from unet_volume.locations import check_location
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

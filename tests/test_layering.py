@@ -2,7 +2,8 @@
 
 Imports form a DAG::
 
-    geometry <- tiling <- storage <- run_record <- output_run <- prediction_store <- predict <- cli
+    geometry <- tiling <- locations <- storage <- run_record <- output_run
+             <- prediction_store <- predict <- cli
     (errors and border are leaves that every layer may import)
 
 Only ``model``, ``checkpoint``, ``train`` and ``predict`` import torch, so planning, storage and
@@ -30,6 +31,7 @@ TORCH_FREE = [
     "unet_volume.border",
     "unet_volume.tiling",
     "unet_volume.storage",
+    "unet_volume.locations",
     "unet_volume.prediction_store",
     "unet_volume.run_record",
     "unet_volume.output_run",
@@ -60,21 +62,23 @@ ALLOWED_IMPORTS = {
     "geometry": set(),
     "border": set(),
     "tiling": {"errors", "geometry"},
-    "storage": {"errors", "geometry", "tiling", "border"},
-    "run_record": {"errors", "geometry", "storage"},
-    "output_run": {"errors", "geometry", "storage", "run_record"},
+    "locations": {"errors"},
+    "storage": {"errors", "geometry", "tiling", "border", "locations"},
+    "run_record": {"errors", "geometry", "storage", "locations"},
+    "output_run": {"errors", "geometry", "storage", "locations", "run_record"},
     "block_memory": {"errors", "unet_config"},
     "prediction_store": {
         "errors",
         "geometry",
         "tiling",
         "storage",
+        "locations",
         "run_record",
         "output_run",
         "__init__",
     },
     "metrics": {"errors"},
-    "evaluation": {"errors", "storage", "prediction_store", "metrics", "__init__"},
+    "evaluation": {"errors", "storage", "locations", "prediction_store", "metrics", "__init__"},
     "augment": {"errors", "border"},
     "weight_map": {"errors", "geometry", "options"},
     "weight_volume": {
@@ -82,6 +86,7 @@ ALLOWED_IMPORTS = {
         "geometry",
         "tiling",
         "storage",
+        "locations",
         "run_record",
         "output_run",
         "prediction_store",
@@ -91,7 +96,7 @@ ALLOWED_IMPORTS = {
         "weight_map",
     },
     "preview": {"errors", "geometry", "storage", "prediction_store"},
-    "landing": {"errors", "storage", "output_run"},
+    "landing": {"errors", "storage", "locations", "output_run"},
     "cluster": {"errors", "cluster_spec"},
     "cluster_spec": {"errors"},
     "options": set(),

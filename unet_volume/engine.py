@@ -29,8 +29,9 @@ from unet_volume.border import reflect
 from unet_volume.cluster import STALL_AFTER, gpu_resources, map_bounded
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape
+from unet_volume.locations import with_retries
 from unet_volume.prediction_store import PredictionStore
-from unet_volume.storage import Volume, with_retries
+from unet_volume.storage import Volume
 from unet_volume.tiling import Block, TileGeometry, block_key, count_blocks, plan_blocks, plan_tiles
 
 T = TypeVar("T")

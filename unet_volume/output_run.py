@@ -36,6 +36,7 @@ from unet_volume.errors import (
     is_unwritable,
 )
 from unet_volume.geometry import Shape
+from unet_volume.locations import exists, remove_output, removed_on_failure
 from unet_volume.run_record import (
     DONE,
     BlockFailure,
@@ -45,7 +46,6 @@ from unet_volume.run_record import (
     held_lease,
     identity_differences,
 )
-from unet_volume.storage import exists, remove_output, removed_on_failure
 
 R = TypeVar("R")
 ATTRS_KEY = "unet_volume"

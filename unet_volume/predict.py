@@ -31,6 +31,7 @@ from unet_volume.cluster import gpu_resources, open_client
 from unet_volume.engine import Predictor, RunReport, run_prediction
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.locations import absolute
 from unet_volume.model import UNet
 from unet_volume.output_run import (
     check_run_limits,
@@ -48,7 +49,7 @@ from unet_volume.prediction_store import (
 )
 from unet_volume.predictor import ModelPredictor
 from unet_volume.run_record import RunStatus, fingerprint
-from unet_volume.storage import Volume, absolute, open_volume
+from unet_volume.storage import Volume, open_volume
 from unet_volume.tiling import (
     TileGeometry,
     check_block_shape,

@@ -35,9 +35,10 @@ from zarr.codecs import BloscCodec
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
+from unet_volume.locations import exists
 from unet_volume.output_run import ATTRS_KEY, read_status, run_info, update_run_info
 from unet_volume.run_record import DONE, block_grid, create_done_markers
-from unet_volume.storage import Volume, exists
+from unet_volume.storage import Volume
 
 OutputDtype = Literal["float32", "float16", "uint8", "float64"]
 OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)

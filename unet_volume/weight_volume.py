@@ -35,6 +35,7 @@ from unet_volume.block_memory import check_worker_memory, weight_memory
 from unet_volume.cluster import map_bounded
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
+from unet_volume.locations import absolute, with_retries
 from unet_volume.output_run import (
     check_run_limits,
     create_output,
@@ -45,7 +46,7 @@ from unet_volume.output_run import (
 from unet_volume.predict_config import DEFAULT_OPTIONS
 from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
 from unet_volume.run_record import fingerprint, mark_done
-from unet_volume.storage import Volume, absolute, check_z_range, open_volume, with_retries
+from unet_volume.storage import Volume, check_z_range, open_volume
 from unet_volume.tiling import Block, block_key, count_blocks, plan_halo_blocks
 from unet_volume.weight_map import (
     TOLERANCE,

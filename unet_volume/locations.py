@@ -1,0 +1,108 @@
+"""Where data lives: paths and fsspec URLs, checked, made absolute, tested, removed.
+
+Every input and output is named by a local path or an fsspec URL (``s3://...``). Workers
+resolve relative paths against their own working directory, so URLs go to them absolute
+(:func:`absolute`); parameters from afar are checked before anything opens them
+(:func:`check_location`); storage calls that fail for a moment are tried again
+(:func:`with_retries`). :mod:`unet_volume.storage` reads volumes at these locations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+
+from unet_volume.errors import InputError, is_transient
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def absolute(url: str | Path) -> str:
+    """``url`` with a local path made absolute; URLs (``s3://...``) as they are.
+
+    Dask workers resolve relative paths against their own working directory, which on a
+    cluster (or a scheduler started elsewhere) is not the caller's.
+
+    >>> absolute("s3://bucket/v.zarr"), absolute("/data/v.zarr")
+    ('s3://bucket/v.zarr', '/data/v.zarr')
+    """
+    url = str(url)
+    return url if "://" in url else str(Path(url).expanduser().absolute())
+
+
+def check_location(value: object, what: str) -> str:
+    """``value`` if it can name a local path or an fsspec URL; for parameters from afar.
+
+    Flow parameters come from the Prefect UI, an API call or a deployment file, not from the
+    user's own shell: refused are a value that is not a string, an empty one, one holding
+    control characters (a newline or NUL smuggled into a path), and a URL whose protocol no
+    installed fsspec filesystem reads. Nothing is ever passed to a shell.
+
+    >>> check_location("memory://volume.zarr", "image")
+    'memory://volume.zarr'
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(
+            f"{what} {value!r} is not a path; pass a local path or an fsspec URL such as "
+            "s3://bucket/volume.zarr"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InputError(f"{what} {value!r} holds control characters; pass a plain path or URL")
+    protocol = value.split("://", 1)[0] if "://" in value else None
+    if protocol is not None:
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise InputError(
+                f"{what} {value!r} uses {protocol}://, which no installed filesystem reads "
+                f"({reason}); pass a local path, or install the fsspec filesystem for it"
+            ) from error
+    return value
+
+
+def remove_output(url: str) -> None:
+    """Delete whatever is stored at ``url`` (nothing if it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def with_retries(call: Callable[..., T], *args: Any, attempts: int = 4, delay: float = 0.5) -> T:
+    """``call(*args)``, tried again after transient I/O errors, with doubling delays.
+
+    Object stores and network file systems drop connections and time out under load; a
+    block should not fail for that. Other errors (bad data, a full disk) fail at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return call(*args)
+        except Exception as error:
+            if attempt == attempts - 1 or not is_transient(error):
+                raise
+            log.warning("retrying after a transient error (%s): %s", type(error).__name__, error)
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def removed_on_failure(url: str) -> Iterator[None]:
+    """Delete the output at ``url`` if the body raises: nothing partial looks like a result."""
+    try:
+        yield
+    except BaseException:
+        remove_output(url)
+        raise
+
+
+def exists(url: str) -> bool:
+    """Whether anything is stored at ``url`` (a path or an fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return bool(fs.exists(path))
