@@ -20,6 +20,7 @@ The group's attribute ``unet_volume`` holds the run information::
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -66,6 +67,17 @@ def run_info(url: str) -> dict[str, Any] | None:
         return None
     info = group.attrs.get(ATTRS_KEY)
     return dict(info) if isinstance(info, dict) else None
+
+
+@functools.lru_cache(maxsize=16)
+def opened_arrays(url: str, token: str, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The arrays ``names`` of the output group at ``url``, opened for writing once per worker
+    process and run (``token``): block tasks then write without reading metadata again.
+
+    Keyed by the run's token as well: an output created anew under the same URL is reopened.
+    """
+    group = zarr.open_group(url, mode="r+", zarr_format=3)
+    return tuple(group[name] for name in names)
 
 
 def update_run_info(url: str, extra: Mapping[str, Any]) -> None:

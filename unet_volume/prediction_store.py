@@ -19,7 +19,6 @@ unless asked for, so missing blocks never pass for zeros.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import platform
 import uuid
@@ -36,13 +35,15 @@ from zarr.codecs import BloscCodec
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.locations import exists
-from unet_volume.output_run import ATTRS_KEY, read_status, run_info, update_run_info
+from unet_volume.output_run import ATTRS_KEY, opened_arrays, read_status, run_info, update_run_info
 from unet_volume.run_record import DONE, block_grid, create_done_markers
 from unet_volume.storage import Volume
 
 OutputDtype = Literal["float32", "float16", "uint8", "float64"]
 OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
 DIMS = ("z", "y", "x")
+OUTPUT_ARRAYS = ("segmentation", "probabilities", DONE)
+"""The arrays a block task writes, in the order it opens them."""
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
@@ -60,22 +61,14 @@ class PredictionStore:
 
         ``box`` must be a whole chunk (a block's write box): one writer per chunk.
         """
-        segmentation, stored, _ = _opened_output(self.url, self.token)
+        segmentation, stored, _ = opened_arrays(self.url, self.token, OUTPUT_ARRAYS)
         slices = box.to_slices()
         segmentation[slices] = np.argmax(probabilities, axis=0).astype(np.uint8)
         stored[(slice(None), *slices)] = encode_probabilities(probabilities, self.output_dtype)
 
     def mark_done(self, index: Shape) -> None:
         """Record block ``index`` as done, after :meth:`write` returned (its data is stored)."""
-        _opened_output(self.url, self.token)[2][tuple(index)] = 1
-
-
-@functools.lru_cache(maxsize=8)
-def _opened_output(url: str, token: str) -> tuple[Any, Any, Any]:
-    """The segmentation, probabilities and done arrays of the output at ``url``, opened once per
-    worker process and run (``token``): block writes then read no metadata."""
-    group = zarr.open_group(url, mode="r+", zarr_format=3)
-    return group["segmentation"], group["probabilities"], group[DONE]
+        opened_arrays(self.url, self.token, OUTPUT_ARRAYS)[2][tuple(index)] = 1
 
 
 def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -> np.ndarray:

@@ -130,12 +130,6 @@ def create_done_markers(group: zarr.Group, grid: Shape) -> None:
     )
 
 
-def mark_done(group_url: str, index: Shape) -> None:
-    """Record block ``index`` as done; call only after its data chunks are written."""
-    markers = zarr.open_array(f"{group_url.rstrip('/')}/{DONE}", mode="r+", zarr_format=3)
-    markers[tuple(index)] = 1
-
-
 def done_blocks(group_url: str) -> set[Shape]:
     """The indices of the blocks marked done: one listing of the ``done`` array's chunks."""
     fs, path = fsspec.core.url_to_fs(f"{group_url.rstrip('/')}/{DONE}")

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
-import zarr
 from distributed import Client
 
 from unet_volume.block_memory import check_worker_memory, weight_memory
@@ -40,12 +40,13 @@ from unet_volume.output_run import (
     check_run_limits,
     create_output,
     find_resumable,
+    opened_arrays,
     run_info,
     run_recorded,
 )
 from unet_volume.predict_config import DEFAULT_OPTIONS
 from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
-from unet_volume.run_record import fingerprint, mark_done
+from unet_volume.run_record import DONE, fingerprint
 from unet_volume.storage import Volume, check_z_range, open_volume
 from unet_volume.tiling import Block, block_key, count_blocks, plan_halo_blocks
 from unet_volume.weight_map import (
@@ -130,7 +131,13 @@ def compute_weight_volume(
         )
     blocks = plan_halo_blocks(volume.shape, shape, halo_for(config))
     run_options = {"max_failures": max_failures, "stall_after": stall_after}
-    task = {"volume": volume, "out_url": out_url, "config": config, "class_weights": weights}
+    task = {
+        "volume": volume,
+        "out_url": out_url,
+        "token": uuid.uuid4().hex,  # this run's opening of the output, once per worker
+        "config": config,
+        "class_weights": weights,
+    }
 
     def run(done: Collection[Shape]) -> list[dict[str, Any]]:
         todo = (block for block in blocks if block.index not in done)
@@ -315,6 +322,7 @@ def _weigh_block(
     *,
     volume: Volume,
     out_url: str,
+    token: str,
     config: WeightMapConfig,
     class_weights: tuple[float, float],
 ) -> dict[str, Any]:
@@ -328,13 +336,10 @@ def _weigh_block(
     labels = with_retries(_read_padded, volume, block.read_box)
     inner = block.write_box.shift(tuple(-b for b in block.read_box.begin))
     weights = weight_map(labels, config, class_weights, write_box=inner)
-    with_retries(_write, out_url, block.write_box, weights)
-    with_retries(mark_done, out_url, block.index)  # only after the data is stored
+    stored, done = opened_arrays(out_url, token, (WEIGHTS, DONE))
+    with_retries(stored.__setitem__, block.write_box.to_slices(), weights)
+    with_retries(done.__setitem__, block.index, 1)  # only after the data is stored
     return {"voxels": block.write_box.size, "seconds": time.perf_counter() - start}
-
-
-def _write(url: str, box: Box, weights: np.ndarray) -> None:
-    zarr.open_array(f"{url}/{WEIGHTS}", mode="r+", zarr_format=3)[box.to_slices()] = weights
 
 
 def _run_blocks(client: Client, blocks: Iterable[Block], **kwargs: Any) -> list[dict[str, Any]]:
