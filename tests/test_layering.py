@@ -40,6 +40,7 @@ TORCH_FREE = [
     "unet_volume.metrics",
     "unet_volume.evaluation",
     "unet_volume.augment",
+    "unet_volume.spatial_transform",
     "unet_volume.weight_map",
     "unet_volume.weight_volume",
     "unet_volume.preview",
@@ -79,7 +80,8 @@ ALLOWED_IMPORTS = {
     },
     "metrics": {"errors"},
     "evaluation": {"errors", "storage", "locations", "prediction_store", "metrics", "__init__"},
-    "augment": {"errors", "border"},
+    "spatial_transform": {"border", "augment"},
+    "augment": {"errors", "border", "spatial_transform"},
     "weight_map": {"errors", "geometry", "options"},
     "weight_volume": {
         "errors",
