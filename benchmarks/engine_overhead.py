@@ -6,10 +6,12 @@ the work around the predictor (tiles, encoding), writing the output and its reco
 LocalCluster of 2 single-threaded worker processes, uint8 input and output:
 
 (a) 1x64x64 blocks over (25, 512, 512): 1,600 tiny blocks (target: at least 400 blocks/s);
-(b) the default 1x512x512 block over (100, 512, 512): 100 blocks (target: at least 40 Mvoxel/s
+(b) the default 1x512x512 block over (512, 512, 512): 512 blocks (target: at least 40 Mvoxel/s
     per worker).
 
-Prints blocks/s, Mvoxel/s per worker, and read / predict / write milliseconds per block.
+Each case runs twice: one task per block (unsharded), then one task per automatic shard of
+blocks (:func:`unet_volume.layout.auto_shard_shape`; one object per shard and array). Prints
+blocks/s, Mvoxel/s per worker, and read / predict / write milliseconds per block.
 
     .venv/bin/python benchmarks/engine_overhead.py [--workdir DIR]
 """
@@ -17,6 +19,7 @@ Prints blocks/s, Mvoxel/s per worker, and read / predict / write milliseconds pe
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ import zarr
 
 from unet_volume.cluster import open_client
 from unet_volume.engine import run_prediction
+from unet_volume.layout import auto_shard_shape
 from unet_volume.prediction_store import create_prediction
 from unet_volume.storage import open_volume
 from unet_volume.testing import CropPredictor
@@ -34,11 +38,11 @@ from unet_volume.tiling import TileGeometry, count_blocks
 WORKERS = 2
 CASES = [
     ("(a) 1x64x64 blocks", (25, 512, 512), (1, 64, 64)),
-    ("(b) 1x512x512 blocks", (100, 512, 512), (1, 512, 512)),
+    ("(b) 1x512x512 blocks", (512, 512, 512), (1, 512, 512)),
 ]
 
 
-def measure(client, root: Path, name: str, shape, block) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def measure(client, root: Path, shape, block, *, sharded: bool) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """One run of the engine over a fresh output; its figures."""
     url = str(root / f"in-{shape[0]}.zarr")
     if not Path(url).exists():
@@ -47,8 +51,15 @@ def measure(client, root: Path, name: str, shape, block) -> dict[str, float]:  #
     volume = open_volume(url)
     geometry = TileGeometry.for_unet(2, 4, min_output=block)
     out = str(root / f"out-{block[1]}.zarr")
+    shard = auto_shard_shape(shape, block, ndim=2) if sharded else block
     store = create_prediction(
-        out, volume=volume, num_classes=1, block_shape=block, output_dtype="uint8", attrs={}
+        out,
+        volume=volume,
+        num_classes=1,
+        block_shape=block,
+        shard_shape=shard,
+        output_dtype="uint8",
+        attrs={},
     )
     start = time.perf_counter()
     report = run_prediction(
@@ -58,11 +69,14 @@ def measure(client, root: Path, name: str, shape, block) -> dict[str, float]:  #
         volume=volume,
         store=store,
         block_shape=block,
+        shard_shape=shard,
     )
     seconds = time.perf_counter() - start
     blocks = count_blocks(shape, block)
     per_block = {k: 1000 * v / blocks for k, v in report.task_seconds.items()}
     return {
+        "shard": shard,
+        "tasks": count_blocks(shape, shard),
         "blocks/s": blocks / seconds,
         "Mvoxel/s per worker": report.voxels / seconds / 1e6 / WORKERS,
         "seconds": seconds,
@@ -77,11 +91,13 @@ def main() -> None:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="engine-overhead-"))
     root.mkdir(parents=True, exist_ok=True)
     with open_client(n_workers=WORKERS, dashboard=False) as client:
-        measure(client, root, "warm-up", (2, 512, 512), (1, 64, 64))
-        for name, shape, block in CASES:
-            f = measure(client, root, name, shape, block)
+        measure(client, root, (2, 512, 512), (1, 64, 64), sharded=False)
+        for (name, shape, block), sharded in itertools.product(CASES, (False, True)):
+            f = measure(client, root, shape, block, sharded=sharded)
+            layout = "x".join(map(str, f["shard"]))
             print(
-                f"{name} over {shape}: {f['blocks/s']:.0f} blocks/s, "
+                f"{name} over {shape}, shards {layout} ({f['tasks']} tasks): "
+                f"{f['blocks/s']:.0f} blocks/s, "
                 f"{f['Mvoxel/s per worker']:.1f} Mvoxel/s per worker ({f['seconds']:.1f} s); "
                 f"per block: read {f['read ms']:.1f} ms, predict {f['predict ms']:.1f} ms, "
                 f"write {f['write ms']:.1f} ms"

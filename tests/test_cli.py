@@ -136,6 +136,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     assert sorted(commands.choices) == [
         "convert",
         "evaluate",
+        "plan",
         "predict",
         "status",
         "train",

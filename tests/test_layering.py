@@ -30,6 +30,7 @@ TORCH_FREE = [
     "unet_volume.geometry",
     "unet_volume.border",
     "unet_volume.tiling",
+    "unet_volume.layout",
     "unet_volume.storage",
     "unet_volume.locations",
     "unet_volume.prediction_store",
@@ -63,6 +64,7 @@ ALLOWED_IMPORTS = {
     "geometry": set(),
     "border": set(),
     "tiling": {"errors", "geometry"},
+    "layout": {"errors", "geometry"},
     "locations": {"errors"},
     "storage": {"errors", "geometry", "tiling", "border", "locations"},
     "run_record": {"errors", "geometry", "storage", "locations"},
@@ -71,6 +73,7 @@ ALLOWED_IMPORTS = {
     "prediction_store": {
         "errors",
         "geometry",
+        "layout",
         "tiling",
         "storage",
         "locations",

@@ -80,15 +80,18 @@ def run_blocks(
     block: tuple[int, ...],
     *,
     num_classes: int = 2,
+    shard: tuple[int, ...] | None = None,
     **options: Any,
 ) -> tuple[RunReport, np.ndarray]:
-    """Predict ``data`` block by block on the cluster into float64; the report and the output."""
+    """Predict ``data`` block by block (``shard`` blocks a task) on the cluster into float64;
+    the report and the output."""
     volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
     store = create_prediction(
         str(tmp_path / "out.zarr"),
         volume=volume,
         num_classes=num_classes,
         block_shape=block,
+        shard_shape=shard,
         output_dtype="float64",
         attrs={},
     )
@@ -99,6 +102,7 @@ def run_blocks(
         volume=volume,
         store=store,
         block_shape=block,
+        shard_shape=shard,
         **options,
     )
     return report, np.asarray(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[:])

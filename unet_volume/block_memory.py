@@ -74,11 +74,12 @@ def prediction_memory(
     ``network_on_host=False`` (GPU workers) leaves the activations out: they live on the GPU.
     """
     block, read = math.prod(block_shape), math.prod(read_shape)
-    classes = config.num_classes
+    classes, tile = config.num_classes, math.prod(tile_input)
     parts = {
         "input": config.in_channels * read * input_itemsize,
-        # float32 probabilities, their stored encoding, the argmax (int64) and the segmentation.
-        "output": block * (classes * (4 + output_itemsize) + 8 + 1),
+        # The stored encoding and the segmentation of the whole task; float32 probabilities
+        # (and their working copies while encoding) of one tile at a time.
+        "output": block * (classes * output_itemsize + 1) + tile * classes * 4 * 3,
     }
     if network_on_host:
         parts["network"] = _activations(config, tile_input)

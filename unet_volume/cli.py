@@ -9,10 +9,11 @@ exit code 2, with no traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from unet_volume.cli_common import add_cluster_options, client_from, fmt, say
 from unet_volume.cli_train import add_train, add_weights
@@ -27,7 +28,9 @@ from unet_volume.options import (
 from unet_volume.predict_config import PredictOptions
 
 if TYPE_CHECKING:
-    pass
+    from distributed import Client
+
+    from unet_volume.predict import PredictionPlan
 
 EXIT_USAGE = 2
 
@@ -137,23 +140,24 @@ def _predict(args: argparse.Namespace) -> None:
     from unet_volume.predict import plan_prediction, run_plan
 
     options = options_from(args, PredictOptions)
+    # Checked before anything is said or started; an automatic block is picked again below,
+    # for the workers that run it.
     plan = plan_prediction(args.model, args.image, args.output, options)
-    existing = plan.existing
-    if existing is not None and existing.complete:
-        print(f"{plan.output_url} is complete ({existing.total} blocks): nothing to do")
+    if _complete(plan):
         return
-    client = client_from(args)  # options checked before anything is said or started
-    say(
-        f"{plan.num_blocks} blocks of {fmt(plan.block_shape)} over a "
-        f"{fmt(plan.volume.shape)} volume; "
-        f"tile {fmt(plan.geometry.input_shape)} -> {fmt(plan.geometry.output_shape)}"
-    )
-    if existing is not None:
-        say(
-            f"resuming {plan.output_url}: {existing.done} of {existing.total} blocks done, "
-            f"{existing.total - existing.done} to go"
-        )
-    with client as active:
+    with client_from(args) as active:
+        if options.block_shape == "auto":
+            workers = active.scheduler_info(n_workers=-1)["workers"]
+            plan = plan_prediction(args.model, args.image, args.output, options, workers=workers)
+            if _complete(plan):
+                return
+        _say_plan(plan, active)
+        existing = plan.existing
+        if existing is not None:
+            say(
+                f"resuming {plan.output_url}: {existing.done} of {existing.total} blocks done, "
+                f"{existing.total - existing.done} to go"
+            )
         say(f"Dask dashboard: {active.dashboard_link}")
         report = run_plan(plan, active, progress=not args.no_progress)
     resumed = f" (and {report.skipped} done before)" if report.skipped else ""
@@ -164,6 +168,68 @@ def _predict(args: argparse.Namespace) -> None:
         f"    import xarray as xr; ds = xr.open_zarr({report.output_url!r})\n"
         "    # or: from unet_volume import open_prediction; "
         f"ds = open_prediction({report.output_url!r})"
+    )
+
+
+def _complete(plan: PredictionPlan) -> bool:
+    """Say so and return True when the plan's output is already complete."""
+    existing = plan.existing
+    if existing is not None and existing.complete:
+        print(f"{plan.output_url} is complete ({existing.total} blocks): nothing to do")
+        return True
+    return False
+
+
+def _say_plan(plan: PredictionPlan, client: Client, predictor: Any = None) -> None:
+    """The plan in numbers (and, with a ``predictor``, the time one block takes on a worker)."""
+    from unet_volume.cluster import gpu_resources
+    from unet_volume.planning import summarize, time_one_block
+
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    summary = summarize(plan, workers, on_gpu=gpu_resources(client) is not None)
+    if predictor is not None:
+        seconds = time_one_block(client, plan, predictor)
+        summary = dataclasses.replace(summary, seconds_per_block=seconds)
+    for line in summary.lines():
+        say(line)
+    say(f"tile {fmt(plan.geometry.input_shape)} -> {fmt(plan.geometry.output_shape)}")
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="the volume to segment, as for `unet-volume predict`")
+    p.add_argument(
+        "output",
+        nargs="?",
+        help="the output to check as predict would (resumable, refused, new); default: none",
+    )
+    p.add_argument(
+        "--model", required=True, help="checkpoint written by `unet-volume train` or save_model"
+    )
+    add_options(p, PredictOptions())
+    add_cluster_options(p)
+    p.add_argument("--no-timing", action="store_true", help="do not time one block on a worker")
+    p.set_defaults(run=_plan)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from unet_volume.predict import plan_prediction
+    from unet_volume.predictor import ModelPredictor
+
+    options = options_from(args, PredictOptions)
+    output = args.output or str(Path(tempfile.gettempdir()) / "unet-volume-plan-no-output.zarr")
+    with client_from(args) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        plan = plan_prediction(args.model, args.image, output, options, workers=workers)
+        predictor = None if args.no_timing else ModelPredictor(plan.checkpoint, tta=plan.tta)
+        _say_plan(plan, client, predictor)
+    if plan.existing is not None and args.output:
+        say(f"{plan.output_url}: {plan.existing.summary()}; predict resumes it")
+    print(
+        f"planned; `unet-volume predict {args.image} {args.output or 'OUTPUT'}` with the same "
+        "options runs it"
     )
 
 
@@ -210,6 +276,14 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
         "segment a volume with a trained model",
         "Predict class probabilities and a segmentation for a whole volume, block by block on "
         "a Dask cluster (overlap-tile: exact stitching, no seams, no blending).",
+    ),
+    (
+        "plan",
+        _add_plan,
+        "what a prediction will cost: blocks, tasks, memory, halo overhead, run time",
+        "Check a prediction as `predict` would, without writing anything, and print its plan: "
+        "the block and shard shapes, blocks, tasks and stored objects, the halo overhead, the "
+        "memory per worker and the run time estimated from one block timed on one worker.",
     ),
     (
         "train",

@@ -1,11 +1,11 @@
-"""The overlap-tile engine: one Dask task per output block, any predictor.
+"""The overlap-tile engine: one Dask task per shard of output blocks, any predictor.
 
-Each block task reads its own read box straight from the input store (mirrored outside the
-volume), runs the predictor tile by tile with tile origins on the network's period lattice,
-writes its own output chunks and marks itself done. No voxel data goes through the scheduler
-or the client; tasks return a few numbers. Because tiles of a valid-convolution U-Net placed on
-the period lattice compute exactly what one whole-volume pass computes, the stitched output has
-no seams and needs no blending (see :mod:`unet_volume.tiling`).
+Each task reads its own read box straight from the input store (mirrored outside the volume), runs
+the predictor tile by tile with tile origins on the network's period lattice, writes its own shard
+of output blocks at once and marks itself done. No voxel data goes through the scheduler or the
+client; tasks return a few numbers. Because tiles of a valid-convolution U-Net placed on the period
+lattice compute exactly what one whole-volume pass computes, the stitched output has no seams and
+needs no blending (see :mod:`unet_volume.tiling`).
 
 A *predictor* is any picklable callable mapping an input tile ``(c, z, y, x)`` to class scores
 ``(k, *geometry.output_shape)``: :class:`~unet_volume.predictor.ModelPredictor` wraps a U-Net,
@@ -29,12 +29,15 @@ from unet_volume.border import reflect
 from unet_volume.cluster import STALL_AFTER, gpu_resources, map_bounded
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape
+from unet_volume.layout import OutputLayout
 from unet_volume.locations import with_retries
-from unet_volume.prediction_store import PredictionStore
+from unet_volume.prediction_store import EncodedOutput, PredictionStore
 from unet_volume.storage import Volume
-from unet_volume.tiling import Block, TileGeometry, block_key, count_blocks, plan_blocks, plan_tiles
+from unet_volume.tiling import Block, TileGeometry, block_key, plan_blocks, plan_tiles
 
 T = TypeVar("T")
+_FLOAT_STORE = PredictionStore("", "float64")
+"""Where :func:`predict_tiles` takes its output from when given no store: float64, unencoded."""
 Predictor = Callable[[np.ndarray], np.ndarray]
 """Input tile ``(c, z, y, x)`` -> probabilities ``(k, *output_shape)``."""
 
@@ -61,30 +64,46 @@ class RunReport:
 
 
 def predict_tiles(
-    data: np.ndarray, read_box: Box, write_box: Box, *, predictor: Predictor, geometry: TileGeometry
-) -> np.ndarray:
-    """Probabilities for ``write_box`` from ``data`` (the input over ``read_box``).
+    data: np.ndarray,
+    read_box: Box,
+    write_box: Box,
+    *,
+    predictor: Predictor,
+    geometry: TileGeometry,
+    output: EncodedOutput | None = None,
+    store: PredictionStore | None = None,
+) -> EncodedOutput:
+    """The output over ``write_box`` from ``data`` (the input over ``read_box``), tile by tile.
 
-    Pure and idempotent: tiles start on the period lattice at ``write_box.begin``;
-    each tile's output is cropped to the write box.
+    Pure and idempotent: tiles start on the period lattice at ``write_box.begin``; each
+    tile's probabilities are cropped to the write box and encoded into ``output`` (a new one
+    from ``store`` when not given) as they come, so a task never holds a shard's floats whole.
+    A predictor with ``tiles_per_pass`` > 1 and ``predict_many`` gets that many tiles at once.
     """
-    result: np.ndarray | None = None
-    for tile_box in plan_tiles(write_box, geometry):
-        tile_input = data[(slice(None), *geometry.input_box(tile_box).to_slices(read_box.begin))]
-        probs = predictor(tile_input)
-        if tuple(probs.shape[1:]) != geometry.output_shape:
-            raise GeometryError(
-                f"predictor returned shape {probs.shape} for a tile of {tile_input.shape}; "
-                f"expected (classes, *{geometry.output_shape})"
-            )
-        if result is None:
-            result = np.empty((probs.shape[0], *write_box.shape), dtype=probs.dtype)
-        part = tile_box.intersect(write_box)
-        result[(slice(None), *part.to_slices(write_box.begin))] = probs[
-            (slice(None), *part.to_slices(tile_box.begin))
+    tiles = plan_tiles(write_box, geometry)
+    per_pass = max(1, int(getattr(predictor, "tiles_per_pass", 1)))
+    many = getattr(predictor, "predict_many", None)
+    for first in range(0, len(tiles), per_pass):
+        boxes = tiles[first : first + per_pass]
+        inputs = [
+            data[(slice(None), *geometry.input_box(t).to_slices(read_box.begin))] for t in boxes
         ]
-    assert result is not None  # plan_tiles always yields at least one tile
-    return result
+        outputs = many(inputs) if many is not None and len(inputs) > 1 else map(predictor, inputs)
+        for tile_box, tile_input, probs in zip(boxes, inputs, outputs):
+            if tuple(probs.shape[1:]) != geometry.output_shape:
+                raise GeometryError(
+                    f"predictor returned shape {probs.shape} for a tile of {tile_input.shape}; "
+                    f"expected (classes, *{geometry.output_shape})"
+                )
+            if output is None:
+                output = (store or _FLOAT_STORE).new_output(probs.shape[0], write_box.shape)
+            part = tile_box.intersect(write_box)
+            output.put(
+                part.to_slices(write_box.begin),
+                probs[(slice(None), *part.to_slices(tile_box.begin))],
+            )
+    assert output is not None  # plan_tiles always yields at least one tile
+    return output
 
 
 def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:
@@ -114,9 +133,10 @@ def predict_block(
     predictor: Predictor,
     geometry: TileGeometry,
 ) -> dict[str, Any]:
-    """One Dask task: read the block's read box, predict, write its chunks, mark it done.
+    """One Dask task: read the task's read box, predict, write its shard, mark it done.
 
-    Idempotent: a block run twice (a worker died after writing) writes the same chunks.
+    ``block`` is the task's box: one shard of output blocks (one block when unsharded).
+    Idempotent: a task run twice (a worker died after writing) writes the same objects.
     Transient read and write errors are retried; non-finite input fails the block.
     Returns the block's timings.
     """
@@ -124,11 +144,11 @@ def predict_block(
     data = with_retries(volume.read, block.read_box)
     check_finite(data, block, volume)
     read_s = time.perf_counter() - start
-    probs = predict_tiles(
-        data, block.read_box, block.write_box, predictor=predictor, geometry=geometry
+    output = predict_tiles(
+        data, block.read_box, block.write_box, predictor=predictor, geometry=geometry, store=store
     )
     predict_s = time.perf_counter() - start - read_s
-    with_retries(store.write, block.write_box, probs)
+    with_retries(store.write, block.write_box, output)
     with_retries(store.mark_done, block.index)  # only after the data is stored
     return {
         "index": block.index,
@@ -139,6 +159,11 @@ def predict_block(
             "write": time.perf_counter() - start - read_s - predict_s,
         },
     }
+
+
+def dry_block(block: Block, **_: Any) -> dict[str, Any]:
+    """A task that does nothing: what planning, submitting and tracking a run cost alone."""
+    return {"index": block.index, "voxels": block.write_box.size, "seconds": {}}
 
 
 def _itself(value: T) -> T:
@@ -164,13 +189,18 @@ def run_prediction(
     volume: Volume,
     store: PredictionStore,
     block_shape: Shape,
+    shard_shape: Shape | None = None,
     max_in_flight: int | None = None,
     progress: bool = False,
     skip: Collection[Shape] = (),
     max_failures: int = 0,
     stall_after: float = STALL_AFTER,
+    dry_run: bool = False,
 ) -> RunReport:
-    """Submit one task per block not in ``skip``, keeping at most ``max_in_flight`` running.
+    """Submit one task per shard not in ``skip``, keeping at most ``max_in_flight`` running.
+
+    A shard (``shard_shape``, default one block) is a box of whole blocks: see
+    :mod:`unet_volume.layout`. ``skip`` holds shard indices, as the done markers record them.
 
     A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
     flooding the scheduler; the predictor reaches workers once, as :func:`_shared`. When workers
@@ -178,15 +208,18 @@ def run_prediction(
     ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
     (its ``failures`` hold the blocks) is raised; a run in which no block finishes for
     ``stall_after`` seconds stops with :class:`~unet_volume.errors.StallError`.
+    ``dry_run`` submits tasks that read, compute and write nothing (:func:`dry_block`).
     """
     start = time.perf_counter()
+    layout = OutputLayout(volume.shape, tuple(block_shape), tuple(shard_shape or block_shape))
     skipped = set(map(tuple, skip))
-    total = count_blocks(volume.shape, block_shape) - len(skipped)
+    skipped_blocks = sum(layout.blocks_in_shard(index) for index in skipped)
+    total = layout.num_blocks - skipped_blocks
     shared = _shared(client, predictor)
-    blocks = plan_blocks(volume.shape, block_shape, geometry)
+    blocks = plan_blocks(volume.shape, layout.shard_shape, geometry)
     results = map_bounded(
         client,
-        predict_block,
+        dry_block if dry_run else predict_block,
         (block for block in blocks if block.index not in skipped),
         name=block_key("predict-block"),
         window=max_in_flight,
@@ -204,6 +237,6 @@ def run_prediction(
         for result in results:
             voxels += result["voxels"]
             stages.update(result["seconds"])
-            bar.update(1)
+            bar.update(layout.blocks_in_shard(result["index"]))
     seconds = time.perf_counter() - start
-    return RunReport(store.url, total, voxels, seconds, dict(stages), skipped=len(skipped))
+    return RunReport(store.url, total, voxels, seconds, dict(stages), skipped=skipped_blocks)

@@ -18,7 +18,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -37,6 +37,23 @@ def parse_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers like 1,512,512, got {text!r}"
         ) from None
+
+
+def parse_ints_or(*words: str) -> Callable[[str], tuple[int, ...] | str]:
+    """A parser of ``"1,512,512"`` that also takes one of ``words`` (e.g. ``auto``) as is."""
+
+    def parse(text: str) -> tuple[int, ...] | str:
+        if text in words:
+            return text
+        try:
+            return parse_ints(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers like 1,512,512 or {' or '.join(words)}, "
+                f"got {text!r}"
+            ) from None
+
+    return parse
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -123,6 +140,9 @@ def _strip_none(hint: Any) -> Any:
 def _parsing(hint: Any) -> dict[str, Any]:
     """``type``, ``choices`` and ``metavar`` for values of the type ``hint``."""
     args = typing.get_args(hint)
+    words = [w for a in args if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+    if words and any(typing.get_origin(a) in (tuple, Sequence) for a in args):
+        return {"type": parse_ints_or(*words), "metavar": "Z,Y,X|" + "|".join(words)}
     if typing.get_origin(hint) is typing.Literal:
         return {"type": type(args[0]), "choices": args}
     if typing.get_origin(hint) is tuple and args == (int, int):

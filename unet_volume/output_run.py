@@ -42,8 +42,10 @@ from unet_volume.run_record import (
     DONE,
     BlockFailure,
     RunStatus,
+    blocks_of_task,
     check_lease_free,
-    done_blocks,
+    count_done_blocks,
+    done_tasks,
     held_lease,
     identity_differences,
 )
@@ -118,7 +120,7 @@ def read_status(url: str) -> RunStatus:
     return RunStatus(
         url,
         total,
-        len(done_blocks(url)),
+        count_done_blocks(url),
         bool(info.get("complete")),
         dict(info.get("identity", {})),
         failures,
@@ -215,15 +217,16 @@ def run_recorded(
 ) -> R:
     """``run(done)`` under the output's lease, then mark the output complete with ``report``.
 
-    ``run`` gets the indices of the blocks already done, to skip. Failed blocks from an
-    earlier run are tried again. A :class:`BlockError` is recorded in the output and raised
-    again naming the blocks; ``command`` (e.g. ``unet-volume predict``) says what to rerun.
+    ``run`` gets the indices of the tasks (shards of blocks) already done, to skip. Failed blocks
+    from an earlier run are tried again. A :class:`BlockError` is recorded in the output and
+    raised again naming the blocks; ``command`` (e.g. ``unet-volume predict``) says what to
+    rerun.
     """
     try:
         with held_lease(url, url):  # one driver writes an output
             record_failures(url, [])
             try:
-                result = run(done_blocks(url))
+                result = run(done_tasks(url))
             except BlockError as error:
                 raise recorded(url, error, command) from error
             finish_output(url, report(result))
@@ -241,7 +244,12 @@ def run_recorded(
 def recorded(url: str, error: BlockError, command: str) -> BlockError:
     """Record the failed blocks in the output; the error that names them and says what next."""
     failures = sorted(
-        BlockFailure(block.index, str(block.write_box), describe_failure(cause))
+        BlockFailure(
+            block.index,
+            str(block.write_box),
+            describe_failure(cause),
+            blocks_of_task(url, block.index),
+        )
         for block, cause in error.failures
     )
     try:
@@ -249,11 +257,12 @@ def recorded(url: str, error: BlockError, command: str) -> BlockError:
         unrecorded = ""
     except OSError as not_written:  # e.g. the disk that failed the blocks is full
         unrecorded = f" (not recorded in the output: {describe_failure(not_written)})"
-    done = len(done_blocks(url))
+    done = count_done_blocks(url)
     first = "; ".join(map(str, failures[:3])) + ("; ..." if len(failures) > 3 else "")
+    failed = sum(failure.blocks for failure in failures)
     return BlockError(
         error.failures,
-        message=f"{len(failures)} block(s) failed{unrecorded}: {first}. The {done} finished "
+        message=f"{failed} block(s) failed{unrecorded}: {first}. The {done} finished "
         f"blocks are kept in {url}; fix the cause and run the same command again to resume "
         f"({command}; `unet-volume status OUTPUT` lists the failures)",
     )

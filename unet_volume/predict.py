@@ -10,7 +10,7 @@ builds the network once per worker process and keeps it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +31,7 @@ from unet_volume.cluster import gpu_resources, open_client
 from unet_volume.engine import Predictor, RunReport, run_prediction
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.layout import OutputLayout, auto_shard_shape, check_shard_shape
 from unet_volume.locations import absolute
 from unet_volume.model import UNet
 from unet_volume.output_run import (
@@ -39,6 +40,7 @@ from unet_volume.output_run import (
     find_resumable,
     run_recorded,
 )
+from unet_volume.planning import auto_block_shape
 from unet_volume.predict_config import DEFAULT_BLOCK, DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import (
     OutputDtype,
@@ -53,7 +55,6 @@ from unet_volume.storage import Volume, open_volume
 from unet_volume.tiling import (
     TileGeometry,
     check_block_shape,
-    count_blocks,
     read_box_of,
 )
 
@@ -68,6 +69,7 @@ class PredictionPlan:
     output_url: str
     block_shape: Shape
     geometry: TileGeometry
+    shard_shape: Shape
     output_dtype: OutputDtype
     overwrite: bool
     tta: bool = False
@@ -78,8 +80,12 @@ class PredictionPlan:
     """The run of the same identity found at the output, to resume (None: start anew)."""
 
     @property
+    def layout(self) -> OutputLayout:
+        return OutputLayout(self.volume.shape, self.block_shape, self.shard_shape)
+
+    @property
     def num_blocks(self) -> int:
-        return count_blocks(self.volume.shape, self.block_shape)
+        return self.layout.num_blocks
 
 
 def plan_prediction(
@@ -87,8 +93,13 @@ def plan_prediction(
     image: str | Path,
     output: str | Path,
     options: PredictOptions = DEFAULT_OPTIONS,
+    *,
+    workers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PredictionPlan:
     """Validate a run (see :func:`predict_volume`) without writing anything.
+
+    ``block_shape="auto"`` is resolved for ``workers`` (``client.scheduler_info()["workers"]``:
+    their memory limit and GPUs; none given: CPU workers without a limit).
 
     Raises :class:`~unet_volume.errors.UnetVolumeError` subclasses naming the
     problem and the fix: unreadable or empty input, wrong rank or channel count,
@@ -103,10 +114,15 @@ def plan_prediction(
             f"{info.config.in_channels}; pass a (c, z, y, x) array with that many channels"
         )
     dtype = check_output_dtype(options.output_dtype)
-    shape, geometry = plan_geometry(info, volume, options.block_shape, options.tile_shape)
+    block = options.block_shape
+    if block == "auto":
+        block = _auto_block(info, volume, workers or {})
+    shape, geometry = plan_geometry(info, volume, block, options.tile_shape)
+    shard = plan_shards(volume.shape, shape, options.shard_shape, ndim=info.config.ndim)
     check_run_limits(options.max_failures, options.stall_after)
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
+    identity["shard_shape"] = list(shard)
     existing = find_resumable(str(output), output_url, identity, overwrite=options.overwrite)
     return PredictionPlan(
         checkpoint,
@@ -115,6 +131,7 @@ def plan_prediction(
         output_url,
         shape,
         geometry,
+        shard,
         dtype,
         options.overwrite,
         options.tta,
@@ -145,7 +162,7 @@ def run_plan(
         create_output(plan.output_url, lambda: _create_prediction(plan), overwrite=plan.overwrite)
     if predictor is None:
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
-    store = PredictionStore(plan.output_url, plan.output_dtype)
+    store = PredictionStore(plan.output_url, plan.output_dtype, plan.layout.blocks_per_shard)
 
     def run(done: Collection[Shape]) -> RunReport:
         return run_prediction(
@@ -155,6 +172,7 @@ def run_plan(
             volume=plan.volume,
             store=store,
             block_shape=plan.block_shape,
+            shard_shape=plan.shard_shape,
             progress=progress,
             skip=done,
             max_failures=plan.max_failures,
@@ -172,8 +190,8 @@ def check_block_memory(plan: PredictionPlan, client: Client) -> None:
     estimate = prediction_memory(
         plan.info.config,
         plan.geometry.input_shape,
-        plan.block_shape,
-        read_box_of(Box.from_shape(plan.block_shape), plan.geometry).shape,
+        plan.shard_shape,
+        read_box_of(Box.from_shape(plan.shard_shape), plan.geometry).shape,
         input_itemsize=np.dtype(plan.volume.dtype).itemsize,
         output_itemsize=np.dtype(plan.output_dtype).itemsize,
         network_on_host=not on_gpu,
@@ -181,9 +199,9 @@ def check_block_memory(plan: PredictionPlan, client: Client) -> None:
     check_worker_memory(
         client.scheduler_info(n_workers=-1)["workers"],
         estimate,
-        block="x".join(map(str, plan.block_shape)),
-        fix="pass a smaller --block-shape or --tile-shape (the network's share grows with the "
-        "tile), or give the workers more memory",
+        block="x".join(map(str, plan.shard_shape)),
+        fix="pass a smaller --shard-shape, --block-shape or --tile-shape (the network's share "
+        "grows with the tile), or give the workers more memory",
     )
 
 
@@ -193,6 +211,7 @@ def _create_prediction(plan: PredictionPlan) -> None:
         volume=plan.volume,
         num_classes=plan.info.config.num_classes,
         block_shape=plan.block_shape,
+        shard_shape=plan.shard_shape,
         output_dtype=plan.output_dtype,
         attrs=_run_attrs(plan),
     )
@@ -252,6 +271,33 @@ def plan_geometry(
     return shape, geometry
 
 
+def _auto_block(
+    info: Checkpoint, volume: Volume, workers: Mapping[str, Mapping[str, Any]]
+) -> Shape:
+    """``--block-shape auto`` for these workers (see :func:`planning.auto_block_shape`)."""
+    limits = [int(w["memory_limit"]) for w in workers.values() if w.get("memory_limit")]
+    on_gpu = any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
+    return auto_block_shape(
+        info.config,
+        volume.shape,
+        volume.chunks,
+        on_gpu=on_gpu,
+        memory_limit=min(limits, default=None),
+        input_itemsize=np.dtype(volume.dtype).itemsize,
+    )
+
+
+def plan_shards(
+    volume_shape: Shape, block_shape: Shape, wanted: Sequence[int] | None, *, ndim: int
+) -> Shape:
+    """The shard shape: ``wanted`` (checked), else the automatic one; no larger than the
+    volume rounded up to whole blocks."""
+    if wanted is None:
+        return auto_shard_shape(volume_shape, block_shape, ndim=ndim)
+    shape = check_shard_shape(wanted, block_shape)
+    return tuple(min(s, ceil_div(n, b) * b) for s, n, b in zip(shape, volume_shape, block_shape))
+
+
 def _checkpoint_of(model: UNet | str | Path) -> bytes:
     if isinstance(model, UNet):
         return checkpoint_bytes(model)
@@ -292,6 +338,7 @@ def _run_attrs(plan: PredictionPlan) -> dict[str, Any]:
         },
         "geometry": {
             "block_shape": list(plan.block_shape),
+            "shard_shape": list(plan.shard_shape),
             "tile_input_shape": list(geometry.input_shape),
             "tile_output_shape": list(geometry.output_shape),
             "halo": list(geometry.halo),

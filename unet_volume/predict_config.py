@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from unet_volume.options import option
 from unet_volume.prediction_store import OutputDtype
@@ -26,11 +27,18 @@ class PredictOptions:
     ``unet-volume predict`` and the ``predict`` flow, each with its default and help, here only.
     """
 
-    block_shape: Sequence[int] | None = option(
+    block_shape: Sequence[int] | Literal["auto"] | None = option(
         None,
-        "voxels per task and per output chunk (z, y, x); multiples of 2**depth on convolved "
-        f"axes (default {_csv(DEFAULT_BLOCK[2])} for 2D models, {_csv(DEFAULT_BLOCK[3])} "
-        "for 3D)",
+        "voxels per output chunk, the unit the network's tiles are planned for (z, y, x); "
+        f"multiples of 2**depth on convolved axes (default {_csv(DEFAULT_BLOCK[2])} for 2D "
+        f"models, {_csv(DEFAULT_BLOCK[3])} for 3D); auto: picked from the network, the input's "
+        "chunks, the workers' memory and their device (bigger on GPU)",
+    )
+    shard_shape: Sequence[int] | None = option(
+        None,
+        "voxels per task and per stored object (z, y, x): a whole number of blocks, computed "
+        "and written at once (Zarr sharding; blocks stay the chunks) (default: picked from the "
+        "volume and block, 4 to 64 Mi voxels and at most about 4096 tasks)",
     )
     tile_shape: Sequence[int] | None = option(
         None,

@@ -10,9 +10,10 @@ Layout of ``OUTPUT`` (all arrays carry ``dimension_names``, which is what
       class, z, y, x     1-D coordinates: class index; voxel centres in physical units
       done               (block_z, block_y, block_x) uint8: 1 where a block is written
 
-Chunks are the block grid (one chunk per block and array), so each block task
-writes its own chunks and no two tasks touch the same one. Compression is
-Blosc-zstd with bit-shuffle. The identity and done markers (:mod:`unet_volume.run_record`)
+Chunks are the blocks; a task writes one shard of blocks (:mod:`unet_volume.layout`), with the
+Zarr v3 sharding codec one object per array when a shard holds several blocks, so no two tasks
+touch the same object and a viewer still reads block by block. Compression is Blosc-zstd with
+bit-shuffle, per block. The identity and done markers (:mod:`unet_volume.run_record`)
 let a run resume; an output that is not complete is refused by :func:`open_prediction`
 unless asked for, so missing blocks never pass for zeros.
 """
@@ -34,6 +35,7 @@ from zarr.codecs import BloscCodec
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
+from unet_volume.layout import OutputLayout
 from unet_volume.locations import exists
 from unet_volume.output_run import ATTRS_KEY, opened_arrays, read_status, run_info, update_run_info
 from unet_volume.run_record import DONE, block_grid, create_done_markers
@@ -47,31 +49,80 @@ OUTPUT_ARRAYS = ("segmentation", "probabilities", DONE)
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
+@dataclass(slots=True)
+class EncodedOutput:
+    """A task's output as it will be stored, filled tile by tile: the argmax and the
+    probabilities in the stored dtype (a uint8 run never holds its float probabilities whole).
+    """
+
+    segmentation: np.ndarray
+    probabilities: np.ndarray
+
+    def put(self, where: tuple[slice, ...], probabilities: np.ndarray) -> None:
+        """Store float ``(class, ...)`` probabilities at ``where`` (spatial slices)."""
+        self.segmentation[where] = most_probable(probabilities)
+        self.probabilities[(slice(None), *where)] = encode_probabilities(
+            probabilities, self.probabilities.dtype.name
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class PredictionStore:
     """Where a prediction is written, and how; picklable, reopened by URL in each task."""
 
     url: str
     output_dtype: OutputDtype
+    blocks_per_task: Shape = (1, 1, 1)
+    """Blocks in one task's shard: the done marker it writes covers them all."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
     """This run's opening of the output: its arrays are opened once per process and token."""
 
-    def write(self, box: Box, probabilities: np.ndarray) -> None:
-        """Write float ``(class, *box.shape)`` probabilities and their argmax into ``box``.
+    def new_output(self, classes: int, shape: Shape) -> EncodedOutput:
+        """An empty task output of ``classes`` over a box of ``shape``."""
+        return EncodedOutput(
+            np.empty(shape, dtype=np.uint8), np.empty((classes, *shape), dtype=self.output_dtype)
+        )
 
-        ``box`` must be a whole chunk (a block's write box): one writer per chunk.
+    def write(self, box: Box, output: EncodedOutput | np.ndarray) -> None:
+        """Write a task's output (or float ``(class, *box.shape)`` probabilities) into ``box``.
+
+        ``box`` must be a whole shard (a task's write box): one writer per stored object.
         """
+        if isinstance(output, np.ndarray):
+            encoded = self.new_output(output.shape[0], box.shape)
+            encoded.put(Box.from_shape(box.shape).to_slices(), output)
+            output = encoded
         segmentation, stored, _ = opened_arrays(self.url, self.token, OUTPUT_ARRAYS)
         slices = box.to_slices()
-        segmentation[slices] = np.argmax(probabilities, axis=0).astype(np.uint8)
-        stored[(slice(None), *slices)] = encode_probabilities(probabilities, self.output_dtype)
+        segmentation[slices] = output.segmentation
+        stored[(slice(None), *slices)] = output.probabilities
 
     def mark_done(self, index: Shape) -> None:
-        """Record block ``index`` as done, after :meth:`write` returned (its data is stored)."""
-        opened_arrays(self.url, self.token, OUTPUT_ARRAYS)[2][tuple(index)] = 1
+        """Record task ``index`` (its shard of blocks) as done, after :meth:`write` returned."""
+        per = self.blocks_per_task
+        where = tuple(slice(i * p, (i + 1) * p) for i, p in zip(index, per))
+        opened_arrays(self.url, self.token, OUTPUT_ARRAYS)[2][where] = 1
 
 
-def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -> np.ndarray:
+def most_probable(probabilities: np.ndarray) -> np.ndarray:
+    """The argmax over classes (axis 0) as uint8; the first class wins ties, as in numpy.
+
+    One comparison per class over the volume: 5-10x faster than ``np.argmax`` along a short
+    leading axis, which strides across the whole array for every voxel.
+
+    >>> most_probable(np.array([[0.2, 0.5], [0.8, 0.5]])).tolist()
+    [1, 0]
+    """
+    best = probabilities[0]
+    label = np.zeros(best.shape, dtype=np.uint8)
+    for k in range(1, probabilities.shape[0]):
+        better = probabilities[k] > best
+        label[better] = k
+        best = np.where(better, probabilities[k], best)
+    return label
+
+
+def encode_probabilities(probabilities: np.ndarray, output_dtype: str) -> np.ndarray:
     """Cast to the stored dtype; uint8 stores ``round(p * 255)``.
 
     >>> encode_probabilities(np.array([0.0, 0.5, 1.0]), "uint8").tolist()
@@ -79,7 +130,8 @@ def encode_probabilities(probabilities: np.ndarray, output_dtype: OutputDtype) -
     """
     encoded: np.ndarray
     if output_dtype == "uint8":
-        encoded = np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+        scaled = np.clip(probabilities, 0.0, 1.0) * 255.0
+        encoded = np.rint(scaled, out=scaled).astype(np.uint8)
     else:
         encoded = probabilities.astype(output_dtype)
     return encoded
@@ -101,14 +153,22 @@ def create_prediction(
     block_shape: Shape,
     output_dtype: OutputDtype,
     attrs: Mapping[str, Any],
+    shard_shape: Shape | None = None,
 ) -> PredictionStore:
-    """Create the output group with its arrays, coordinates and metadata (no voxel data yet)."""
-    chunks = tuple(min(b, s) for b, s in zip(block_shape, volume.shape))
-    group = new_output_group(url, volume, chunks, attrs)
+    """Create the output group with its arrays, coordinates and metadata (no voxel data yet).
+
+    Chunks are ``block_shape``; with a ``shard_shape`` of several blocks, each array stores
+    one object per shard (the Zarr v3 sharding codec).
+    """
+    layout = OutputLayout(volume.shape, tuple(block_shape), tuple(shard_shape or block_shape))
+    chunks = tuple(min(b, s) for b, s in zip(layout.block_shape, volume.shape))
+    shards = layout.shard_shape if layout.sharded else None
+    group = new_output_group(url, volume, chunks, attrs, per_task=layout.blocks_per_shard)
     group.create_array(
         "probabilities",
         shape=(num_classes, *volume.shape),
         chunks=(num_classes, *chunks),
+        shards=(num_classes, *shards) if shards else None,
         dtype=output_dtype,
         compressors=[COMPRESSOR],
         dimension_names=("class", *DIMS),
@@ -119,6 +179,7 @@ def create_prediction(
         "segmentation",
         shape=volume.shape,
         chunks=chunks,
+        shards=shards,
         dtype="uint8",
         compressors=[COMPRESSOR],
         dimension_names=DIMS,
@@ -126,14 +187,20 @@ def create_prediction(
         attributes={"long_name": "most probable class"},
     )
     _write_coordinate(group, "class", np.arange(num_classes, dtype=np.int64), {})
-    return PredictionStore(url=url, output_dtype=output_dtype)
+    return PredictionStore(url, output_dtype, layout.blocks_per_shard)
 
 
 def new_output_group(
-    url: str, volume: Volume, chunks: Shape, attrs: Mapping[str, Any]
+    url: str,
+    volume: Volume,
+    chunks: Shape,
+    attrs: Mapping[str, Any],
+    *,
+    per_task: Shape | None = None,
 ) -> zarr.Group:
-    """A new output group over ``volume``'s grid: physical z, y, x coordinates, one done marker
-    per chunk of ``chunks`` (a block), and the run information ``attrs``, not yet complete.
+    """A new output group over ``volume``'s grid: physical z, y, x coordinates, a done marker
+    per block of ``chunks`` (one object per task of ``per_task`` blocks), and the run
+    information ``attrs``, not yet complete.
 
     Predictions and weight volumes add their data arrays, chunked by ``chunks``.
     """
@@ -145,7 +212,7 @@ def new_output_group(
         )
         centres = np.arange(volume.shape[axis], dtype=np.float64) * spacing
         _write_coordinate(group, name, centres, units)
-    create_done_markers(group, block_grid(volume.shape, chunks))
+    create_done_markers(group, block_grid(volume.shape, chunks), per_task)
     group.attrs.update({ATTRS_KEY: {**attrs, "complete": False, "failures": []}})
     return group
 

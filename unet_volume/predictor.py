@@ -8,6 +8,9 @@ each worker process builds the network on first use and keeps it for every block
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Literal
 
 import numpy as np
@@ -20,6 +23,11 @@ from unet_volume.model import UNet
 
 _MODELS: dict[tuple[str, str, str], UNet] = {}
 """Networks built in this process, by (checkpoint sha256, device, dtype): one per worker."""
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+"""One lock per device in this process: a GPU worker's threads read, decode, encode and write
+blocks side by side, and take turns on the GPU (one forward pass at a time)."""
+Precision = Literal["float32", "bfloat16", "float16"]
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 class ModelPredictor:
@@ -33,6 +41,14 @@ class ModelPredictor:
     instead: with integer weights and inputs every sum in them is exact, which is how the tests
     prove stitching exact on any CPU (and on an H100's cuDNN, in float64); the soft-max's
     ``exp`` is not exact, and vector math libraries may round it differently.
+
+    ``precision="bfloat16"`` (or ``"float16"``) runs the float32 network under autocast: on a
+    GPU's tensor cores several times faster, at a probability difference of about 1e-2
+    (``benchmarks/precision_agreement.py`` measures it on ISBI). ``tiles_per_pass`` tiles go
+    through the network in one forward pass (:meth:`predict_many`): a GPU needs a batch to be
+    busy. On CUDA, inputs go through pinned host memory with non-blocking copies, cuDNN picks
+    its fastest kernels for the tile shape (``cudnn.benchmark``), and the threads of one worker
+    take turns on the device.
 
     ``tta=True`` averages the probabilities (or logits) over the 8 flips and right-angle turns
     of the tile in (y, x), as the paper averaged rotated copies. Stitching stays exact:
@@ -49,11 +65,22 @@ class ModelPredictor:
         dtype: Literal["float32", "float64"] = "float32",
         tta: bool = False,
         output: Literal["probabilities", "logits"] = "probabilities",
+        precision: Precision = "float32",
+        tiles_per_pass: int = 1,
     ) -> None:
         if output not in ("probabilities", "logits"):
             raise InputError(
                 f"predictor output {output!r} is unknown; pass 'probabilities' or 'logits'"
             )
+        if precision not in PRECISIONS or (precision != "float32" and dtype != "float32"):
+            raise InputError(
+                f"precision {precision!r} is not one of {', '.join(PRECISIONS)} over a float32 "
+                "network; pass --precision float32, bfloat16 or float16"
+            )
+        if tiles_per_pass < 1:
+            raise InputError(f"tiles per pass {tiles_per_pass} must be at least 1")
+        self.precision = precision
+        self.tiles_per_pass = tiles_per_pass
         self.checkpoint = checkpoint
         self.tta = tta
         self.output = output
@@ -95,6 +122,8 @@ class ModelPredictor:
             threads = worker_threads()
             if threads:
                 torch.set_num_threads(threads)
+            if self.device.startswith("cuda"):
+                torch.backends.cudnn.benchmark = True  # the fastest kernels for this tile shape
             model = checkpoint_from_bytes(self.checkpoint).to_model()
             model = model.to(device=self.device, dtype=getattr(torch, self.dtype))
             model = model.to(memory_format=self.layout)  # type: ignore[call-overload]
@@ -102,20 +131,49 @@ class ModelPredictor:
         return _MODELS[self.key]
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
+        return self.predict_many([tile])[0]
+
+    def predict_many(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities of several tiles of one shape ``(c, z, y, x)``, in one forward pass.
+
+        A 2D net stacks the tiles' z slices as its batch, a 3D net the tiles themselves. The
+        result of each tile does not depend on the others in the pass (no batch statistics
+        at inference), which the tests check exactly.
+        """
         net = self.network()
-        x = (tile.astype(self.dtype) - self.mean) / self.std  # (c, z, y, x)
-        batch = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        if self.ndim == 2:
-            batch = batch.permute(1, 0, 2, 3)  # (z, c, y, x): slices are the batch
-        else:
-            batch = batch[None]  # (1, c, z, y, x)
-        with torch.inference_mode():
+        x = np.stack([(t.astype(self.dtype) - self.mean) / self.std for t in tiles])
+        depth = x.shape[2]  # (n, c, z, y, x)
+        if self.ndim == 2:  # (n * z, c, y, x): slices are the batch
+            x = x.transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
+        batch = self._to_device(np.ascontiguousarray(x))
+        with self._turn(), torch.inference_mode(), self._autocast():
             if self.tta:
                 probs = torch.stack([self._turned(net, batch, k) for k in range(8)]).mean(dim=0)
             else:
                 probs = self._scores(net, batch)
-        probs = probs.permute(1, 0, 2, 3) if self.ndim == 2 else probs[0]  # (k, z, y, x)
-        return np.asarray(probs.cpu().numpy())
+            probs = probs.float() if self.dtype == "float32" else probs
+            result = probs.to("cpu", non_blocking=False).numpy()
+        if self.ndim == 2:  # (n * z, k, y, x) -> (n, k, z, y, x)
+            result = result.reshape(len(tiles), depth, *result.shape[1:]).transpose(0, 2, 1, 3, 4)
+        return [np.asarray(r) for r in result]
+
+    def _to_device(self, x: np.ndarray) -> torch.Tensor:
+        """The batch on the device: through pinned memory with a non-blocking copy on CUDA."""
+        tensor = torch.from_numpy(x)
+        if self.device.startswith("cuda"):
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _turn(self) -> threading.Lock | nullcontext[None]:
+        """This process's lock of a CUDA device (threads take turns); none needed on a CPU."""
+        if not self.device.startswith("cuda"):
+            return nullcontext()
+        return _DEVICE_LOCKS.setdefault(self.device, threading.Lock())
+
+    def _autocast(self) -> torch.autocast | nullcontext[None]:
+        if self.precision == "float32":
+            return nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.precision))
 
     def _scores(self, net: UNet, batch: torch.Tensor) -> torch.Tensor:
         """Soft-max probabilities (or logits) of the net, per class along dim 1."""

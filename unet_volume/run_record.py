@@ -8,11 +8,11 @@ pre-empted, drivers are killed. So the output itself says how far the run got:
   input (URL, shape, dtype, chunking, and hashes of a few sampled regions). Running the same
   prediction again compares identities: equal resumes, different is refused naming what
   differs. A resume can never mix the blocks of two runs.
-- **Done markers**: a ``done`` array with one element, and one chunk object, per block
-  (dims ``block_z, block_y, block_x``). A block task writes its marker after its data
-  chunks are written, and no two tasks write the same object. The chunk keys are flat
-  (``done/c.3.0.7``), so the done blocks of a 10^6-block run are one listing away, not 10^6
-  reads. The marker does not depend on how the data arrays are chunked or sharded.
+- **Done markers**: a ``done`` array with one element per block (dims ``block_z, block_y,
+  block_x``) and one chunk object per task (a shard of blocks, see :mod:`unet_volume.layout`).
+  A task writes its marker after its data is written, and no two tasks write the same object.
+  The chunk keys are flat (``done/c.3.0.7``), so the done blocks of a 10^6-block run are one
+  listing away, not 10^6 reads.
 - **Failures**: the driver records failed blocks (index, box, error) in the group's
   attributes; blocks neither done nor failed are missing.
 
@@ -20,12 +20,13 @@ pre-empted, drivers are killed. So the output itself says how far the run got:
 
     OUTPUT/
       zarr.json     attributes: unet_volume = {identity, complete, failures, report, ...}
-      done/         uint8 (block_z, block_y, block_x), chunk 1x1x1: c.0.0.0, c.0.0.1, ...
+      done/         uint8 (block_z, block_y, block_x), chunk = a shard's blocks: c.0.0.0, ...
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -115,12 +116,13 @@ def block_grid(volume_shape: Sequence[int], block_shape: Sequence[int]) -> Shape
     return tuple(ceil_div(n, b) for n, b in zip(volume_shape, block_shape, strict=True))
 
 
-def create_done_markers(group: zarr.Group, grid: Shape) -> None:
-    """The ``done`` array: one uncompressed 1-voxel chunk per block, flat chunk keys."""
+def create_done_markers(group: zarr.Group, grid: Shape, per_task: Shape | None = None) -> None:
+    """The ``done`` array: one element per block, one uncompressed chunk per task (``per_task``
+    blocks, default 1), flat chunk keys."""
     group.create_array(
         DONE,
         shape=grid,
-        chunks=(1,) * len(grid),
+        chunks=per_task or (1,) * len(grid),
         dtype="uint8",
         fill_value=0,
         compressors=None,
@@ -130,8 +132,8 @@ def create_done_markers(group: zarr.Group, grid: Shape) -> None:
     )
 
 
-def done_blocks(group_url: str) -> set[Shape]:
-    """The indices of the blocks marked done: one listing of the ``done`` array's chunks."""
+def done_tasks(group_url: str) -> set[Shape]:
+    """The indices of the tasks (shards) marked done: one listing of the ``done`` chunks."""
     fs, path = fsspec.core.url_to_fs(f"{group_url.rstrip('/')}/{DONE}")
     names = fs.ls(path, detail=False) if fs.exists(path) else []
     found = set()
@@ -143,6 +145,46 @@ def done_blocks(group_url: str) -> set[Shape]:
     return found
 
 
+def done_blocks(group_url: str) -> set[Shape]:
+    """The indices of the blocks marked done: each done task's blocks."""
+    tasks = done_tasks(group_url)
+    if not tasks:
+        return set()
+    per, grid = _task_grid(group_url)
+    blocks: set[Shape] = set()
+    for task in tasks:
+        ranges = (range(t * p, min((t + 1) * p, g)) for t, p, g in zip(task, per, grid))
+        blocks.update(itertools.product(*ranges))
+    return blocks
+
+
+def count_done_blocks(group_url: str) -> int:
+    """How many blocks are marked done, counted per done task (no set of 10^6 indices)."""
+    tasks = done_tasks(group_url)
+    if not tasks:
+        return 0
+    grid = _task_grid(group_url)
+    return sum(_blocks_in(task, *grid) for task in tasks)
+
+
+def blocks_of_task(group_url: str, task: Sequence[int]) -> int:
+    """How many blocks task ``task`` (a shard index) holds: fewer at the volume's far edges."""
+    return _blocks_in(task, *_task_grid(group_url))
+
+
+def _blocks_in(task: Sequence[int], per: Shape, grid: Shape) -> int:
+    count = 1
+    for t, p, g in zip(task, per, grid):
+        count *= min(p, g - t * p)
+    return count
+
+
+def _task_grid(group_url: str) -> tuple[Shape, Shape]:
+    """Blocks per task and blocks per axis, from the ``done`` array's metadata."""
+    done = zarr.open_array(f"{group_url.rstrip('/')}/{DONE}", mode="r", zarr_format=3)
+    return tuple(done.chunks), tuple(done.shape)
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class BlockFailure:
     """A block that failed for good: its index, write box and error, as the output records it."""
@@ -150,16 +192,26 @@ class BlockFailure:
     index: Shape
     box: str
     error: str
+    blocks: int = 1
+    """Blocks the failed task held: a shard of several blocks fails as one."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": list(self.index), "box": self.box, "error": self.error}
+        return {
+            "index": list(self.index),
+            "box": self.box,
+            "error": self.error,
+            **({"blocks": self.blocks} if self.blocks != 1 else {}),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockFailure:
-        return cls(tuple(int(i) for i in data["index"]), str(data["box"]), str(data["error"]))
+        index = tuple(int(i) for i in data["index"])
+        return cls(index, str(data["box"]), str(data["error"]), int(data.get("blocks", 1)))
 
     def __str__(self) -> str:
-        return f"block {self.index} {self.box}: {self.error}"
+        if self.blocks == 1:
+            return f"block {self.index} {self.box}: {self.error}"
+        return f"shard {self.index} ({self.blocks} blocks) {self.box}: {self.error}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +227,18 @@ class RunStatus:
 
     @property
     def missing(self) -> int:
-        return self.total - self.done - len(self.failures)
+        return self.total - self.done - self.failed
+
+    @property
+    def failed(self) -> int:
+        """Blocks in failed tasks."""
+        return sum(failure.blocks for failure in self.failures)
 
     def summary(self) -> str:
         """One line: ``done 40 / failed 1 / missing 79 / total 120 blocks``."""
         state = "complete" if self.complete else "incomplete"
         return (
-            f"{self.url}: {state}; done {self.done} / failed {len(self.failures)} / "
+            f"{self.url}: {state}; done {self.done} / failed {self.failed} / "
             f"missing {self.missing} / total {self.total} blocks"
         )
 
