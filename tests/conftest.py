@@ -69,9 +69,10 @@ def client() -> Iterator[Client]:
 
 @pytest.fixture(scope="session")
 def gpu_client() -> Iterator[Client]:
-    """A worker that advertises ``GPU=1`` (as deploy/ starts GPU workers) and one that does not."""
+    """A worker that advertises ``GPU=1`` (as deploy/ starts GPU workers), with more threads
+    than block tasks may share a GPU, and one that does not."""
     workers = {
-        "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+        "gpu": {"cls": Nanny, "options": {"nthreads": 6, "resources": {"GPU": 1}}},
         "cpu": {"cls": Nanny, "options": {"nthreads": 1}},
     }
     scheduler = {

@@ -25,6 +25,7 @@ from dask_jobqueue import SLURMCluster
 from distributed import Client, LocalCluster
 from packaging.requirements import Requirement
 
+from unet_volume.cluster import TASKS_PER_GPU
 from unet_volume.cluster_spec import (
     DIRECTORY_VARIABLE,
     ClusterSpec,
@@ -135,7 +136,8 @@ def test_make_cluster_slurm_spec_renders_one_gpu_worker_per_job() -> None:
         script = cluster.job_script()
     assert "#SBATCH --gres=gpu:1" in script
     worker_line = script.strip().splitlines()[-1]
-    assert "--nthreads 1 " in worker_line  # one Dask thread: one block at a time per GPU
+    # Four Dask threads: tasks take a quarter of the GPU each, one on it, three reading/writing.
+    assert f"--nthreads {TASKS_PER_GPU} " in worker_line
     assert "--resources GPU=1" in worker_line
     assert "--nworkers" not in worker_line  # one worker process per job (processes: 1)
 
@@ -147,7 +149,7 @@ def test_k8s_manifest_validates_against_the_operator_crd(manifest_file: str, crd
     container = worker_container(manifest)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert has_run(container["args"], ["--resources", "GPU=1"])
-    assert has_run(container["args"], ["--nthreads", "1"])
+    assert has_run(container["args"], ["--nthreads", str(TASKS_PER_GPU)])
 
 
 @pytest.mark.parametrize(

@@ -82,11 +82,11 @@ def prediction_memory(
         "output": block * (classes * output_itemsize + 1) + tile * classes * 4 * 3,
     }
     if network_on_host:
-        parts["network"] = _activations(config, tile_input)
+        parts["network"] = network_activations(config, tile_input)
     return MemoryEstimate(parts)
 
 
-def _activations(config: UNetConfig, tile_input: Sequence[int]) -> int:
+def network_activations(config: UNetConfig, tile_input: Sequence[int]) -> int:
     """float32 bytes of a U-Net's activations on one tile, :data:`NETWORK_FACTOR` maps a level."""
     pooled = tile_input[-config.ndim :]
     kept = tile_input[: len(tile_input) - config.ndim]

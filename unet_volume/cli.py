@@ -223,7 +223,15 @@ def _plan(args: argparse.Namespace) -> None:
     with client_from(args) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         plan = plan_prediction(args.model, args.image, output, options, workers=workers)
-        predictor = None if args.no_timing else ModelPredictor(plan.checkpoint, tta=plan.tta)
+        predictor = (
+            None
+            if args.no_timing
+            else ModelPredictor(
+                plan.checkpoint,
+                tta=plan.tta,
+                precision=plan.precision,  # type: ignore[arg-type]
+            )
+        )
         _say_plan(plan, client, predictor)
     if plan.existing is not None and args.output:
         say(f"{plan.output_url}: {plan.existing.summary()}; predict resumes it")

@@ -304,17 +304,24 @@ class StallWatchdog:
         )
 
 
+TASKS_PER_GPU = 4
+"""Block tasks a GPU worker runs at once (as many as it has threads, at most this): while one
+runs the network, the others read and decompress, or encode and write; the predictor's device
+lock makes them take turns on the GPU."""
+
+
 def gpu_resources(client: Client) -> dict[str, float] | None:
-    """``{"GPU": 1}`` when some worker advertises a ``GPU`` resource, else None.
+    """``{"GPU": 1 / TASKS_PER_GPU}`` when some worker advertises a ``GPU`` resource, else None.
 
     GPU workers are started with ``--resources GPU=1`` (one per GPU, see ``deploy/``): tasks
-    asking for it run only there, one block per GPU at a time, each worker keeping its model
-    loaded between blocks. Asking only when a worker has it matters: a task that needs a
-    resource no worker has waits forever, with no error.
+    asking for a share of it run only there, up to :data:`TASKS_PER_GPU` at once per GPU (a
+    power of 2: the shares add up exactly), each worker keeping its model loaded between
+    blocks. Asking only when a worker has it matters: a task that needs a resource no worker
+    has waits forever, with no error.
     """
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     if any(worker.get("resources", {}).get("GPU", 0) >= 1 for worker in workers):
-        return {"GPU": 1}
+        return {"GPU": 1 / TASKS_PER_GPU}
     return None
 
 

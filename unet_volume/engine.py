@@ -78,11 +78,13 @@ def predict_tiles(
     Pure and idempotent: tiles start on the period lattice at ``write_box.begin``; each
     tile's probabilities are cropped to the write box and encoded into ``output`` (a new one
     from ``store`` when not given) as they come, so a task never holds a shard's floats whole.
-    A predictor with ``tiles_per_pass`` > 1 and ``predict_many`` gets that many tiles at once.
+    A predictor with ``predict_many`` gets ``predictor.batch_size(tile_input_shape)`` tiles at
+    once.
     """
     tiles = plan_tiles(write_box, geometry)
-    per_pass = max(1, int(getattr(predictor, "tiles_per_pass", 1)))
     many = getattr(predictor, "predict_many", None)
+    sizing = getattr(predictor, "batch_size", None)
+    per_pass = max(1, int(sizing(geometry.input_shape))) if sizing is not None else 1
     for first in range(0, len(tiles), per_pass):
         boxes = tiles[first : first + per_pass]
         inputs = [
@@ -204,7 +206,8 @@ def run_prediction(
 
     A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
     flooding the scheduler; the predictor reaches workers once, as :func:`_shared`. When workers
-    advertise a ``GPU`` resource, blocks run only there, one per GPU at a time. Up to
+    advertise a ``GPU`` resource, blocks run only there, a few per GPU at once (see
+    :func:`~unet_volume.cluster.gpu_resources`). Up to
     ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
     (its ``failures`` hold the blocks) is raised; a run in which no block finishes for
     ``stall_after`` seconds stops with :class:`~unet_volume.errors.StallError`.

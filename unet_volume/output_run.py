@@ -37,7 +37,7 @@ from unet_volume.errors import (
     is_unwritable,
 )
 from unet_volume.geometry import Shape
-from unet_volume.locations import exists, remove_output, removed_on_failure
+from unet_volume.locations import exists, fast_io, remove_output, removed_on_failure
 from unet_volume.run_record import (
     DONE,
     BlockFailure,
@@ -78,8 +78,9 @@ def opened_arrays(url: str, token: str, names: tuple[str, ...]) -> tuple[Any, ..
 
     Keyed by the run's token as well: an output created anew under the same URL is reopened.
     """
-    group = zarr.open_group(url, mode="r+", zarr_format=3)
-    return tuple(group[name] for name in names)
+    with fast_io(url):
+        group = zarr.open_group(url, mode="r+", zarr_format=3)
+        return tuple(group[name] for name in names)
 
 
 def update_run_info(url: str, extra: Mapping[str, Any]) -> None:

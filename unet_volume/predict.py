@@ -49,7 +49,7 @@ from unet_volume.prediction_store import (
     create_prediction,
     volume_attrs,
 )
-from unet_volume.predictor import ModelPredictor
+from unet_volume.predictor import PRECISIONS, ModelPredictor
 from unet_volume.run_record import RunStatus, fingerprint
 from unet_volume.storage import Volume, open_volume
 from unet_volume.tiling import (
@@ -73,6 +73,7 @@ class PredictionPlan:
     output_dtype: OutputDtype
     overwrite: bool
     tta: bool = False
+    precision: str = "float32"
     max_failures: int = 0
     stall_after: float = 600.0
     identity: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +115,10 @@ def plan_prediction(
             f"{info.config.in_channels}; pass a (c, z, y, x) array with that many channels"
         )
     dtype = check_output_dtype(options.output_dtype)
+    if options.precision not in PRECISIONS:
+        raise InputError(
+            f"precision {options.precision!r} is unknown; pass one of {', '.join(PRECISIONS)}"
+        )
     block = options.block_shape
     if block == "auto":
         block = _auto_block(info, volume, workers or {})
@@ -122,7 +127,7 @@ def plan_prediction(
     check_run_limits(options.max_failures, options.stall_after)
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
-    identity["shard_shape"] = list(shard)
+    identity.update(shard_shape=list(shard), precision=options.precision)
     existing = find_resumable(str(output), output_url, identity, overwrite=options.overwrite)
     return PredictionPlan(
         checkpoint,
@@ -135,6 +140,7 @@ def plan_prediction(
         dtype,
         options.overwrite,
         options.tta,
+        options.precision,
         options.max_failures,
         options.stall_after,
         identity,
@@ -161,7 +167,7 @@ def run_plan(
     if plan.existing is None:
         create_output(plan.output_url, lambda: _create_prediction(plan), overwrite=plan.overwrite)
     if predictor is None:
-        predictor = ModelPredictor(plan.checkpoint, tta=plan.tta)
+        predictor = ModelPredictor(plan.checkpoint, tta=plan.tta, precision=plan.precision)
     store = PredictionStore(plan.output_url, plan.output_dtype, plan.layout.blocks_per_shard)
 
     def run(done: Collection[Shape]) -> RunReport:
@@ -345,6 +351,7 @@ def _run_attrs(plan: PredictionPlan) -> dict[str, Any]:
             "period": list(geometry.period),
             "border": "reflect (mirror, edge voxel not repeated)",
             "test_time_augmentation": "mean of 8 flips/turns in (y, x)" if plan.tta else None,
+            "precision": plan.precision,
         },
         "input": volume_attrs(plan.volume),
         "identity": plan.identity,

@@ -68,6 +68,12 @@ class PredictOptions:
         "blocks that may fail (bad data) while the rest carry on; one more stops the run. "
         "Failed blocks are recorded in the output and redone when the run is resumed",
     )
+    precision: Literal["float32", "bfloat16", "float16"] = option(
+        "float32",
+        "arithmetic of the network: bfloat16 or float16 run it under autocast, several times "
+        "faster on a GPU's tensor cores, probabilities within about 1e-2 of float32 "
+        "(benchmarks/precision_agreement.py)",
+    )
     tta: bool = option(
         False,
         "test-time augmentation: average over the 8 flips and quarter turns of each tile in "

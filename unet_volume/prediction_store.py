@@ -95,7 +95,12 @@ class PredictionStore:
         segmentation, stored, _ = opened_arrays(self.url, self.token, OUTPUT_ARRAYS)
         slices = box.to_slices()
         segmentation[slices] = output.segmentation
-        stored[(slice(None), *slices)] = output.probabilities
+        probabilities = output.probabilities
+        if probabilities.shape[0] != stored.shape[0]:  # e.g. a one-class probe: numpy's rules
+            probabilities = np.ascontiguousarray(
+                np.broadcast_to(probabilities, (stored.shape[0], *probabilities.shape[1:]))
+            )
+        stored[(slice(None), *slices)] = probabilities
 
     def mark_done(self, index: Shape) -> None:
         """Record task ``index`` (its shard of blocks) as done, after :meth:`write` returned."""

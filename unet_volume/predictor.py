@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from unet_volume.block_memory import network_activations
 from unet_volume.checkpoint import checkpoint_from_bytes
 from unet_volume.cluster import tune_worker_process, worker_threads
 from unet_volume.errors import InputError
@@ -66,7 +67,7 @@ class ModelPredictor:
         tta: bool = False,
         output: Literal["probabilities", "logits"] = "probabilities",
         precision: Precision = "float32",
-        tiles_per_pass: int = 1,
+        tiles_per_pass: int | None = None,
     ) -> None:
         if output not in ("probabilities", "logits"):
             raise InputError(
@@ -77,7 +78,7 @@ class ModelPredictor:
                 f"precision {precision!r} is not one of {', '.join(PRECISIONS)} over a float32 "
                 "network; pass --precision float32, bfloat16 or float16"
             )
-        if tiles_per_pass < 1:
+        if tiles_per_pass is not None and tiles_per_pass < 1:
             raise InputError(f"tiles per pass {tiles_per_pass} must be at least 1")
         self.precision = precision
         self.tiles_per_pass = tiles_per_pass
@@ -88,6 +89,7 @@ class ModelPredictor:
         self.dtype = dtype
         info = checkpoint_from_bytes(checkpoint)
         self.sha256 = info.sha256
+        self.config = info.config
         self.ndim = info.config.ndim
         norm = info.metadata.get("normalization", {})
         self.mean = float(norm.get("mean", 0.0))
@@ -132,6 +134,19 @@ class ModelPredictor:
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         return self.predict_many([tile])[0]
+
+    def batch_size(self, tile_input: Sequence[int]) -> int:
+        """Tiles of ``tile_input`` (z, y, x) per forward pass: as given, or 1 on a CPU, or on
+        CUDA as many as half the device's free memory holds (activations estimated as the
+        memory check does, at most 64)."""
+        if self.tiles_per_pass is not None:
+            return self.tiles_per_pass
+        if not self.device.startswith("cuda"):
+            return 1
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        shrink = 2 if self.precision != "float32" else 1
+        per_tile = network_activations(self.config, tile_input) // shrink
+        return max(1, min(64, int(free // 2 // max(per_tile, 1))))
 
     def predict_many(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Probabilities of several tiles of one shape ``(c, z, y, x)``, in one forward pass.

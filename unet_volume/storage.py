@@ -32,7 +32,7 @@ from zarr.codecs import BloscCodec
 from unet_volume.border import reflect
 from unet_volume.errors import InputError, is_transient
 from unet_volume.geometry import Box, Shape
-from unet_volume.locations import absolute, exists, remove_output, removed_on_failure
+from unet_volume.locations import absolute, exists, fast_io, remove_output, removed_on_failure
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 T = TypeVar("T")
@@ -257,7 +257,7 @@ def _opened_zarr(url: str, token: str) -> Any:
     Keyed by the token as well as the URL: an array rewritten under the same URL between two
     runs is opened again, never read through the first run's metadata.
     """
-    with opened_array(url, "zarr") as array:
+    with fast_io(url), opened_array(url, "zarr") as array:
         return array
 
 
