@@ -9,7 +9,8 @@ LocalCluster of 2 single-threaded worker processes, uint8 input and output:
 (b) the default 1x512x512 block over (512, 512, 512): 512 blocks (target: at least 40 Mvoxel/s
     per worker).
 
-Each case runs twice: one task per block (unsharded), then one task per automatic shard of
+Each case runs twice (each --repeats times, the median run shown): one task per block
+(unsharded), then one task per automatic shard of
 blocks (:func:`unet_volume.layout.auto_shard_shape`; one object per shard and array). Prints
 blocks/s, Mvoxel/s per worker, and read / predict / write milliseconds per block.
 
@@ -87,13 +88,17 @@ def measure(client, root: Path, shape, block, *, sharded: bool) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="where inputs and outputs go (default: tmp)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median shown")
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="engine-overhead-"))
     root.mkdir(parents=True, exist_ok=True)
     with open_client(n_workers=WORKERS, dashboard=False) as client:
         measure(client, root, (2, 512, 512), (1, 64, 64), sharded=False)
         for (name, shape, block), sharded in itertools.product(CASES, (False, True)):
-            f = measure(client, root, shape, block, sharded=sharded)
+            runs = [
+                measure(client, root, shape, block, sharded=sharded) for _ in range(args.repeats)
+            ]
+            f = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
             layout = "x".join(map(str, f["shard"]))
             print(
                 f"{name} over {shape}, shards {layout} ({f['tasks']} tasks): "

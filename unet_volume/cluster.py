@@ -175,47 +175,48 @@ def map_bounded(
     run = uuid.uuid4().hex[:8]
     todo = iter(items)
     limit = window or 4 * max(1, sum(client.nthreads().values()))
+    refill = max(1, limit // 4)
     pending: dict[str, Item] = {}
     failures: list[tuple[Any, BaseException]] = []
     watchdog = StallWatchdog(client, at_least=stall_after)
 
-    def submit(item: Item) -> Any:
-        future = client.submit(
-            function, item, key=f"{name(item)}-{run}", pure=False, resources=resources, **kwargs
-        )
-        pending[future.key] = item
-        return future
+    def submit(count: int) -> list[Any]:
+        batch = list(islice(todo, count))
+        if not batch:
+            return []
+        keys = [f"{name(item)}-{run}" for item in batch]
+        futures = client.map(function, batch, key=keys, pure=False, resources=resources, **kwargs)
+        pending.update(zip(keys, batch))
+        return list(futures)
 
-    running = as_completed([submit(item) for item in islice(todo, limit)])
+    # Results come with their futures, gathered in the background; tasks go out a quarter
+    # window at a time: half the client's work per task of one submit and one fetch each.
+    running = as_completed(submit(limit), with_results=True, raise_errors=False)
+    freed = 0
     with watchdog.watching(running):
-        for future in running:
+        for future, result in running:
             if watchdog.stalled:
                 break
             watchdog.finished()
             item = pending.pop(future.key)
-            try:
-                result = watchdog.result(future)
-            except _Stalled:
-                break
-            except Exception as error:
-                failures.append((item, error))
+            if future.status in ("error", "cancelled"):
+                # An error comes as (type, exception, traceback), a cancellation as itself.
+                failures.append((item, result[1] if future.status == "error" else result))
                 if len(failures) > max_failures:
                     client.cancel(list(running.futures))
                     running.clear()
                     break
             else:
                 yield result
-            finally:
-                future.release()
-            running.update(submit(item) for item in islice(todo, 1))
+            future.release()
+            freed += 1
+            if freed >= refill or running.count() == 0:
+                running.update(submit(freed))
+                freed = 0
     if watchdog.stalled:
         raise StallError(watchdog.stalled)
     if failures:
         raise BlockError(failures, names=[name(item) for item, _ in failures])
-
-
-class _Stalled(Exception):
-    """The watchdog stopped the run while a result was being fetched."""
 
 
 class StallWatchdog:
@@ -232,22 +233,6 @@ class StallWatchdog:
         self.stalled: str | None = None
         self._last = time.monotonic()
         self._gaps: list[float] = []
-
-    def result(self, future: Any) -> Any:
-        """``future.result()``, given up once the run is called stalled.
-
-        A finished task's result lives on its worker: if the worker dies before the result is
-        fetched, Dask computes it again, and with no worker left that never happens.
-        """
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except TimeoutError:
-                if future.status in ("error", "cancelled"):
-                    raise  # the task's own error (a storage timeout), not our wait
-                if self.stalled:
-                    future.cancel()
-                    raise _Stalled from None
 
     def finished(self) -> None:
         now = time.monotonic()
