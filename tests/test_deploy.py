@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import operator
 import os
 import re
@@ -103,7 +104,19 @@ def test_cluster_spec_every_deploy_spec_loads(path: Path) -> None:
 
 
 def test_cluster_spec_deploy_ships_one_spec_per_target() -> None:
-    assert [p.stem for p in SPECS] == ["k8s-gpu", "local", "slurm-cpu", "slurm-gpu"]
+    assert [p.stem for p in SPECS] == ["k8s-gpu", "local-gpu", "local", "slurm-cpu", "slurm-gpu"]
+
+
+def test_make_cluster_local_gpu_spec_asks_for_dask_cuda_where_it_is_missing() -> None:
+    # One worker per GPU of a multi-GPU machine is dask-cuda's job; without it, say so.
+    spec = load_cluster_spec(DEPLOY / "clusters/local-gpu.yaml")
+    assert spec.kind == "local-cuda"
+    assert spec.options["resources"] == {"GPU": 1}
+    assert spec.options["threads_per_worker"] == TASKS_PER_GPU
+    if importlib.util.find_spec("dask_cuda") is not None:
+        pytest.skip("dask-cuda is installed here: the missing-package message cannot be shown")
+    with pytest.raises(InputError, match=r"needs dask-cuda .*pip install 'unet-volume\[cuda\]'"):
+        make_cluster(spec)
 
 
 def test_make_cluster_local_spec_starts_a_cluster_that_runs_tasks() -> None:
@@ -216,7 +229,7 @@ def test_load_cluster_spec_finds_bare_names_in_the_environment_directory(
     [
         pytest.param(
             "kind: pbs\n",
-            r"has kind 'pbs'; set 'kind:' to one of local, slurm, kubernetes",
+            r"has kind 'pbs'; set 'kind:' to one of local, local-cuda, slurm, kubernetes",
             id="unknown-kind",
         ),
         pytest.param("cores: 4\n", r"has kind None; set 'kind:' to one of", id="missing-kind"),
@@ -284,7 +297,8 @@ def test_load_cluster_spec_unknown_name_lists_the_available_ones() -> None:
     # "slurm" is a kind, not a spec name: the message lists the names that exist.
     with pytest.raises(
         InputError,
-        match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, slurm-cpu, slurm-gpu",
+        match=r"unknown cluster spec 'slurm'.*pass one of k8s-gpu, local, local-gpu, slurm-cpu, "
+        r"slurm-gpu",
     ):
         load_cluster_spec("slurm", directory=DEPLOY / "clusters")
 

@@ -6,6 +6,8 @@ run in ``benchmarks/gpu_throughput.py`` on a lent GPU; everything that can run h
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,19 @@ def test_gpu_pipeline_precision_is_part_of_the_run_identity(client: Client, tmp_
     assert info is not None and info["identity"]["precision"] == "bfloat16"
     with pytest.raises(Exception, match=r"precision: bfloat16, now float32"):
         predict_volume(net, image, output, client=client, block_shape=(1, 16, 16))
+
+
+def test_gpu_pipeline_the_gpu_benchmark_runs_its_smoke_test_on_a_cpu(tmp_path: Path) -> None:
+    # The script a lent GPU runs once: it must not be the first to find its own bugs there.
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_throughput.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if "engine / bare" in line]
+    assert len(lines) == 2  # float32 and bfloat16 of the smoke net
+    assert all("Mvoxel/s" in line for line in lines)

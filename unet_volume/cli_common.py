@@ -30,8 +30,8 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--cluster",
         metavar="SPEC",
-        help="start the cluster a spec describes: a name in deploy/clusters (local, slurm-gpu, "
-        "k8s-gpu) or a YAML path",
+        help="start the cluster a spec describes: a name in deploy/clusters (local, local-gpu, "
+        "slurm-gpu, k8s-gpu) or a YAML path",
     )
     p.add_argument(
         "--workers",

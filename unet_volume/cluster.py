@@ -191,7 +191,9 @@ def map_bounded(
 
     # Results come with their futures, gathered in the background; tasks go out a quarter
     # window at a time: half the client's work per task of one submit and one fetch each.
-    running = as_completed(submit(limit), with_results=True, raise_errors=False)
+    # On this client's loop: as_completed otherwise takes the default client's, which may be
+    # another (or a closed) client in this process, and then waits forever.
+    running = as_completed(submit(limit), loop=client.loop, with_results=True, raise_errors=False)
     freed = 0
     with watchdog.watching(running):
         for future, result in running:

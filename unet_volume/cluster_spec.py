@@ -38,7 +38,7 @@ from distributed.deploy.cluster import Cluster
 
 from unet_volume.errors import InputError
 
-Kind = Literal["local", "slurm", "kubernetes"]
+Kind = Literal["local", "local-cuda", "slurm", "kubernetes"]
 KINDS: tuple[str, ...] = get_args(Kind)
 DIRECTORY_VARIABLE = "UNET_VOLUME_CLUSTERS"
 DEFAULT_DIRECTORY = Path("deploy", "clusters")
@@ -46,8 +46,14 @@ DEFAULT_DIRECTORY = Path("deploy", "clusters")
 # so a spec works from any working directory.
 PATH_OPTIONS: dict[str, tuple[str, ...]] = {"kubernetes": ("custom_cluster_spec",)}
 LOCAL_START_TIMEOUT = 60.0  # seconds for local worker processes to start
-EXTRAS = {"slurm": ("dask-jobqueue", "slurm"), "kubernetes": ("dask-kubernetes", "k8s")}
+EXTRAS = {
+    "local-cuda": ("dask-cuda", "cuda"),
+    "slurm": ("dask-jobqueue", "slurm"),
+    "kubernetes": ("dask-kubernetes", "k8s"),
+}
 BACKENDS = {
+    # One worker per GPU of this machine, each pinned to its GPU (CUDA_VISIBLE_DEVICES).
+    "local-cuda": ("dask_cuda", "LocalCUDACluster"),
     "slurm": ("dask_jobqueue", "SLURMCluster"),
     "kubernetes": ("dask_kubernetes.operator", "KubeCluster"),
 }
