@@ -127,13 +127,18 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "output", help="output Zarr v3 group to create (probabilities, segmentation, coordinates)"
     )
+    _add_prediction_options(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_predict)
+
+
+def _add_prediction_options(p: argparse.ArgumentParser) -> None:
+    """``--model``, every :class:`PredictOptions` field and the cluster options."""
     p.add_argument(
         "--model", required=True, help="checkpoint written by `unet-volume train` or save_model"
     )
     add_options(p, PredictOptions())
     add_cluster_options(p)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(run=_predict)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -202,11 +207,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
         nargs="?",
         help="the output to check as predict would (resumable, refused, new); default: none",
     )
-    p.add_argument(
-        "--model", required=True, help="checkpoint written by `unet-volume train` or save_model"
-    )
-    add_options(p, PredictOptions())
-    add_cluster_options(p)
+    _add_prediction_options(p)
     p.add_argument("--no-timing", action="store_true", help="do not time one block on a worker")
     p.set_defaults(run=_plan)
 
