@@ -1,10 +1,10 @@
 """Memory stays flat with the volume: peak RSS of the client and of each worker at 1, 4, 16 GB.
 
-For each size, a uint8 volume of (z, 8192, 8192) is generated on disk (smooth blobs and noise,
-compressed, chunks 1x512x512), then predicted with a tiny U-Net (base 2, depth 2) into a uint8
-output in 1x512x512 blocks with automatic shards, on a fresh LocalCluster of 2 single-threaded
-workers, in a fresh driver process (peak RSS is a lifetime figure). Prints the peaks and their
-spread across sizes (target: within +10%), with the run time.
+For each size, a uint8 volume of (z, 8192, 8192) is generated on disk by a process of its own
+(smooth blobs and noise, compressed, chunks 1x512x512), then predicted with a tiny U-Net
+(base 2, depth 2) into a uint8 output in 1x512x512 blocks with automatic shards, on a fresh
+LocalCluster of 2 single-threaded workers, in a fresh driver process (peak RSS is a lifetime
+figure). Prints the peaks and their spread across sizes (target: within +10%), with the run time.
 
     .venv/bin/python benchmarks/memory_flat.py [--sizes 1 4 16] [--workdir DIR]
 """
@@ -47,7 +47,7 @@ def one_size(root: Path, gigabytes: float) -> dict[str, float]:
     from unet_volume.predict import predict_volume
 
     image = root / f"in-{gigabytes:g}.zarr"
-    shape = write_volume(image, gigabytes)
+    shape = write_volume(image, gigabytes)  # written beforehand, by another process
     torch.manual_seed(0)
     net = UNet(in_channels=1, base_channels=2, depth=2, ndim=2)
     with open_client(n_workers=2, dashboard=False) as client:
@@ -77,14 +77,21 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16], help="GB")
     parser.add_argument("--workdir", type=Path, help="where volumes go (default: tmp)")
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--generate", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="memory-flat-"))
+    if args.generate is not None:
+        write_volume(root / f"in-{args.generate:g}.zarr", args.generate)
+        return
     if args.one is not None:
         print(json.dumps(one_size(root, args.one)))
         return
     rows = []
     for gigabytes in args.sizes:
-        command = [sys.executable, __file__, "--one", str(gigabytes), "--workdir", str(root)]
+        # The input is written by a process of its own: its memory is not the client's.
+        here = ["--workdir", str(root)]
+        subprocess.run([sys.executable, __file__, "--generate", str(gigabytes), *here], check=True)
+        command = [sys.executable, __file__, "--one", str(gigabytes), *here]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
