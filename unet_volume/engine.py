@@ -26,7 +26,7 @@ from distributed import Client
 from tqdm.auto import tqdm
 
 from unet_volume.border import reflect
-from unet_volume.cluster import STALL_AFTER, gpu_resources, map_bounded
+from unet_volume.cluster import STALL_AFTER, gpu_resources, map_bounded, release_free_memory
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.layout import OutputLayout
@@ -152,6 +152,8 @@ def predict_block(
     predict_s = time.perf_counter() - start - read_s
     with_retries(store.write, block.write_box, output)
     with_retries(store.mark_done, block.index)  # only after the data is stored
+    del data, output
+    release_free_memory()
     return {
         "index": block.index,
         "voxels": block.write_box.size,
