@@ -29,6 +29,7 @@ from packaging.requirements import Requirement
 from unet_volume.cluster import TASKS_PER_GPU
 from unet_volume.cluster_spec import (
     DIRECTORY_VARIABLE,
+    WORKER_PROFILE_OFF,
     ClusterSpec,
     load_cluster_spec,
     make_cluster,
@@ -119,6 +120,11 @@ def test_make_cluster_local_gpu_spec_asks_for_dask_cuda_where_it_is_missing() ->
         make_cluster(spec)
 
 
+def _profiles(dask_worker: Any) -> bool:
+    """Whether a worker runs Dask's statistical profiler (run on the worker)."""
+    return "profile" in dask_worker.periodic_callbacks
+
+
 def test_make_cluster_local_spec_starts_a_cluster_that_runs_tasks() -> None:
     spec = load_cluster_spec(DEPLOY / "clusters/local.yaml")
     # Start empty, then let `scale` ask for the one worker: fast, and it exercises scale.
@@ -132,6 +138,8 @@ def test_make_cluster_local_spec_starts_a_cluster_that_runs_tasks() -> None:
         # The nanny adds no MALLOC_TRIM_THRESHOLD_ of its own (65536 slows torch ~40%). A worker
         # still inherits one that an earlier default-configured nanny wrote into os.environ.
         assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [inherited]
+        # No statistical profiler: it would keep an hour of stack samples in the worker.
+        assert list(client.run(_profiles).values()) == [False]
 
 
 def test_make_cluster_slurm_spec_renders_one_gpu_worker_per_job() -> None:
@@ -153,6 +161,7 @@ def test_make_cluster_slurm_spec_renders_one_gpu_worker_per_job() -> None:
     assert f"--nthreads {TASKS_PER_GPU} " in worker_line
     assert "--resources GPU=1" in worker_line
     assert "--nworkers" not in worker_line  # one worker process per job (processes: 1)
+    assert f"export {WORKER_PROFILE_OFF}" in script.splitlines()
 
 
 @pytest.mark.parametrize(("manifest_file", "crd_file"), MANIFESTS)
@@ -291,6 +300,7 @@ def test_make_cluster_slurm_cpu_spec_renders_loopback_workers_that_die_with_thei
     worker_line = script.strip().splitlines()[-1]
     assert "--nthreads 1 " in worker_line and "--death-timeout 30" in worker_line
     assert "--interface lo" in worker_line
+    assert f"export {WORKER_PROFILE_OFF}" in script.splitlines()
 
 
 def test_load_cluster_spec_unknown_name_lists_the_available_ones() -> None:
@@ -315,6 +325,7 @@ def test_dockerfile_copies_only_the_listed_sources_and_they_exist() -> None:
     assert sources == IMAGE_SOURCES
     assert all((ROOT / source).exists() for source in sources)
     assert "pip install --no-cache-dir ." in dockerfile
+    assert WORKER_PROFILE_OFF in dockerfile.split()  # ENV: no worker profiler in the image
 
 
 def test_dockerfile_base_image_torch_satisfies_the_package_range() -> None:
