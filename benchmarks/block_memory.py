@@ -59,8 +59,7 @@ def _prediction_block(root, ndim, depth, base, block, tile, rng):  # type: ignor
     from unet_volume.engine import predict_block
     from unet_volume.geometry import Box
     from unet_volume.model import UNet
-    from unet_volume.output_run import create_output
-    from unet_volume.predict import _create_prediction, plan_prediction
+    from unet_volume.predict import create_planned_output, plan_prediction
     from unet_volume.predict_config import PredictOptions
     from unet_volume.prediction_store import PredictionStore
     from unet_volume.predictor import ModelPredictor
@@ -71,7 +70,7 @@ def _prediction_block(root, ndim, depth, base, block, tile, rng):  # type: ignor
     model = save_model(UNet(base_channels=base, depth=depth, ndim=ndim), f"{root}/m.pt")
     options = PredictOptions(block_shape=block, tile_shape=tile)
     plan = plan_prediction(model, f"{root}/in.zarr", f"{root}/out.zarr", options)
-    create_output(plan.output_url, lambda: _create_prediction(plan), overwrite=False)
+    create_planned_output(plan)
     estimate = prediction_memory(
         plan.info.config,
         plan.geometry.input_shape,

@@ -66,7 +66,7 @@ def bare_model(
 
 
 def _forward(model: UNet, x: torch.Tensor, predictor: ModelPredictor) -> None:
-    with torch.inference_mode(), predictor._autocast():
+    with torch.inference_mode(), predictor.autocast():
         torch.softmax(model(x), dim=1)
 
 

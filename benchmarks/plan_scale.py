@@ -29,8 +29,8 @@ import zarr
 from unet_volume.cluster import open_client
 from unet_volume.engine import run_prediction
 from unet_volume.model import UNet
-from unet_volume.output_run import create_output, read_status
-from unet_volume.predict import _create_prediction, plan_prediction
+from unet_volume.output_run import read_status
+from unet_volume.predict import create_planned_output, plan_prediction
 from unet_volume.predict_config import PredictOptions
 from unet_volume.prediction_store import PredictionStore
 
@@ -79,7 +79,7 @@ def main() -> None:
         options = PredictOptions(block_shape=(1, 512, 512), overwrite=True)
         plan = plan_prediction(model, image, output, options)
         planned = time.perf_counter()
-        create_output(plan.output_url, lambda: _create_prediction(plan), overwrite=True)
+        create_planned_output(plan)
         created = time.perf_counter()
         store = PredictionStore(plan.output_url, "uint8", plan.layout.blocks_per_shard)
         with SchedulerTasks(client) as held:

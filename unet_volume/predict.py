@@ -165,7 +165,7 @@ def run_plan(
         return RunReport(plan.output_url, 0, 0, 0.0, skipped=plan.existing.total)
     check_block_memory(plan, client)
     if plan.existing is None:
-        create_output(plan.output_url, lambda: _create_prediction(plan), overwrite=plan.overwrite)
+        create_planned_output(plan)
     if predictor is None:
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta, precision=plan.precision)
     store = PredictionStore(plan.output_url, plan.output_dtype, plan.layout.blocks_per_shard)
@@ -209,6 +209,15 @@ def check_block_memory(plan: PredictionPlan, client: Client) -> None:
         fix="pass a smaller --shard-shape, --block-shape or --tile-shape (the network's share "
         "grows with the tile), or give the workers more memory",
     )
+
+
+def create_planned_output(plan: PredictionPlan) -> None:
+    """Create the plan's empty output (arrays, run identity, done markers) as one step.
+
+    Replaces an existing output only if the plan says ``overwrite``; a creation that fails
+    removes what it made (see :func:`~unet_volume.output_run.create_output`).
+    """
+    create_output(plan.output_url, lambda: _create_prediction(plan), overwrite=plan.overwrite)
 
 
 def _create_prediction(plan: PredictionPlan) -> None:

@@ -161,7 +161,7 @@ class ModelPredictor:
         if self.ndim == 2:  # (n * z, c, y, x): slices are the batch
             x = x.transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
         batch = self._to_device(np.ascontiguousarray(x))
-        with self._turn(), torch.inference_mode(), self._autocast():
+        with self._turn(), torch.inference_mode(), self.autocast():
             if self.tta:
                 probs = torch.stack([self._turned(net, batch, k) for k in range(8)]).mean(dim=0)
             else:
@@ -185,7 +185,8 @@ class ModelPredictor:
             return nullcontext()
         return _DEVICE_LOCKS.setdefault(self.device, threading.Lock())
 
-    def _autocast(self) -> torch.autocast | nullcontext[None]:
+    def autocast(self) -> torch.autocast | nullcontext[None]:
+        """The context the network runs in: autocast to :attr:`precision`, or none (float32)."""
         if self.precision == "float32":
             return nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.precision))
