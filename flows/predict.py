@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -95,7 +95,9 @@ def predict_flow(
     model: str,
     out: str,
     *,
-    block_shape: Shape | None = DEFAULT_OPTIONS.block_shape,
+    block_shape: Shape | Literal["auto"] | None = DEFAULT_OPTIONS.block_shape,
+    shard_shape: Shape | None = DEFAULT_OPTIONS.shard_shape,
+    precision: Literal["float32", "bfloat16", "float16"] = DEFAULT_OPTIONS.precision,
     output_dtype: OutputDtype = DEFAULT_OPTIONS.output_dtype,
     tta: bool = DEFAULT_OPTIONS.tta,
     voxel_size: VoxelSize | None = DEFAULT_OPTIONS.voxel_size,
@@ -120,6 +122,8 @@ def predict_flow(
     options = replace(
         DEFAULT_OPTIONS,
         block_shape=block_shape,
+        shard_shape=shard_shape,
+        precision=precision,
         output_dtype=output_dtype,
         voxel_size=voxel_size,
         overwrite=overwrite,
@@ -136,6 +140,8 @@ def predict_flow(
             "model": model,
             "out": out,
             "block_shape": planned.block_shape,
+            "shard_shape": planned.shard_shape,
+            "precision": precision,
             "output_dtype": output_dtype,
             "tta": tta,
             "voxel_size": voxel_size,

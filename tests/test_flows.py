@@ -93,6 +93,25 @@ def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Pat
     assert report["blocks"] == 3 * 3 * 3 and report["voxels"] == 3 * 40 * 36
 
 
+def test_predict_flow_passes_shards_and_precision_to_the_library(
+    client: Client, tmp_path: Path
+) -> None:
+    image = write_zarr(tmp_path / "in.zarr", blob_volume((3, 40, 36)))
+    model = tiny_model(tmp_path / "m.pt")
+    options = {"block_shape": (1, 16, 16), "shard_shape": (3, 32, 32), "precision": "bfloat16"}
+    predict_flow(
+        image, model, str(tmp_path / "flow.zarr"), **options, scheduler=client.scheduler.address
+    )
+    predict_volume(model, image, tmp_path / "library.zarr", **options, client=client)
+    for name in ("probabilities", "segmentation"):
+        np.testing.assert_array_equal(
+            zarr.open_array(tmp_path / "flow.zarr" / name)[:],
+            zarr.open_array(tmp_path / "library.zarr" / name)[:],
+        )
+    identity = run_info(str(tmp_path / "flow.zarr"))["identity"]  # type: ignore[index]
+    assert (identity["shard_shape"], identity["precision"]) == ([3, 32, 32], "bfloat16")
+
+
 def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(
     client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,6 +133,10 @@ def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(
     [
         pytest.param({"block_shape": (1, 0, 16)}, "greater than 0", id="zero-block-side"),
         pytest.param({"output_dtype": "int7"}, "uint8", id="unknown-dtype"),
+        pytest.param({"precision": "int4"}, "bfloat16", id="unknown-precision"),
+        pytest.param(
+            {"shard_shape": (2, 16)}, "shard_shape.2: Field required", id="shard-of-two-axes"
+        ),
     ],
 )
 def test_predict_flow_refuses_bad_parameters_before_running(
