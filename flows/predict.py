@@ -13,10 +13,12 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster import open_client
 from unet_volume.engine import RunReport
+from unet_volume.locations import absolute
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
+from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import STORAGE_RETRIES, check_locations
 
 Shape = tuple[PositiveInt, PositiveInt, PositiveInt]
@@ -58,26 +60,28 @@ def record(report: RunReport, parameters: dict[str, Any]) -> None:
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
 def publish(report: RunReport, image: str, preview: str) -> str:
-    """A table of the run's figures and a preview image of a few slices, as Prefect artifacts."""
+    """The run's figures as a table, and a preview of a few slices shown inline, as artifacts."""
     png = write_preview(image, report.output_url, preview)
+    figures = {
+        "input": absolute(image),
+        "output": report.output_url,
+        "blocks": report.blocks,
+        "blocks resumed": report.skipped,
+        "voxels": report.voxels,
+        "seconds": round(report.seconds, 2),
+        "Mvoxel/s": round(report.voxels_per_second / 1e6, 3),
+    }
     create_table_artifact(
-        [
-            {
-                "output": report.output_url,
-                "voxels": report.voxels,
-                "blocks": report.blocks,
-                "seconds": round(report.seconds, 2),
-                "Mvoxel/s": round(report.voxels_per_second / 1e6, 3),
-            }
-        ],
+        metric_rows(figures),
         key="prediction-run",
-        description=f"prediction of {image}",
+        description=f"Prediction of {absolute(image)}: what ran, how long",
     )
     create_markdown_artifact(
-        f"# Prediction of `{image}`\n\nOutput: `{report.output_url}`\n\n"
-        "Preview (input, segmentation overlaid, probability): "
-        f"[{png}]({png.resolve().as_uri()})\n",
+        f"# Prediction of `{absolute(image)}`\n\nOutput: `{report.output_url}`\n\n"
+        "Input with the segmentation overlaid (left), foreground probability (right):\n\n"
+        f"{embedded_image(png, 'preview of the prediction')}\n",
         key="prediction-preview",
+        description=f"Preview of {report.output_url}",
     )
     return str(png)
 

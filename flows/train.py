@@ -6,7 +6,6 @@ The checkpoint is registered with its metrics, learning curve and preview as Pre
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -16,6 +15,7 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster import open_client
 from unet_volume.evaluation import EvaluationReport, evaluate
+from unet_volume.locations import absolute
 from unet_volume.predict import plan_prediction, run_plan
 from unet_volume.predict_config import PredictOptions
 from unet_volume.preview import write_preview
@@ -23,6 +23,7 @@ from unet_volume.train import TrainConfig, TrainReport, train
 from unet_volume.train_config import Augment
 from unet_volume.weight_map import WeightMapConfig
 from unet_volume.weight_volume import compute_weight_volume
+from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import STORAGE_RETRIES, check_locations
 
 ZRange = tuple[NonNegativeInt, PositiveInt]
@@ -77,31 +78,43 @@ def assess(
 
 @task(cache_policy=NO_CACHE)
 def register(report: TrainReport, scores: EvaluationReport | None, image: str) -> dict[str, Any]:
-    """The checkpoint's figures as Prefect artifacts: a metrics table, the curve and a preview."""
+    """The checkpoint's figures as Prefect artifacts: a metrics table, and a model card that
+    shows the learning curve and a validation preview inline."""
+    checkpoint = absolute(report.checkpoint)
     figures: dict[str, Any] = {
-        "checkpoint": str(report.checkpoint),
+        "checkpoint": checkpoint,
         "steps": report.steps,
         "seconds": round(report.seconds, 1),
         "final_loss": round(report.final_loss, 4),
     }
-    curve = Path(f"{report.checkpoint}.curve.png").resolve()
-    lines = [f"# Model `{report.checkpoint}`", "", f"Learning curve: {curve.as_uri()}"]
+    lines = [
+        f"# Model `{checkpoint}`",
+        "",
+        f"{report.steps} steps in {report.seconds / 60:.1f} min; "
+        f"final loss {report.final_loss:.4f}.",
+        "",
+        "## Learning curve",
+        "",
+        embedded_image(f"{checkpoint}.curve.png", "learning curve"),
+    ]
     if scores is not None:
         figures.update(
             {f"validation_{k}": round(v, 4) for k, v in scores.to_dict()["volume"].items()}
         )
+        first, stop = scores.z_range
         png = write_preview(
-            image,
-            scores.prediction,
-            f"{report.checkpoint}.preview.png",
-            slices=[scores.z_range[0], scores.z_range[1] - 1],
+            image, scores.prediction, f"{checkpoint}.preview.png", slices=[first, stop - 1]
         )
-        lines.append(
-            f"Validation preview (z {scores.z_range[0]}:{scores.z_range[1]}): "
-            f"{png.resolve().as_uri()}"
-        )
-    create_table_artifact([figures], key="model-metrics", description=f"model {report.checkpoint}")
-    create_markdown_artifact("\n".join(lines) + "\n", key="model-card")
+        lines += ["", f"## Validation, slices z {first}:{stop}", ""]
+        lines.append(embedded_image(png, "validation preview"))
+    create_table_artifact(
+        metric_rows(figures),
+        key="model-metrics",
+        description=f"Figures of the model {checkpoint}",
+    )
+    create_markdown_artifact(
+        "\n".join(lines) + "\n", key="model-card", description=f"Model card of {checkpoint}"
+    )
     return figures
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,16 @@ def artifact(key: str) -> Any:
     return found[0]
 
 
+def metrics(key: str) -> dict[str, Any]:
+    """The newest table artifact with ``key`` (metric/value rows) as a dict."""
+    return {row["metric"]: row["value"] for row in json.loads(artifact(key).data)}
+
+
+def embedded_images(markdown: str) -> list[str]:
+    """The data URLs of the images a markdown artifact embeds."""
+    return re.findall(r"!\[[^\]]*\]\((data:image/[^)]+)\)", markdown)
+
+
 def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Path) -> None:
     image = write_zarr(tmp_path / "in.zarr", blob_volume((3, 40, 36)))
     model = tiny_model(tmp_path / "m.pt")
@@ -124,8 +135,14 @@ def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(
     assert provenance["parameters"]["image"] == image
     assert provenance["flow_run"] and provenance["environment"]["packages"]["torch"]
     assert Path(report["preview"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = json.loads(artifact("prediction-run").data)
-    assert table[0]["voxels"] == 2 * 32 * 32 and table[0]["output"] == str(tmp_path / "out.zarr")
+    figures = metrics("prediction-run")
+    assert figures["voxels"] == 2 * 32 * 32 and figures["output"] == str(tmp_path / "out.zarr")
+    assert figures["input"] == str(tmp_path / "in.zarr")  # absolute, as a reader elsewhere needs
+    # The preview is inline (a browser refuses file:// links), within its budget.
+    preview = artifact("prediction-preview")
+    [image] = embedded_images(preview.data)
+    assert image.startswith("data:image/jpeg;base64,") and len(image) <= 200_100
+    assert f"`{tmp_path / 'out.preview.png'}`" in preview.data and preview.description
 
 
 @pytest.mark.parametrize(
@@ -232,7 +249,10 @@ def test_train_flow_trains_evaluates_and_registers_the_model(
     )
     assert figures["steps"] == 3 and 0 <= figures["validation_pixel_error"] <= 1
     assert run_info(f"{model}.evaluation.zarr")["complete"]  # type: ignore[index]
-    assert json.loads(artifact("model-metrics").data)[0]["checkpoint"] == str(model)
+    assert metrics("model-metrics")["checkpoint"] == str(tmp_path / model)
+    # The model card shows the learning curve and the validation preview inline.
+    card = artifact("model-card")
+    assert len(embedded_images(card.data)) == 2 and "file://" not in card.data
 
 
 PREFECT_YAML = Path(__file__).parents[1] / "deploy" / "prefect.yaml"

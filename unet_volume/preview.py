@@ -9,6 +9,8 @@ keeps the longest side at most ``max_side``. Torch-free: it runs wherever storag
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import uuid
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from unet_volume.errors import InputError
 from unet_volume.prediction_store import open_prediction
@@ -31,6 +34,10 @@ PANEL_WIDTH = 4.0  # inches per panel; two panels side by side per row
 TITLE_HEIGHT = 0.35  # inches above each row for its titles
 DPI = 100
 OVERLAY_ALPHA = 0.4
+IMAGE_BUDGET = 200_000
+"""Characters of base64 one embedded image may take: a few keep a web page light."""
+INLINE_SIDE = 1200
+"""Longest side of an embedded image in pixels: sharp on a laptop screen, not a poster."""
 
 
 def choose_slices(depth: int, count: int = 3) -> list[int]:
@@ -151,3 +158,24 @@ def _save(rows: list[Row], out: Path) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return out
+
+
+def data_url(path: str | Path, *, budget: int = IMAGE_BUDGET) -> str:
+    """The image at ``path`` as a JPEG ``data:`` URL of at most ``budget`` base64 characters.
+
+    For pages that cannot load local files (a browser refuses ``file://`` links from a web
+    page, such as a Prefect artifact): the image is shrunk and its JPEG quality lowered until
+    it fits, down to 64 pixels a side.
+    """
+    with Image.open(path) as opened:
+        picture = opened.convert("RGB")
+    side, quality = INLINE_SIDE, 85
+    while True:
+        small = picture.copy()
+        small.thumbnail((side, side))
+        buffer = io.BytesIO()
+        small.save(buffer, format="JPEG", quality=quality, optimize=True)
+        encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+        if len(encoded) <= budget or side <= 64:
+            return f"data:image/jpeg;base64,{encoded}"
+        side, quality = int(side * 0.8), max(50, quality - 10)
