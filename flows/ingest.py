@@ -11,6 +11,7 @@ from pydantic import NonNegativeFloat
 
 from unet_volume.checkpoint import read_checkpoint
 from unet_volume.landing import Arrival, due, find_volumes, settled_volumes
+from unet_volume.locations import absolute
 from unet_volume_flows.common import STORAGE_RETRIES, check_locations, scheduler_address
 from unet_volume_flows.predict import predict_flow
 
@@ -77,11 +78,11 @@ def ingest_flow(
                 except Exception as error:  # reported below, after the other volumes had their turn
                     log.error("%s failed: %s", arrival.source, error)
                     failed.append(arrival.source)
-    create_table_artifact(
-        done or [{"source": "(nothing new)"}],
-        key="ingest-run",
-        description=f"volumes predicted from {landing}",
-    )
+    if done or failed:  # a scan that found nothing new adds no artifact version to page through
+        rows = done + [{"source": source, "reason": "failed"} for source in failed]
+        create_table_artifact(
+            rows, key="ingest-run", description=f"Volumes predicted from {absolute(landing)}"
+        )
     if failed:
         raise RuntimeError(
             f"{len(failed)} of {len(arrivals)} volume(s) failed: {', '.join(failed)}"

@@ -2,13 +2,15 @@
 
 Schedules need a Prefect server (the ephemeral API cannot schedule), and no account::
 
-    PREFECT_UI_ENABLED=false prefect server start --host 127.0.0.1 --port 4200 &
+    prefect server start --host 127.0.0.1 --port 4200 &     # the UI at http://127.0.0.1:4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m unet_volume_flows.serve --landing /data/landing --outputs /data/predictions \\
         --model runs/demo/model.pt --cron "*/10 * * * *"
 
-``train`` and ``predict`` are served without a schedule: start them with
-``prefect deployment run 'predict/predict' --param image=... --param model=... --param out=...``.
+The deployments are named ``served`` (``ingest/served``, ``predict/served``, ``train/served``),
+apart from those of ``deploy/prefect.yaml`` (``.../pool``), so neither replaces the other.
+``train`` and ``predict`` are served without a schedule: start them from the UI, or with
+``prefect deployment run predict/served --param image=... --param model=... --param out=...``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from collections.abc import Sequence
 
 from prefect import serve
 
+from unet_volume import __version__
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
+
+
+SERVED = "served"
+"""The deployment name of every served flow; deploy/prefect.yaml's are ``pool``."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -45,9 +52,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a volume changed more recently than this is left for the next scan (default 60)",
     )
     args = parser.parse_args(argv)
+    labels = {"tags": ["unet-volume"], "version": __version__}
     serve(
         ingest_flow.to_deployment(
-            name="ingest",
+            name=SERVED,
             cron=args.cron,
             parameters={
                 "landing": args.landing,
@@ -56,9 +64,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "cluster": args.cluster,
                 "settle_seconds": args.settle_seconds,
             },
+            **labels,
         ),
-        predict_flow.to_deployment(name="predict"),
-        train_flow.to_deployment(name="train"),
+        predict_flow.to_deployment(name=SERVED, **labels),
+        train_flow.to_deployment(name=SERVED, **labels),
     )
 
 

@@ -25,6 +25,7 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.testing.utilities import prefect_test_harness
 from test_bad_input import nan_image, setup_files  # the same files as the CLI's cases
 
+from unet_volume import __version__
 from unet_volume.checkpoint import save_model
 from unet_volume.errors import (
     BlockError,
@@ -61,16 +62,20 @@ def write_zarr(path: Path, data: np.ndarray) -> str:
     return str(path)
 
 
-def artifact(key: str) -> Any:
-    """The newest Prefect artifact with ``key``, read back from the API."""
+def artifacts(key: str) -> list[Any]:
+    """Every version of the Prefect artifact ``key``, newest first, read back from the API."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as api:
-        found = api.read_artifacts(
+        return api.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
             sort="CREATED_DESC",
-            limit=1,
         )
+
+
+def artifact(key: str) -> Any:
+    """The newest Prefect artifact with ``key``."""
+    found = artifacts(key)
     assert found, f"no artifact {key}"
     return found[0]
 
@@ -172,6 +177,7 @@ def test_ingest_flow_predicts_each_new_volume_once(client: Client, tmp_path: Pat
     (landing / "notes.txt").write_text("not a volume")
     model = tiny_model(tmp_path / "m.pt")
     run = {"scheduler": client.scheduler.address, "settle_seconds": 0}
+    versions = len(artifacts("ingest-run"))
 
     first = ingest_flow(str(landing), str(outputs), model, **run)
     assert sorted((r["output"], r["reason"]) for r in first) == [
@@ -179,6 +185,12 @@ def test_ingest_flow_predicts_each_new_volume_once(client: Client, tmp_path: Pat
         (str(outputs / "b.zarr"), "new"),
     ]
     assert ingest_flow(str(landing), str(outputs), model, **run) == []  # idempotent
+    # One table for the scan that predicted; none for the scan that found nothing new.
+    assert len(artifacts("ingest-run")) == versions + 1
+    assert {row["output"] for row in json.loads(artifact("ingest-run").data)} == {
+        str(outputs / "a.zarr"),
+        str(outputs / "b.zarr"),
+    }
 
     # A new model leaves finished predictions alone unless reprocessing is asked for.
     retrained = tiny_model(tmp_path / "m2.pt", seed=1)
@@ -264,11 +276,12 @@ def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(
 ) -> None:
     # As a worker does after the pull step: entrypoints are relative to the checkout.
     monkeypatch.chdir(PREFECT_YAML.parents[1])
-    spec = next(
-        d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == name
-    )
+    deployments = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+    [spec] = [d for d in deployments if d["entrypoint"].startswith(f"flows/{name}.py:")]
     loaded = load_flow_from_entrypoint(spec["entrypoint"])
     assert loaded.name == name and spec["work_pool"]["name"] == "unet-volume"
+    # Named apart from the served deployments ("served"), so neither replaces the other.
+    assert (spec["name"], spec["version"], spec["tags"]) == ("pool", __version__, ["unet-volume"])
     required = {
         p for p, info in loaded.parameters.properties.items() if p in loaded.parameters.required
     }

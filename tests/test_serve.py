@@ -21,6 +21,7 @@ import pytest
 import torch
 import zarr
 
+from unet_volume import __version__
 from unet_volume.checkpoint import save_model
 from unet_volume.model import UNet
 from unet_volume.output_run import run_info
@@ -54,7 +55,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A Prefect server on a free loopback port, with a throw-away home.
+    """A Prefect server on a free loopback port, with a throw-away home and the UI on, as the
+    README starts it.
 
     Yields the environment that reaches it.
     """
@@ -62,7 +64,6 @@ def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_UI_ENABLED": "false",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
     }
@@ -97,6 +98,13 @@ def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
         yield {**env, "PREFECT_API_URL": api}
     finally:
         stop(server)
+
+
+def test_prefect_server_as_documented_serves_the_ui(prefect_server: dict[str, str]) -> None:
+    # The README's server command leaves the UI on: the dashboard page loads, not a 404.
+    ui = prefect_server["PREFECT_API_URL"].removesuffix("/api")
+    page = httpx.get(f"{ui}/", timeout=30, follow_redirects=True)
+    assert page.status_code == 200 and "<html" in page.text.lower(), page.text[:300]
 
 
 def test_serve_runs_ingest_on_its_cron_schedule(
@@ -145,3 +153,9 @@ def test_serve_runs_ingest_on_its_cron_schedule(
     ).read_text()[-3000:]
     # issue 13: the flow run's LocalCluster (scheduler, worker, nanny) on loopback only.
     assert opened and {host for host, _ in opened} == {"127.0.0.1"}, opened
+    # Served deployments are named apart from deploy/prefect.yaml's ("pool"), tagged, versioned.
+    found = httpx.post(f"{prefect_server['PREFECT_API_URL']}/deployments/filter", json={}).json()
+    assert (
+        sorted((d["name"], d["version"], tuple(d["tags"])) for d in found)
+        == [("served", __version__, ("unet-volume",))] * 3
+    )
