@@ -1,4 +1,5 @@
-"""What the flows share: the cluster they run blocks on, and the failures worth a retry."""
+"""What the flows share: the cluster they run blocks on, the failures worth a retry, and how a
+long stage tells the operator how far it is."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prefect import Task
+from prefect import Task, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from unet_volume.cluster import open_client
 from unet_volume.errors import is_transient
 from unet_volume.locations import check_location
+from unet_volume.progress import Every, Progress, ProgressSink
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -39,8 +42,25 @@ def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[st
     The cluster is the one :func:`~unet_volume.cluster.open_client` picks (``scheduler``, a
     spec named ``cluster``, or a LocalCluster); subflows take its address as ``scheduler``.
     """
-    with open_client(scheduler, cluster, dashboard=False) as client:
+    with open_client(scheduler, cluster) as client:  # a dashboard for the subflows to link
         yield client.scheduler.address
+
+
+@contextmanager
+def reported(key: str, description: str, *, seconds: float = 30.0) -> Iterator[ProgressSink]:
+    """A stage's progress in its Prefect run: a log line and the progress artifact ``key``,
+    every ``seconds``, every tenth of the way, and at 100% when the stage ends well (also a
+    stage with nothing left to do). A stage that fails leaves the artifact where it got to.
+    """
+    log = get_run_logger()
+    artifact = create_progress_artifact(0.0, key=key, description=description)
+
+    def tell(progress: Progress) -> None:
+        log.info("%s", progress)
+        update_progress_artifact(artifact, 100 * min(progress.fraction, 1.0))
+
+    yield Every(tell, seconds=seconds)
+    update_progress_artifact(artifact, 100.0)
 
 
 def check_locations(**locations: str | None) -> None:

@@ -11,15 +11,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from unet_volume.cluster import open_client
+from unet_volume.cluster import describe, open_client
 from unet_volume.engine import RunReport
 from unet_volume.locations import absolute
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
+from unet_volume.progress import duration
 from unet_volume_flows.artifacts import embedded_image, metric_rows
-from unet_volume_flows.common import STORAGE_RETRIES, check_locations
+from unet_volume_flows.common import STORAGE_RETRIES, check_locations, reported
 
 Shape = tuple[PositiveInt, PositiveInt, PositiveInt]
 VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
@@ -28,21 +29,44 @@ VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 @task(**STORAGE_RETRIES, timeout_seconds=600, cache_policy=NO_CACHE)
 def plan(image: str, model: str, out: str, options: PredictOptions) -> PredictionPlan:
     """Validate input, model and output, and plan the blocks; nothing is written yet."""
-    return plan_prediction(model, image, out, options)
+    planned = plan_prediction(model, image, out, options)
+    layout, volume = planned.layout, planned.volume
+    get_run_logger().info(
+        "input %s %s %s -> output %s; model %s (sha256 %s); blocks %s: %d in %d task(s)%s",
+        volume.url,
+        "x".join(map(str, volume.shape)),
+        volume.dtype,
+        planned.output_url,
+        absolute(model),
+        planned.info.sha256[:12],
+        "x".join(map(str, planned.block_shape)),
+        layout.num_blocks,
+        layout.num_shards,
+        f", {planned.existing.done} done before (resumed)" if planned.existing else "",
+    )
+    return planned
 
 
 @task(cache_policy=NO_CACHE)  # no timeout: a 10^12-voxel volume takes as long as it takes
 def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | None) -> RunReport:
     """Every block not yet done on the Dask cluster; failed blocks are recorded, finished ones
-    kept."""
+    kept. Logs how far it is every ~30 s and every tenth of the way."""
+    log = get_run_logger()
     with open_client(scheduler, cluster) as client:
-        get_run_logger().info(
-            "%d blocks on %s (dashboard %s)",
-            prediction.num_blocks,
-            client.scheduler.address,
-            client.dashboard_link,
-        )
-        return run_plan(prediction, client)
+        log.info("blocks run on %s", describe(client))
+        description = f"Blocks of {prediction.output_url} done"
+        with reported("prediction-progress", description) as progress:
+            report = run_plan(prediction, client, on_progress=progress)
+    log.info(
+        "predicted %s: %d block(s)%s, %s voxels in %s (%.1f Mvoxel/s)",
+        report.output_url,
+        report.blocks,
+        f" (and {report.skipped} done before)" if report.skipped else "",
+        f"{report.voxels:,}",
+        duration(report.seconds),
+        report.voxels_per_second / 1e6,
+    )
+    return report
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)

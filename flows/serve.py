@@ -25,7 +25,6 @@ from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
 
-
 SERVED = "served"
 """The deployment name of every served flow; deploy/prefect.yaml's are ``pool``."""
 

@@ -8,23 +8,24 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from unet_volume.cluster import open_client
+from unet_volume.cluster import describe, open_client
 from unet_volume.evaluation import EvaluationReport, evaluate
 from unet_volume.locations import absolute
 from unet_volume.predict import plan_prediction, run_plan
 from unet_volume.predict_config import PredictOptions
 from unet_volume.preview import write_preview
+from unet_volume.progress import duration
 from unet_volume.train import TrainConfig, TrainReport, train
 from unet_volume.train_config import Augment
 from unet_volume.weight_map import WeightMapConfig
 from unet_volume.weight_volume import compute_weight_volume
 from unet_volume_flows.artifacts import embedded_image, metric_rows
-from unet_volume_flows.common import STORAGE_RETRIES, check_locations
+from unet_volume_flows.common import STORAGE_RETRIES, check_locations, reported
 
 ZRange = tuple[NonNegativeInt, PositiveInt]
 DEFAULTS = TrainConfig()  # every default below is read from here, none is written twice
@@ -40,23 +41,36 @@ def weigh(
 ) -> str:
     """The paper's weight map (borders between touching cells weigh more), one Dask task per chunk;
     class frequencies from the training slices ``z_range`` only."""
-    with open_client(scheduler, cluster, dashboard=False) as client:
-        return compute_weight_volume(
-            labels,
-            out,
-            WeightMapConfig(),
-            client=client,
-            overwrite=True,
-            balance_z_range=z_range,
-        ).output_url
+    with open_client(scheduler, cluster) as client:
+        get_run_logger().info("weight map of %s into %s on %s", labels, out, describe(client))
+        with reported("weights-progress", f"Blocks of the weight map {out} done") as progress:
+            return compute_weight_volume(
+                labels,
+                out,
+                WeightMapConfig(),
+                client=client,
+                overwrite=True,
+                balance_z_range=z_range,
+                on_progress=progress,
+            ).output_url
 
 
 @task(cache_policy=NO_CACHE)
 def fit(
     image: str, labels: str, model: str, config: TrainConfig, weights: str | None
 ) -> TrainReport:
-    """Train on this machine (all its cores, or its GPU); checkpoint and curve beside ``model``."""
-    return train(image, labels, model, config, weights=weights)
+    """Train on this machine (all its cores, or its GPU); checkpoint and curve beside ``model``.
+    Logs the steps, their pace and the running loss every ~30 s and every tenth of the way."""
+    with reported("training-progress", f"Training of {absolute(model)}") as progress:
+        report = train(image, labels, model, config, weights=weights, on_progress=progress)
+    get_run_logger().info(
+        "trained %s: %d steps in %s, final loss %.4f",
+        absolute(model),
+        report.steps,
+        duration(report.seconds),
+        report.final_loss,
+    )
+    return report
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
@@ -71,7 +85,8 @@ def assess(
     """Predict the image with the new model; score the held-out slices (pixel, Rand, VOI, IoU)."""
     out = f"{model}.evaluation.zarr"
     prediction = plan_prediction(model, image, out, PredictOptions(overwrite=True))
-    with open_client(scheduler, cluster, dashboard=False) as client:
+    with open_client(scheduler, cluster) as client:
+        get_run_logger().info("held-out prediction into %s on %s", out, describe(client))
         run_plan(prediction, client)
     return evaluate(out, labels, z_range=z_range)
 

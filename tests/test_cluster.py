@@ -12,7 +12,13 @@ import psutil
 import pytest
 from distributed import Client, get_worker
 
-from unet_volume.cluster import TASKS_PER_GPU, gpu_resources, map_bounded, open_client
+from unet_volume.cluster import (
+    TASKS_PER_GPU,
+    dashboard_link,
+    gpu_resources,
+    map_bounded,
+    open_client,
+)
 from unet_volume.errors import BlockError, InputError
 from unet_volume.testing import listening_sockets
 
@@ -152,6 +158,15 @@ def test_open_client_local_cluster_listens_on_loopback_only() -> None:
         assert urlparse(client.dashboard_link).hostname == "127.0.0.1"
     # scheduler, dashboard, worker and nanny (each with its own server): all on loopback
     assert len(opened) >= 4 and {host for host, _ in opened} == {"127.0.0.1"}, opened
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_dashboard_link_names_a_dashboard_only_where_one_answers(dashboard: bool) -> None:
+    # Without a dashboard the scheduler still serves HTTP, and client.dashboard_link still
+    # names an address there: a 404 that no log line should send an operator to.
+    with open_client(n_workers=1, dashboard=dashboard) as client:
+        assert client.dashboard_link
+        assert dashboard_link(client) == (client.dashboard_link if dashboard else None)
 
 
 def test_open_client_starts_the_cluster_a_spec_describes_and_closes_it(tmp_path: Path) -> None:

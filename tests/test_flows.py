@@ -26,7 +26,7 @@ from prefect.testing.utilities import prefect_test_harness
 from test_bad_input import nan_image, setup_files  # the same files as the CLI's cases
 
 from unet_volume import __version__
-from unet_volume.checkpoint import save_model
+from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.errors import (
     BlockError,
     CheckpointError,
@@ -150,6 +150,48 @@ def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(
     assert f"`{tmp_path / 'out.preview.png'}`" in preview.data and preview.description
 
 
+def run_logs(flow_run_id: Any) -> list[str]:
+    """The messages a flow run and its tasks logged, oldest first, read back from the API."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    with get_client(sync_client=True) as api:
+        logs = api.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+            sort=LogSort.TIMESTAMP_ASC,
+        )
+    return [log.message for log in logs]
+
+
+def test_predict_flow_logs_what_runs_where_how_far_and_the_outcome(
+    client: Client, tmp_path: Path
+) -> None:
+    image = write_zarr(tmp_path / "in.zarr", blob_volume((4, 32, 32)))
+    model = tiny_model(tmp_path / "m.pt")
+    out = tmp_path / "out.zarr"
+    state = predict_flow(
+        image,
+        model,
+        str(out),
+        block_shape=(1, 16, 16),
+        shard_shape=(1, 16, 16),
+        scheduler=client.scheduler.address,
+        return_state=True,
+    )
+    assert state.is_completed()
+    lines = run_logs(state.state_details.flow_run_id)
+    sha = read_checkpoint(model).sha256[:12]
+    [start] = [line for line in lines if line.startswith("input ")]
+    assert image in start and str(out) in start and model in start and sha in start
+    assert "blocks 1x16x16: 16 in 16 task(s)" in start
+    assert any(line.startswith(f"blocks run on {client.scheduler.address}") for line in lines)
+    # Each tenth of the way gets a line (16 blocks: 2, 4, 5, 7, 8, 10, 12, 13, 15, 16 done).
+    progress = [line for line in lines if line.startswith("predict: ")]
+    assert len(progress) == 10 and progress[-1].startswith("predict: 16 / 16 blocks (100.0%)")
+    assert any(line.startswith(f"predicted {out}: 16 block(s), 4,096 voxels") for line in lines)
+    assert artifact("prediction-progress").data == 100.0
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
@@ -265,6 +307,8 @@ def test_train_flow_trains_evaluates_and_registers_the_model(
     # The model card shows the learning curve and the validation preview inline.
     card = artifact("model-card")
     assert len(embedded_images(card.data)) == 2 and "file://" not in card.data
+    # The weight map and the training told how far they were, to the end.
+    assert artifact("weights-progress").data == artifact("training-progress").data == 100.0
 
 
 PREFECT_YAML = Path(__file__).parents[1] / "deploy" / "prefect.yaml"

@@ -62,6 +62,7 @@ TORCH_FREE = [
 ALLOWED_IMPORTS = {
     "errors": set(),
     "geometry": set(),
+    "progress": set(),
     "border": set(),
     "tiling": {"errors", "geometry"},
     "layout": {"errors", "geometry"},
@@ -87,6 +88,7 @@ ALLOWED_IMPORTS = {
     "augment": {"errors", "border", "spatial_transform"},
     "weight_map": {"errors", "geometry", "options"},
     "weight_volume": {
+        "progress",
         "errors",
         "geometry",
         "tiling",

@@ -24,6 +24,7 @@ from unet_volume.augment import AugmentConfig
 from unet_volume.checkpoint import load_model, read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
+from unet_volume.progress import Progress
 from unet_volume.sampling import TileSampler, TrainingData, TrainingTile, to_classes
 from unet_volume.tile_stream import TileStream, augment_tile, class_weights
 from unet_volume.train import TrainConfig, train
@@ -188,6 +189,20 @@ def test_train_time_budget_stops_the_run(volumes: tuple[str, str], tmp_path: Pat
     report = train(*volumes, tmp_path / "m.pt", tiny(minutes=0.02, steps=10**6))
     assert 1 <= report.steps < 10**6 and report.seconds >= 1.2
     assert read_checkpoint(report.checkpoint).metadata["training"]["steps"] == report.steps
+
+
+def test_train_tells_every_step_its_share_pace_and_running_loss(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
+    heard: list[Progress] = []
+    report = train(*volumes, tmp_path / "m.pt", tiny(steps=5), on_progress=heard.append)
+    assert [p.done for p in heard] == [1, 2, 3, 4, 5] and {p.total for p in heard} == {5}
+    assert [p.fraction for p in heard] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert heard[-1].detail == f"loss {report.final_loss:.4f}" and "steps/s" in heard[-1].rate
+    # Trained for minutes only: no total to count to, the time budget gives the share.
+    timed: list[Progress] = []
+    train(*volumes, tmp_path / "t.pt", tiny(minutes=0.01, steps=None), on_progress=timed.append)
+    assert {p.total for p in timed} == {None} and timed[-1].fraction == 1.0
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,7 @@ def _add_prediction_options(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from unet_volume.cluster import dashboard_link
     from unet_volume.predict import plan_prediction, run_plan
 
     options = options_from(args, PredictOptions)
@@ -163,7 +164,8 @@ def _predict(args: argparse.Namespace) -> None:
                 f"resuming {plan.output_url}: {existing.done} of {existing.total} blocks done, "
                 f"{existing.total - existing.done} to go"
             )
-        say(f"Dask dashboard: {active.dashboard_link}")
+        if dashboard := dashboard_link(active):
+            say(f"Dask dashboard: {dashboard}")
         report = run_plan(plan, active, progress=not args.no_progress)
     resumed = f" (and {report.skipped} done before)" if report.skipped else ""
     print(

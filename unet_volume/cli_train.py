@@ -73,6 +73,7 @@ def add_weights(p: argparse.ArgumentParser) -> None:
 
 
 def _weights(args: argparse.Namespace) -> None:
+    from unet_volume.cluster import dashboard_link
     from unet_volume.weight_volume import compute_weight_volume
 
     config = weight_map_config_from(args)
@@ -83,7 +84,8 @@ def _weights(args: argparse.Namespace) -> None:
     say(f"sigma in voxels: {voxels}{physical}")
     block_shape = _weight_block_shape(args)  # checked before a cluster starts
     with client_from(args) as client:
-        say(f"Dask dashboard: {client.dashboard_link}")
+        if dashboard := dashboard_link(client):
+            say(f"Dask dashboard: {dashboard}")
         report = compute_weight_volume(
             args.labels,
             args.output,

@@ -29,6 +29,7 @@ import re
 import statistics
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -97,6 +98,29 @@ def open_client(
         if quiet:
             client.register_plugin(QuietTaskErrors())
         yield client
+
+
+def dashboard_link(client: Client, *, timeout: float = 2.0) -> str | None:
+    """The address of the cluster's Dask dashboard if a dashboard answers there, else None.
+
+    ``client.dashboard_link`` names an address even for a scheduler that serves no dashboard
+    (a 404) or that this machine cannot reach: an operator should never be sent to a dead link.
+    """
+    link = client.dashboard_link
+    try:
+        with urllib.request.urlopen(link, timeout=timeout) as page:
+            return link if page.status == 200 else None
+    except (OSError, ValueError):  # refused, 404 (HTTPError), timeout, not a URL
+        return None
+
+
+def describe(client: Client) -> str:
+    """Where a client's tasks run, for a log line: the scheduler, its workers, the dashboard
+    (named only if one answers)."""
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    dashboard = dashboard_link(client)
+    where = f"{client.scheduler.address}, {workers} worker{'s' if workers != 1 else ''}"
+    return f"{where}; dashboard {dashboard}" if dashboard else where
 
 
 class QuietTaskErrors(WorkerPlugin):

@@ -32,6 +32,7 @@ from unet_volume.geometry import Box, Shape
 from unet_volume.layout import OutputLayout
 from unet_volume.locations import with_retries
 from unet_volume.prediction_store import EncodedOutput, PredictionStore
+from unet_volume.progress import Progress, ProgressSink
 from unet_volume.storage import Volume
 from unet_volume.tiling import Block, TileGeometry, block_key, plan_blocks, plan_tiles
 
@@ -200,6 +201,7 @@ def run_prediction(
     max_failures: int = 0,
     stall_after: float = STALL_AFTER,
     dry_run: bool = False,
+    on_progress: ProgressSink | None = None,
 ) -> RunReport:
     """Submit one task per shard not in ``skip``, keeping at most ``max_in_flight`` running.
 
@@ -214,6 +216,7 @@ def run_prediction(
     (its ``failures`` hold the blocks) is raised; a run in which no block finishes for
     ``stall_after`` seconds stops with :class:`~unet_volume.errors.StallError`.
     ``dry_run`` submits tasks that read, compute and write nothing (:func:`dry_block`).
+    ``on_progress`` hears of every finished task (see :mod:`unet_volume.progress`).
     """
     start = time.perf_counter()
     layout = OutputLayout(volume.shape, tuple(block_shape), tuple(shard_shape or block_shape))
@@ -236,12 +239,21 @@ def run_prediction(
         predictor=shared,
         geometry=geometry,
     )
-    voxels = 0
+    voxels = done = 0
     stages: Counter[str] = Counter()
     with tqdm(total=total, unit="block", disable=not progress, desc="predict") as bar:
         for result in results:
             voxels += result["voxels"]
             stages.update(result["seconds"])
-            bar.update(layout.blocks_in_shard(result["index"]))
+            blocks_done = layout.blocks_in_shard(result["index"])
+            done += blocks_done
+            bar.update(blocks_done)
+            if on_progress is not None:
+                on_progress(_progress(done, total, voxels, time.perf_counter() - start))
     seconds = time.perf_counter() - start
     return RunReport(store.url, total, voxels, seconds, dict(stages), skipped=skipped_blocks)
+
+
+def _progress(done: int, total: int, voxels: int, seconds: float) -> Progress:
+    rate = f"{voxels / seconds / 1e6:.1f} Mvoxel/s" if seconds > 0 else ""
+    return Progress("predict", done, total, "block", seconds, done / total, rate)

@@ -50,6 +50,7 @@ from unet_volume.prediction_store import (
     volume_attrs,
 )
 from unet_volume.predictor import PRECISIONS, ModelPredictor
+from unet_volume.progress import ProgressSink
 from unet_volume.run_record import RunStatus, fingerprint
 from unet_volume.storage import Volume, open_volume
 from unet_volume.tiling import (
@@ -154,10 +155,12 @@ def run_plan(
     *,
     progress: bool = False,
     predictor: Predictor | None = None,
+    on_progress: ProgressSink | None = None,
 ) -> RunReport:
     """Create (or resume) the output, run its missing blocks on ``client``, mark it complete.
 
-    ``predictor`` replaces the plan's model (e.g. a probe in tests). A run that stops early
+    ``predictor`` replaces the plan's model (e.g. a probe in tests); ``on_progress`` hears of
+    every finished task (:mod:`unet_volume.progress`). A run that stops early
     (failed blocks, a killed driver, a lost cluster) keeps every finished block; failed blocks
     are recorded, and running the same plan again redoes only what is not done.
     """
@@ -183,6 +186,7 @@ def run_plan(
             skip=done,
             max_failures=plan.max_failures,
             stall_after=plan.stall_after,
+            on_progress=on_progress,
         )
 
     return run_recorded(

@@ -40,6 +40,7 @@ from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.learning_curve import LearningCurve
 from unet_volume.model import UNet
+from unet_volume.progress import Progress, ProgressSink
 from unet_volume.sampling import TileSampler, TrainingData
 from unet_volume.tile_stream import TileStream, class_weights, estimate_statistics, to_batch
 from unet_volume.train_config import TrainConfig
@@ -111,13 +112,15 @@ def train(
     mask: str | Path | None = None,
     resume: str | Path | None = None,
     progress: bool = False,
+    on_progress: ProgressSink | None = None,
 ) -> TrainReport:
     """Train a U-Net on random tiles of ``image`` against ``labels``; checkpoint to ``out``.
 
     ``weights`` is a per-voxel loss-weight volume, ``mask`` an annotation mask; ``resume``
     continues from a checkpoint (its weights, normalisation, optimizer state and curve;
     ``steps`` counts the total). Inputs are validated first: bad input raises InputError and
-    writes nothing.
+    writes nothing. ``progress`` shows a bar; ``on_progress`` hears of every step, with the
+    running loss (:mod:`unet_volume.progress`).
     """
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
     sampler, validation = _samplers(data, config)
@@ -135,6 +138,7 @@ def train(
         model, normalization, balance = _fresh_start(data, sampler, config, rng)
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
     loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
+    loop.on_progress = on_progress
     if previous is not None:
         loop.restore(previous["state"])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +233,7 @@ class _Loop:
         self.seconds = 0.0
         self.amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.on_progress: ProgressSink | None = None
 
     def restore(self, state: dict[str, Any]) -> None:
         if "optimizer" in state:
@@ -284,11 +289,21 @@ class _Loop:
                 self.seconds = time.perf_counter() - start
                 bar.update()
                 self.after_step(bar)
+                if self.on_progress is not None:
+                    self.on_progress(self.told())
         if len(self.curve.losses) % self.config.checkpoint_every:  # else just saved
             self.save()
         return TrainReport(
             len(self.curve.losses), self.seconds, self.final_loss(), self.out, self.curve
         )
+
+    def told(self) -> Progress:
+        """How far training is, as :mod:`unet_volume.progress` tells it."""
+        n = len(self.curve.losses)
+        rate = f"{n / self.seconds:.2f} steps/s" if self.seconds > 0 else ""
+        fraction = min(self.progress(), 1.0)
+        detail = f"loss {self.final_loss():.4f}"
+        return Progress("train", n, self.config.steps, "step", self.seconds, fraction, rate, detail)
 
     def after_step(self, bar: tqdm) -> None:
         n = len(self.curve.losses)

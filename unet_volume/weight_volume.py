@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -46,6 +46,7 @@ from unet_volume.output_run import (
 )
 from unet_volume.predict_config import DEFAULT_OPTIONS
 from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
+from unet_volume.progress import Progress, ProgressSink
 from unet_volume.run_record import DONE, fingerprint
 from unet_volume.storage import Volume, check_z_range, open_volume
 from unet_volume.tiling import Block, block_key, count_blocks, plan_halo_blocks
@@ -97,6 +98,7 @@ def compute_weight_volume(
     balance_z_range: tuple[int, int] | None = None,
     max_failures: int = DEFAULT_OPTIONS.max_failures,
     stall_after: float = DEFAULT_OPTIONS.stall_after,
+    on_progress: ProgressSink | None = None,
 ) -> WeightReport:
     """Write the weight map of the labels at ``labels_url`` into a Zarr v3 group at ``out_url``.
 
@@ -111,6 +113,7 @@ def compute_weight_volume(
     Bad input is refused before anything is written. Running the same weights again resumes an
     incomplete output (only missing blocks are computed) and leaves a complete one be; up to
     ``max_failures`` blocks may fail, recorded in the output, before the run stops.
+    ``on_progress`` hears of every finished block (:mod:`unet_volume.progress`).
     """
     start = time.perf_counter()
     given, out_url = str(out_url), absolute(out_url)  # workers may have another cwd
@@ -141,7 +144,11 @@ def compute_weight_volume(
 
     def run(done: Collection[Shape]) -> list[dict[str, Any]]:
         todo = (block for block in blocks if block.index not in done)
-        return _run_blocks(client, todo, **run_options, **task)
+        total = count_blocks(volume.shape, shape) - len(done)
+        results = map_bounded(
+            client, _weigh_block, todo, name=block_key("weigh-block"), **run_options, **task
+        )
+        return list(_reported(results, total, on_progress))
 
     finished = run_recorded(out_url, run, _report, command="unet-volume weights")
     voxels, seconds = sum(d["voxels"] for d in finished), sum(d["seconds"] for d in finished)
@@ -342,9 +349,18 @@ def _weigh_block(
     return {"voxels": block.write_box.size, "seconds": time.perf_counter() - start}
 
 
-def _run_blocks(client: Client, blocks: Iterable[Block], **kwargs: Any) -> list[dict[str, Any]]:
-    """:func:`_weigh_block` per block as Dask tasks, a bounded number in flight."""
-    return list(map_bounded(client, _weigh_block, blocks, name=block_key("weigh-block"), **kwargs))
+def _reported(
+    results: Iterable[dict[str, Any]], total: int, sink: ProgressSink | None
+) -> Iterator[dict[str, Any]]:
+    """The blocks' results as they come, each told to ``sink`` as progress."""
+    start, voxels = time.perf_counter(), 0
+    for done, result in enumerate(results, start=1):
+        voxels += result["voxels"]
+        if sink is not None:
+            seconds = time.perf_counter() - start
+            rate = f"{voxels / seconds / 1e6:.1f} Mvoxel/s" if seconds > 0 else ""
+            sink(Progress("weights", done, total, "block", seconds, done / total, rate))
+        yield result
 
 
 def _run_boxes(
