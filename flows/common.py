@@ -3,9 +3,11 @@ long stage tells the operator how far it is."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import Task, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -16,6 +18,40 @@ from unet_volume.cluster import open_client
 from unet_volume.errors import is_transient
 from unet_volume.locations import check_location
 from unet_volume.progress import Every, Progress, ProgressSink
+
+F = TypeVar("F", bound=Callable[..., Any])
+CLUSTER_HELP = {
+    "scheduler": "address of a running Dask scheduler (tcp://HOST:8786) to run the blocks on",
+    "cluster": "a cluster spec to start for the run: a name in deploy/clusters (local, "
+    "slurm-gpu, k8s-gpu) or a path; neither this nor scheduler: a LocalCluster on this machine",
+}
+"""What the flows' ``scheduler`` and ``cluster`` parameters mean, said once."""
+
+
+def described(*configs: type, **own: str) -> Callable[[F], F]:
+    """Give a flow function an ``Args:`` section that Prefect shows beside each parameter.
+
+    A parameter's text comes from ``own``, else from the help of the same-named field of one
+    of the ``configs`` dataclasses (:func:`unet_volume.options.option`), where the CLI reads it
+    too. A parameter with neither is a mistake, refused at import.
+    """
+
+    def describe(function: F) -> F:
+        texts = {
+            field.name: field.metadata["help"]
+            for config in configs
+            for field in dataclasses.fields(config)
+            if "help" in field.metadata
+        }
+        texts.update(own)
+        names = list(inspect.signature(function).parameters)
+        if missing := [name for name in names if name not in texts]:
+            raise TypeError(f"{function.__name__}: no description for {', '.join(missing)}")
+        args = "\n".join(f"    {name}: {texts[name]}" for name in names)
+        function.__doc__ = f"{inspect.cleandoc(function.__doc__ or '')}\n\nArgs:\n{args}\n"
+        return function
+
+    return describe
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

@@ -12,7 +12,14 @@ from pydantic import NonNegativeFloat
 from unet_volume.checkpoint import read_checkpoint
 from unet_volume.landing import Arrival, due, find_volumes, settled_volumes
 from unet_volume.locations import absolute
-from unet_volume_flows.common import STORAGE_RETRIES, check_locations, scheduler_address
+from unet_volume.predict_config import PredictOptions
+from unet_volume_flows.common import (
+    CLUSTER_HELP,
+    STORAGE_RETRIES,
+    check_locations,
+    described,
+    scheduler_address,
+)
 from unet_volume_flows.predict import predict_flow
 
 
@@ -32,6 +39,16 @@ def scan(
 
 
 @flow(name="ingest")
+@described(
+    PredictOptions,
+    landing="the folder or fsspec URL where new volumes (Zarr arrays, TIFF stacks) arrive",
+    outputs="the folder or fsspec URL where each volume's prediction goes (<volume>.zarr)",
+    model="the checkpoint (.pt) to predict with",
+    reprocess="redo volumes whose prediction another model made (default: leave them be)",
+    settle_seconds="a volume changed more recently than this (still being copied) is left "
+    "for the next scan",
+    **CLUSTER_HELP,
+)
 def ingest_flow(
     landing: str,
     outputs: str,

@@ -20,7 +20,13 @@ from unet_volume.prediction_store import OutputDtype, environment, record_proven
 from unet_volume.preview import write_preview
 from unet_volume.progress import duration
 from unet_volume_flows.artifacts import embedded_image, metric_rows
-from unet_volume_flows.common import STORAGE_RETRIES, check_locations, reported
+from unet_volume_flows.common import (
+    CLUSTER_HELP,
+    STORAGE_RETRIES,
+    check_locations,
+    described,
+    reported,
+)
 
 Shape = tuple[PositiveInt, PositiveInt, PositiveInt]
 VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
@@ -118,6 +124,16 @@ def default_preview(out: str) -> str:
 
 
 @flow(name="predict")
+@described(
+    PredictOptions,
+    image="the volume to segment: a Zarr array or TIFF stack, a path or an fsspec URL "
+    "(s3://...), (z, y, x) or (c, z, y, x)",
+    model="the checkpoint (.pt) to predict with: a path or an fsspec URL",
+    out="the output Zarr group to write (or to resume, if a run of the same model, geometry "
+    "and input stopped early)",
+    preview="where to write the preview PNG (default: beside a local output, out.preview.png)",
+    **CLUSTER_HELP,
+)
 def predict_flow(
     image: str,
     model: str,

@@ -22,10 +22,17 @@ from unet_volume.preview import write_preview
 from unet_volume.progress import duration
 from unet_volume.train import TrainConfig, TrainReport, train
 from unet_volume.train_config import Augment
+from unet_volume.unet_config import UNetConfig
 from unet_volume.weight_map import WeightMapConfig
 from unet_volume.weight_volume import compute_weight_volume
 from unet_volume_flows.artifacts import embedded_image, metric_rows
-from unet_volume_flows.common import STORAGE_RETRIES, check_locations, reported
+from unet_volume_flows.common import (
+    CLUSTER_HELP,
+    STORAGE_RETRIES,
+    check_locations,
+    described,
+    reported,
+)
 
 ZRange = tuple[NonNegativeInt, PositiveInt]
 DEFAULTS = TrainConfig()  # every default below is read from here, none is written twice
@@ -134,6 +141,18 @@ def register(report: TrainReport, scores: EvaluationReport | None, image: str) -
 
 
 @flow(name="train")
+@described(
+    TrainConfig,
+    UNetConfig,
+    image="the training image: a Zarr array or TIFF stack, (z, y, x) or (c, z, y, x)",
+    labels="the annotations, the image's shape: 0 background/membrane, 1 foreground/interior "
+    "(or instance ids, which the weight map separates)",
+    model="where to write the checkpoint (.pt); its learning curve and preview go beside it",
+    weight_map="weigh the loss by the paper's weight map (borders between touching cells weigh "
+    "more; computed on Dask first); off: class-balanced weights",
+    tile_output="output side (y and x) of one training tile in voxels",
+    **CLUSTER_HELP,
+)
 def train_flow(
     image: str,
     labels: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from unet_volume.errors import (
 from unet_volume.model import UNet
 from unet_volume.output_run import read_status, run_info
 from unet_volume.predict import predict_volume
+from unet_volume.predict_config import PredictOptions
 from unet_volume.testing import blob_volume, snapshot
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import default_preview, predict_flow
@@ -60,6 +62,11 @@ def write_zarr(path: Path, data: np.ndarray) -> str:
     array = zarr.create_array(path, shape=data.shape, dtype=data.dtype, chunks=(1, 16, 16))
     array[:] = data
     return str(path)
+
+
+def field_help(config: type, name: str) -> str:
+    [field] = [f for f in dataclasses.fields(config) if f.name == name]
+    return str(field.metadata["help"])
 
 
 def artifacts(key: str) -> list[Any]:
@@ -312,6 +319,17 @@ def test_train_flow_trains_evaluates_and_registers_the_model(
 
 
 PREFECT_YAML = Path(__file__).parents[1] / "deploy" / "prefect.yaml"
+
+
+@pytest.mark.parametrize("flow", [predict_flow, train_flow, ingest_flow], ids=lambda f: f.name)
+def test_every_flow_parameter_is_described_where_the_ui_shows_it(flow: Any) -> None:
+    # The deployment form shows the schema's descriptions beside the fields.
+    properties = flow.parameters.model_dump()["properties"]
+    undescribed = [name for name, schema in properties.items() if not schema.get("description")]
+    assert not undescribed
+    # The options the CLI also has are described in the CLI's words, from one place.
+    if flow is predict_flow:
+        assert properties["block_shape"]["description"] == field_help(PredictOptions, "block_shape")
 
 
 @pytest.mark.parametrize("name", ["ingest", "predict", "train"])
