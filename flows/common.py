@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -14,7 +16,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from unet_volume.cluster import open_client
+from unet_volume.cluster import Client, open_client
 from unet_volume.errors import is_transient
 from unet_volume.locations import check_location
 from unet_volume.progress import Every, Progress, ProgressSink
@@ -71,6 +73,34 @@ STORAGE_RETRIES: dict[str, Any] = {
 """Task options for stages that read storage: object stores drop connections under load."""
 
 
+VERBOSE = "UNET_VOLUME_VERBOSE"
+"""Set to 1 (``serve -v`` does) to keep Dask's INFO lines in flow runs' logs and terminals."""
+DASK_LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED"
+
+
+@contextmanager
+def flow_client(scheduler: str | None, cluster: str | None) -> Iterator[Client]:
+    """The Dask client of a flow task (:func:`~unet_volume.cluster.open_client`), with Dask's
+    own INFO lines (connections, workers coming and going) kept out of the run's log unless
+    :data:`VERBOSE` is set: an operator reads what the run does, not how Dask does it.
+    """
+    verbose = os.environ.get(VERBOSE, "") not in ("", "0")
+    level = "info" if verbose else "warning"
+    logging.getLogger("distributed").setLevel(level.upper())
+    # Worker processes started here set their level when they import distributed, from the
+    # environment they inherit (Prefect's log format in them would show every INFO line).
+    before = os.environ.get(DASK_LOG_LEVEL)
+    os.environ[DASK_LOG_LEVEL] = level
+    try:
+        with open_client(scheduler, cluster) as client:  # a dashboard, loopback if started here
+            yield client
+    finally:
+        if before is None:
+            os.environ.pop(DASK_LOG_LEVEL, None)
+        else:
+            os.environ[DASK_LOG_LEVEL] = before
+
+
 @contextmanager
 def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[str]:
     """The address of a cluster that lives as long as the block, for subflows to share.
@@ -78,7 +108,7 @@ def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[st
     The cluster is the one :func:`~unet_volume.cluster.open_client` picks (``scheduler``, a
     spec named ``cluster``, or a LocalCluster); subflows take its address as ``scheduler``.
     """
-    with open_client(scheduler, cluster) as client:  # a dashboard for the subflows to link
+    with flow_client(scheduler, cluster) as client:  # a dashboard for the subflows to link
         yield client.scheduler.address
 
 

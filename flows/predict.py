@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from unet_volume.cluster import describe, open_client
+from unet_volume.cluster import describe
 from unet_volume.engine import RunReport
 from unet_volume.locations import absolute
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
@@ -25,6 +25,7 @@ from unet_volume_flows.common import (
     STORAGE_RETRIES,
     check_locations,
     described,
+    flow_client,
     reported,
 )
 
@@ -58,7 +59,7 @@ def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | No
     """Every block not yet done on the Dask cluster; failed blocks are recorded, finished ones
     kept. Logs how far it is every ~30 s and every tenth of the way."""
     log = get_run_logger()
-    with open_client(scheduler, cluster) as client:
+    with flow_client(scheduler, cluster) as client:
         log.info("blocks run on %s", describe(client))
         description = f"Blocks of {prediction.output_url} done"
         with reported("prediction-progress", description) as progress:

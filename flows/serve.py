@@ -16,11 +16,13 @@ apart from those of ``deploy/prefect.yaml`` (``.../pool``), so neither replaces 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from prefect import serve
 
 from unet_volume import __version__
+from unet_volume_flows.common import VERBOSE
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
@@ -50,7 +52,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=60.0,
         help="a volume changed more recently than this is left for the next scan (default 60)",
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="keep Dask's INFO lines (workers, connections) in the flow runs' logs",
+    )
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE] = "1"  # flow runs are this process's children: they inherit it
     labels = {"tags": ["unet-volume"], "version": __version__}
     serve(
         ingest_flow.to_deployment(

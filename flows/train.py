@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from unet_volume.cluster import describe, open_client
+from unet_volume.cluster import describe
 from unet_volume.evaluation import EvaluationReport, evaluate
 from unet_volume.locations import absolute
 from unet_volume.predict import plan_prediction, run_plan
@@ -31,6 +31,7 @@ from unet_volume_flows.common import (
     STORAGE_RETRIES,
     check_locations,
     described,
+    flow_client,
     reported,
 )
 
@@ -48,7 +49,7 @@ def weigh(
 ) -> str:
     """The paper's weight map (borders between touching cells weigh more), one Dask task per chunk;
     class frequencies from the training slices ``z_range`` only."""
-    with open_client(scheduler, cluster) as client:
+    with flow_client(scheduler, cluster) as client:
         get_run_logger().info("weight map of %s into %s on %s", labels, out, describe(client))
         with reported("weights-progress", f"Blocks of the weight map {out} done") as progress:
             return compute_weight_volume(
@@ -92,7 +93,7 @@ def assess(
     """Predict the image with the new model; score the held-out slices (pixel, Rand, VOI, IoU)."""
     out = f"{model}.evaluation.zarr"
     prediction = plan_prediction(model, image, out, PredictOptions(overwrite=True))
-    with open_client(scheduler, cluster) as client:
+    with flow_client(scheduler, cluster) as client:
         get_run_logger().info("held-out prediction into %s on %s", out, describe(client))
         run_plan(prediction, client)
     return evaluate(out, labels, z_range=z_range)

@@ -153,6 +153,9 @@ def test_serve_runs_ingest_on_its_cron_schedule(
     ).read_text()[-3000:]
     # issue 13: the flow run's LocalCluster (scheduler, worker, nanny) on loopback only.
     assert opened and {host for host, _ in opened} == {"127.0.0.1"}, opened
+    # The terminal shows the runs, not Dask's INFO chatter about workers and connections.
+    said = (tmp_path / "serve.log").read_text()
+    assert "| INFO    | distributed." not in said, said[-3000:]
     # Served deployments are named apart from deploy/prefect.yaml's ("pool"), tagged, versioned.
     found = httpx.post(f"{prefect_server['PREFECT_API_URL']}/deployments/filter", json={}).json()
     assert (

@@ -32,7 +32,7 @@ from unet_volume.geometry import Box, Shape
 from unet_volume.layout import OutputLayout
 from unet_volume.locations import with_retries
 from unet_volume.prediction_store import EncodedOutput, PredictionStore
-from unet_volume.progress import Progress, ProgressSink
+from unet_volume.progress import Progress, ProgressSink, voxel_rate
 from unet_volume.storage import Volume
 from unet_volume.tiling import Block, TileGeometry, block_key, plan_blocks, plan_tiles
 
@@ -255,5 +255,5 @@ def run_prediction(
 
 
 def _progress(done: int, total: int, voxels: int, seconds: float) -> Progress:
-    rate = f"{voxels / seconds / 1e6:.1f} Mvoxel/s" if seconds > 0 else ""
+    rate = voxel_rate(voxels, seconds)
     return Progress("predict", done, total, "block", seconds, done / total, rate)

@@ -57,6 +57,18 @@ class Progress:
         return "".join(parts)
 
 
+def voxel_rate(voxels: int, seconds: float) -> str:
+    """Throughput in Mvoxel/s, with the digits that matter at small and large rates alike.
+
+    >>> voxel_rate(45_100_000, 1.0), voxel_rate(8192, 1.0), voxel_rate(1, 0.0)
+    ('45.1 Mvoxel/s', '0.00819 Mvoxel/s', '')
+    """
+    if seconds <= 0:
+        return ""
+    rate = voxels / seconds / 1e6
+    return f"{rate:.1f} Mvoxel/s" if rate >= 1 else f"{rate:.3g} Mvoxel/s"
+
+
 def duration(seconds: float | None) -> str:
     """Seconds as a person reads them.
 
