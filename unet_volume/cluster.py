@@ -224,7 +224,7 @@ def map_bounded(
     # another (or a closed) client in this process, and then waits forever.
     running = as_completed(submit(limit), loop=client.loop, with_results=True, raise_errors=False)
     freed = 0
-    with watchdog.watching(running):
+    with watchdog.watching(running), _cancelled_on_exit(client, running):
         for future, result in running:
             if watchdog.stalled:
                 break
@@ -248,6 +248,21 @@ def map_bounded(
         raise StallError(watchdog.stalled)
     if failures:
         raise BlockError(failures, names=[name(item) for item, _ in failures])
+
+
+@contextmanager
+def _cancelled_on_exit(client: Client, running: as_completed) -> Iterator[None]:
+    """Cancel the tasks still in flight when the iteration stops early (Ctrl-C, an error, the
+    caller closing the generator): their results are no longer gathered in the background, so a
+    cluster that closes next logs no "Couldn't gather keys" tracebacks.
+    """
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # a cluster already gone has nothing to cancel
+            client.cancel(list(running.futures))
+            running.clear()
+        raise
 
 
 class StallWatchdog:
