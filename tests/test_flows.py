@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,17 +158,25 @@ def test_predict_flow_records_provenance_and_publishes_a_table_and_a_preview(
     assert f"`{tmp_path / 'out.preview.png'}`" in preview.data and preview.description
 
 
-def run_logs(flow_run_id: Any) -> list[str]:
-    """The messages a flow run and its tasks logged, oldest first, read back from the API."""
+def run_logs(flow_run_id: Any, last: str) -> list[str]:
+    """The messages a flow run and its tasks logged, oldest first, read back from the API once
+    one starting with ``last`` is there (logs reach the API in batches, in the background)."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogHandler
 
-    with get_client(sync_client=True) as api:
-        logs = api.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-            sort=LogSort.TIMESTAMP_ASC,
-        )
-    return [log.message for log in logs]
+    APILogHandler().flush()  # send what is queued, waiting up to 5 s
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as api:
+            logs = api.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                sort=LogSort.TIMESTAMP_ASC,
+            )
+        messages = [log.message for log in logs]
+        if any(m.startswith(last) for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)
 
 
 def test_predict_flow_logs_what_runs_where_how_far_and_the_outcome(
@@ -186,7 +195,7 @@ def test_predict_flow_logs_what_runs_where_how_far_and_the_outcome(
         return_state=True,
     )
     assert state.is_completed()
-    lines = run_logs(state.state_details.flow_run_id)
+    lines = run_logs(state.state_details.flow_run_id, last=f"predicted {out}")
     sha = read_checkpoint(model).sha256[:12]
     [start] = [line for line in lines if line.startswith("input ")]
     assert image in start and str(out) in start and model in start and sha in start
