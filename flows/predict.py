@@ -42,7 +42,7 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
         "input %s %s %s -> output %s; model %s (sha256 %s); blocks %s: %d in %d task(s)%s",
         volume.url,
         "x".join(map(str, volume.shape)),
-        volume.dtype,
+        volume.dtype_name,
         planned.output_url,
         absolute(model),
         planned.info.sha256[:12],

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import psutil
 import pytest
-from distributed import Client, WorkerPlugin, get_worker
+from distributed import Client, get_worker
 
 from unet_volume.cluster import (
     TASKS_PER_GPU,
@@ -160,32 +158,6 @@ def test_open_client_local_cluster_listens_on_loopback_only() -> None:
         assert urlparse(client.dashboard_link).hostname == "127.0.0.1"
     # scheduler, dashboard, worker and nanny (each with its own server): all on loopback
     assert len(opened) >= 4 and {host for host, _ in opened} == {"127.0.0.1"}, opened
-
-
-class SlowExit(WorkerPlugin):
-    """Workers that take 5 s to close, as a worker with torch loaded may on a busy machine."""
-
-    name = "slow-exit"
-
-    def teardown(self, worker: Any) -> None:
-        time.sleep(5)
-
-
-def test_open_client_lets_slow_workers_exit_without_being_killed() -> None:
-    # Closing a LocalCluster gives a worker 4 s, then kills it with a warning in the log.
-    said: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    nanny_log = logging.getLogger("distributed.nanny")
-    nanny_log.addHandler(handler)
-    try:
-        with open_client(n_workers=1, dashboard=False) as client:
-            client.register_plugin(SlowExit())
-            cluster = client.cluster
-    finally:
-        nanny_log.removeHandler(handler)
-    assert cluster is not None and cluster.status.name == "closed"
-    assert not [line for line in said if "still alive" in line], said
 
 
 @pytest.mark.parametrize("dashboard", [True, False])

@@ -199,7 +199,7 @@ def test_predict_flow_logs_what_runs_where_how_far_and_the_outcome(
     sha = read_checkpoint(model).sha256[:12]
     [start] = [line for line in lines if line.startswith("input ")]
     assert image in start and str(out) in start and model in start and sha in start
-    assert "blocks 1x16x16: 16 in 16 task(s)" in start
+    assert "4x32x32 uint8 ->" in start and "blocks 1x16x16: 16 in 16 task(s)" in start
     assert any(line.startswith(f"blocks run on {client.scheduler.address}") for line in lines)
     # Each tenth of the way gets a line (16 blocks: 2, 4, 5, 7, 8, 10, 12, 13, 15, 16 done).
     progress = [line for line in lines if line.startswith("predict: ")]

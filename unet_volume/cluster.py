@@ -37,7 +37,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
+from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
 from unet_volume.errors import BlockError, InputError, StallError
@@ -98,25 +98,6 @@ def open_client(
         if quiet:
             client.register_plugin(QuietTaskErrors())
         yield client
-        if isinstance(started, LocalCluster):  # not after an error: that closes at once
-            close_workers_gracefully(client, started)
-
-
-def close_workers_gracefully(client: Client, cluster: LocalCluster, timeout: float = 30.0) -> None:
-    """Let a LocalCluster's worker processes exit in their own time, before the cluster closes.
-
-    Closing the cluster gives each worker process 4 s to exit, then kills it with a warning
-    ("Worker process still alive after 4.0 seconds, killing"); with torch loaded a worker takes
-    1-3 s to exit on a busy 2-core machine. Workers closed through the scheduler instead tell
-    their nanny they are leaving, and it waits for them. After ``timeout`` seconds, the
-    cluster's own close kills what is left.
-    """
-    with contextlib.suppress(Exception):  # the cluster's close follows, whatever happens here
-        client.retire_workers(close_workers=True)
-        deadline = time.monotonic() + timeout
-        nannies = list(cluster.workers.values())
-        while time.monotonic() < deadline and any(n.status.name != "closed" for n in nannies):
-            time.sleep(0.05)
 
 
 def dashboard_link(client: Client, *, timeout: float = 2.0) -> str | None:

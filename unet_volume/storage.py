@@ -99,6 +99,11 @@ class Volume:
     token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
     """This opening of the volume: a Zarr array is opened once per process and token."""
 
+    @property
+    def dtype_name(self) -> str:
+        """The element type as people write it (``uint8``; :attr:`dtype` is ``|u1``)."""
+        return np.dtype(self.dtype).name
+
     def read(self, box: Box) -> np.ndarray:
         """Read a spatial box, mirrored outside the volume: ``(channels, *box.shape)``.
 
