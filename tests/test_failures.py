@@ -40,6 +40,9 @@ from unet_volume.testing import (
 EXIT_OK, EXIT_USAGE = 0, 2
 # 6 x 48 x 48 voxels in blocks of 1 x 16 x 16: 6 x 3 x 3 = 54 blocks.
 SHAPE, BLOCK = (6, 48, 48), "1,16,16"
+LONG = (4 * SHAPE[0], *SHAPE[1:])
+"""A volume whose run outlasts the moment a test stops it: a signal sent after 5 of 54 blocks
+could land after the last one."""
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +130,7 @@ def test_failures_ctrl_c_stops_driver_and_workers_quietly_keeping_finished_block
     tmp_path: Path, model_path: Path
 ) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the driver and its workers.
-    image = write_zarr(tmp_path / "in.zarr", blob_volume(SHAPE))
+    image = write_zarr(tmp_path / "in.zarr", blob_volume(LONG))
     output = tmp_path / "out.zarr"
     command = [sys.executable, "-m", "unet_volume", *predict_args(image, output, model_path)]
     driver = subprocess.Popen(

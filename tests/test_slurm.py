@@ -36,6 +36,9 @@ SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 EXIT_OK, EXIT_USAGE = 0, 2
 # 8 x 48 x 48 voxels in blocks of 1 x 16 x 16: 72 blocks.
 SHAPE, BLOCK, BLOCKS = (8, 48, 48), "1,16,16", 72
+LONG = (4 * SHAPE[0], *SHAPE[1:])
+"""A volume whose run outlasts the moment a test stops it (the engine got fast enough that a
+signal sent after 5 of 72 blocks could land after the last one)."""
 
 
 def jobs() -> list[str]:
@@ -284,7 +287,7 @@ def driver(args: list[str], cwd: Path) -> subprocess.Popen[str]:
 def test_slurm_jobs_end_when_the_driver_is_interrupted_or_killed(
     slurm: None, in_tmp: Path, model_path: Path, stop: str
 ) -> None:
-    image = write_zarr(in_tmp / "in.zarr", blob_volume(SHAPE))
+    image = write_zarr(in_tmp / "in.zarr", blob_volume(LONG))
     output = in_tmp / "out.zarr"
     running = driver(predict_args(image, output, model_path, "--cluster", "slurm-cpu"), in_tmp)
     try:
