@@ -32,7 +32,7 @@ from unet_volume.geometry import Box, Shape
 from unet_volume.layout import OutputLayout
 from unet_volume.locations import with_retries
 from unet_volume.prediction_store import EncodedOutput, PredictionStore
-from unet_volume.progress import Progress, ProgressSink, voxel_rate
+from unet_volume.progress import Progress, ProgressSink
 from unet_volume.storage import Volume
 from unet_volume.tiling import Block, TileGeometry, block_key, plan_blocks, plan_tiles
 
@@ -249,11 +249,7 @@ def run_prediction(
             done += blocks_done
             bar.update(blocks_done)
             if on_progress is not None:
-                on_progress(_progress(done, total, voxels, time.perf_counter() - start))
+                elapsed = time.perf_counter() - start
+                on_progress(Progress.of_blocks("predict", done, total, voxels, elapsed))
     seconds = time.perf_counter() - start
     return RunReport(store.url, total, voxels, seconds, dict(stages), skipped=skipped_blocks)
-
-
-def _progress(done: int, total: int, voxels: int, seconds: float) -> Progress:
-    rate = voxel_rate(voxels, seconds)
-    return Progress("predict", done, total, "block", seconds, done / total, rate)

@@ -36,6 +36,11 @@ class Progress:
     detail: str = ""
     """Anything else worth a glance, e.g. ``loss 0.2113``."""
 
+    @classmethod
+    def of_blocks(cls, stage: str, done: int, total: int, voxels: int, seconds: float) -> Progress:
+        """A block-wise stage's progress: ``done`` of ``total`` blocks, ``voxels`` written."""
+        return cls(stage, done, total, "block", seconds, done / total, voxel_rate(voxels, seconds))
+
     @property
     def eta_seconds(self) -> float | None:
         """Seconds left at the pace so far; None before anything is done."""

@@ -46,7 +46,7 @@ from unet_volume.output_run import (
 )
 from unet_volume.predict_config import DEFAULT_OPTIONS
 from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
-from unet_volume.progress import Progress, ProgressSink, voxel_rate
+from unet_volume.progress import Progress, ProgressSink
 from unet_volume.run_record import DONE, fingerprint
 from unet_volume.storage import Volume, check_z_range, open_volume
 from unet_volume.tiling import Block, block_key, count_blocks, plan_halo_blocks
@@ -358,8 +358,7 @@ def _reported(
         voxels += result["voxels"]
         if sink is not None:
             seconds = time.perf_counter() - start
-            rate = voxel_rate(voxels, seconds)
-            sink(Progress("weights", done, total, "block", seconds, done / total, rate))
+            sink(Progress.of_blocks("weights", done, total, voxels, seconds))
         yield result
 
 
