@@ -1,10 +1,8 @@
-"""Getting a Dask client, and the bounded task window shared by prediction and weight maps."""
+"""Getting a Dask client, GPU workers, and the settings of the clusters we start."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from itertools import pairwise
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -16,76 +14,11 @@ from unet_volume.cluster import (
     TASKS_PER_GPU,
     dashboard_link,
     gpu_resources,
-    map_bounded,
     open_client,
 )
-from unet_volume.errors import BlockError, InputError
+from unet_volume.errors import InputError
+from unet_volume.task_window import map_bounded
 from unet_volume.testing import listening_sockets
-
-
-def interval(item: int, *, pause: float) -> tuple[int, float, float]:
-    start = time.time()
-    time.sleep(pause)
-    return item, start, time.time()
-
-
-def fail_on_three(item: int) -> int:
-    if item == 3:
-        raise ValueError("bad block")
-    return item
-
-
-def slow_first(item: int, *, pause: float) -> int:
-    time.sleep(pause if item == 0 else pause / 100)
-    return item
-
-
-def never_overlap(spans: list[tuple[float, float]]) -> bool:
-    """Whether no two (start, end) spans overlap in time."""
-    ordered = sorted(spans)
-    return all(previous_end <= start for (_, previous_end), (start, _) in pairwise(ordered))
-
-
-def test_map_bounded_runs_every_item_once_with_at_most_window_in_flight(client: Client) -> None:
-    # With a window of one, no two tasks may overlap in time, although two workers are idle.
-    results = list(
-        map_bounded(client, interval, range(6), name=lambda i: f"probe-{i}", window=1, pause=0.05)
-    )
-    assert sorted(item for item, _, _ in results) == list(range(6))
-    assert never_overlap([(start, end) for _, start, end in results])
-
-
-def test_map_bounded_pulls_items_lazily_at_most_a_window_ahead(client: Client) -> None:
-    # A generator that counts how many items map_bounded has taken from it. Before the k-th
-    # result reaches the caller, the window (2) plus one refill per finished task (k) may have
-    # been taken: 3 of the 20 at the first result. Taking all items first (`list(items)`)
-    # would show 20 there.
-    taken = 0
-
-    def items() -> Iterator[int]:
-        nonlocal taken
-        for item in range(20):
-            taken += 1
-            yield item
-
-    seen = []
-    for k, result in enumerate(map_bounded(client, abs, items(), name=str, window=2), start=1):
-        assert taken <= 2 + k, f"{taken} items taken before result {k} came back"
-        seen.append(result)
-    assert sorted(seen) == list(range(20))
-
-
-def test_map_bounded_yields_results_in_the_order_tasks_finish(client: Client) -> None:
-    # Window 2 on two workers: item 0 sleeps 2 s on one worker while items 1..6 (20 ms each)
-    # pass one after another through the other. In submission order 0 would come first; as
-    # tasks finish, it comes last.
-    results = list(map_bounded(client, slow_first, range(7), name=str, window=2, pause=2.0))
-    assert results == [1, 2, 3, 4, 5, 6, 0]
-
-
-def test_map_bounded_names_the_failed_task(client: Client) -> None:
-    with pytest.raises(BlockError, match=r"block task probe-3 failed: bad block"):
-        list(map_bounded(client, fail_on_three, range(6), name=lambda i: f"probe-{i}"))
 
 
 def where(item: int, *, pause: float) -> tuple[str, float, float]:

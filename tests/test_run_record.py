@@ -185,7 +185,8 @@ class CrashingPredictor(CropPredictor):
 def test_run_record_a_block_that_kills_its_worker_twice_is_recorded_not_retried_forever(
     tmp_path: Path,
 ) -> None:
-    # allowed-failures 1 (clusters we start): the second death gives the block up.
+    # allowed-failures 1 (clusters we start): the second death gives the block up, and the
+    # blocks that ran beside it on the dying worker, blamed too, succeed when run alone.
     plan = arange_plan(tmp_path)
     with (
         dask.config.set(local_cluster_config()),
@@ -194,9 +195,8 @@ def test_run_record_a_block_that_kills_its_worker_twice_is_recorded_not_retried_
         pytest.raises(BlockError, match=r"1 block\(s\) failed: block \(0, 4, 4\)") as info,
     ):
         run_plan(plan, own, predictor=probe(plan, CrashingPredictor))
-    assert "killed its worker twice" in str(info.value) and "smaller --block-shape" in str(
-        info.value
-    )
+    assert "killed the workers running it" in str(info.value)
+    assert "smaller --block-shape" in str(info.value)
     status = read_status(plan.output_url)
     assert (status.done, len(status.failures)) == (24, 1)
 

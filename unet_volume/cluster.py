@@ -26,28 +26,19 @@ import functools
 import logging
 import os
 import re
-import statistics
-import threading
-import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from distributed import Client, WorkerPlugin, as_completed, get_worker
+from distributed import Client, WorkerPlugin, get_worker
 
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
-from unet_volume.errors import BlockError, InputError, StallError
-
-Item = TypeVar("Item")
+from unet_volume.errors import InputError
 
 log = logging.getLogger(__name__)
 
-STALL_AFTER = 600.0
-"""Seconds without a finished task after which a run stops (unless tasks take longer)."""
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 _TUNED = False
@@ -174,165 +165,6 @@ def _local_options(n_workers: int | None, *, dashboard: bool) -> dict[str, Any]:
         # Without a dashboard the scheduler still serves HTTP: on a free port, not 8787.
         "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
     }
-
-
-def map_bounded(
-    client: Client,
-    function: Callable[..., Any],
-    items: Iterable[Item],
-    *,
-    name: Callable[[Item], str],
-    window: int | None = None,
-    resources: Mapping[str, float] | None = None,
-    max_failures: int = 0,
-    stall_after: float = STALL_AFTER,
-    **kwargs: Any,
-) -> Iterator[Any]:
-    """``function(item, **kwargs)`` as one Dask task per item; yields results as tasks finish.
-
-    At most ``window`` tasks (default: 4 per worker thread) are on the cluster at once, so
-    a 10^6-block volume never floods the scheduler, and ``items`` may be a lazy iterator.
-    Keys are ``name(item)`` plus a run token (unique per call: Dask must never see the same
-    key with another graph). Up to ``max_failures`` failed tasks are set aside while the rest
-    carry on; one more cancels what is left. Either way, once it stops, a :class:`BlockError`
-    names every failed task and carries them (``error.failures``: ``(item, exception)``).
-    If no task finishes for ``stall_after`` seconds (or 10 times the median task, if longer),
-    :class:`StallError` names the tasks in flight and their workers: it never hangs silently.
-    ``resources`` (e.g. ``{"GPU": 1}``) restricts every task to workers that advertise them,
-    and runs as many at once on a worker as its amount allows.
-    """
-    run = uuid.uuid4().hex[:8]
-    todo = iter(items)
-    limit = window or 4 * max(1, sum(client.nthreads().values()))
-    refill = max(1, limit // 4)
-    pending: dict[str, Item] = {}
-    failures: list[tuple[Any, BaseException]] = []
-    watchdog = StallWatchdog(client, at_least=stall_after)
-
-    def submit(count: int) -> list[Any]:
-        batch = list(islice(todo, count))
-        if not batch:
-            return []
-        keys = [f"{name(item)}-{run}" for item in batch]
-        futures = client.map(function, batch, key=keys, pure=False, resources=resources, **kwargs)
-        pending.update(zip(keys, batch))
-        return list(futures)
-
-    # Results come with their futures, gathered in the background; tasks go out a quarter
-    # window at a time: half the client's work per task of one submit and one fetch each.
-    # On this client's loop: as_completed otherwise takes the default client's, which may be
-    # another (or a closed) client in this process, and then waits forever.
-    running = as_completed(submit(limit), loop=client.loop, with_results=True, raise_errors=False)
-    freed = 0
-    with watchdog.watching(running), _cancelled_on_exit(client, running):
-        for future, result in running:
-            if watchdog.stalled:
-                break
-            watchdog.finished()
-            item = pending.pop(future.key)
-            if future.status in ("error", "cancelled"):
-                # An error comes as (type, exception, traceback), a cancellation as itself.
-                failures.append((item, result[1] if future.status == "error" else result))
-                if len(failures) > max_failures:
-                    client.cancel(list(running.futures))
-                    running.clear()
-                    break
-            else:
-                yield result
-            future.release()
-            freed += 1
-            if freed >= refill or running.count() == 0:
-                running.update(submit(freed))
-                freed = 0
-    if watchdog.stalled:
-        raise StallError(watchdog.stalled)
-    if failures:
-        raise BlockError(failures, names=[name(item) for item, _ in failures])
-
-
-@contextmanager
-def _cancelled_on_exit(client: Client, running: as_completed) -> Iterator[None]:
-    """Cancel the tasks still in flight when the iteration stops early (Ctrl-C, an error, the
-    caller closing the generator): their results are no longer gathered in the background, so a
-    cluster that closes next logs no "Couldn't gather keys" tracebacks.
-    """
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(Exception):  # a cluster already gone has nothing to cancel
-            client.cancel(list(running.futures))
-            running.clear()
-        raise
-
-
-class StallWatchdog:
-    """Stops a run in which no task has finished for far longer than tasks take.
-
-    A hung read (a dead NFS mount), a deadlocked worker or a scheduler that lost its workers
-    would otherwise wait forever. The limit is ``at_least`` seconds, or ``factor`` times the
-    median time between finishes, whichever is longer. On a stall it records which tasks were
-    in flight on which workers (:attr:`stalled`) and cancels them, which ends the iteration.
-    """
-
-    def __init__(self, client: Client, *, at_least: float, factor: float = 10.0) -> None:
-        self.client, self.at_least, self.factor = client, at_least, factor
-        self.stalled: str | None = None
-        self._last = time.monotonic()
-        self._gaps: list[float] = []
-
-    def finished(self) -> None:
-        now = time.monotonic()
-        self._gaps = [*self._gaps[-999:], now - self._last]
-        self._last = now
-
-    def limit(self) -> float:
-        typical = statistics.median(self._gaps) if self._gaps else 0.0
-        return max(self.at_least, self.factor * typical)
-
-    @contextmanager
-    def watching(self, running: as_completed) -> Iterator[None]:
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._watch, args=(running, stop), name="stall-watchdog", daemon=True
-        )
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-
-    def _watch(self, running: as_completed, stop: threading.Event) -> None:
-        while not stop.wait(min(self.limit() / 4, 5.0)):
-            idle = time.monotonic() - self._last
-            if idle > self.limit():
-                futures = list(running.futures)
-                try:
-                    self.stalled = self._describe(futures, idle)
-                except Exception as error:  # the run must stop even if the cluster cannot say
-                    self.stalled = (
-                        f"no block finished for {idle:.0f} s, and the cluster could not say "
-                        f"which were in flight ({type(error).__name__}: {error}); finished "
-                        "blocks are kept, so run the same command again to resume"
-                    )
-                self.client.cancel(futures)
-                return
-
-    def _describe(self, futures: list[Any], idle: float) -> str:
-        if not self.client.scheduler_info(n_workers=-1)["workers"]:
-            return (
-                f"no block finished for {idle:.0f} s and no worker is connected: the cluster "
-                "lost its workers (jobs cancelled, pre-empted or past their walltime?); "
-                "finished blocks are kept, so run the same command again to resume"
-            )
-        where = {key: worker for worker, keys in self.client.processing().items() for key in keys}
-        shown = ", ".join(f"{f.key} on {where.get(f.key, 'no worker')}" for f in futures[:5])
-        more = f" and {len(futures) - 5} more" if len(futures) > 5 else ""
-        return (
-            f"no block finished for {idle:.0f} s (limit {self.limit():.0f} s); in flight: "
-            f"{shown}{more}. Look at those workers (dashboard, logs); finished blocks are kept, "
-            "so run the same command again to resume"
-        )
 
 
 TASKS_PER_GPU = 4

@@ -26,7 +26,7 @@ from distributed import Client
 from tqdm.auto import tqdm
 
 from unet_volume.border import reflect
-from unet_volume.cluster import STALL_AFTER, gpu_resources, map_bounded, release_free_memory
+from unet_volume.cluster import gpu_resources, release_free_memory
 from unet_volume.errors import GeometryError, InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.layout import OutputLayout
@@ -34,6 +34,7 @@ from unet_volume.locations import with_retries
 from unet_volume.prediction_store import EncodedOutput, PredictionStore
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.storage import Volume
+from unet_volume.task_window import STALL_AFTER, map_bounded
 from unet_volume.tiling import Block, TileGeometry, block_key, plan_blocks, plan_tiles
 
 T = TypeVar("T")

@@ -273,8 +273,8 @@ def describe_failure(cause: BaseException) -> str:
     """A block's error in one line, with what to try where Dask's own words do not say it."""
     if type(cause).__name__ == "KilledWorker":
         return (
-            "it killed its worker twice (out of memory, or a crash in native code); "
-            "try a smaller --block-shape or --tile-shape, or workers with more memory"
+            "it killed the workers running it (out of memory, or a crash in native code); try "
+            "a smaller --block-shape or --tile-shape, or workers with more memory"
         )
     if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
         return f"the output's disk is full (OSError: {cause.strerror}: {cause.filename})"

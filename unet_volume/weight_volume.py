@@ -32,7 +32,6 @@ import numpy as np
 from distributed import Client
 
 from unet_volume.block_memory import check_worker_memory, weight_memory
-from unet_volume.cluster import map_bounded
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.locations import absolute, with_retries
@@ -49,6 +48,7 @@ from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, vol
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.run_record import DONE, fingerprint
 from unet_volume.storage import Volume, check_z_range, open_volume
+from unet_volume.task_window import map_bounded
 from unet_volume.tiling import Block, block_key, count_blocks, plan_halo_blocks
 from unet_volume.weight_map import (
     TOLERANCE,
