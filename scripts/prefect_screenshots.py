@@ -3,7 +3,8 @@
 Starts a Prefect server with its UI on a free loopback port (a throw-away home), runs the demo
 flow against it (ISBI 2012: train for ``--minutes``, score slices 20-24, predict all 25), then
 renders the pages a person opens after a run: the demo's flow run, the predict run (its logs),
-the prediction preview, the model card, and the progress artifact. Needs the Debian package
+the prediction preview, the model card, the progress artifact, and the forms that start a
+served deployment. Needs the Debian package
 ``chromium`` (``apt-get install chromium``) and Playwright to drive it (``pip install
 playwright``; it uses that Chromium, no browser download): a page of the UI draws itself after
 its data arrives, which a plain ``chromium --screenshot`` does not wait for. Not part of the
@@ -76,6 +77,39 @@ def newest(api: str, what: str, body: dict[str, Any]) -> dict[str, Any]:
     return dict(found[0])
 
 
+def start_serve(env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
+    """``serve`` as the README starts it, with the demo's model (ingest scheduled yearly)."""
+    model = home / "demo" / "model.pt"
+    folders = [home / "landing", home / "predictions"]
+    for folder in folders:
+        folder.mkdir(exist_ok=True)
+    serve = [sys.executable, "-m", "unet_volume_flows.serve", "--model", str(model)]
+    return subprocess.Popen(
+        [*serve, "--landing", str(folders[0]), "--outputs", str(folders[1]), "--cron", "0 0 1 1 *"],
+        env=env,
+        cwd=ROOT,
+        stdout=(home / "serve.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def served_forms(api: str, ui: str) -> dict[str, str]:
+    """The custom-run forms of the served deployments: where an operator types a run's
+    parameters, so their descriptions and the optional fields' types show there."""
+    forms = {}
+    for flow in ("predict", "train"):
+        for _ in range(120):
+            found = httpx.get(f"{api}/deployments/name/{flow}/served", timeout=10)
+            if found.status_code == 200:
+                break
+            time.sleep(1)
+        else:
+            sys.exit(f"serve registered no {flow}/served in 120 s (see serve.log)")
+        forms[f"{flow}-form"] = f"{ui}/deployments/deployment/{found.json()['id']}/run"
+    return forms
+
+
 def render(urls: dict[str, str], out: Path) -> None:
     """Each page as the UI draws it, once the network is quiet and the page has settled."""
     from playwright.sync_api import sync_playwright
@@ -120,7 +154,13 @@ def main() -> None:
                 api, "artifacts", {"sort": "CREATED_DESC", "artifacts": {"key": {"any_": [key]}}}
             )
             pages[key] = f"{ui}/artifacts/artifact/{artifact['id']}"
-        render(pages, args.out)
+        serve = start_serve(env, home)
+        try:
+            pages.update(served_forms(api, ui))
+            render(pages, args.out)
+        finally:
+            os.killpg(serve.pid, 15)
+            serve.wait(timeout=60)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
