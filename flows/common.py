@@ -15,6 +15,7 @@ from prefect import Task, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
+from pydantic.json_schema import SkipJsonSchema
 
 from unet_volume.cluster import Client, open_client
 from unet_volume.errors import is_transient
@@ -22,6 +23,14 @@ from unet_volume.locations import check_location
 from unet_volume.progress import Every, Progress, ProgressSink
 
 F = TypeVar("F", bound=Callable[..., Any])
+HiddenNone = SkipJsonSchema[None]
+"""A None that Python callers may pass but the UI's run form does not offer, for a parameter
+whose default is a value (``minutes: float | HiddenNone = 3.0``): the form shows the field's
+type, not a switch between it and "None" ('Property is type "None"').
+
+Not for parameters whose default is None: the form fills a field with the schema's default
+and checks it against the field's type, so a None default needs the null type (Prefect 3.9.1,
+submitted in a browser by scripts/prefect_screenshots.py)."""
 CLUSTER_HELP = {
     "scheduler": "address of a running Dask scheduler (tcp://HOST:8786) to run the blocks on",
     "cluster": "a cluster spec to start for the run: a name in deploy/clusters (local, "

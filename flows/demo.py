@@ -16,6 +16,7 @@ from prefect import flow
 from unet_volume.prediction_store import open_prediction
 from unet_volume.storage import convert_to_zarr
 from unet_volume.train import TrainConfig
+from unet_volume_flows.common import HiddenNone
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
 
@@ -24,7 +25,7 @@ MINUTES = TrainConfig().minutes  # the library's training budget, written once t
 
 
 @flow(name="demo")
-def demo_flow(data: str, out: str, minutes: float | None = MINUTES) -> dict[str, object]:
+def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dict[str, object]:
     """Convert the ISBI stack, train for ``minutes`` on slices 0-19, score 20-24, predict all 25."""
     root = Path(out)
     image, labels = str(root / "isbi-volume.zarr"), str(root / "isbi-labels.zarr")

@@ -31,6 +31,12 @@ SERVED = "served"
 """The deployment name of every served flow; deploy/prefect.yaml's are ``pool``."""
 
 
+def given(**parameters: object) -> dict[str, object]:
+    """The parameters that were given: a None is left out, so the flow's own default applies
+    and the deployment shows only what the operator chose."""
+    return {name: value for name, value in parameters.items() if value is not None}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m unet_volume_flows.serve", description=__doc__.split("\n")[0]
@@ -66,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         ingest_flow.to_deployment(
             name=SERVED,
             cron=args.cron,
-            parameters={
-                "landing": args.landing,
-                "outputs": args.outputs,
-                "model": args.model,
-                "cluster": args.cluster,
-                "settle_seconds": args.settle_seconds,
-            },
+            parameters=given(
+                landing=args.landing,
+                outputs=args.outputs,
+                model=args.model,
+                cluster=args.cluster,
+                settle_seconds=args.settle_seconds,
+            ),
             **labels,
         ),
         predict_flow.to_deployment(name=SERVED, **labels),

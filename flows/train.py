@@ -29,6 +29,7 @@ from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (
     CLUSTER_HELP,
     STORAGE_RETRIES,
+    HiddenNone,
     check_locations,
     described,
     flow_client,
@@ -159,7 +160,7 @@ def train_flow(
     labels: str,
     model: str,
     *,
-    minutes: PositiveFloat | None = DEFAULTS.minutes,
+    minutes: PositiveFloat | HiddenNone = DEFAULTS.minutes,
     steps: PositiveInt | None = DEFAULTS.steps,
     z_range: ZRange | None = DEFAULTS.z_range,
     validation_z_range: ZRange | None = DEFAULTS.validation_z_range,

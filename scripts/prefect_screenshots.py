@@ -4,11 +4,13 @@ Starts a Prefect server with its UI on a free loopback port (a throw-away home),
 flow against it (ISBI 2012: train for ``--minutes``, score slices 20-24, predict all 25), then
 renders the pages a person opens after a run: the demo's flow run, the predict run (its logs),
 the prediction preview, the model card, the progress artifact, and the forms that start a
-served deployment. Needs the Debian package
-``chromium`` (``apt-get install chromium``) and Playwright to drive it (``pip install
-playwright``; it uses that Chromium, no browser download): a page of the UI draws itself after
-its data arrives, which a plain ``chromium --screenshot`` does not wait for. Not part of the
-test suite.
+served deployment; then fills the predict form's three required fields, submits it and renders
+the run that ``serve`` makes of it (printing its parameters: what the form sent).
+
+Needs the Debian package ``chromium`` (``apt-get install chromium``) and Playwright to drive it
+(``pip install playwright``; it uses that Chromium, no browser download): a page of the UI
+draws itself after its data arrives, which a plain ``chromium --screenshot`` does not wait for.
+Not part of the test suite.
 
     .venv/bin/python scripts/prefect_screenshots.py [--out runs/screenshots] [--minutes 0.5]
 """
@@ -23,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +114,9 @@ def served_forms(api: str, ui: str) -> dict[str, str]:
     return forms
 
 
-def render(urls: dict[str, str], out: Path) -> None:
-    """Each page as the UI draws it, once the network is quiet and the page has settled."""
+@contextmanager
+def browser_page() -> Iterator[Any]:
+    """A page of the Debian Chromium, driven by Playwright, at the screenshots' size."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -120,13 +125,42 @@ def render(urls: dict[str, str], out: Path) -> None:
     width, height = (int(v) for v in WINDOW.split(","))
     with sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": width, "height": height})
-        for name, url in urls.items():
-            page.goto(url, wait_until="networkidle", timeout=120_000)
-            page.wait_for_timeout(3000)  # charts and markdown render after the data
-            page.screenshot(path=str(out / f"{name}.png"), full_page=True)
-            print(f"{out / name}.png: {url}")
+        yield browser.new_page(viewport={"width": width, "height": height})
         browser.close()
+
+
+def render(page: Any, urls: dict[str, str], out: Path) -> None:
+    """Each page as the UI draws it, once the network is quiet and the page has settled."""
+    for name, url in urls.items():
+        page.goto(url, wait_until="networkidle", timeout=120_000)
+        page.wait_for_timeout(3000)  # charts and markdown render after the data
+        page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+        print(f"{out / name}.png: {url}")
+
+
+def run_from_form(page: Any, api: str, form: str, values: list[str], out: Path) -> dict[str, Any]:
+    """Fill a run form's text fields with ``values``, leave the rest as they are and submit, as
+    an operator does; wait for ``serve`` to run it. The flow run, as the API has it."""
+    page.goto(form, wait_until="networkidle", timeout=120_000)
+    for index, value in enumerate(values):
+        page.locator("textarea").nth(index).fill(value)
+    page.get_by_role("button", name="Submit").click()
+    try:  # a submitted form goes to the deployment's runs
+        page.wait_for_url(lambda url: not url.rstrip("/").endswith("/run"), timeout=60_000)
+    except Exception:
+        page.screenshot(path=str(out / "form-refused.png"), full_page=True)
+        raise
+    deployment = form.rstrip("/").rsplit("/", 2)[-2]
+    body = {"sort": "EXPECTED_START_TIME_DESC", "deployments": {"id": {"any_": [deployment]}}}
+    run_id = newest(api, "flow_runs", body)["id"]
+    for _ in range(300):
+        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(1)
+    ui = form.split("/deployments/")[0]
+    render(page, {"form-run": f"{ui}/runs/flow-run/{run_id}"}, out)
+    return dict(run)
 
 
 def main() -> None:
@@ -157,7 +191,12 @@ def main() -> None:
         serve = start_serve(env, home)
         try:
             pages.update(served_forms(api, ui))
-            render(pages, args.out)
+            with browser_page() as page:
+                render(page, pages, args.out)
+                image, model = (str(home / "demo" / n) for n in ("isbi-volume.zarr", "model.pt"))
+                values = [image, model, str(home / "from-form.zarr")]
+                run = run_from_form(page, api, pages["predict-form"], values, args.out)
+            print(f"run from the form: {run['state_type']}, parameters {run['parameters']}")
         finally:
             os.killpg(serve.pid, 15)
             serve.wait(timeout=60)

@@ -25,6 +25,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import ParameterTypeError
 from prefect.flows import load_flow_from_entrypoint
 from prefect.testing.utilities import prefect_test_harness
+from prefect.utilities.schema_tools import validate
 from test_bad_input import nan_image, setup_files  # the same files as the CLI's cases
 
 from unet_volume import __version__
@@ -330,6 +331,28 @@ def test_train_flow_trains_evaluates_and_registers_the_model(
 PREFECT_YAML = Path(__file__).parents[1] / "deploy" / "prefect.yaml"
 
 
+def nullable(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "null" or {"type": "null"} in schema.get("anyOf", [])
+
+
+@pytest.mark.parametrize("flow", [predict_flow, train_flow, ingest_flow], ids=lambda f: f.name)
+def test_optional_flow_parameters_offer_none_in_the_run_form_only_where_it_is_the_default(
+    flow: Any,
+) -> None:
+    # The UI's run form fills each field with the schema's default and checks it against the
+    # field's types: a None default needs the null type there, or the form cannot be submitted
+    # (scripts/prefect_screenshots.py submits it in a browser). A parameter with a real default
+    # shows only its own type, not a switch to "None" ('Property is type "None"').
+    properties = flow.parameters.model_dump()["properties"]
+    for name, schema in properties.items():
+        assert nullable(schema) == (schema.get("default", 0) is None), name
+    # The training budget is one: Python callers may still pass None (steps alone then).
+    if flow is train_flow:
+        assert not nullable(properties["minutes"])
+        required = dict.fromkeys(flow.parameters.required, "x")
+        assert flow.validate_parameters({**required, "minutes": None})["minutes"] is None
+
+
 @pytest.mark.parametrize("flow", [predict_flow, train_flow, ingest_flow], ids=lambda f: f.name)
 def test_every_flow_parameter_is_described_where_the_ui_shows_it(flow: Any) -> None:
     # The deployment form shows the schema's descriptions beside the fields.
@@ -364,6 +387,8 @@ def test_prefect_yaml_deployment_loads_its_flow_with_valid_parameters(
         "a parameter the flow does not take"
     )
     loaded.validate_parameters(parameters)  # raises ParameterTypeError on a bad value
+    # The server checks a deployment's parameters against the JSON schema too.
+    assert not validate(parameters, loaded.parameters.model_dump(), ignore_required=True)
     for schedule in spec.get("schedules", []):
         # Prefect validates the expression and the zone on construction (ValueError if bad);
         # the parsed schedule must keep both as written.
