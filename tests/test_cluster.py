@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import psutil
 import pytest
-from distributed import Client, get_worker
+from distributed import Client, WorkerPlugin, get_worker
 
 from unet_volume.cluster import (
     TASKS_PER_GPU,
@@ -59,6 +60,27 @@ def test_map_bounded_gpu_tasks_share_a_gpu_worker_a_few_at_a_time(
     # GPU=1 on a 6-thread worker, a quarter per task: 4 at once (one computes, three read or
     # write), though the window lets 28 be on the cluster and the worker has 6 threads.
     assert most_at_once([(start, end) for _, start, end in results]) == TASKS_PER_GPU
+
+
+class SlowExit(WorkerPlugin):
+    """A worker whose teardown takes 5 s (torch's exit on a busy machine), then leaves a mark."""
+
+    def __init__(self, mark: Path) -> None:
+        self.mark = mark
+
+    def teardown(self, worker: Any) -> None:
+        time.sleep(5.0)
+        self.mark.touch()
+
+
+def test_open_client_lets_workers_exit_in_their_own_time_instead_of_killing_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The cluster's own close kills a worker after 4 s, with a warning in the terminal.
+    with open_client(n_workers=1, dashboard=False) as client:
+        client.register_plugin(SlowExit(tmp_path / "exited"))
+    assert (tmp_path / "exited").exists()  # the teardown ran to its end
+    assert "still alive" not in caplog.text
 
 
 def test_open_client_connects_to_a_running_scheduler_and_leaves_it_running(

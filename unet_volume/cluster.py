@@ -19,6 +19,7 @@ Two measured traps are handled (see the stack notes):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -32,13 +33,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, WorkerPlugin, get_worker
+from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
 from unet_volume.errors import InputError
 
 log = logging.getLogger(__name__)
 
+WORKER_EXIT = 30.0
+"""Seconds a worker process of a LocalCluster we close may take to exit before it is killed."""
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 _TUNED = False
@@ -89,6 +92,25 @@ def open_client(
         if quiet:
             client.register_plugin(QuietTaskErrors())
         yield client
+        if isinstance(started, LocalCluster):  # not after an error: that closes at once
+            close_workers_patiently(started)
+
+
+def close_workers_patiently(cluster: LocalCluster, timeout: float = WORKER_EXIT) -> None:
+    """Give a LocalCluster's worker processes ``timeout`` seconds to exit, before it closes.
+
+    The cluster's own close gives each 4 s, then kills it with a warning in the terminal
+    ("Worker process still alive after 4.0 seconds, killing"); with torch loaded, a worker on a
+    busy 2-core machine can take longer. The nannies close their workers the same way, only
+    more patiently; what is left after ``timeout`` the cluster's close kills.
+    """
+
+    async def close_all() -> None:
+        nannies = list(cluster.workers.values())
+        await asyncio.gather(*(nanny.close(timeout=timeout) for nanny in nannies))
+
+    with contextlib.suppress(Exception):  # the cluster's close follows, whatever happens here
+        cluster.sync(close_all)
 
 
 def dashboard_link(client: Client, *, timeout: float = 2.0) -> str | None:
