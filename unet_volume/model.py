@@ -329,6 +329,12 @@ class UNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def channels_last(ndim: int) -> torch.memory_format:
+    """The fast layout of a ``ndim``-D net's activations: channels last, as oneDNN and cuDNN
+    compute convolutions (a contiguous tensor is reordered at every layer)."""
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
 def count_conv_layers(model: nn.Module) -> int:
     """Convolutions and up-convolutions in ``model``: 23 for the paper's net (18 + 4 + 1)."""
     return sum(isinstance(m, _CONV_TYPES) for m in model.modules())

@@ -20,7 +20,7 @@ from unet_volume.block_memory import network_activations
 from unet_volume.checkpoint import checkpoint_from_bytes
 from unet_volume.cluster import tune_worker_process, worker_threads
 from unet_volume.errors import InputError
-from unet_volume.model import UNet
+from unet_volume.model import UNet, channels_last
 
 _MODELS: dict[tuple[str, str, str], UNet] = {}
 """Networks built in this process, by (checkpoint sha256, device, dtype): one per worker."""
@@ -104,7 +104,7 @@ class ModelPredictor:
         """
         if self.dtype != "float32":
             return torch.contiguous_format
-        return torch.channels_last if self.ndim == 2 else torch.channels_last_3d
+        return channels_last(self.ndim)
 
     @property
     def device(self) -> str:
