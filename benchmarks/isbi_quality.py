@@ -121,6 +121,7 @@ def main() -> None:
         "training": {
             "seconds": round(train_s, 1),
             "steps": report.steps,
+            "output_voxels_seen": report.steps * args.batch_size * args.tile_output**2,
             "final_loss": report.final_loss,
         },
         **read_outs(report.checkpoint, args.out),
@@ -129,7 +130,9 @@ def main() -> None:
     print(json.dumps(results["settings"]))
     print(
         f"training: {report.steps} steps in {train_s:.0f} s on {device} "
-        f"({report.steps_per_second:.2f} steps/s), final loss {report.final_loss:.4f}"
+        f"({report.steps_per_second:.2f} steps/s, "
+        f"{results['training']['output_voxels_seen'] / 1e6:.0f} Mvoxel of output seen), "
+        f"final loss {report.final_loss:.4f}"
     )
     for key, value in results.items():
         if key.startswith("validation"):
