@@ -66,12 +66,19 @@ def weigh(
 
 @task(cache_policy=NO_CACHE)
 def fit(
-    image: str, labels: str, model: str, config: TrainConfig, weights: str | None
+    image: str,
+    labels: str,
+    model: str,
+    config: TrainConfig,
+    weights: str | None,
+    init: str | None = None,
 ) -> TrainReport:
     """Train on this machine (all its cores, or its GPU); checkpoint and curve beside ``model``.
     Logs the steps, their pace and the running loss every ~30 s and every tenth of the way."""
     with reported("training-progress", f"Training of {absolute(model)}") as progress:
-        report = train(image, labels, model, config, weights=weights, on_progress=progress)
+        report = train(
+            image, labels, model, config, weights=weights, init=init, on_progress=progress
+        )
     get_run_logger().info(
         "trained %s: %d steps in %s, final loss %.4f",
         absolute(model),
@@ -153,6 +160,8 @@ def register(report: TrainReport, scores: EvaluationReport | None, image: str) -
     weight_map="weigh the loss by the paper's weight map (borders between touching cells weigh "
     "more; computed on Dask first); off: class-balanced weights",
     tile_output="output side (y and x) of one training tile in voxels",
+    init="start from this model's network and weights (fine-tuning on new data; "
+    "base_channels, depth and batch_norm are then the model's)",
     **CLUSTER_HELP,
 )
 def train_flow(
@@ -171,6 +180,7 @@ def train_flow(
     batch_norm: bool = DEFAULTS.model.batch_norm,
     tile_output: PositiveInt = DEFAULTS.tile_output[-1],
     seed: int = DEFAULTS.seed,
+    init: str | None = None,
     scheduler: str | None = None,
     cluster: str | None = None,
 ) -> dict[str, Any]:
@@ -178,10 +188,11 @@ def train_flow(
 
     With ``validation_z_range`` the model is scored on those held-out slices; with ``weight_map``
     the loss is weighted by the paper's weight map, else class-balanced. The net is 2D, ``depth``
-    levels deep, trained on tiles of ``tile_output``² output voxels. Defaults are
+    levels deep, trained on tiles of ``tile_output``² output voxels; with ``init`` it starts
+    from that model's network and weights instead (fine-tuning). Defaults are
     :class:`~unet_volume.train.TrainConfig`'s. Returns the figures.
     """
-    check_locations(image=image, labels=labels, model=model)
+    check_locations(image=image, labels=labels, model=model, init=init)
     config = replace(
         DEFAULTS,
         model=replace(
@@ -198,7 +209,7 @@ def train_flow(
     weights = (
         weigh(labels, f"{model}.weights.zarr", z_range, scheduler, cluster) if weight_map else None
     )
-    report = fit(image, labels, model, config, weights)
+    report = fit(image, labels, model, config, weights, init)
     scores = (
         assess(image, labels, model, validation_z_range, scheduler, cluster)
         if validation_z_range

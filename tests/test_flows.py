@@ -562,6 +562,14 @@ FLOW_CASES: list[tuple[str, FlowCall, type[Exception], str]] = [
         "greater than 0",
     ),
     (
+        "train-init-missing",
+        lambda f, r: train_flow(
+            f["image"], f["labels"], str(r / "m.pt"), steps=1, init=str(r / "none.pt")
+        ),
+        CheckpointError,
+        "none.pt does not exist",
+    ),
+    (
         "train-model-url-unknown-protocol",
         lambda f, r: train_flow(f["image"], f["labels"], "nosuch://models/m.pt", steps=1),
         InputError,

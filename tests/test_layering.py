@@ -120,6 +120,7 @@ UPPER_LAYERS = {
     "model",
     "checkpoint",
     "train",
+    "train_start",
     "cli",
     "cli_train",
     "tile_stream",

@@ -28,6 +28,7 @@ from unet_volume.geometry import Box
 from unet_volume.model import UNet, channels_last
 from unet_volume.progress import Progress
 from unet_volume.sampling import TileSampler, TrainingData, TrainingTile, to_classes
+from unet_volume.testing import snapshot
 from unet_volume.tile_stream import TileStream, augment_tile, class_weights
 from unet_volume.train import TrainConfig, train
 from unet_volume.unet_config import UNetConfig
@@ -115,6 +116,44 @@ def test_train_channels_last_step_computes_the_same_loss_and_gradients(ndim: int
     assert fast_loss == pytest.approx(loss, rel=1e-5)
     for grad, fast in zip(grads, fast_grads, strict=True):
         torch.testing.assert_close(fast, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_train_init_fine_tunes_a_models_network_and_weights_on_new_data(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
+    source = tmp_path / "source.pt"
+    train(*volumes, source, tiny(steps=3, base_channels=6))
+    # The same cells in inverted contrast, as a new volume of another microscope.
+    image = zarr.open_array(volumes[0], mode="r")[...]
+    inverted = write_zarr(tmp_path / "inverted.zarr", 255 - image)
+    out = tmp_path / "tuned.pt"
+    # The run's network options (base 4) describe a new network; the model's (base 6) wins.
+    # A learning rate of 1e-12 leaves the weights where the run started.
+    train(inverted, volumes[1], out, tiny(steps=1, learning_rate=1e-12), init=source)
+    start, tuned = read_checkpoint(source), read_checkpoint(out)
+    assert tuned.config == start.config and tuned.config.base_channels == 6
+    for name, weight in start.state_dict.items():
+        torch.testing.assert_close(tuned.state_dict[name], weight, rtol=0, atol=1e-9)
+    # This data's normalisation (the same tiles, inverted), and where the weights came from.
+    mean = start.metadata["normalization"]["mean"]
+    assert tuned.metadata["normalization"]["mean"] == pytest.approx(255 - mean, rel=1e-6)
+    assert tuned.metadata["training"]["init"] == {"checkpoint": str(source), "sha256": start.sha256}
+
+
+def test_train_init_refuses_a_model_of_other_channels_or_with_resume(
+    volumes: tuple[str, str], tmp_path: Path
+) -> None:
+    source = tmp_path / "source.pt"
+    train(*volumes, source, tiny(steps=1))
+    two_channels = write_zarr(
+        tmp_path / "two.zarr", np.stack([zarr.open_array(volumes[0], mode="r")[...]] * 2)
+    )
+    before = snapshot(tmp_path)
+    with pytest.raises(InputError, match=r"takes 1 channel\(s\), the image has 2"):
+        train(two_channels, volumes[1], tmp_path / "out.pt", tiny(steps=1), init=source)
+    with pytest.raises(InputError, match="got both --init and --resume"):
+        train(*volumes, tmp_path / "out.pt", tiny(steps=1), init=source, resume=source)
+    assert snapshot(tmp_path) == before  # refused before anything was written
 
 
 def test_train_normalization_estimates_the_volume_statistics(

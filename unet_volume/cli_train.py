@@ -165,10 +165,17 @@ def add_train(p: argparse.ArgumentParser) -> None:
         metavar="VOLUME",
         help="annotation mask of the same shape: voxels where it is 0 do not count",
     )
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         metavar="CHECKPOINT",
         help="continue from this checkpoint (weights, optimizer, curve); --steps counts the total",
+    )
+    start.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from this model's network and weights (fine-tuning on new data: its "
+        "normalisation and class weights are this data's; the network options are ignored)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_train)
@@ -185,6 +192,7 @@ def _train(args: argparse.Namespace) -> None:
         weights=args.weights,
         mask=args.mask,
         resume=args.resume,
+        init=args.init,
         progress=not args.no_progress,
     )
     validation = report.curve.validation[-1] if report.curve.validation else None

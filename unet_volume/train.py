@@ -36,14 +36,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from unet_volume.augment import required_apron
-from unet_volume.checkpoint import read_checkpoint, save_model
-from unet_volume.errors import CheckpointError, InputError
+from unet_volume.checkpoint import save_model
+from unet_volume.errors import InputError
 from unet_volume.learning_curve import LearningCurve
 from unet_volume.model import UNet, channels_last
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.sampling import TileSampler, TrainingData
-from unet_volume.tile_stream import TileStream, class_weights, estimate_statistics, to_batch
+from unet_volume.tile_stream import TileStream, to_batch
 from unet_volume.train_config import TrainConfig
+from unet_volume.train_start import (
+    fresh_start,
+    initialised,
+    resumed,
+    state_path,
+    with_network_of,
+)
 
 __all__ = ["TrainConfig", "TrainReport", "train"]
 
@@ -97,11 +104,6 @@ def use_all_cores() -> None:
         torch.set_num_threads(cores)
 
 
-def state_path(checkpoint: Path) -> Path:
-    """Where the optimizer state and learning curve of ``checkpoint`` are kept (for resume)."""
-    return checkpoint.with_name(checkpoint.name + ".state.pt")
-
-
 def train(
     image: str | Path,
     labels: str | Path,
@@ -111,6 +113,7 @@ def train(
     weights: str | Path | None = None,
     mask: str | Path | None = None,
     resume: str | Path | None = None,
+    init: str | Path | None = None,
     progress: bool = False,
     on_progress: ProgressSink | None = None,
 ) -> TrainReport:
@@ -118,13 +121,22 @@ def train(
 
     ``weights`` is a per-voxel loss-weight volume, ``mask`` an annotation mask; ``resume``
     continues from a checkpoint (its weights, normalisation, optimizer state and curve;
-    ``steps`` counts the total). Inputs are validated first: bad input raises InputError and
-    writes nothing. ``progress`` shows a bar; ``on_progress`` hears of every step, with the
-    running loss (:mod:`unet_volume.progress`).
+    ``steps`` counts the total); ``init`` starts a new run from another model's network and
+    weights (fine-tuning; see :mod:`unet_volume.train_start`). Inputs are validated first:
+    bad input raises InputError and writes nothing. ``progress`` shows a bar; ``on_progress``
+    hears of every step, with the running loss (:mod:`unet_volume.progress`).
     """
+    if init is not None and resume is not None:
+        raise InputError(
+            "got both --init and --resume: --resume continues a run, --init starts a new one "
+            "from a model's weights; pass one of them"
+        )
+    origin = None
+    if init is not None:
+        config, origin = with_network_of(init, config)
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
     sampler, validation = _samplers(data, config)
-    previous = _read_resume(resume, config) if resume is not None else None
+    previous = resumed(resume, config) if resume is not None else None
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     use_all_cores()
@@ -135,10 +147,12 @@ def train(
             previous["balance"],
         )
     else:
-        model, normalization, balance = _fresh_start(data, sampler, config, rng)
+        model, normalization, balance = fresh_start(data, sampler, config, rng)
+        if init is not None:
+            model = initialised(model, init, data.image.channels)
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
     loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
-    loop.on_progress = on_progress
+    loop.on_progress, loop.origin = on_progress, origin
     if previous is not None:
         loop.restore(previous["state"])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -162,53 +176,10 @@ def _samplers(data: TrainingData, config: TrainConfig) -> tuple[TileSampler, Til
     return sampler, TileSampler(held_out, geometry, num_classes=classes)
 
 
-def _fresh_start(
-    data: TrainingData, sampler: TileSampler, config: TrainConfig, rng: np.random.Generator
-) -> tuple[UNet, tuple[float, float], np.ndarray]:
-    """A new network, the input normalisation and the class weights, from sampled tiles."""
-    mean, std, counts = estimate_statistics(sampler, rng)
-    classes = config.model.num_classes
-    balance = class_weights(counts) if config.class_balance else np.ones(classes)
-    return UNet.from_config(config.unet_config(data.image.channels)), (mean, std), balance
-
-
 def _frame(apron: tuple[int, ...]) -> tuple[int, int, int]:
     """Apron per (z, y, x) axis from :func:`required_apron`, which omits z for 2D nets."""
     padded = (0,) * (3 - len(apron)) + tuple(apron)
     return (padded[0], padded[1], padded[2])
-
-
-def _read_resume(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
-    checkpoint = read_checkpoint(resume)
-    found, wanted = checkpoint.config, config.unet_config(checkpoint.config.in_channels)
-    if found != wanted:
-        differences = ", ".join(
-            f"{name} {getattr(found, name)!r} (checkpoint) vs {getattr(wanted, name)!r} (run)"
-            for name in found.to_dict()
-            if getattr(found, name) != getattr(wanted, name)
-        )
-        raise InputError(
-            f"checkpoint {resume} is another network than the run asks for: {differences}; "
-            "pass the checkpoint's values or start a new run"
-        )
-    norm = checkpoint.metadata.get("normalization")
-    if not norm:
-        raise CheckpointError(
-            f"checkpoint {resume} has no normalization; it was not written by training"
-        )
-    path = state_path(Path(resume))
-    state = torch.load(path, weights_only=True) if path.exists() else {}
-    balance = np.asarray(
-        checkpoint.metadata.get("training", {}).get(
-            "class_weights", [1.0] * config.model.num_classes
-        )
-    )
-    return {
-        "model": checkpoint.to_model(),
-        "normalization": (float(norm["mean"]), float(norm["std"])),
-        "balance": balance,
-        "state": state,
-    }
 
 
 class _Loop:
@@ -235,6 +206,7 @@ class _Loop:
         self.amp = config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.on_progress: ProgressSink | None = None
+        self.origin: dict[str, Any] | None = None  # the model it was initialised from
 
     def restore(self, state: dict[str, Any]) -> None:
         if "optimizer" in state:
@@ -386,5 +358,6 @@ class _Loop:
                 "seconds": round(self.seconds, 3),
                 "final_loss": self.final_loss(),
                 "validation": self.curve.validation[-1] if self.curve.validation else None,
+                "init": self.origin,
             },
         }
