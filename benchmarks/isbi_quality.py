@@ -13,6 +13,7 @@ validation slices are never used to choose anything.
 The paper's test-set figures: pixel error 0.0611, Rand error 0.0382 (after ~10 GPU hours).
 
     .venv/bin/python benchmarks/isbi_quality.py --minutes 25 --augment plain
+    .venv/bin/python benchmarks/isbi_quality.py --steps 3000 --augment paper --weight-map
     # on a GPU:
     .venv/bin/python benchmarks/isbi_quality.py --minutes 120 --base-channels 64 --augment paper
 """
@@ -71,6 +72,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=25.0, help="training budget (default 25)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="a budget in steps instead of minutes: the same training on every machine",
+    )
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--augment", choices=("none", "plain", "paper"), default="plain")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
@@ -92,7 +99,8 @@ def main() -> None:
         optimizer=args.optimizer,
         tile_output=(1, args.tile_output, args.tile_output),
         batch_size=args.batch_size,
-        minutes=args.minutes,
+        minutes=None if args.steps else args.minutes,
+        steps=args.steps,
         z_range=TRAIN,
         validation_z_range=VALIDATION,
         validate_every=250,
