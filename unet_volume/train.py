@@ -131,9 +131,9 @@ def train(
             "got both --init and --resume: --resume continues a run, --init starts a new one "
             "from a model's weights; pass one of them"
         )
-    origin = None
+    start = None
     if init is not None:
-        config, origin = with_network_of(init, config)
+        config, start = with_network_of(init, config)
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
     sampler, validation = _samplers(data, config)
     previous = resumed(resume, config) if resume is not None else None
@@ -148,11 +148,13 @@ def train(
         )
     else:
         model, normalization, balance = fresh_start(data, sampler, config, rng)
-        if init is not None:
-            model = initialised(model, init, data.image.channels)
+        if start is not None:
+            model = initialised(model, start, data.image.channels, str(init))
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
     loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
-    loop.on_progress, loop.origin = on_progress, origin
+    loop.on_progress = on_progress
+    if start is not None:  # where the weights came from
+        loop.origin = {"checkpoint": str(init), "sha256": start.sha256}
     if previous is not None:
         loop.restore(previous["state"])
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unet_volume.checkpoint import read_checkpoint
+from unet_volume.checkpoint import Checkpoint, read_checkpoint
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.model import UNet
 from unet_volume.sampling import TileSampler, TrainingData
@@ -43,23 +43,22 @@ def fresh_start(
     return UNet.from_config(config.unet_config(data.image.channels)), (mean, std), balance
 
 
-def with_network_of(init: str | Path, config: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
-    """``config`` training the network of checkpoint ``init``, and the record of where it came
-    from (path and sha256, for the new checkpoint's metadata)."""
+def with_network_of(init: str | Path, config: TrainConfig) -> tuple[TrainConfig, Checkpoint]:
+    """``config`` training the network of checkpoint ``init``, and that checkpoint (read once:
+    :func:`initialised` takes its weights, the new checkpoint records its path and sha256)."""
     checkpoint = read_checkpoint(init)
-    origin = {"checkpoint": str(init), "sha256": checkpoint.sha256}
-    return dataclasses.replace(config, model=checkpoint.config), origin
+    return dataclasses.replace(config, model=checkpoint.config), checkpoint
 
 
-def initialised(model: UNet, init: str | Path, channels: int) -> UNet:
-    """``model`` (built by :func:`fresh_start` for the network of ``init``) with its weights."""
-    checkpoint = read_checkpoint(init)
-    if checkpoint.config.in_channels != channels:
+def initialised(model: UNet, init: Checkpoint, channels: int, name: str | Path) -> UNet:
+    """``model`` (built by :func:`fresh_start` for the network of ``init``, the checkpoint at
+    ``name``) with its weights."""
+    if init.config.in_channels != channels:
         raise InputError(
-            f"model {init} takes {checkpoint.config.in_channels} channel(s), the image has "
+            f"model {name} takes {init.config.in_channels} channel(s), the image has "
             f"{channels}; fine-tune it on an image of its channels, or train a new model"
         )
-    model.load_state_dict(checkpoint.state_dict)
+    model.load_state_dict(init.state_dict)
     return model
 
 
