@@ -13,7 +13,7 @@ validation slices are never used to choose anything.
 The paper's test-set figures: pixel error 0.0611, Rand error 0.0382 (after ~10 GPU hours).
 
     .venv/bin/python benchmarks/isbi_quality.py --minutes 25 --augment plain
-    .venv/bin/python benchmarks/isbi_quality.py --steps 3000 --augment paper --weight-map
+    .venv/bin/python benchmarks/isbi_quality.py --steps 3000 --augment paper --no-weight-map
     # on a GPU:
     .venv/bin/python benchmarks/isbi_quality.py --minutes 120 --base-channels 64 --augment paper
 """
@@ -25,28 +25,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from isbi import IMAGE, LABELS, TRAIN, VALIDATION, interior_probability, scores
 
 from unet_volume.cluster import open_client
-from unet_volume.evaluation import evaluate
-from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import open_prediction
 from unet_volume.train import TrainConfig, train
 from unet_volume.unet_config import UNetConfig
-from unet_volume.weight_map import WeightMapConfig
-from unet_volume.weight_volume import compute_weight_volume
 
-DATA = Path(__file__).parents[1] / "data" / "isbi2012"
-IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")
-TRAIN, VALIDATION = (0, 20), (20, 25)
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def scores(interior: np.ndarray, z_range: tuple[int, int], threshold: float) -> dict[str, float]:
-    """Whole-range pixel and Rand error of ``interior > threshold`` against the labels."""
-    report = evaluate((interior > threshold).astype(np.uint8), LABELS, z_range=z_range)
-    return {"pixel_error": report.volume.pixel_error, "rand_error": report.volume.rand_error}
 
 
 def read_outs(model: Path, out: Path) -> dict[str, object]:
@@ -56,10 +42,7 @@ def read_outs(model: Path, out: Path) -> dict[str, object]:
         for tta in (False, True):
             suffix = "_tta" if tta else ""
             path = out / f"prediction{suffix}.zarr"
-            predict_volume(
-                model, IMAGE, path, output_dtype="float32", overwrite=True, tta=tta, client=client
-            )
-            interior = open_prediction(str(path)).probabilities[1].values
+            interior = interior_probability(model, IMAGE, path, client, tta=tta)
             tuned = min(THRESHOLDS, key=lambda t: scores(interior, TRAIN, t)["rand_error"])
             results[f"validation_argmax{suffix}"] = scores(interior, VALIDATION, 0.5)
             results[f"validation_tuned_threshold{suffix}"] = scores(interior, VALIDATION, tuned)
@@ -86,9 +69,9 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument(
-        "--weight-map",
+        "--no-weight-map",
         action="store_true",
-        help="weigh the loss with the paper's weight map (w0 10, sigma 5) instead of class balance",
+        help="weigh the loss by class balance instead of the paper's weight map (w0 10, sigma 5)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/isbi-quality"))
     args = parser.parse_args()
@@ -105,27 +88,14 @@ def main() -> None:
         validation_z_range=VALIDATION,
         validate_every=250,
         checkpoint_every=500,
+        weight_map=not args.no_weight_map,  # computed by train beside the model, from 0-19
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    weights = None
-    if args.weight_map:
-        weights = str(args.out / "weights.zarr")
-        with open_client(n_workers=2, dashboard=False) as client:
-            # class frequencies from the training slices only: the validation slices stay unseen
-            compute_weight_volume(
-                LABELS,
-                weights,
-                WeightMapConfig(),
-                block_shape=(1, 512, 512),
-                client=client,
-                overwrite=True,
-                balance_z_range=TRAIN,
-            )
     start = time.perf_counter()
-    report = train(IMAGE, LABELS, args.out / "model.pt", config, weights=weights)
+    report = train(IMAGE, LABELS, args.out / "model.pt", config)
     train_s = time.perf_counter() - start
     results = {
-        "settings": {**config.to_dict(), "device": device, "weight_map": args.weight_map},
+        "settings": {**config.to_dict(), "device": device},
         "training": {
             "seconds": round(train_s, 1),
             "steps": report.steps,

@@ -43,7 +43,7 @@ def scan(
     PredictOptions,
     landing="the folder or fsspec URL where new volumes (Zarr arrays, TIFF stacks) arrive",
     outputs="the folder or fsspec URL where each volume's prediction goes (<volume>.zarr)",
-    model="the checkpoint (.pt) to predict with",
+    model="the checkpoint (.pt) to predict with, or a shipped model's name",
     reprocess="redo volumes whose prediction another model made (default: leave them be)",
     settle_seconds="a volume changed more recently than this (still being copied) is left "
     "for the next scan",

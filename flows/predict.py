@@ -19,6 +19,7 @@ from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
 from unet_volume.progress import duration
+from unet_volume.shipped_models import model_file
 from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (
     CLUSTER_HELP,
@@ -44,7 +45,7 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
         "x".join(map(str, volume.shape)),
         volume.dtype_name,
         planned.output_url,
-        absolute(model),
+        absolute(model_file(model)),
         planned.info.sha256[:12],
         "x".join(map(str, planned.block_shape)),
         layout.num_blocks,
@@ -129,7 +130,7 @@ def default_preview(out: str) -> str:
     PredictOptions,
     image="the volume to segment: a Zarr array or TIFF stack, a path or an fsspec URL "
     "(s3://...), (z, y, x) or (c, z, y, x)",
-    model="the checkpoint (.pt) to predict with: a path or an fsspec URL",
+    model="the checkpoint (.pt) to predict with, or a shipped model's name (isbi2012-membranes)",
     out="the output Zarr group to write (or to resume, if a run of the same model, geometry "
     "and input stopped early)",
     preview="where to write the preview PNG (default: beside a local output, out.preview.png)",

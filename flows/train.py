@@ -20,7 +20,7 @@ from unet_volume.predict import plan_prediction, run_plan
 from unet_volume.predict_config import PredictOptions
 from unet_volume.preview import write_preview
 from unet_volume.progress import duration
-from unet_volume.train import TrainConfig, TrainReport, train
+from unet_volume.train import TrainConfig, TrainReport, check_training, train
 from unet_volume.train_config import Augment
 from unet_volume.unet_config import UNetConfig
 from unet_volume.weight_map import WeightMapConfig
@@ -38,6 +38,12 @@ from unet_volume_flows.common import (
 
 ZRange = tuple[NonNegativeInt, PositiveInt]
 DEFAULTS = TrainConfig()  # every default below is read from here, none is written twice
+
+
+@task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
+def check(image: str, labels: str, config: TrainConfig, init: str | None) -> None:
+    """Every check training makes, before the flow writes anything (the weight map first)."""
+    check_training(image, labels, config, init=init)
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
@@ -174,7 +180,7 @@ def train_flow(
     z_range: ZRange | None = DEFAULTS.z_range,
     validation_z_range: ZRange | None = DEFAULTS.validation_z_range,
     augment: Augment = DEFAULTS.augment,
-    weight_map: bool = False,
+    weight_map: bool = DEFAULTS.weight_map,
     base_channels: PositiveInt = DEFAULTS.model.base_channels,
     depth: PositiveInt = DEFAULTS.model.depth,
     batch_norm: bool = DEFAULTS.model.batch_norm,
@@ -204,8 +210,10 @@ def train_flow(
         z_range=z_range,
         validation_z_range=validation_z_range,
         augment=augment,
+        weight_map=weight_map,
         seed=seed,
     )
+    check(image, labels, config, init)
     weights = (
         weigh(labels, f"{model}.weights.zarr", z_range, scheduler, cluster) if weight_map else None
     )

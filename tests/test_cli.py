@@ -137,6 +137,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     assert sorted(commands.choices) == [
         "convert",
         "evaluate",
+        "models",
         "plan",
         "predict",
         "status",
@@ -430,6 +431,7 @@ TRAIN_TINY = [
     "--batch-size",
     "2",
     "--no-progress",
+    "--no-weight-map",  # the default weight map is computed on a LocalCluster: tested once
 ]
 
 

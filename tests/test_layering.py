@@ -52,6 +52,7 @@ TORCH_FREE = [
     "unet_volume.unet_config",
     "unet_volume.predict_config",
     "unet_volume.train_config",
+    "unet_volume.shipped_models",
     # The command line parses and says --help without torch; commands import it when they run.
     "unet_volume.cli",
     "unet_volume.cli_common",
@@ -113,6 +114,7 @@ ALLOWED_IMPORTS = {
     "unet_config": {"errors", "options"},
     "predict_config": {"options", "prediction_store"},
     "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
+    "shipped_models": {"errors"},
 }
 UPPER_LAYERS = {
     "predict",

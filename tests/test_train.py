@@ -16,6 +16,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from distributed import Client
 from torch.utils.data import DataLoader
 
 import unet_volume.train as train_module
@@ -32,12 +33,15 @@ from unet_volume.testing import snapshot
 from unet_volume.tile_stream import TileStream, augment_tile, class_weights
 from unet_volume.train import TrainConfig, train
 from unet_volume.unet_config import UNetConfig
+from unet_volume.weight_map import WeightMapConfig
+from unet_volume.weight_volume import compute_weight_volume
 
 # Training in this process: one torch thread unless UNET_VOLUME_TEST_THREADS says otherwise.
 pytestmark = pytest.mark.usefixtures("training_threads")
 
 SHAPE = (6, 48, 48)
-TINY = {"tile_output": (1, 12, 12), "batch_size": 4, "minutes": None}
+# Weight map off: by default train computes it on a LocalCluster first (tested on its own).
+TINY = {"tile_output": (1, 12, 12), "batch_size": 4, "minutes": None, "weight_map": False}
 TINY_NET = {"depth": 2, "base_channels": 4}
 NET_FIELDS = {f.name for f in dataclasses.fields(UNetConfig)}
 
@@ -91,6 +95,33 @@ def test_train_loss_decreases_and_checkpoint_loads(
     assert metadata["classes"] == ["background/membrane", "foreground/interior"]
     assert metadata["training"]["steps"] == 60
     assert metadata["training"]["config"]["tile_output"] == [1, 12, 12]
+
+
+def test_train_weighs_the_loss_by_the_papers_weight_map_by_default(
+    volumes: tuple[str, str], tmp_path: Path, client: Client
+) -> None:
+    # The paper's recipe is the default: the weight map of the labels, class frequencies from
+    # the training slices only, written once beside the checkpoint and found done next time.
+    assert TrainConfig().weight_map
+    out = tmp_path / "model.pt"
+    config = tiny(steps=2, weight_map=True, z_range=(0, 4))
+    mapped = train(*volumes, out, config, client=client)
+    written = tmp_path / "model.pt.weights.zarr"
+    assert read_checkpoint(out).metadata["training"]["weights"] == str(written)
+    expected = tmp_path / "expected.zarr"
+    compute_weight_volume(
+        volumes[1], str(expected), WeightMapConfig(), client=client, balance_z_range=(0, 4)
+    )
+    np.testing.assert_array_equal(
+        zarr.open_group(written)["weights"][...], zarr.open_group(expected)["weights"][...]
+    )
+    before = snapshot(written)
+    again = train(*volumes, out, config, client=client)
+    assert snapshot(written) == before  # done: not written again
+    assert again.losses == mapped.losses  # the same run, the same map
+    balanced = train(*volumes, tmp_path / "b.pt", dataclasses.replace(config, weight_map=False))
+    assert balanced.losses[0] != mapped.losses[0]  # the map, not class balance, weighs the loss
+    assert not (tmp_path / "b.pt.weights.zarr").exists()
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

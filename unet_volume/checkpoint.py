@@ -34,6 +34,7 @@ import torch
 
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.model import UNet, UNetConfig
+from unet_volume.shipped_models import check_shipped, model_names, shipped_model
 
 FORMAT = "unet-volume-checkpoint"
 VERSION = 1
@@ -131,7 +132,7 @@ def read_checkpoint_bytes(path: str | os.PathLike[str]) -> bytes:
 
     Validated here so that a bad file is reported with its path, not as anonymous bytes.
     """
-    data = _read_file(Path(path))
+    data = _read_file(path)
     _parse(data, str(path), "cpu")
     return data
 
@@ -140,7 +141,7 @@ def read_checkpoint(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
 ) -> Checkpoint:
     """Read and validate the checkpoint at ``path``, tensors on ``device``."""
-    return _parse(_read_file(Path(path)), str(path), device)
+    return _parse(_read_file(path), str(path), device)
 
 
 def checkpoint_from_bytes(data: bytes, *, device: str | torch.device = "cpu") -> Checkpoint:
@@ -158,12 +159,21 @@ def model_from_bytes(data: bytes, *, device: str | torch.device = "cpu") -> UNet
     return checkpoint_from_bytes(data, device=device).to_model()
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(model: str | os.PathLike[str]) -> bytes:
+    """The bytes of the checkpoint at path ``model``, or of the shipped model of that name."""
+    shipped = shipped_model(model)
+    path = shipped.path if shipped else Path(model)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; {_FIX}")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; {_FIX}, or a shipped model's name "
+            f"({model_names()}; see `unet-volume models`)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file; {_FIX}")
-    return path.read_bytes()
+    data = path.read_bytes()
+    if shipped:
+        check_shipped(shipped, data)
+    return data
 
 
 def _load_failure(error: Exception) -> str:

@@ -135,7 +135,10 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _add_prediction_options(p: argparse.ArgumentParser) -> None:
     """``--model``, every :class:`PredictOptions` field and the cluster options."""
     p.add_argument(
-        "--model", required=True, help="checkpoint written by `unet-volume train` or save_model"
+        "--model",
+        required=True,
+        help="checkpoint written by `unet-volume train` or save_model, or a shipped model's "
+        "name (`unet-volume models`), e.g. isbi2012-membranes",
     )
     add_options(p, PredictOptions())
     add_cluster_options(p)
@@ -280,6 +283,17 @@ def _status(args: argparse.Namespace) -> None:
         print(f"run the same `{command}` command again to resume")
 
 
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(run=_models)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from unet_volume.shipped_models import describe, shipped_models
+
+    for shipped in shipped_models().values():
+        print("\n".join(describe(shipped)))
+
+
 COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] = [
     (
         "predict",
@@ -325,6 +339,13 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
         "how far a prediction (or weight volume) got: blocks done, failed, missing; first errors",
         "Print the state of the run writing OUTPUT (done / failed / missing / total blocks), "
         "the run's identity (model, geometry, dtype, input) and its first failures.",
+    ),
+    (
+        "models",
+        _add_models,
+        "the models shipped with unet-volume, with how they were made and how well they score",
+        "List the shipped models: pass a name to --model (predict, plan) or --init (train) "
+        "instead of a checkpoint path.",
     ),
     (
         "convert",

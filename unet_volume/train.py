@@ -3,7 +3,9 @@
 The loss is the paper's pixel-wise soft-max cross entropy weighted per voxel,
 ``E = sum_x w(x) * -log p_l(x)(x) / sum_x w(x)``. The weights come from a weight-map
 volume (``unet-volume weights``: class balance plus the border term separating touching
-cells), else from inverse class frequencies (``class_balance``), times an annotation mask
+cells), given or, by default, computed beside the checkpoint (``weight_map``; it halved the
+held-out Rand error on ISBI, benchmarks/RESULTS.md), else from inverse class frequencies
+(``class_balance``), times an annotation mask
 (unannotated voxels weigh 0, as in 3D U-Net's sparse annotation).
 
 Tiles are drawn by :class:`~unet_volume.sampling.TileSampler` (never a whole volume),
@@ -27,7 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from unet_volume.augment import required_apron
-from unet_volume.checkpoint import save_model
+from unet_volume.checkpoint import Checkpoint, save_model
 from unet_volume.errors import InputError
 from unet_volume.learning_curve import LearningCurve
 from unet_volume.model import UNet, channels_last
@@ -45,14 +47,18 @@ from unet_volume.sampling import TileSampler, TrainingData
 from unet_volume.tile_stream import TileStream, to_batch
 from unet_volume.train_config import TrainConfig
 from unet_volume.train_start import (
+    check_channels,
     fresh_start,
-    initialised,
     resumed,
     state_path,
+    weight_map_beside,
     with_network_of,
 )
 
-__all__ = ["TrainConfig", "TrainReport", "train"]
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["CheckedRun", "TrainConfig", "TrainReport", "check_training", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +120,7 @@ def train(
     mask: str | Path | None = None,
     resume: str | Path | None = None,
     init: str | Path | None = None,
+    client: Client | None = None,
     progress: bool = False,
     on_progress: ProgressSink | None = None,
 ) -> TrainReport:
@@ -126,17 +133,14 @@ def train(
     bad input raises InputError and writes nothing. ``progress`` shows a bar; ``on_progress``
     hears of every step, with the running loss (:mod:`unet_volume.progress`).
     """
-    if init is not None and resume is not None:
-        raise InputError(
-            "got both --init and --resume: --resume continues a run, --init starts a new one "
-            "from a model's weights; pass one of them"
-        )
-    start = None
-    if init is not None:
-        config, start = with_network_of(init, config)
-    data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
+    run = check_training(
+        image, labels, config, weights=weights, mask=mask, resume=resume, init=init
+    )
+    config, data, start, previous = run.config, run.data, run.init, run.previous
+    # Everything checked: only now may the weight map be written beside the checkpoint.
+    if weights is None and (found := weight_map_beside(out, labels, config, client)):
+        data = TrainingData.open(image, labels, weights=found, mask=mask, z_range=config.z_range)
     sampler, validation = _samplers(data, config)
-    previous = resumed(resume, config) if resume is not None else None
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     use_all_cores()
@@ -149,7 +153,7 @@ def train(
     else:
         model, normalization, balance = fresh_start(data, sampler, config, rng)
         if start is not None:
-            model = initialised(model, start, data.image.channels, str(init))
+            model.load_state_dict(start.state_dict)
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
     loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
     loop.on_progress = on_progress
@@ -161,9 +165,53 @@ def train(
     try:
         return loop.run(progress)
     finally:
-        sampler.close()
-        if validation is not None:
-            validation.close()
+        _close(sampler, validation)
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """A training run that passed every check: its recipe (with ``--init``'s network), its
+    data, the checkpoint it starts from (``init``) or the state it resumes (``previous``)."""
+
+    config: TrainConfig
+    data: TrainingData
+    init: Checkpoint | None
+    previous: dict[str, Any] | None
+
+
+def check_training(
+    image: str | Path,
+    labels: str | Path,
+    config: TrainConfig = DEFAULT_CONFIG,
+    *,
+    weights: str | Path | None = None,
+    mask: str | Path | None = None,
+    resume: str | Path | None = None,
+    init: str | Path | None = None,
+) -> CheckedRun:
+    """Every check :func:`train` makes before it writes: the image, labels, weights and mask,
+    the tiles they give, and the network of ``init`` or ``resume``. Raises InputError (or
+    CheckpointError); writes nothing, so a flow calls it before its first write."""
+    if init is not None and resume is not None:
+        raise InputError(
+            "got both --init and --resume: --resume continues a run, --init starts a new one "
+            "from a model's weights; pass one of them"
+        )
+    start = None
+    if init is not None:
+        config, start = with_network_of(init, config)
+    data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
+    _close(*_samplers(data, config))  # the tiles fit the data
+    if start is not None:
+        check_channels(start, data.image.channels, init)
+    previous = resumed(resume, config) if resume is not None else None
+    return CheckedRun(config, data, start, previous)
+
+
+def _close(sampler: TileSampler, validation: TileSampler | None) -> None:
+    sampler.close()
+    if validation is not None:
+        validation.close()
 
 
 def _samplers(data: TrainingData, config: TrainConfig) -> tuple[TileSampler, TileSampler | None]:
@@ -356,6 +404,7 @@ class _Loop:
                 "class_weights": [float(w) for w in self.balance],
                 "image": self.sampler.data.image.url,
                 "labels": self.sampler.data.labels.url,
+                "weights": self.sampler.data.weights.url if self.sampler.data.weights else None,
                 "steps": len(self.curve.losses),
                 "seconds": round(self.seconds, 3),
                 "final_loss": self.final_loss(),

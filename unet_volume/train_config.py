@@ -67,6 +67,12 @@ class TrainConfig:
     class_balance: bool = option(
         True, "weigh the classes by inverse frequency when no --weights map is given"
     )
+    weight_map: bool = option(
+        True,
+        "weigh the loss with the paper's weight map (w0 10, sigma 5 px: class balance plus a "
+        "border term between touching cells), computed once into OUT.weights.zarr when no "
+        "--weights map is given (2-class labels); off: class balance only",
+    )
     augment: Augment = option(  # noqa: RUF009 (a dataclasses.field, not a value)
         "plain",
         "plain: random flips and right-angle turns; paper: elastic deformation (3x3 grid, "

@@ -5,6 +5,9 @@
 - Resumed (``--resume``): the checkpoint's network, normalisation, class weights, optimizer
   state and learning curve, so the run goes on where it stopped; the run must ask for the
   same network.
+- The loss weights: a weight-map volume the caller gives, else the paper's weight map of the
+  labels, computed once beside the checkpoint (``OUT.weights.zarr``; a second run, or a
+  resumed one, finds it done), with class frequencies from the training slices only.
 - Initialised (``--init``): another model's network and weights, with this data's
   normalisation and class weights and a new optimizer: fine-tuning, as users adapt a model to
   a new volume from a few labelled slices. The checkpoint's network wins over the run's network
@@ -14,23 +17,53 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from distributed import Client
 
 from unet_volume.checkpoint import Checkpoint, read_checkpoint
+from unet_volume.cluster import open_client
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.model import UNet
 from unet_volume.sampling import TileSampler, TrainingData
 from unet_volume.tile_stream import class_weights, estimate_statistics
 from unet_volume.train_config import TrainConfig
+from unet_volume.weight_map import WeightMapConfig
+from unet_volume.weight_volume import compute_weight_volume
+
+log = logging.getLogger(__name__)
 
 
 def state_path(checkpoint: Path) -> Path:
     """Where the optimizer state and learning curve of ``checkpoint`` are kept (for resume)."""
     return checkpoint.with_name(checkpoint.name + ".state.pt")
+
+
+def weight_map_beside(
+    out: str | Path, labels: str | Path, config: TrainConfig, client: Client | None
+) -> str | None:
+    """The paper's weight map of ``labels`` for this run, in ``OUT.weights.zarr``; None where
+    the run weighs by class balance (``weight_map`` off, or more than 2 classes).
+
+    Computed on ``client`` (by default a LocalCluster for the occasion); a complete map of the
+    same labels and recipe is reused and an incomplete one resumed, so a resumed run, or one
+    run again, costs nothing here.
+    """
+    if not config.weight_map or config.model.num_classes != 2:
+        return None
+    url = f"{out}.weights.zarr"
+    recipe = WeightMapConfig(ndim=config.model.ndim)
+    with nullcontext(client) if client is not None else open_client(dashboard=False) as c:
+        report = compute_weight_volume(
+            str(labels), url, recipe, client=c, balance_z_range=config.z_range
+        )
+    log.info("weight map %s: %d block(s) computed, %d found", url, report.blocks, report.skipped)
+    return url
 
 
 def fresh_start(
@@ -45,21 +78,18 @@ def fresh_start(
 
 def with_network_of(init: str | Path, config: TrainConfig) -> tuple[TrainConfig, Checkpoint]:
     """``config`` training the network of checkpoint ``init``, and that checkpoint (read once:
-    :func:`initialised` takes its weights, the new checkpoint records its path and sha256)."""
+    train loads its weights, and the new checkpoint records its path and sha256)."""
     checkpoint = read_checkpoint(init)
     return dataclasses.replace(config, model=checkpoint.config), checkpoint
 
 
-def initialised(model: UNet, init: Checkpoint, channels: int, name: str | Path) -> UNet:
-    """``model`` (built by :func:`fresh_start` for the network of ``init``, the checkpoint at
-    ``name``) with its weights."""
+def check_channels(init: Checkpoint, channels: int, name: str | Path) -> None:
+    """Refuse to fine-tune the model of checkpoint ``name`` on an image of other channels."""
     if init.config.in_channels != channels:
         raise InputError(
             f"model {name} takes {init.config.in_channels} channel(s), the image has "
             f"{channels}; fine-tune it on an image of its channels, or train a new model"
         )
-    model.load_state_dict(init.state_dict)
-    return model
 
 
 def resumed(resume: str | Path, config: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,39 @@
+"""The ISBI 2012 stack as the quality benchmarks use it: paths, the split, and the scoring.
+
+Slices 0-19 train, 20-24 are held out (the ISBI README's split). Scores are the whole-range
+pixel error and adapted Rand error of the thresholded foreground probability, as
+``unet_volume.evaluation.evaluate`` defines them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from distributed import Client
+
+from unet_volume.evaluation import evaluate
+from unet_volume.predict import predict_volume
+from unet_volume.prediction_store import open_prediction
+
+DATA = Path(__file__).parents[1] / "data" / "isbi2012"
+IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")
+TRAIN, VALIDATION = (0, 20), (20, 25)
+
+
+def scores(
+    interior: np.ndarray, z_range: tuple[int, int], threshold: float = 0.5
+) -> dict[str, float]:
+    """Whole-range pixel and Rand error of ``interior > threshold`` against the labels."""
+    report = evaluate((interior > threshold).astype(np.uint8), LABELS, z_range=z_range)
+    return {"pixel_error": report.volume.pixel_error, "rand_error": report.volume.rand_error}
+
+
+def interior_probability(
+    model: str | Path, image: str, out: Path, client: Client, *, tta: bool = False
+) -> np.ndarray:
+    """The foreground (cell interior) probability of the whole stack, predicted by the engine."""
+    predict_volume(
+        model, image, out, output_dtype="float32", overwrite=True, tta=tta, client=client
+    )
+    return open_prediction(str(out)).probabilities[1].values

@@ -1,0 +1,109 @@
+"""The models that ship with the package, by name: ``--model isbi2012-membranes``.
+
+A user who installs unet-volume should segment EM without training first, and a model named
+in a command must be the model that was measured. So each shipped checkpoint has a record in
+``shipped/models.json``: its file, its sha256 (checked on every load by name), the recipe and
+steps that made it, the data it saw, and its figures: a held-out score from the same recipe
+trained without slices 20-24, and the shipped model's own score on 20-24, which a test
+reproduces.
+
+Any path that exists wins over a name, so a local file called like a shipped model is never
+shadowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from unet_volume.errors import CheckpointError
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+INDEX = SHIPPED_DIR / "models.json"
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """One shipped checkpoint and its record (``models.json``)."""
+
+    name: str
+    file: str
+    sha256: str
+    summary: str
+    record: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return SHIPPED_DIR / self.file
+
+    def figures(self, key: str) -> dict[str, float]:
+        """The figures of one scoring in the record, e.g. ``held_out`` or ``slices_20_24``."""
+        return dict(self.record["figures"][key])
+
+
+@cache
+def shipped_models() -> dict[str, ShippedModel]:
+    """The shipped models by name, in the order of the index."""
+    if not INDEX.exists():
+        return {}
+    entries = json.loads(INDEX.read_text())
+    return {
+        name: ShippedModel(name, e["file"], e["sha256"], e["summary"], e)
+        for name, e in entries.items()
+    }
+
+
+def shipped_model(model: str | os.PathLike[str]) -> ShippedModel | None:
+    """The shipped model that ``model`` names, or None where it is a path (or no name).
+
+    A name counts only when no such path exists, so a local file is never shadowed.
+    """
+    shipped = shipped_models().get(str(model))
+    if shipped is None or Path(model).exists():
+        return None
+    return shipped
+
+
+def check_shipped(shipped: ShippedModel, data: bytes) -> None:
+    """Refuse a shipped file whose bytes are not the ones its record measured."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shipped.sha256:
+        raise CheckpointError(
+            f"shipped model {shipped.name!r} at {shipped.path} has sha256 {digest[:12]}, its "
+            f"record says {shipped.sha256[:12]}; reinstall unet-volume"
+        )
+
+
+def model_file(model: str | os.PathLike[str]) -> str:
+    """Where the checkpoint that ``model`` names lives: the shipped file, or ``model`` itself."""
+    shipped = shipped_model(model)
+    return str(shipped.path if shipped else model)
+
+
+def describe(shipped: ShippedModel) -> list[str]:
+    """What ``unet-volume models`` prints for one model: what it is, how it was made, how good."""
+    record = shipped.record
+    lines = [f"{shipped.name}: {shipped.summary}"]
+    lines += [f"  {line}" for line in record.get("made", [])]
+    for key, what in (
+        ("held_out", "held out"),
+        ("slices_20_24", "this model"),
+    ):
+        if key in record.get("figures", {}):
+            figures = shipped.figures(key)
+            lines.append(
+                f"  {what}: pixel error {figures['pixel_error']:.4f}, Rand error "
+                f"{figures['rand_error']:.4f} ({record['figures'][key + '_how']})"
+            )
+    lines.append(f"  file: {shipped.path} (sha256 {shipped.sha256[:12]})")
+    return lines
+
+
+def model_names() -> str:
+    """The shipped names, for error messages and help: ``'isbi2012-membranes'``."""
+    return ", ".join(shipped_models()) or "none"
