@@ -53,6 +53,7 @@ TORCH_FREE = [
     "unet_volume.predict_config",
     "unet_volume.train_config",
     "unet_volume.shipped_models",
+    "unet_volume.components",
     # The command line parses and says --help without torch; commands import it when they run.
     "unet_volume.cli",
     "unet_volume.cli_common",
@@ -115,6 +116,7 @@ ALLOWED_IMPORTS = {
     "predict_config": {"options", "prediction_store"},
     "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
     "shipped_models": {"errors"},
+    "components": {"errors", "geometry"},
 }
 UPPER_LAYERS = {
     "predict",
