@@ -60,8 +60,9 @@ def main() -> None:
     labelled = (0, args.slices)
     network = read_checkpoint(args.init).config
     config = TrainConfig(model=network, steps=args.steps, minutes=None, z_range=labelled)
-    runs: dict[str, dict[str, float]] = {}
-    models = {"as shipped (no training)": args.init}
+    as_it_is = f"{args.init}, as it is"
+    runs: dict[str, dict[str, float]] = {as_it_is: {}}
+    models = {as_it_is: args.init}
     for name, init in (("fine-tuned", args.init), ("from scratch", None)):
         start = time.perf_counter()
         report = train(image, LABELS, args.out / f"{name}.pt", config, init=init)
@@ -70,7 +71,7 @@ def main() -> None:
     with open_client(n_workers=2, dashboard=False) as client:
         for name, model in models.items():
             interior = interior_probability(model, image, args.out / "prediction.zarr", client)
-            runs.setdefault(name, {}).update(scores(interior, VALIDATION))
+            runs[name].update(scores(interior, VALIDATION))
     (args.out / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     print(
         f"{args.contrast} contrast; {args.slices} labelled slices; {args.steps} steps each; "
@@ -79,7 +80,7 @@ def main() -> None:
     for name, run in runs.items():
         trained = f"{run['steps']} steps in {run['seconds']:.0f} s" if "steps" in run else "-"
         print(
-            f"{name:>26}: pixel error {run['pixel_error']:.4f}  Rand error "
+            f"{name:>40}: pixel error {run['pixel_error']:.4f}  Rand error "
             f"{run['rand_error']:.4f}  ({trained})"
         )
 
