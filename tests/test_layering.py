@@ -54,6 +54,7 @@ TORCH_FREE = [
     "unet_volume.train_config",
     "unet_volume.shipped_models",
     "unet_volume.components",
+    "unet_volume.instances",
     # The command line parses and says --help without torch; commands import it when they run.
     "unet_volume.cli",
     "unet_volume.cli_common",
@@ -117,6 +118,17 @@ ALLOWED_IMPORTS = {
     "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
     "shipped_models": {"errors"},
     "components": {"errors", "geometry"},
+    "instances": {
+        "components",
+        "errors",
+        "geometry",
+        "locations",
+        "output_run",
+        "prediction_store",
+        "run_record",
+        "storage",
+        "task_window",
+    },
 }
 UPPER_LAYERS = {
     "predict",

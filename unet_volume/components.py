@@ -24,7 +24,7 @@ slice on its own (4 or 8 neighbours in the plane), as 2D segmentations of EM sta
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,6 +121,20 @@ def touching_pairs(
     return np.unique(pairs, axis=0) if len(pairs) else pairs.astype(np.uint64)
 
 
+def block_pairs(
+    read: Callable[[Box], np.ndarray], block: Box, volume: Box, neighbourhood: np.ndarray
+) -> np.ndarray:
+    """The pairs of provisional ids that touch across ``block``'s upper borders, on every axis;
+    ``read(box)`` gives the provisional ids in ``box``."""
+    found = [np.zeros((0, 2), np.uint64)]
+    for axis in range(volume.ndim):
+        borders = border_boxes(block, volume, axis)
+        if borders is not None:
+            low, high = borders
+            found.append(touching_pairs(read(low), read(high), axis, neighbourhood, block, low))
+    return np.concatenate(found)
+
+
 @dataclass(frozen=True)
 class Relabel:
     """The final ids: ``tables[b][i]`` is the final id of block ``b``'s local id ``i``."""
@@ -182,14 +196,10 @@ def label_blockwise(
         block = mask[box.to_slices()]
         ids, firsts[number] = label_block(block, neighbourhood, number * cap, box, mask.shape)
         provisional[box.to_slices()] = ids
-    pairs = []
-    for box in blocks.values():
-        for axis in range(3):
-            borders = border_boxes(box, volume, axis)
-            if borders is not None:
-                low, high = borders
-                planes = provisional[low.to_slices()], provisional[high.to_slices()]
-                pairs.append(touching_pairs(*planes, axis, neighbourhood, box, low))
+    pairs = [
+        block_pairs(lambda b: provisional[b.to_slices()], box, volume, neighbourhood)
+        for box in blocks.values()
+    ]
     result = relabel(firsts, pairs, cap)
     labels = np.zeros(mask.shape, np.uint64)
     for number, box in blocks.items():

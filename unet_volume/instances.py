@@ -1,0 +1,239 @@
+"""Instance labels of a whole volume on a Dask cluster: connected components, block by block.
+
+The three passes of :mod:`unet_volume.components`, each one task per block through
+:func:`~unet_volume.task_window.map_bounded` (a bounded window: 10^6 blocks never flood the
+scheduler):
+
+1. each task labels its block of the mask and writes provisional ids into the output's
+   ``labels`` array (one chunk per block), returning its objects' first voxels;
+2. each task reads its blocks' upper border planes (a one-voxel rim) back from ``labels``
+   and returns the ids that touch;
+3. the client merges them, and each task gets its own block's table (never the whole map),
+   rewrites its chunk with the final ids and marks its block done.
+
+The result is ``scipy.ndimage.label`` of the whole mask, ids included. The mask is the
+foreground of a prediction (its ``segmentation`` equal to ``foreground``) or the nonzero voxels
+of any label or mask volume. The output is a Zarr v3 group like a prediction's: ``labels``
+(z, y, x) uint64 with physical coordinates, complete only once pass 3 has written every block.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from distributed import Client
+
+from unet_volume.components import (
+    apply_table,
+    block_number,
+    block_pairs,
+    capacity,
+    label_block,
+    relabel,
+    structure,
+)
+from unet_volume.errors import InputError
+from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.locations import absolute
+from unet_volume.output_run import create_output, finish_output, opened_arrays
+from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
+from unet_volume.run_record import DONE
+from unet_volume.storage import Volume, open_volume
+from unet_volume.task_window import map_bounded
+
+LABELS = "labels"
+DEFAULT_BLOCK = (1, 512, 512)
+
+
+@dataclass(frozen=True)
+class InstanceReport:
+    """What :func:`label_instances` did: where, how many objects, in how many blocks."""
+
+    output_url: str
+    objects: int
+    blocks: int
+    seconds: float
+
+
+def label_instances(
+    source: str,
+    out: str,
+    *,
+    client: Client,
+    connectivity: int = 6,
+    per_slice: bool = True,
+    foreground: int = 1,
+    block_shape: Shape = DEFAULT_BLOCK,
+    overwrite: bool = False,
+) -> InstanceReport:
+    """Label the connected components of ``source``'s foreground into the group ``out``.
+
+    ``source`` is a prediction (its ``segmentation == foreground`` is the mask) or a label or
+    mask volume (nonzero is the mask). ``per_slice`` labels each z slice on its own (2D
+    objects, 4 or 8 neighbours for ``connectivity`` 6 or 26), else in 3D.
+    """
+    start = time.perf_counter()
+    neighbourhood = structure(connectivity, per_slice=per_slice)
+    volume, wanted = _mask_source(source, foreground)
+    shape = _check_block_shape(block_shape, volume)
+    out_url = absolute(out)
+    attrs = {
+        "array": LABELS,
+        "instances": {
+            "source": volume.url,
+            "connectivity": connectivity,
+            "per_slice": per_slice,
+            "foreground": wanted,
+        },
+        "input": volume_attrs(volume),
+    }
+    create_output(
+        out_url, lambda: _create_output(out_url, volume, shape, attrs), overwrite=overwrite
+    )
+    objects = _three_passes(client, volume, shape, wanted, neighbourhood, out_url)
+    blocks = int(np.prod([ceil_div(n, b) for n, b in zip(volume.shape, shape)]))
+    finish_output(out_url, {"report": {"objects": objects, "blocks": blocks}})
+    return InstanceReport(out_url, objects, blocks, time.perf_counter() - start)
+
+
+def _three_passes(
+    client: Client,
+    volume: Volume,
+    shape: Shape,
+    wanted: int | None,
+    neighbourhood: np.ndarray,
+    out_url: str,
+) -> int:
+    """Label, pair, relabel (the module docstring); returns the number of objects."""
+    grid = tuple(ceil_div(n, b) for n, b in zip(volume.shape, shape))
+    task = {"out_url": out_url, "token": uuid.uuid4().hex, "cap": capacity(shape)}
+    blocks = iter_blocks(volume.shape, shape)
+    labelled = map_bounded(
+        client,
+        _label,
+        blocks,
+        name=_key("label"),
+        volume=volume,
+        wanted=wanted,
+        neighbourhood=neighbourhood,
+        **task,
+    )
+    firsts = dict(labelled)
+    blocks = iter_blocks(volume.shape, shape)
+    touching = map_bounded(
+        client,
+        _pairs,
+        blocks,
+        name=_key("pairs"),
+        whole=volume.box,
+        neighbourhood=neighbourhood,
+        **task,
+    )
+    merged = relabel(firsts, touching, task["cap"])
+    jobs = ((n, box, merged.tables[n]) for n, box in iter_blocks(volume.shape, shape))
+    for _ in map_bounded(client, _rewrite, jobs, name=_key("relabel"), grid=grid, **task):
+        pass
+    return merged.count
+
+
+def _mask_source(source: str, foreground: int) -> tuple[Volume, int | None]:
+    """The volume whose voxels make the mask, and the value that is foreground (None: any
+    nonzero). A prediction group gives its ``segmentation``."""
+    try:
+        group = zarr.open_group(source, mode="r")
+    except Exception:  # not a group: an array or a TIFF stack
+        group = None
+    if group is not None and "segmentation" in group:
+        return open_volume(f"{source.rstrip('/')}/segmentation"), foreground
+    volume = open_volume(source)
+    if volume.channels != 1 or np.dtype(volume.dtype).kind not in "uib":
+        raise InputError(
+            f"{source} holds {volume.channels} channel(s) of {volume.dtype_name}; pass a "
+            "prediction, or one (z, y, x) volume of labels or a 0/1 mask"
+        )
+    return volume, None
+
+
+def _check_block_shape(block_shape: Shape, volume: Volume) -> Shape:
+    shape = tuple(int(b) for b in block_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(
+            f"block shape {tuple(block_shape)} must be 3 positive sizes (z, y, x); "
+            "pass e.g. --block-shape 1,512,512"
+        )
+    return tuple(min(b, n) for b, n in zip(shape, volume.shape))
+
+
+def _create_output(url: str, volume: Volume, block_shape: Shape, attrs: dict[str, Any]) -> None:
+    group = new_output_group(url, volume, block_shape, attrs)
+    group.create_array(
+        LABELS,
+        shape=volume.shape,
+        chunks=block_shape,
+        dtype="uint64",
+        fill_value=0,
+        compressors=[COMPRESSOR],
+        dimension_names=DIMS,
+        attributes={"long_name": "instance id (0: background)"},
+    )
+
+
+def _key(stage: str) -> Any:
+    return lambda item: f"{stage}-{item[0]}"
+
+
+def _label(
+    item: tuple[int, Box],
+    *,
+    volume: Volume,
+    wanted: int | None,
+    neighbourhood: np.ndarray,
+    out_url: str,
+    token: str,
+    cap: int,
+) -> tuple[int, np.ndarray]:
+    """Pass 1: the block's provisional ids, written; its objects' first voxels, returned."""
+    number, box = item
+    data = volume.read(box)[0]
+    mask = data == wanted if wanted is not None else data != 0
+    ids, firsts = label_block(mask, neighbourhood, number * cap, box, volume.shape)
+    (labels,) = opened_arrays(out_url, token, (LABELS,))
+    labels[box.to_slices()] = ids
+    return number, firsts
+
+
+def _pairs(
+    item: tuple[int, Box],
+    *,
+    whole: Box,
+    neighbourhood: np.ndarray,
+    out_url: str,
+    token: str,
+    cap: int,
+) -> np.ndarray:
+    """Pass 2: the provisional ids that touch across the block's upper borders."""
+    (labels,) = opened_arrays(out_url, token, (LABELS,))
+    return block_pairs(lambda b: labels[b.to_slices()], item[1], whole, neighbourhood)
+
+
+def _rewrite(
+    item: tuple[int, Box, np.ndarray], *, grid: Shape, out_url: str, token: str, cap: int
+) -> None:
+    """Pass 3: the block's final ids, from its own table; then its done marker."""
+    number, box, table = item
+    labels, done = opened_arrays(out_url, token, (LABELS, DONE))
+    labels[box.to_slices()] = apply_table(labels[box.to_slices()], table, number * cap)
+    done[np.unravel_index(number, grid)] = 1
+
+
+def iter_blocks(volume_shape: Shape, block_shape: Shape) -> Iterator[tuple[int, Box]]:
+    """Each block of the grid with its number, in C order."""
+    grid = tuple(ceil_div(n, b) for n, b in zip(volume_shape, block_shape))
+    for index, box in Box.from_shape(volume_shape).grid(block_shape):
+        yield block_number(index, grid), box
