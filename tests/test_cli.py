@@ -140,6 +140,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
         "models",
         "plan",
         "predict",
+        "segment",
         "status",
         "train",
         "weights",

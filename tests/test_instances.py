@@ -17,6 +17,7 @@ import zarr
 from distributed import Client
 from scipy import ndimage
 
+from unet_volume.cli import main
 from unet_volume.components import structure
 from unet_volume.errors import InputError
 from unet_volume.instances import label_instances
@@ -85,3 +86,22 @@ def test_instances_refuse_float_input_and_write_nothing(tmp_path: Path, client: 
     with pytest.raises(InputError, match=r"1 channel\(s\) of float32; pass a prediction"):
         label_instances(str(source), str(tmp_path / "labels.zarr"), client=client)
     assert snapshot(tmp_path) == before
+
+
+def test_instances_cli_segment_labels_in_3d_and_refuses_bad_input_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mask = random_mask((4, 12, 12), seed=2)
+    source = tmp_path / "mask.zarr"
+    zarr.create_array(source, data=mask.astype(np.uint8))
+    out = tmp_path / "labels.zarr"
+    args = ["segment", str(source), str(out), "--connectivity", "26", "--3d"]
+    assert main([*args, "--block-shape", "2,5,5", "--workers", "1"]) == 0
+    expected, count = ndimage.label(mask, structure(26, per_slice=False))
+    np.testing.assert_array_equal(zarr.open_group(out)["labels"][...], expected)
+    assert f"{count:,} object(s)" in capsys.readouterr().out
+    bad = ["segment", str(source), str(tmp_path / "bad.zarr"), "--block-shape", "0,5,5"]
+    assert main([*bad, "--workers", "1"]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and error[0].startswith("unet-volume segment: error: block shape")
+    assert not (tmp_path / "bad.zarr").exists()

@@ -59,6 +59,7 @@ TORCH_FREE = [
     "unet_volume.cli",
     "unet_volume.cli_common",
     "unet_volume.cli_train",
+    "unet_volume.cli_segment",
 ]
 
 # What each lower-layer module may import from the package: the layers below it, and the leaf
@@ -139,6 +140,7 @@ UPPER_LAYERS = {
     "train_start",
     "cli",
     "cli_train",
+    "cli_segment",
     "tile_stream",
 }
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from unet_volume.cli_common import add_cluster_options, client_from, fmt, say
+from unet_volume.cli_segment import add_segment
 from unet_volume.cli_train import add_train, add_weights
 from unet_volume.errors import UnetVolumeError
 from unet_volume.options import (
@@ -332,6 +333,14 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
         "Write w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) for LABELS (0 = background, "
         "cells 1..n, or a binary mask whose connected components are the cells) to OUTPUT, "
         "block by block on a Dask cluster. Pass OUTPUT to `unet-volume train --weights`.",
+    ),
+    (
+        "segment",
+        add_segment,
+        "instance labels of a prediction: connected components across blocks, on Dask",
+        "Label the connected components of PREDICTION's foreground (or of a mask's nonzero "
+        "voxels) into OUTPUT, block by block on a Dask cluster: equal to labelling the whole "
+        "volume at once (scipy.ndimage.label), ids included.",
     ),
     (
         "status",

@@ -1,0 +1,63 @@
+"""``unet-volume segment``: instance labels of a prediction (or any mask), block by block.
+
+Thin over :func:`unet_volume.instances.label_instances`, as :mod:`unet_volume.cli` is over
+the library: parse, call, one line of results.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from unet_volume.cli_common import add_cluster_options, client_from
+from unet_volume.options import parse_ints
+
+
+def add_segment(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "prediction",
+        help="prediction group written by `unet-volume predict` (its foreground is labelled), "
+        "or a Zarr array / TIFF stack of labels or a 0/1 mask (nonzero is labelled)",
+    )
+    p.add_argument("output", help="the Zarr group to write: uint64 `labels` (z, y, x)")
+    p.add_argument(
+        "--connectivity",
+        type=int,
+        choices=(6, 26),
+        default=6,
+        help="6: faces (4 neighbours in a slice), 26: faces, edges, corners (8 in a slice)",
+    )
+    p.add_argument(
+        "--3d",
+        dest="per_slice",
+        action="store_false",
+        help="label 3D objects (default: each z slice on its own, as 2D EM segmentations)",
+    )
+    p.add_argument(
+        "--block-shape",
+        type=parse_ints,
+        default=(1, 512, 512),
+        metavar="Z,Y,X",
+        help="voxels per task and output chunk (default 1,512,512)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_cluster_options(p)
+    p.set_defaults(run=_segment)
+
+
+def _segment(args: argparse.Namespace) -> None:
+    from unet_volume.instances import label_instances
+
+    with client_from(args) as client:
+        report = label_instances(
+            args.prediction,
+            args.output,
+            client=client,
+            connectivity=args.connectivity,
+            per_slice=args.per_slice,
+            block_shape=args.block_shape,
+            overwrite=args.overwrite,
+        )
+    print(
+        f"labelled {report.output_url}: {report.objects:,} object(s) in {report.blocks} "
+        f"block(s), {report.seconds:.1f} s"
+    )
