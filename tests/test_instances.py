@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -25,6 +26,8 @@ from unet_volume.model import UNet
 from unet_volume.output_run import run_info
 from unet_volume.predict import predict_volume
 from unet_volume.testing import snapshot
+
+VOXEL = (50.0, 4.0, 4.0)
 
 
 def random_mask(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -46,7 +49,9 @@ def test_instances_equal_scipy_on_the_whole_volume(
 ) -> None:
     mask = random_mask((5, 17, 19))
     source = tmp_path / "mask.zarr"
-    zarr.create_array(source, data=mask.astype(np.uint8), chunks=(2, 6, 6))
+    zarr.create_array(
+        source, data=mask.astype(np.uint8), chunks=(2, 6, 6), attributes={"voxel_size": VOXEL}
+    )
     report = label_instances(
         str(source),
         str(tmp_path / "labels.zarr"),
@@ -61,6 +66,37 @@ def test_instances_equal_scipy_on_the_whole_volume(
     np.testing.assert_array_equal(stored.values, expected)
     assert report.objects == count > 1
     assert run_info(report.output_url)["complete"]  # type: ignore[index]
+    assert_table_describes(report.output_url, expected, count)
+
+
+def assert_table_describes(
+    url: str, labels: np.ndarray, count: int, probability: np.ndarray | None = None
+) -> None:
+    """The object table holds, per object of ``labels``, what scipy measures on the whole."""
+    table = pd.read_parquet(f"{url}.objects.parquet")
+    ids = np.arange(1, count + 1)
+    assert table["id"].tolist() == ids.tolist()
+    assert table["voxels"].tolist() == np.bincount(labels.ravel())[1:].tolist()
+    np.testing.assert_allclose(table["volume"], table["voxels"] * np.prod(VOXEL))
+    centres = np.array(ndimage.center_of_mass(labels > 0, labels, ids)) * VOXEL
+    np.testing.assert_allclose(table[["centroid_z", "centroid_y", "centroid_x"]], centres)
+    for row, found in zip(table.itertuples(), ndimage.find_objects(labels)):
+        assert (row.bbox_z_begin, row.bbox_z_end) == (found[0].start, found[0].stop)
+        assert (row.bbox_y_begin, row.bbox_y_end) == (found[1].start, found[1].stop)
+        assert (row.bbox_x_begin, row.bbox_x_end) == (found[2].start, found[2].stop)
+    edges = np.zeros(labels.shape, bool)
+    for axis in range(3):
+        index = [slice(None)] * 3
+        index[axis] = 0
+        edges[tuple(index)] = True
+        index[axis] = -1
+        edges[tuple(index)] = True
+    expected_touch = np.zeros(count + 1, bool)
+    expected_touch[np.unique(labels[edges])] = True
+    assert table["touches_border"].tolist() == expected_touch[1:].tolist()
+    if probability is not None:
+        means = ndimage.mean(probability, labels, ids)
+        np.testing.assert_allclose(table["mean_probability"], means, rtol=1e-12)
 
 
 def test_instances_of_a_prediction_label_its_foreground(tmp_path: Path, client: Client) -> None:
@@ -69,7 +105,9 @@ def test_instances_of_a_prediction_label_its_foreground(tmp_path: Path, client: 
     rng = np.random.default_rng(1)
     zarr.create_array(image, data=rng.integers(0, 255, (2, 40, 44), dtype=np.uint8))
     prediction = tmp_path / "prediction.zarr"
-    predict_volume(UNet(base_channels=4, depth=2), image, prediction, client=client)
+    predict_volume(
+        UNet(base_channels=4, depth=2), image, prediction, client=client, voxel_size=VOXEL
+    )
     report = label_instances(
         str(prediction), str(tmp_path / "labels.zarr"), client=client, block_shape=(1, 16, 16)
     )
@@ -77,6 +115,8 @@ def test_instances_of_a_prediction_label_its_foreground(tmp_path: Path, client: 
     expected, count = ndimage.label(foreground, structure(6, per_slice=True))
     np.testing.assert_array_equal(zarr.open_group(report.output_url)["labels"][...], expected)
     assert report.objects == count
+    stored = zarr.open_group(prediction)["probabilities"][1]
+    assert_table_describes(report.output_url, expected, count, stored / 255.0)
 
 
 def test_instances_refuse_float_input_and_write_nothing(tmp_path: Path, client: Client) -> None:

@@ -55,6 +55,7 @@ TORCH_FREE = [
     "unet_volume.shipped_models",
     "unet_volume.components",
     "unet_volume.instances",
+    "unet_volume.objects",
     # The command line parses and says --help without torch; commands import it when they run.
     "unet_volume.cli",
     "unet_volume.cli_common",
@@ -119,7 +120,9 @@ ALLOWED_IMPORTS = {
     "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
     "shipped_models": {"errors"},
     "components": {"errors", "geometry"},
+    "objects": {"geometry"},
     "instances": {
+        "objects",
         "components",
         "errors",
         "geometry",

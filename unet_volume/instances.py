@@ -9,7 +9,9 @@ scheduler):
 2. each task reads its blocks' upper border planes (a one-voxel rim) back from ``labels``
    and returns the ids that touch;
 3. the client merges them, and each task gets its own block's table (never the whole map),
-   rewrites its chunk with the final ids and marks its block done.
+   rewrites its chunk with the final ids, marks its block done and returns its objects'
+   partial statistics, which the client merges into the object table
+   (:mod:`unet_volume.objects`, ``OUT.objects.parquet``).
 
 The result is ``scipy.ndimage.label`` of the whole mask, ids included. The mask is the
 foreground of a prediction (its ``segmentation`` equal to ``foreground``) or the nonzero voxels
@@ -22,10 +24,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import fsspec
 import numpy as np
+import pandas as pd
 import zarr
 from distributed import Client
 
@@ -41,13 +45,15 @@ from unet_volume.components import (
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.locations import absolute
-from unet_volume.output_run import create_output, finish_output, opened_arrays
+from unet_volume.objects import block_stats, decode_probability, merge_stats
+from unet_volume.output_run import ATTRS_KEY, create_output, finish_output, opened_arrays
 from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
 from unet_volume.run_record import DONE
 from unet_volume.storage import Volume, open_volume
 from unet_volume.task_window import map_bounded
 
 LABELS = "labels"
+OBJECTS = ".objects.parquet"
 DEFAULT_BLOCK = (1, 512, 512)
 
 
@@ -96,10 +102,14 @@ def label_instances(
     create_output(
         out_url, lambda: _create_output(out_url, volume, shape, attrs), overwrite=overwrite
     )
-    objects = _three_passes(client, volume, shape, wanted, neighbourhood, out_url)
+    probability = _probability_of(source, wanted)
+    parts = _three_passes(client, volume, shape, wanted, neighbourhood, out_url, probability)
+    table = merge_stats(parts, volume.voxel_size)
+    write_table(table, out_url)
     blocks = int(np.prod([ceil_div(n, b) for n, b in zip(volume.shape, shape)]))
-    finish_output(out_url, {"report": {"objects": objects, "blocks": blocks}})
-    return InstanceReport(out_url, objects, blocks, time.perf_counter() - start)
+    report = {"objects": len(table), "blocks": blocks}
+    finish_output(out_url, {"report": report, "table": table_url(out_url), "units": volume.units})
+    return InstanceReport(out_url, len(table), blocks, time.perf_counter() - start)
 
 
 def _three_passes(
@@ -109,8 +119,9 @@ def _three_passes(
     wanted: int | None,
     neighbourhood: np.ndarray,
     out_url: str,
-) -> int:
-    """Label, pair, relabel (the module docstring); returns the number of objects."""
+    probability: tuple[Volume, int] | None,
+) -> list[pd.DataFrame]:
+    """Label, pair, relabel (the module docstring); returns the blocks' object statistics."""
     grid = tuple(ceil_div(n, b) for n, b in zip(volume.shape, shape))
     task = {"out_url": out_url, "token": uuid.uuid4().hex, "cap": capacity(shape)}
     blocks = iter_blocks(volume.shape, shape)
@@ -137,9 +148,18 @@ def _three_passes(
     )
     merged = relabel(firsts, touching, task["cap"])
     jobs = ((n, box, merged.tables[n]) for n, box in iter_blocks(volume.shape, shape))
-    for _ in map_bounded(client, _rewrite, jobs, name=_key("relabel"), grid=grid, **task):
-        pass
-    return merged.count
+    return list(
+        map_bounded(
+            client,
+            _rewrite,
+            jobs,
+            name=_key("relabel"),
+            grid=grid,
+            shape=volume.shape,
+            probability=probability,
+            **task,
+        )
+    )
 
 
 def _mask_source(source: str, foreground: int) -> tuple[Volume, int | None]:
@@ -150,7 +170,8 @@ def _mask_source(source: str, foreground: int) -> tuple[Volume, int | None]:
     except Exception:  # not a group: an array or a TIFF stack
         group = None
     if group is not None and "segmentation" in group:
-        return open_volume(f"{source.rstrip('/')}/segmentation"), foreground
+        volume = open_volume(f"{source.rstrip('/')}/segmentation")
+        return replace(volume, **_grid_of(group)), foreground
     volume = open_volume(source)
     if volume.channels != 1 or np.dtype(volume.dtype).kind not in "uib":
         raise InputError(
@@ -158,6 +179,13 @@ def _mask_source(source: str, foreground: int) -> tuple[Volume, int | None]:
             "prediction, or one (z, y, x) volume of labels or a 0/1 mask"
         )
     return volume, None
+
+
+def _grid_of(group: zarr.Group) -> dict[str, Any]:
+    """The voxel size and units a prediction recorded of its input (None where it had none)."""
+    recorded = group.attrs.get(ATTRS_KEY, {}).get("input", {})  # type: ignore[union-attr]
+    size = recorded.get("voxel_size")
+    return {"voxel_size": tuple(size) if size else None, "units": recorded.get("units")}
 
 
 def _check_block_shape(block_shape: Shape, volume: Volume) -> Shape:
@@ -223,13 +251,48 @@ def _pairs(
 
 
 def _rewrite(
-    item: tuple[int, Box, np.ndarray], *, grid: Shape, out_url: str, token: str, cap: int
-) -> None:
-    """Pass 3: the block's final ids, from its own table; then its done marker."""
+    item: tuple[int, Box, np.ndarray],
+    *,
+    grid: Shape,
+    shape: Shape,
+    probability: tuple[Volume, int] | None,
+    out_url: str,
+    token: str,
+    cap: int,
+) -> pd.DataFrame:
+    """Pass 3: the block's final ids, from its own table; its done marker; its objects'
+    partial statistics."""
     number, box, table = item
     labels, done = opened_arrays(out_url, token, (LABELS, DONE))
-    labels[box.to_slices()] = apply_table(labels[box.to_slices()], table, number * cap)
+    final = apply_table(labels[box.to_slices()], table, number * cap)
+    labels[box.to_slices()] = final
     done[np.unravel_index(number, grid)] = 1
+    foreground = None
+    if probability is not None:
+        volume, channel = probability
+        foreground = decode_probability(volume.read(box)[channel])
+    return block_stats(final, box, shape, foreground)
+
+
+def table_url(out_url: str) -> str:
+    """Where the object table of the labels at ``out_url`` is."""
+    return f"{out_url.rstrip('/')}{OBJECTS}"
+
+
+def _probability_of(source: str, foreground: int | None) -> tuple[Volume, int] | None:
+    """A prediction's probabilities and the foreground's channel; None for a mask."""
+    if foreground is None:
+        return None
+    return open_volume(f"{source.rstrip('/')}/probabilities"), foreground
+
+
+def write_table(table: pd.DataFrame, out_url: str) -> str:
+    """The object table as Parquet beside the output group, ``OUT.objects.parquet`` (inside
+    it, Zarr would warn of a file that is not part of the hierarchy)."""
+    url = table_url(out_url)
+    with fsspec.open(url, "wb") as f:
+        table.to_parquet(f, index=False)
+    return url
 
 
 def iter_blocks(volume_shape: Shape, block_shape: Shape) -> Iterator[tuple[int, Box]]:
