@@ -138,6 +138,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
         "convert",
         "evaluate",
         "models",
+        "objects",
         "plan",
         "predict",
         "segment",

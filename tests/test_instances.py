@@ -140,8 +140,15 @@ def test_instances_cli_segment_labels_in_3d_and_refuses_bad_input_in_one_line(
     expected, count = ndimage.label(mask, structure(26, per_slice=False))
     np.testing.assert_array_equal(zarr.open_group(out)["labels"][...], expected)
     assert f"{count:,} object(s)" in capsys.readouterr().out
+    assert main(["objects", str(out), "--largest", "2"]) == 0
+    printed = capsys.readouterr().out
+    biggest = np.bincount(expected.ravel())[1:].max()
+    assert printed.startswith(f"{count:,} objects") and f"max {biggest:,}" in printed
+    assert printed.count("  id ") == min(2, count)
     bad = ["segment", str(source), str(tmp_path / "bad.zarr"), "--block-shape", "0,5,5"]
     assert main([*bad, "--workers", "1"]) == 2
     error = capsys.readouterr().err.splitlines()
     assert len(error) == 1 and error[0].startswith("unet-volume segment: error: block shape")
     assert not (tmp_path / "bad.zarr").exists()
+    assert main(["objects", str(source)]) == 2  # a mask, not segment's labels
+    assert "no object table" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from unet_volume.cli_common import add_cluster_options, client_from, fmt, say
-from unet_volume.cli_segment import add_segment
+from unet_volume.cli_segment import add_objects, add_segment
 from unet_volume.cli_train import add_train, add_weights
 from unet_volume.errors import UnetVolumeError
 from unet_volume.options import (
@@ -348,6 +348,13 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
         "how far a prediction (or weight volume) got: blocks done, failed, missing; first errors",
         "Print the state of the run writing OUTPUT (done / failed / missing / total blocks), "
         "the run's identity (model, geometry, dtype, input) and its first failures.",
+    ),
+    (
+        "objects",
+        add_objects,
+        "summarise the objects of `segment`'s labels: count, sizes, the largest",
+        "Print the object count, size percentiles and the largest objects (with volume and "
+        "centroid in physical units) from the object table beside LABELS.",
     ),
     (
         "models",

@@ -1,4 +1,5 @@
-"""``unet-volume segment``: instance labels of a prediction (or any mask), block by block.
+"""``unet-volume segment``: instance labels of a prediction (or any mask), block by block;
+``unet-volume objects``: what they hold, from the object table.
 
 Thin over :func:`unet_volume.instances.label_instances`, as :mod:`unet_volume.cli` is over
 the library: parse, call, one line of results.
@@ -61,3 +62,17 @@ def _segment(args: argparse.Namespace) -> None:
         f"labelled {report.output_url}: {report.objects:,} object(s) in {report.blocks} "
         f"block(s), {report.seconds:.1f} s"
     )
+
+
+def add_objects(p: argparse.ArgumentParser) -> None:
+    p.add_argument("labels", help="labels written by `unet-volume segment`")
+    p.add_argument(
+        "--largest", type=int, default=5, metavar="N", help="list the N largest (default 5)"
+    )
+    p.set_defaults(run=_objects)
+
+
+def _objects(args: argparse.Namespace) -> None:
+    from unet_volume.instances import read_objects, summary
+
+    print(summary(read_objects(args.labels), largest=args.largest))

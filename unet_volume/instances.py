@@ -300,3 +300,36 @@ def iter_blocks(volume_shape: Shape, block_shape: Shape) -> Iterator[tuple[int, 
     grid = tuple(ceil_div(n, b) for n, b in zip(volume_shape, block_shape))
     for index, box in Box.from_shape(volume_shape).grid(block_shape):
         yield block_number(index, grid), box
+
+
+def read_objects(labels_url: str) -> pd.DataFrame:
+    """The object table of the labels at ``labels_url`` (from :func:`label_instances`)."""
+    url = table_url(absolute(labels_url))
+    try:
+        return pd.read_parquet(url)
+    except FileNotFoundError:
+        raise InputError(
+            f"{labels_url} has no object table ({url}); run `unet-volume segment` to write it"
+        ) from None
+
+
+def summary(table: pd.DataFrame, *, largest: int = 5) -> str:
+    """What ``unet-volume objects`` prints: the count, size percentiles, the largest objects."""
+    if table.empty:
+        return "0 objects"
+    sizes = table["voxels"]
+    percentiles = np.percentile(sizes, [5, 25, 50, 75, 95])
+    lines = [
+        f"{len(table):,} objects, {int(table['touches_border'].sum()):,} touching the border; "
+        f"{int(sizes.sum()):,} voxels in all",
+        "voxels per object: "
+        + ", ".join(f"p{p} {v:,.0f}" for p, v in zip((5, 25, 50, 75, 95), percentiles))
+        + f", max {int(sizes.max()):,}",
+        f"largest {min(largest, len(table))}:",
+    ]
+    for row in table.nlargest(largest, "voxels").itertuples():
+        lines.append(
+            f"  id {row.id}: {row.voxels:,} voxels, volume {row.volume:,.6g}, centroid "
+            f"(z, y, x) ({row.centroid_z:,.6g}, {row.centroid_y:,.6g}, {row.centroid_x:,.6g})"
+        )
+    return "\n".join(lines)
