@@ -56,6 +56,7 @@ TORCH_FREE = [
     "unet_volume.components",
     "unet_volume.instances",
     "unet_volume.objects",
+    "unet_volume.watershed",
     # The command line parses and says --help without torch; commands import it when they run.
     "unet_volume.cli",
     "unet_volume.cli_common",
@@ -120,8 +121,10 @@ ALLOWED_IMPORTS = {
     "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
     "shipped_models": {"errors"},
     "components": {"errors", "geometry"},
-    "objects": {"geometry"},
+    "objects": {"errors", "geometry", "locations"},
+    "watershed": {"errors"},
     "instances": {
+        "watershed",
         "objects",
         "components",
         "errors",

@@ -11,6 +11,7 @@ import argparse
 
 from unet_volume.cli_common import add_cluster_options, client_from
 from unet_volume.options import parse_ints
+from unet_volume.watershed import WatershedConfig
 
 
 def add_segment(p: argparse.ArgumentParser) -> None:
@@ -34,11 +35,32 @@ def add_segment(p: argparse.ArgumentParser) -> None:
         help="label 3D objects (default: each z slice on its own, as 2D EM segmentations)",
     )
     p.add_argument(
+        "--watershed",
+        action="store_true",
+        help="a seeded watershed of the foreground probability (a prediction only): seeds "
+        "where p > --seed-threshold, flooding 1 - p within p > --threshold; cells that touch "
+        "through a thin gap stay apart (default: connected components)",
+    )
+    defaults = WatershedConfig()
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=defaults.threshold,
+        help=f"watershed: foreground probability (default {defaults.threshold:g})",
+    )
+    p.add_argument(
+        "--seed-threshold",
+        type=float,
+        default=defaults.seed_threshold,
+        help=f"watershed: probability of a seed (default {defaults.seed_threshold:g})",
+    )
+    p.add_argument(
         "--block-shape",
         type=parse_ints,
         default=(1, 512, 512),
         metavar="Z,Y,X",
-        help="voxels per task and output chunk (default 1,512,512)",
+        help="voxels per task and output chunk (default 1,512,512; a watershed needs whole "
+        "slices, or the whole volume with --3d)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_cluster_options(p)
@@ -55,6 +77,9 @@ def _segment(args: argparse.Namespace) -> None:
             client=client,
             connectivity=args.connectivity,
             per_slice=args.per_slice,
+            watershed=WatershedConfig(args.threshold, args.seed_threshold)
+            if args.watershed
+            else None,
             block_shape=args.block_shape,
             overwrite=args.overwrite,
         )
@@ -73,6 +98,6 @@ def add_objects(p: argparse.ArgumentParser) -> None:
 
 
 def _objects(args: argparse.Namespace) -> None:
-    from unet_volume.instances import read_objects, summary
+    from unet_volume.objects import read_objects, summary
 
     print(summary(read_objects(args.labels), largest=args.largest))

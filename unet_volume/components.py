@@ -71,6 +71,14 @@ def label_block(
     (``base + 1``, ...; 0 is background), and the first voxel of each in C order over the
     whole volume (flat index), by which the final ids are numbered."""
     local, count = ndimage.label(mask, structure=neighbourhood)
+    return provisional_ids(local, count, base, box, volume)
+
+
+def provisional_ids(
+    local: np.ndarray, count: int, base: int, box: Box, volume: Shape
+) -> tuple[np.ndarray, np.ndarray]:
+    """Block-local ids 1..``count`` as provisional ids (``base + local``), and each one's
+    first voxel in C order over the whole ``volume`` (see :func:`label_block`)."""
     where = np.nonzero(local)
     flat = np.ravel_multi_index(tuple(w + b for w, b in zip(where, box.begin)), tuple(volume))
     firsts = np.full(count, np.iinfo(np.int64).max, np.int64)

@@ -24,10 +24,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import zarr
@@ -39,22 +38,36 @@ from unet_volume.components import (
     block_pairs,
     capacity,
     label_block,
+    provisional_ids,
     relabel,
     structure,
 )
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.locations import absolute
-from unet_volume.objects import block_stats, decode_probability, merge_stats
+from unet_volume.objects import block_stats, decode_probability, merge_stats, table_url, write_table
 from unet_volume.output_run import ATTRS_KEY, create_output, finish_output, opened_arrays
 from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
 from unet_volume.run_record import DONE
 from unet_volume.storage import Volume, open_volume
 from unet_volume.task_window import map_bounded
+from unet_volume.watershed import WatershedConfig, seeded_watershed
 
 LABELS = "labels"
-OBJECTS = ".objects.parquet"
 DEFAULT_BLOCK = (1, 512, 512)
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """What the block tasks need to know of a run: the mask's source and foreground value
+    (None: nonzero), the neighbourhood, the prediction's probabilities (foreground channel;
+    None for a mask) and the watershed's thresholds (None: connected components)."""
+
+    volume: Volume
+    wanted: int | None
+    neighbourhood: np.ndarray
+    probability: tuple[Volume, int] | None
+    watershed: WatershedConfig | None
 
 
 @dataclass(frozen=True)
@@ -75,91 +88,77 @@ def label_instances(
     connectivity: int = 6,
     per_slice: bool = True,
     foreground: int = 1,
+    watershed: WatershedConfig | None = None,
     block_shape: Shape = DEFAULT_BLOCK,
     overwrite: bool = False,
 ) -> InstanceReport:
-    """Label the connected components of ``source``'s foreground into the group ``out``.
+    """Label the objects of ``source``'s foreground into the group ``out``; write the object
+    table beside it.
 
     ``source`` is a prediction (its ``segmentation == foreground`` is the mask) or a label or
     mask volume (nonzero is the mask). ``per_slice`` labels each z slice on its own (2D
-    objects, 4 or 8 neighbours for ``connectivity`` 6 or 26), else in 3D.
+    objects, 4 or 8 neighbours for ``connectivity`` 6 or 26), else in 3D. With ``watershed``
+    (a prediction only) the objects come from a seeded watershed of the foreground
+    probability (:mod:`unet_volume.watershed`) instead of connected components; its blocks
+    must hold whole slices (per slice) or the whole volume (3D), so that no basin is cut.
     """
     start = time.perf_counter()
-    neighbourhood = structure(connectivity, per_slice=per_slice)
-    volume, wanted = _mask_source(source, foreground)
-    shape = _check_block_shape(block_shape, volume)
+    how = _labelling(source, foreground, structure(connectivity, per_slice=per_slice), watershed)
+    shape = _check_block_shape(block_shape, how, per_slice)
     out_url = absolute(out)
     attrs = {
         "array": LABELS,
         "instances": {
-            "source": volume.url,
+            "source": how.volume.url,
+            "method": "watershed" if watershed else "components",
             "connectivity": connectivity,
             "per_slice": per_slice,
-            "foreground": wanted,
+            "foreground": how.wanted,
+            **(asdict(watershed) if watershed else {}),
         },
-        "input": volume_attrs(volume),
+        "input": volume_attrs(how.volume),
     }
     create_output(
-        out_url, lambda: _create_output(out_url, volume, shape, attrs), overwrite=overwrite
+        out_url, lambda: _create_output(out_url, how.volume, shape, attrs), overwrite=overwrite
     )
-    probability = _probability_of(source, wanted)
-    parts = _three_passes(client, volume, shape, wanted, neighbourhood, out_url, probability)
-    table = merge_stats(parts, volume.voxel_size)
+    table = merge_stats(_three_passes(client, how, shape, out_url), how.volume.voxel_size)
     write_table(table, out_url)
-    blocks = int(np.prod([ceil_div(n, b) for n, b in zip(volume.shape, shape)]))
+    blocks = int(np.prod([ceil_div(n, b) for n, b in zip(how.volume.shape, shape)]))
     report = {"objects": len(table), "blocks": blocks}
-    finish_output(out_url, {"report": report, "table": table_url(out_url), "units": volume.units})
+    units = how.volume.units
+    finish_output(out_url, {"report": report, "table": table_url(out_url), "units": units})
     return InstanceReport(out_url, len(table), blocks, time.perf_counter() - start)
 
 
-def _three_passes(
-    client: Client,
-    volume: Volume,
-    shape: Shape,
-    wanted: int | None,
-    neighbourhood: np.ndarray,
-    out_url: str,
-    probability: tuple[Volume, int] | None,
-) -> list[pd.DataFrame]:
-    """Label, pair, relabel (the module docstring); returns the blocks' object statistics."""
-    grid = tuple(ceil_div(n, b) for n, b in zip(volume.shape, shape))
-    task = {"out_url": out_url, "token": uuid.uuid4().hex, "cap": capacity(shape)}
-    blocks = iter_blocks(volume.shape, shape)
-    labelled = map_bounded(
-        client,
-        _label,
-        blocks,
-        name=_key("label"),
-        volume=volume,
-        wanted=wanted,
-        neighbourhood=neighbourhood,
-        **task,
-    )
+def _three_passes(client: Client, how: Labelling, shape: Shape, out_url: str) -> list[pd.DataFrame]:
+    """Label, pair, relabel (the module docstring); returns the blocks' object statistics.
+    A watershed has no pairs: its blocks hold whole slices or the whole volume."""
+    volume = how.volume.shape
+    grid = tuple(ceil_div(n, b) for n, b in zip(volume, shape))
+    task = {"how": how, "out_url": out_url, "token": uuid.uuid4().hex, "cap": capacity(shape)}
+    labelled = map_bounded(client, _label, iter_blocks(volume, shape), name=_key("label"), **task)
     firsts = dict(labelled)
-    blocks = iter_blocks(volume.shape, shape)
-    touching = map_bounded(
-        client,
-        _pairs,
-        blocks,
-        name=_key("pairs"),
-        whole=volume.box,
-        neighbourhood=neighbourhood,
-        **task,
+    touching = (
+        map_bounded(client, _pairs, iter_blocks(volume, shape), name=_key("pairs"), **task)
+        if how.watershed is None
+        else iter(())
     )
     merged = relabel(firsts, touching, task["cap"])
-    jobs = ((n, box, merged.tables[n]) for n, box in iter_blocks(volume.shape, shape))
-    return list(
-        map_bounded(
-            client,
-            _rewrite,
-            jobs,
-            name=_key("relabel"),
-            grid=grid,
-            shape=volume.shape,
-            probability=probability,
-            **task,
+    jobs = ((n, box, merged.tables[n]) for n, box in iter_blocks(volume, shape))
+    return list(map_bounded(client, _rewrite, jobs, name=_key("relabel"), grid=grid, **task))
+
+
+def _labelling(
+    source: str, foreground: int, neighbourhood: np.ndarray, watershed: WatershedConfig | None
+) -> Labelling:
+    volume, wanted = _mask_source(source, foreground)
+    probability = _probability_of(source, wanted)
+    if watershed is not None and probability is None:
+        raise InputError(
+            f"{source} is not a prediction: the watershed floods a foreground probability; "
+            "pass a prediction group, or label a mask with connected components"
         )
-    )
+    return Labelling(volume, wanted, neighbourhood, probability, watershed)
 
 
 def _mask_source(source: str, foreground: int) -> tuple[Volume, int | None]:
@@ -188,14 +187,24 @@ def _grid_of(group: zarr.Group) -> dict[str, Any]:
     return {"voxel_size": tuple(size) if size else None, "units": recorded.get("units")}
 
 
-def _check_block_shape(block_shape: Shape, volume: Volume) -> Shape:
+def _check_block_shape(block_shape: Shape, how: Labelling, per_slice: bool) -> Shape:
+    volume = how.volume.shape
     shape = tuple(int(b) for b in block_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(
             f"block shape {tuple(block_shape)} must be 3 positive sizes (z, y, x); "
             "pass e.g. --block-shape 1,512,512"
         )
-    return tuple(min(b, n) for b, n in zip(shape, volume.shape))
+    shape = tuple(min(b, n) for b, n in zip(shape, volume))
+    whole = volume[1:] if per_slice else volume
+    if how.watershed is not None and shape[3 - len(whole) :] != whole:
+        fix = (1, *volume[1:]) if per_slice else volume
+        raise InputError(
+            f"block shape {shape} cuts {'the slices' if per_slice else 'the volume'} of "
+            f"{how.volume.url} {volume}: a watershed basin must not be cut; pass "
+            f"--block-shape {','.join(map(str, fix))}"
+        )
+    return shape
 
 
 def _create_output(url: str, volume: Volume, block_shape: Shape, attrs: dict[str, Any]) -> None:
@@ -217,45 +226,37 @@ def _key(stage: str) -> Any:
 
 
 def _label(
-    item: tuple[int, Box],
-    *,
-    volume: Volume,
-    wanted: int | None,
-    neighbourhood: np.ndarray,
-    out_url: str,
-    token: str,
-    cap: int,
+    item: tuple[int, Box], *, how: Labelling, out_url: str, token: str, cap: int
 ) -> tuple[int, np.ndarray]:
     """Pass 1: the block's provisional ids, written; its objects' first voxels, returned."""
     number, box = item
-    data = volume.read(box)[0]
-    mask = data == wanted if wanted is not None else data != 0
-    ids, firsts = label_block(mask, neighbourhood, number * cap, box, volume.shape)
+    if how.watershed is not None and how.probability is not None:
+        volume, channel = how.probability
+        probability = decode_probability(volume.read(box)[channel])
+        local, count = seeded_watershed(probability, how.neighbourhood, how.watershed)
+        ids, firsts = provisional_ids(local, count, number * cap, box, how.volume.shape)
+    else:
+        data = how.volume.read(box)[0]
+        mask = data == how.wanted if how.wanted is not None else data != 0
+        ids, firsts = label_block(mask, how.neighbourhood, number * cap, box, how.volume.shape)
     (labels,) = opened_arrays(out_url, token, (LABELS,))
     labels[box.to_slices()] = ids
     return number, firsts
 
 
 def _pairs(
-    item: tuple[int, Box],
-    *,
-    whole: Box,
-    neighbourhood: np.ndarray,
-    out_url: str,
-    token: str,
-    cap: int,
+    item: tuple[int, Box], *, how: Labelling, out_url: str, token: str, cap: int
 ) -> np.ndarray:
     """Pass 2: the provisional ids that touch across the block's upper borders."""
     (labels,) = opened_arrays(out_url, token, (LABELS,))
-    return block_pairs(lambda b: labels[b.to_slices()], item[1], whole, neighbourhood)
+    return block_pairs(lambda b: labels[b.to_slices()], item[1], how.volume.box, how.neighbourhood)
 
 
 def _rewrite(
     item: tuple[int, Box, np.ndarray],
     *,
+    how: Labelling,
     grid: Shape,
-    shape: Shape,
-    probability: tuple[Volume, int] | None,
     out_url: str,
     token: str,
     cap: int,
@@ -268,15 +269,10 @@ def _rewrite(
     labels[box.to_slices()] = final
     done[np.unravel_index(number, grid)] = 1
     foreground = None
-    if probability is not None:
-        volume, channel = probability
+    if how.probability is not None:
+        volume, channel = how.probability
         foreground = decode_probability(volume.read(box)[channel])
-    return block_stats(final, box, shape, foreground)
-
-
-def table_url(out_url: str) -> str:
-    """Where the object table of the labels at ``out_url`` is."""
-    return f"{out_url.rstrip('/')}{OBJECTS}"
+    return block_stats(final, box, how.volume.shape, foreground)
 
 
 def _probability_of(source: str, foreground: int | None) -> tuple[Volume, int] | None:
@@ -286,50 +282,8 @@ def _probability_of(source: str, foreground: int | None) -> tuple[Volume, int] |
     return open_volume(f"{source.rstrip('/')}/probabilities"), foreground
 
 
-def write_table(table: pd.DataFrame, out_url: str) -> str:
-    """The object table as Parquet beside the output group, ``OUT.objects.parquet`` (inside
-    it, Zarr would warn of a file that is not part of the hierarchy)."""
-    url = table_url(out_url)
-    with fsspec.open(url, "wb") as f:
-        table.to_parquet(f, index=False)
-    return url
-
-
 def iter_blocks(volume_shape: Shape, block_shape: Shape) -> Iterator[tuple[int, Box]]:
     """Each block of the grid with its number, in C order."""
     grid = tuple(ceil_div(n, b) for n, b in zip(volume_shape, block_shape))
     for index, box in Box.from_shape(volume_shape).grid(block_shape):
         yield block_number(index, grid), box
-
-
-def read_objects(labels_url: str) -> pd.DataFrame:
-    """The object table of the labels at ``labels_url`` (from :func:`label_instances`)."""
-    url = table_url(absolute(labels_url))
-    try:
-        return pd.read_parquet(url)
-    except FileNotFoundError:
-        raise InputError(
-            f"{labels_url} has no object table ({url}); run `unet-volume segment` to write it"
-        ) from None
-
-
-def summary(table: pd.DataFrame, *, largest: int = 5) -> str:
-    """What ``unet-volume objects`` prints: the count, size percentiles, the largest objects."""
-    if table.empty:
-        return "0 objects"
-    sizes = table["voxels"]
-    percentiles = np.percentile(sizes, [5, 25, 50, 75, 95])
-    lines = [
-        f"{len(table):,} objects, {int(table['touches_border'].sum()):,} touching the border; "
-        f"{int(sizes.sum()):,} voxels in all",
-        "voxels per object: "
-        + ", ".join(f"p{p} {v:,.0f}" for p, v in zip((5, 25, 50, 75, 95), percentiles))
-        + f", max {int(sizes.max()):,}",
-        f"largest {min(largest, len(table))}:",
-    ]
-    for row in table.nlargest(largest, "voxels").itertuples():
-        lines.append(
-            f"  id {row.id}: {row.voxels:,} voxels, volume {row.volume:,.6g}, centroid "
-            f"(z, y, x) ({row.centroid_z:,.6g}, {row.centroid_y:,.6g}, {row.centroid_x:,.6g})"
-        )
-    return "\n".join(lines)

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import fsspec
 import numpy as np
 import pandas as pd
 
+from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape
+from unet_volume.locations import absolute
+
+OBJECTS = ".objects.parquet"
 
 AXES = ("z", "y", "x")
 
@@ -78,3 +83,50 @@ def merge_stats(
         table["mean_probability"] = merged["sum_probability"] / merged["voxels"]
     table["touches_border"] = merged["touches_border"].astype(bool)
     return table.reset_index()
+
+
+def table_url(out_url: str) -> str:
+    """Where the object table of the labels at ``out_url`` is."""
+    return f"{out_url.rstrip('/')}{OBJECTS}"
+
+
+def write_table(table: pd.DataFrame, out_url: str) -> str:
+    """The object table as Parquet beside the output group, ``OUT.objects.parquet`` (inside
+    it, Zarr would warn of a file that is not part of the hierarchy)."""
+    url = table_url(out_url)
+    with fsspec.open(url, "wb") as f:
+        table.to_parquet(f, index=False)
+    return url
+
+
+def read_objects(labels_url: str) -> pd.DataFrame:
+    """The object table of the labels at ``labels_url`` (from :func:`label_instances`)."""
+    url = table_url(absolute(labels_url))
+    try:
+        return pd.read_parquet(url)
+    except FileNotFoundError:
+        raise InputError(
+            f"{labels_url} has no object table ({url}); run `unet-volume segment` to write it"
+        ) from None
+
+
+def summary(table: pd.DataFrame, *, largest: int = 5) -> str:
+    """What ``unet-volume objects`` prints: the count, size percentiles, the largest objects."""
+    if table.empty:
+        return "0 objects"
+    sizes = table["voxels"]
+    percentiles = np.percentile(sizes, [5, 25, 50, 75, 95])
+    lines = [
+        f"{len(table):,} objects, {int(table['touches_border'].sum()):,} touching the border; "
+        f"{int(sizes.sum()):,} voxels in all",
+        "voxels per object: "
+        + ", ".join(f"p{p} {v:,.0f}" for p, v in zip((5, 25, 50, 75, 95), percentiles))
+        + f", max {int(sizes.max()):,}",
+        f"largest {min(largest, len(table))}:",
+    ]
+    for row in table.nlargest(largest, "voxels").itertuples():
+        lines.append(
+            f"  id {row.id}: {row.voxels:,} voxels, volume {row.volume:,.6g}, centroid "
+            f"(z, y, x) ({row.centroid_z:,.6g}, {row.centroid_y:,.6g}, {row.centroid_x:,.6g})"
+        )
+    return "\n".join(lines)
