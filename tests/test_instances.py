@@ -21,6 +21,7 @@ from scipy import ndimage
 from unet_volume.cli import main
 from unet_volume.components import structure
 from unet_volume.errors import InputError
+from unet_volume.evaluation import evaluate
 from unet_volume.instances import label_instances
 from unet_volume.model import UNet
 from unet_volume.output_run import run_info
@@ -117,6 +118,11 @@ def test_instances_of_a_prediction_label_its_foreground(tmp_path: Path, client: 
     assert report.objects == count
     stored = zarr.open_group(prediction)["probabilities"][1]
     assert_table_describes(report.output_url, expected, count, stored / 255.0)
+    # evaluate scores instance labels as they are: components of the foreground score as the
+    # prediction itself (whose instances evaluate takes as the same components)
+    truth = ndimage.uniform_filter(rng.random((2, 40, 44)), 5) > 0.5
+    ours = evaluate(report.output_url, truth.astype(np.uint8)).to_dict()
+    assert ours["volume"] == evaluate(str(prediction), truth.astype(np.uint8)).to_dict()["volume"]
 
 
 def test_instances_refuse_float_input_and_write_nothing(tmp_path: Path, client: Client) -> None:

@@ -15,6 +15,7 @@ from scipy import ndimage
 from unet_volume.cli import main
 from unet_volume.components import structure
 from unet_volume.errors import InputError
+from unet_volume.evaluation import evaluate
 from unet_volume.instances import label_instances
 from unet_volume.watershed import WatershedConfig, seeded_watershed
 
@@ -131,3 +132,18 @@ def test_watershed_from_the_command_line(tmp_path: Path) -> None:
     args = ["segment", source, str(out), "--watershed", "--block-shape", "1,21,41"]
     assert main([*args, "--seed-threshold", "0.9", "--workers", "1"]) == 0
     assert len(np.unique(zarr.open_group(out)["labels"][...])) == 3  # background and 2 cells
+
+
+def test_evaluate_scores_watershed_labels_as_objects_not_as_components(
+    tmp_path: Path, client: Client
+) -> None:
+    p = two_cells_with_a_leaky_border()
+    source = write_prediction(tmp_path, p)
+    out = str(tmp_path / "labels.zarr")
+    label_instances(
+        source, out, client=client, watershed=WatershedConfig(), block_shape=(1, 21, 41)
+    )
+    truth = (p > 0.5) & (p != 0.6)  # the two cells, without the leak
+    split = evaluate(out, truth.astype(np.uint8)).volume
+    merged = evaluate(f"{source}/segmentation", truth.astype(np.uint8)).volume
+    assert merged.rand_error > 0.3 and split.rand_error < merged.rand_error / 5

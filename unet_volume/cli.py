@@ -90,7 +90,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "prediction",
         help="prediction group written by `unet-volume predict` (its segmentation is "
-        "scored), or a Zarr array / TIFF stack of class indices",
+        "scored; objects: its connected components), instance labels written by `unet-volume "
+        "segment` (scored as those objects), or a Zarr array / TIFF stack of class indices",
     )
     p.add_argument(
         "labels",

@@ -113,6 +113,8 @@ class _Source:
     shape: tuple[int, ...]
     num_classes: int | None
     read: Callable[[int], np.ndarray]
+    instances: bool = False
+    """Instance ids (``unet-volume segment``): scored as they are, not as components."""
 
 
 def evaluate(
@@ -127,6 +129,9 @@ def evaluate(
     seg_background: SegBackground = "singletons",
 ) -> EvaluationReport:
     """Score a prediction against labels, slice by slice and for the whole ``z_range`` (half-open).
+
+    A ``prediction`` that is instance labels (``unet-volume segment``) is scored as its objects:
+    the foreground is every labelled voxel, and the Rand error and VOI see its ids as they are.
 
     Each input is a prediction group (its ``segmentation`` is read), a Zarr array, a TIFF stack
     or an array, ``(z, y, x)`` (or ``(y, x)``: one slice). Values are class indices; with
@@ -164,20 +169,28 @@ def evaluate(
     )
 
 
+Plane = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]
+
+
 def _planes(
     pred: _Source, true: _Source, zs: range, num_classes: int, foreground_class: int
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """``(z, predicted foreground, true foreground)`` for each slice, read one at a time."""
+) -> Iterator[Plane]:
+    """``(z, predicted foreground, true foreground, predicted instance ids or None)`` for each
+    slice, read one at a time."""
     for z in zs:
+        predicted = pred.read(z)
         yield (
             z,
-            _foreground(pred.read(z), num_classes, foreground_class),
+            predicted != 0
+            if pred.instances
+            else _foreground(predicted, num_classes, foreground_class),
             _foreground(true.read(z), num_classes, foreground_class),
+            predicted if pred.instances else None,
         )
 
 
 def _score(
-    planes: Iterator[tuple[int, np.ndarray, np.ndarray]],
+    planes: Iterator[Plane],
     *,
     per_slice: bool,
     connectivity: int,
@@ -191,11 +204,12 @@ def _score(
     label = partial(instances_from_binary, per_slice=per_slice, connectivity=connectivity)
     if per_slice:
         instances: Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (
-            (z, p, t, label(p), label(t)) for z, p, t in planes
+            (z, p, t, label(p) if ids is None else ids, label(t)) for z, p, t, ids in planes
         )
     else:
-        zs, preds, trues = zip(*planes)
-        seg, gt = label(np.stack(preds)), label(np.stack(trues))
+        zs, preds, trues, given = zip(*planes)
+        seg = label(np.stack(preds)) if given[0] is None else np.stack(given)
+        gt = label(np.stack(trues))
         instances = zip(zs, preds, trues, seg, gt)
     rows: list[SliceScores] = []
     overlap, pairs = OverlapCounts(), PairCounts()
@@ -228,7 +242,11 @@ def _open_source(source: str | Path | np.ndarray, role: str, stack: ExitStack) -
         raise InputError(
             f"{role} {url} does not exist; pass a prediction group, a Zarr array or a TIFF stack"
         )
-    if not is_tiff(url) and isinstance(zarr.open(url, mode="r"), zarr.Group):
+    opened = None if is_tiff(url) else zarr.open(url, mode="r")
+    if isinstance(opened, zarr.Group) and "labels" in opened and "segmentation" not in opened:
+        ids = opened["labels"]  # instance labels of `unet-volume segment`
+        return _Source(url, tuple(ids.shape), 2, lambda z: np.asarray(ids[z]), instances=True)
+    if isinstance(opened, zarr.Group):
         dataset = open_prediction(url)
         if "segmentation" not in dataset:
             raise InputError(
