@@ -13,8 +13,10 @@ import numpy as np
 from distributed import Client
 
 from unet_volume.evaluation import evaluate
+from unet_volume.instances import label_instances
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
+from unet_volume.watershed import WatershedConfig
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")
@@ -37,3 +39,17 @@ def interior_probability(
         model, image, out, output_dtype="float32", overwrite=True, tta=tta, client=client
     )
     return open_prediction(str(out)).probabilities[1].values
+
+
+def watershed_labels(prediction: Path, seed_threshold: float, client: Client) -> str:
+    """The seeded watershed of a prediction (per slice), as ``unet-volume segment`` makes it."""
+    out = f"{prediction}.watershed-{seed_threshold:g}.zarr"
+    config = WatershedConfig(seed_threshold=seed_threshold)
+    label_instances(str(prediction), out, client=client, watershed=config, overwrite=True)
+    return out
+
+
+def instance_scores(labels: str, z_range: tuple[int, int]) -> dict[str, float]:
+    """Whole-range pixel and Rand error of instance labels (scored as their objects)."""
+    report = evaluate(labels, LABELS, z_range=z_range)
+    return {"pixel_error": report.volume.pixel_error, "rand_error": report.volume.rand_error}
