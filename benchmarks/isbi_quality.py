@@ -45,7 +45,7 @@ from unet_volume.train import TrainConfig, train
 from unet_volume.unet_config import UNetConfig
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-SEEDS = (0.7, 0.8, 0.9, 0.95)  # watershed seed thresholds tried on the training slices
+SEEDS = (0.6, 0.7, 0.8, 0.9)  # watershed seed thresholds tried on the training slices
 
 
 def watershed_read_out(prediction: Path, client: Client, suffix: str) -> dict[str, object]:

@@ -3,11 +3,12 @@
 The record is what ``unet-volume models`` prints and what ``tests/test_shipped_models.py``
 checks: the file's sha256; how it was made (the recipe from the checkpoint's own metadata, its
 steps and data); its held-out figures, from the same recipe trained on slices 0-19 and scored
-on 20-24 (``isbi_quality.py``'s results.json, the read-out ``--readout`` names); and its own
-figures on slices 20-24 (which it trained on), measured here as the test measures them.
+on 20-24 (``isbi_quality.py``'s results.json: the argmax and the seeded watershed, with the
+seed threshold that run chose on slices 0-19); and its own figures on slices 20-24 (which it
+trained on), measured here as the test measures them.
 
     .venv/bin/python scripts/ship_model.py runs/ship/model.pt --name isbi2012-membranes \\
-        --held-out runs/held-out/results.json --readout validation_argmax
+        --held-out runs/held-out/results.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from isbi import IMAGE, VALIDATION, interior_probability, scores  # noqa: E402
+from isbi import (  # noqa: E402
+    IMAGE,
+    VALIDATION,
+    instance_scores,
+    interior_probability,
+    scores,
+    watershed_labels,
+)
 
 from unet_volume.checkpoint import read_checkpoint  # noqa: E402
 from unet_volume.cluster import open_client  # noqa: E402
@@ -52,35 +60,47 @@ def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:
     ]
 
 
+def rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in figures.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--name", required=True)
     parser.add_argument("--summary", default="2D U-Net for EM membranes and cells (ISBI 2012)")
     parser.add_argument("--held-out", type=Path, required=True, help="isbi_quality results.json")
-    parser.add_argument("--readout", default="validation_argmax")
+    parser.add_argument("--tta", action="store_true", help="the read-outs with TTA")
     args = parser.parse_args()
     held_out = json.loads(args.held_out.read_text())
-    tta = args.readout.endswith("_tta")
+    suffix = "_tta" if args.tta else ""
+    seed = held_out[f"seed_threshold{suffix}"]
     target = SHIPPED_DIR / f"{args.name}.pt"
     SHIPPED_DIR.mkdir(exist_ok=True)
     shutil.copyfile(args.checkpoint, target)
     with tempfile.TemporaryDirectory() as tmp, open_client(n_workers=2, dashboard=False) as c:
-        interior = interior_probability(target, IMAGE, Path(tmp) / "p.zarr", c, tta=tta)
-    own = scores(interior, VALIDATION)
-    how = f"slices 20-24, argmax{', tta' if tta else ''}"
+        prediction = Path(tmp) / "p.zarr"
+        interior = interior_probability(target, IMAGE, prediction, c, tta=args.tta)
+        own = scores(interior, VALIDATION)
+        own_watershed = instance_scores(watershed_labels(prediction, seed, c), VALIDATION)
+    how = f"slices 20-24{', tta' if args.tta else ''}"
     entries = json.loads(INDEX.read_text()) if INDEX.exists() else {}
     entries[args.name] = {
         "file": target.name,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
         "summary": args.summary,
         "made": recipe_lines(target, held_out),
-        "predict": {"tta": tta},
+        "predict": {"tta": args.tta},
+        "segment": {"watershed": True, "seed_threshold": seed, "threshold": 0.5},
         "figures": {
-            "held_out": {k: round(v, 4) for k, v in held_out[args.readout].items()},
-            "held_out_how": f"{how}, never trained on",
-            "slices_20_24": {k: round(v, 4) for k, v in own.items()},
-            "slices_20_24_how": f"{how}, trained on",
+            "held_out": rounded(held_out[f"validation_argmax{suffix}"]),
+            "held_out_how": f"{how}, argmax, never trained on",
+            "held_out_watershed": rounded(held_out[f"validation_watershed{suffix}"]),
+            "held_out_watershed_how": f"{how}, watershed (seeds p > {seed:g}), never trained on",
+            "slices_20_24": rounded(own),
+            "slices_20_24_how": f"{how}, argmax, trained on",
+            "slices_20_24_watershed": rounded(own_watershed),
+            "slices_20_24_watershed_how": f"{how}, watershed (seeds p > {seed:g}), trained on",
         },
     }
     INDEX.write_text(json.dumps(entries, indent=2) + "\n")

@@ -1,9 +1,10 @@
 """The shipped models: a name on the command line is the very model that was measured.
 
 Each shipped checkpoint loads by its name, its bytes hash to its record's sha256, it fits the
-size budget of a repository file, and it reproduces its recorded figures on the shipped ISBI
-slices 20-24 (within what another CPU's float rounding can move). A local path always wins over
-a name; a damaged file or an unknown name is refused in one line that says what to do.
+size budget of a repository file, and it reproduces its recorded figures (argmax and
+watershed) on the shipped ISBI slices 20-24 (within what another CPU's float rounding can
+move). A local path always wins over a name; a damaged file or an unknown name is refused in
+one line that says what to do.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.cli import main
 from unet_volume.errors import CheckpointError
 from unet_volume.evaluation import evaluate
+from unet_volume.instances import label_instances
 from unet_volume.model import UNet
 from unet_volume.predict import predict_volume
 from unet_volume.shipped_models import ShippedModel, check_shipped, shipped_models
+from unet_volume.watershed import WatershedConfig
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 SHIPPED = list(shipped_models().values())
@@ -62,10 +65,14 @@ def test_shipped_model_scores_its_recorded_figures_on_slices_20_to_24(
     out = tmp_path / "prediction.zarr"
     tta = shipped.record["predict"]["tta"]
     predict_volume(shipped.name, image, out, client=client, tta=tta)
-    figures = evaluate(out, labels).volume
-    recorded = shipped.figures("slices_20_24")
-    assert figures.pixel_error == pytest.approx(recorded["pixel_error"], abs=PIXEL_TOLERANCE)
-    assert figures.rand_error == pytest.approx(recorded["rand_error"], abs=RAND_TOLERANCE)
+    segment = shipped.record["segment"]
+    objects = tmp_path / "objects.zarr"
+    watershed = WatershedConfig(segment["threshold"], segment["seed_threshold"])
+    label_instances(str(out), str(objects), client=client, watershed=watershed)
+    for found, key in ((out, "slices_20_24"), (objects, "slices_20_24_watershed")):
+        figures, recorded = evaluate(found, labels).volume, shipped.figures(key)
+        assert figures.pixel_error == pytest.approx(recorded["pixel_error"], abs=PIXEL_TOLERANCE)
+        assert figures.rand_error == pytest.approx(recorded["rand_error"], abs=RAND_TOLERANCE)
 
 
 def test_a_local_file_named_like_a_shipped_model_wins(

@@ -92,7 +92,9 @@ def describe(shipped: ShippedModel) -> list[str]:
     lines += [f"  {line}" for line in record.get("made", [])]
     for key, what in (
         ("held_out", "held out"),
+        ("held_out_watershed", "held out"),
         ("slices_20_24", "this model"),
+        ("slices_20_24_watershed", "this model"),
     ):
         if key in record.get("figures", {}):
             figures = shipped.figures(key)
