@@ -18,11 +18,14 @@ from typing import Any
 
 from prefect import flow
 
+from unet_volume.cluster import open_client
 from unet_volume.evaluation import evaluate
+from unet_volume.instances import label_instances
 from unet_volume.prediction_store import open_prediction
 from unet_volume.shipped_models import shipped_models
 from unet_volume.storage import convert_to_zarr
 from unet_volume.train import TrainConfig
+from unet_volume.watershed import WatershedConfig
 from unet_volume_flows.common import HiddenNone
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
@@ -34,8 +37,9 @@ SHIPPED = "isbi2012-membranes"
 
 @flow(name="demo")
 def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dict[str, object]:
-    """Convert the ISBI stack; predict it with the shipped model and score slices 20-24; then
-    train for ``minutes`` on slices 0-19, score 20-24 and predict all 25 with the new model."""
+    """Convert the ISBI stack; predict it with the shipped model, segment its objects (the
+    watershed) and score slices 20-24; then train for ``minutes`` on slices 0-19, score
+    20-24 and predict all 25 with the new model."""
     root = Path(out)
     image, labels = str(root / "isbi-volume.zarr"), str(root / "isbi-labels.zarr")
     for tiff, zarr_url in (
@@ -52,6 +56,7 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
         preview=str(root / "shipped.preview.png"),
     )
     shipped["scores"] = evaluate(shipped["output_url"], labels, z_range=VALIDATION).to_dict()
+    shipped |= segmented(shipped["output_url"], str(root / "shipped-objects.zarr"), labels)
     figures = train_flow(
         image,
         labels,
@@ -70,6 +75,18 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
     return {"shipped": shipped, "train": figures, "predict": report}
 
 
+def segmented(prediction: str, out: str, labels: str) -> dict[str, Any]:
+    """The prediction's objects by the shipped model's watershed, and their scores on 20-24."""
+    segment = shipped_models()[SHIPPED].record["segment"]
+    watershed = WatershedConfig(segment["threshold"], segment["seed_threshold"])
+    with open_client(dashboard=False, quiet=True) as client:
+        report = label_instances(
+            prediction, out, client=client, watershed=watershed, overwrite=True
+        )
+    scores = evaluate(report.output_url, labels, z_range=VALIDATION).to_dict()
+    return {"objects": report.objects, "objects_url": report.output_url, "watershed": scores}
+
+
 def print_shipped(shipped: dict[str, Any]) -> None:
     """The shipped model's prediction and figures, beside the ones its record states."""
     record = shipped_models()[SHIPPED]
@@ -83,6 +100,12 @@ def print_shipped(shipped: dict[str, Any]) -> None:
         f"Rand error {figures['rand_error']:.4f} (it trained on all 25 slices; the same recipe "
         f"trained on 0-19 scored {held_out['pixel_error']:.4f} / {held_out['rand_error']:.4f} "
         "on 20-24, never seen)"
+    )
+    watershed = shipped["watershed"]["volume"]
+    print(
+        f"objects (segment --watershed): {shipped['objects']:,} in {shipped['objects_url']}; "
+        f"slices {VALIDATION[0]}-{VALIDATION[1] - 1}: Rand error {watershed['rand_error']:.4f} "
+        f"(held out: {record.figures('held_out_watershed')['rand_error']:.4f})"
     )
 
 
