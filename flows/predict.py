@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -13,13 +14,16 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster import describe
 from unet_volume.engine import RunReport
+from unet_volume.instances import label_instances
 from unet_volume.locations import absolute
+from unet_volume.objects import read_objects
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
 from unet_volume.progress import duration
 from unet_volume.shipped_models import model_file
+from unet_volume.watershed import WatershedConfig
 from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (
     CLUSTER_HELP,
@@ -118,6 +122,36 @@ def publish(report: RunReport, image: str, preview: str) -> str:
     return str(png)
 
 
+@task(cache_policy=NO_CACHE)
+def segment(
+    prediction: str, method: str, scheduler: str | None, cluster: str | None
+) -> dict[str, Any]:
+    """The prediction's objects (connected components or the seeded watershed) beside it, on
+    the Dask cluster; the object table's summary and largest objects as an artifact."""
+    out = f"{prediction.rstrip('/')}.objects.zarr"
+    watershed = WatershedConfig() if method == "watershed" else None
+    with flow_client(scheduler, cluster) as client:
+        report = label_instances(
+            prediction, out, client=client, watershed=watershed, overwrite=True
+        )
+    table = read_objects(report.output_url)
+    get_run_logger().info(
+        "segmented %s (%s): %s objects in %s",
+        out,
+        method,
+        f"{report.objects:,}",
+        duration(report.seconds),
+    )
+    largest = table.nlargest(20, "voxels").round(3)
+    create_table_artifact(
+        json.loads(largest.to_json(orient="records")),  # plain JSON types, not numpy's
+        key="objects",
+        description=f"The 20 largest of {report.objects:,} objects in {report.output_url} "
+        f"({method}); the whole table: {report.output_url}.objects.parquet",
+    )
+    return {"objects": report.objects, "output_url": report.output_url}
+
+
 def default_preview(out: str) -> str:
     """Beside a local output (``out.zarr`` -> ``out.preview.png``); for a URL, in the working
     folder."""
@@ -134,6 +168,9 @@ def default_preview(out: str) -> str:
     out="the output Zarr group to write (or to resume, if a run of the same model, geometry "
     "and input stopped early)",
     preview="where to write the preview PNG (default: beside a local output, out.preview.png)",
+    instances="then label the objects beside the output (OUT.objects.zarr, with its Parquet "
+    "object table): connected components of the foreground, or a seeded watershed that keeps "
+    "touching cells apart; none by default",
     **CLUSTER_HELP,
 )
 def predict_flow(
@@ -153,6 +190,7 @@ def predict_flow(
     scheduler: str | None = None,
     cluster: str | None = None,
     preview: str | None = None,
+    instances: Literal["none", "components", "watershed"] = "none",
 ) -> dict[str, Any]:
     """Predict ``image`` (Zarr array or TIFF stack) with the checkpoint ``model`` into ``out``.
 
@@ -194,4 +232,7 @@ def predict_flow(
         },
     )
     png = publish(report, image, preview or default_preview(out))
-    return {**report.to_dict(), "preview": png}
+    objects = (
+        segment(report.output_url, instances, scheduler, cluster) if instances != "none" else None
+    )
+    return {**report.to_dict(), "preview": png, "instances": objects}

@@ -12,6 +12,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
@@ -116,6 +117,27 @@ def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Pat
             zarr.open_array(tmp_path / "library.zarr" / name)[:],
         )
     assert report["blocks"] == 3 * 3 * 3 and report["voxels"] == 3 * 40 * 36
+
+
+def test_predict_flow_instances_stage_labels_the_objects_and_publishes_the_largest(
+    client: Client, tmp_path: Path
+) -> None:
+    image = write_zarr(tmp_path / "in.zarr", blob_volume((3, 40, 36)))
+    out = str(tmp_path / "flow.zarr")
+    report = predict_flow(
+        image,
+        tiny_model(tmp_path / "m.pt"),
+        out,
+        instances="watershed",
+        scheduler=client.scheduler.address,
+    )
+    objects = report["instances"]
+    assert objects["output_url"] == f"{out}.objects.zarr"
+    table = pd.read_parquet(f"{out}.objects.zarr.objects.parquet")
+    assert objects["objects"] == len(table) > 0
+    rows = json.loads(artifact("objects").data)
+    assert len(rows) == min(20, len(table))
+    assert rows[0]["voxels"] == table["voxels"].max()
 
 
 def test_predict_flow_passes_shards_and_precision_to_the_library(

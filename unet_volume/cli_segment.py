@@ -57,10 +57,9 @@ def add_segment(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--block-shape",
         type=parse_ints,
-        default=(1, 512, 512),
         metavar="Z,Y,X",
-        help="voxels per task and output chunk (default 1,512,512; a watershed needs whole "
-        "slices, or the whole volume with --3d)",
+        help="voxels per task and output chunk (default 1,512,512; with --watershed whole "
+        "slices, or the whole volume with --3d, so that no basin is cut)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_cluster_options(p)

@@ -89,7 +89,7 @@ def label_instances(
     per_slice: bool = True,
     foreground: int = 1,
     watershed: WatershedConfig | None = None,
-    block_shape: Shape = DEFAULT_BLOCK,
+    block_shape: Shape | None = None,
     overwrite: bool = False,
 ) -> InstanceReport:
     """Label the objects of ``source``'s foreground into the group ``out``; write the object
@@ -100,7 +100,8 @@ def label_instances(
     objects, 4 or 8 neighbours for ``connectivity`` 6 or 26), else in 3D. With ``watershed``
     (a prediction only) the objects come from a seeded watershed of the foreground
     probability (:mod:`unet_volume.watershed`) instead of connected components; its blocks
-    must hold whole slices (per slice) or the whole volume (3D), so that no basin is cut.
+    must hold whole slices (per slice) or the whole volume (3D), so that no basin is cut:
+    that is the default ``block_shape`` with a watershed, (1, 512, 512) without.
     """
     start = time.perf_counter()
     how = _labelling(source, foreground, structure(connectivity, per_slice=per_slice), watershed)
@@ -187,8 +188,11 @@ def _grid_of(group: zarr.Group) -> dict[str, Any]:
     return {"voxel_size": tuple(size) if size else None, "units": recorded.get("units")}
 
 
-def _check_block_shape(block_shape: Shape, how: Labelling, per_slice: bool) -> Shape:
+def _check_block_shape(block_shape: Shape | None, how: Labelling, per_slice: bool) -> Shape:
     volume = how.volume.shape
+    if block_shape is None:
+        whole_slices = (1, *volume[1:]) if per_slice else volume
+        block_shape = DEFAULT_BLOCK if how.watershed is None else whole_slices
     shape = tuple(int(b) for b in block_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(
