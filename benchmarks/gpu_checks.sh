@@ -12,13 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-checks}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/unet-volume-site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/unet-volume-site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source benchmarks/gpu_env.sh || exit 1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', \

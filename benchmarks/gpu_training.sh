@@ -8,13 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-training}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/unet-volume-site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/unet-volume-site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source benchmarks/gpu_env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -l 1 \
   >"$out/utilisation.csv" &

@@ -47,13 +47,14 @@ from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.locations import absolute
 from unet_volume.objects import block_stats, decode_probability, merge_stats, table_url, write_table
 from unet_volume.output_run import ATTRS_KEY, create_output, finish_output, opened_arrays
-from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
+from unet_volume.prediction_store import new_single_array_output, volume_attrs
 from unet_volume.run_record import DONE
 from unet_volume.storage import Volume, open_volume
 from unet_volume.task_window import map_bounded
 from unet_volume.watershed import WatershedConfig, seeded_watershed
 
 LABELS = "labels"
+LABELS_ARRAY = (LABELS, "uint64", 0, "instance id (0: background)")
 DEFAULT_BLOCK = (1, 512, 512)
 
 
@@ -120,7 +121,9 @@ def label_instances(
         "input": volume_attrs(how.volume),
     }
     create_output(
-        out_url, lambda: _create_output(out_url, how.volume, shape, attrs), overwrite=overwrite
+        out_url,
+        lambda: new_single_array_output(out_url, how.volume, shape, attrs, LABELS_ARRAY),
+        overwrite=overwrite,
     )
     table = merge_stats(_three_passes(client, how, shape, out_url), how.volume.voxel_size)
     write_table(table, out_url)
@@ -209,20 +212,6 @@ def _check_block_shape(block_shape: Shape | None, how: Labelling, per_slice: boo
             f"--block-shape {','.join(map(str, fix))}"
         )
     return shape
-
-
-def _create_output(url: str, volume: Volume, block_shape: Shape, attrs: dict[str, Any]) -> None:
-    group = new_output_group(url, volume, block_shape, attrs)
-    group.create_array(
-        LABELS,
-        shape=volume.shape,
-        chunks=block_shape,
-        dtype="uint64",
-        fill_value=0,
-        compressors=[COMPRESSOR],
-        dimension_names=DIMS,
-        attributes={"long_name": "instance id (0: background)"},
-    )
 
 
 def _key(stage: str) -> Any:

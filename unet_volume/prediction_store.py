@@ -222,6 +222,29 @@ def new_output_group(
     return group
 
 
+def new_single_array_output(
+    url: str,
+    volume: Volume,
+    block_shape: Shape,
+    attrs: Mapping[str, Any],
+    array: tuple[str, str, float, str],
+) -> None:
+    """An output group (:func:`new_output_group`) holding one (z, y, x) array over the
+    volume, one chunk per block: ``array`` is its (name, dtype, fill value, long name).
+    Weight volumes and instance labels are such outputs."""
+    name, dtype, fill_value, long_name = array
+    new_output_group(url, volume, block_shape, attrs).create_array(
+        name,
+        shape=volume.shape,
+        chunks=block_shape,
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=[COMPRESSOR],
+        dimension_names=DIMS,
+        attributes={"long_name": long_name},
+    )
+
+
 def _encoding(output_dtype: str) -> str:
     return "p * 255, rounded" if output_dtype == "uint8" else "p"
 

@@ -44,7 +44,7 @@ from unet_volume.output_run import (
     run_recorded,
 )
 from unet_volume.predict_config import DEFAULT_OPTIONS
-from unet_volume.prediction_store import COMPRESSOR, DIMS, new_output_group, volume_attrs
+from unet_volume.prediction_store import new_single_array_output, volume_attrs
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.run_record import DONE, fingerprint
 from unet_volume.storage import Volume, check_z_range, open_volume
@@ -62,6 +62,7 @@ from unet_volume.weight_map import (
 )
 
 WEIGHTS = "weights"
+WEIGHTS_ARRAY = (WEIGHTS, "float32", 0.0, "loss weight")
 """Name of the weight array in the output group."""
 
 
@@ -130,7 +131,9 @@ def compute_weight_volume(
     if existing is None:
         attrs = _run_attrs(volume, config, weights, identity)
         create_output(
-            out_url, lambda: _create_output(out_url, volume, shape, attrs), overwrite=overwrite
+            out_url,
+            lambda: new_single_array_output(out_url, volume, shape, attrs, WEIGHTS_ARRAY),
+            overwrite=overwrite,
         )
     blocks = plan_halo_blocks(volume.shape, shape, halo_for(config))
     run_options = {"max_failures": max_failures, "stall_after": stall_after}
@@ -246,21 +249,6 @@ def _run_attrs(
         "input": volume_attrs(volume),
         "identity": identity,
     }
-
-
-def _create_output(url: str, volume: Volume, block_shape: Shape, attrs: dict[str, Any]) -> None:
-    """The empty output group: float32 ``weights``, one chunk per block, and its records."""
-    group = new_output_group(url, volume, block_shape, attrs)
-    group.create_array(
-        WEIGHTS,
-        shape=volume.shape,
-        chunks=block_shape,
-        dtype="float32",
-        fill_value=0.0,
-        compressors=[COMPRESSOR],
-        dimension_names=DIMS,
-        attributes={"long_name": "loss weight"},
-    )
 
 
 def _balance_region(volume: Box, z_range: tuple[int, int] | None) -> Box:
