@@ -128,6 +128,28 @@ def test_storage_reads_the_isbi_stack_lazily_page_by_page() -> None:
     np.testing.assert_array_equal(corner[0], padded[26:28, 0:4, 512:516])
 
 
+def test_storage_reads_a_folder_of_2d_tiffs_as_a_stack_in_name_order(tmp_path: Path) -> None:
+    # How many microscopes write a volume: one file per slice. Names sort as z, not as listed.
+    stack = np.random.default_rng(0).integers(0, 255, (4, 20, 24), dtype=np.uint8)
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z in (3, 0, 2, 1):
+        tifffile.imwrite(
+            folder / f"slice_{z:03d}.tif",
+            stack[z],
+            imagej=True,
+            resolution=(1 / 4, 1 / 4),
+            metadata={"spacing": 50, "unit": "nm"},
+        )
+    (folder / "notes.txt").write_text("not a slice")
+    volume = open_volume(str(folder))
+    assert (volume.shape, volume.kind, volume.voxel_size) == ((4, 20, 24), "tiff", (50, 4, 4))
+    corner = volume.read(Box((3, -2, 22), (5, 2, 26)))  # mirrored past the last slice and edges
+    np.testing.assert_array_equal(corner[0], np.pad(stack, 2, mode="reflect")[5:7, 0:4, 24:28])
+    out = convert_to_zarr(str(folder), str(tmp_path / "volume.zarr"), chunks=(1, 20, 24))
+    np.testing.assert_array_equal(zarr.open_array(out.url)[...], stack)
+
+
 def test_convert_to_zarr_copies_a_tiff_stack_with_named_dims_and_voxel_size(tmp_path: Path) -> None:
     data = np.arange(5 * 9 * 11, dtype=np.uint16).reshape(5, 9, 11)
     tifffile.imwrite(tmp_path / "stack.tif", data)

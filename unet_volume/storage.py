@@ -161,7 +161,19 @@ def _chunk_key(array: Any, coords: tuple[int, ...]) -> str:
 
 
 def is_tiff(url: str) -> bool:
-    return url.lower().endswith(TIFF_SUFFIXES)
+    """A TIFF stack, or a local folder of 2D TIFFs (one per z slice, in name order)."""
+    return url.lower().endswith(TIFF_SUFFIXES) or bool(tiff_files(url))
+
+
+def tiff_files(url: str) -> list[str]:
+    """The TIFFs of a local folder of slices, sorted by name; [] for anything else.
+
+    >>> tiff_files("no/such/folder")
+    []
+    """
+    if "://" in url or not Path(url).is_dir():
+        return []
+    return sorted(str(p) for p in Path(url).iterdir() if p.name.lower().endswith(TIFF_SUFFIXES))
 
 
 def check_z_range(
@@ -206,7 +218,9 @@ def open_volume(
     """
     url = str(url)
     if not exists(url):
-        raise InputError(f"input {url} does not exist; pass a Zarr array or a TIFF stack")
+        raise InputError(
+            f"input {url} does not exist; pass a Zarr array, a TIFF stack or a folder of TIFFs"
+        )
     kind: Literal["zarr", "tiff"] = "tiff" if is_tiff(url) else "zarr"
     try:
         with opened_array(url, kind) as array:
@@ -269,6 +283,10 @@ def _opened_zarr(url: str, token: str) -> Any:
 @contextmanager
 def opened_array(url: str, kind: str) -> Iterator[Any]:
     """The array at ``url``, lazily readable; a TIFF's file handle is closed on exit."""
+    if kind == "tiff" and (files := tiff_files(url)):
+        with tifffile.TiffSequence(files).aszarr() as store:  # a folder: slices along z
+            yield zarr.open_array(store, mode="r")
+        return
     if kind == "tiff":
         with tifffile.imread(url, aszarr=True) as store:
             yield zarr.open_array(store, mode="r")
@@ -320,6 +338,7 @@ def _stored_voxel_size(
 
 
 def _tiff_voxel_size(url: str) -> tuple[tuple[float, float, float] | None, str | None]:
+    url = (tiff_files(url) or [url])[0]  # a folder's slices: the first one's tags
     with fsspec.open(url, "rb") as handle, tifffile.TiffFile(handle) as tif:
         meta = tif.imagej_metadata or {}
         page = tif.pages.first
