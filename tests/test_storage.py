@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import tifffile
@@ -148,6 +149,28 @@ def test_storage_reads_a_folder_of_2d_tiffs_as_a_stack_in_name_order(tmp_path: P
     np.testing.assert_array_equal(corner[0], np.pad(stack, 2, mode="reflect")[5:7, 0:4, 24:28])
     out = convert_to_zarr(str(folder), str(tmp_path / "volume.zarr"), chunks=(1, 20, 24))
     np.testing.assert_array_equal(zarr.open_array(out.url)[...], stack)
+
+
+def test_storage_reads_an_hdf5_dataset_named_after_its_file(tmp_path: Path) -> None:
+    stack = np.random.default_rng(1).integers(0, 2**12, (3, 16, 18), dtype=np.uint16)
+    path = tmp_path / "sample.h5"
+    with h5py.File(path, "w") as f:
+        raw = f.create_dataset("volumes/raw", data=stack, chunks=(1, 8, 9))
+        raw.attrs["resolution"] = np.array([40.0, 4.0, 4.0])
+        f.create_dataset("volumes/mask", data=stack > 100)
+    volume = open_volume(f"{path}:/volumes/raw")
+    assert (volume.kind, volume.shape, volume.chunks) == ("hdf5", (3, 16, 18), (1, 8, 9))
+    assert volume.voxel_size == (40.0, 4.0, 4.0)
+    corner = volume.read(Box((2, -2, 16), (4, 2, 20)))  # mirrored past the last slice and edges
+    np.testing.assert_array_equal(corner[0], np.pad(stack, 2, mode="reflect")[4:6, 0:4, 18:22])
+    out = convert_to_zarr(f"{path}:/volumes/raw", str(tmp_path / "raw.zarr"), chunks=(1, 16, 18))
+    np.testing.assert_array_equal(zarr.open_array(out.url)[...], stack)
+    with pytest.raises(InputError, match=r"holds 2 datasets .*name one, e\.g\. .*sample\.h5:/"):
+        open_volume(str(path))
+    with pytest.raises(InputError, match="has no dataset /volumes/labels; pass one of"):
+        open_volume(f"{path}:/volumes/labels")
+    with pytest.raises(InputError, match="does not exist"):
+        open_volume(f"{tmp_path / 'other.h5'}:/raw")
 
 
 def test_convert_to_zarr_copies_a_tiff_stack_with_named_dims_and_voxel_size(tmp_path: Path) -> None:

@@ -18,10 +18,15 @@ import numpy as np
 import zarr
 
 from unet_volume.errors import InputError
-from unet_volume.locations import exists
 from unet_volume.metrics import OverlapCounts, PairCounts, SegBackground, instances_from_binary
 from unet_volume.prediction_store import open_prediction
-from unet_volume.storage import check_z_range, is_tiff, open_volume, opened_array
+from unet_volume.storage import (
+    check_z_range,
+    input_exists,
+    input_kind,
+    open_volume,
+    opened_array,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,11 +243,11 @@ def _open_source(source: str | Path | np.ndarray, role: str, stack: ExitStack) -
             raise InputError(f"{role} array has shape {source.shape}; pass (z, y, x) or (y, x)")
         return _Source("array", tuple(planes.shape), None, lambda z: np.asarray(planes[z]))
     url = str(source)
-    if not exists(url):
+    if not input_exists(url):
         raise InputError(
             f"{role} {url} does not exist; pass a prediction group, a Zarr array or a TIFF stack"
         )
-    opened = None if is_tiff(url) else zarr.open(url, mode="r")
+    opened = zarr.open(url, mode="r") if input_kind(url) == "zarr" else None
     if isinstance(opened, zarr.Group) and "labels" in opened and "segmentation" not in opened:
         ids = opened["labels"]  # instance labels of `unet-volume segment`
         return _Source(url, tuple(ids.shape), 2, lambda z: np.asarray(ids[z]), instances=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +36,9 @@ from unet_volume.geometry import Box, Shape
 from unet_volume.locations import absolute, exists, fast_io, remove_output, removed_on_failure
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+HDF5 = re.compile(r"(?P<file>.+\.(?:h5|hdf5|hdf))(?::(?P<dataset>/?[^:]*))?", re.IGNORECASE)
+"""``file.h5:/path/to/dataset`` (the dataset may be left out when the file holds one)."""
+Kind = Literal["zarr", "tiff", "hdf5"]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ class Volume:
     """
 
     url: str
-    kind: Literal["zarr", "tiff"]
+    kind: Kind
     shape: Shape
     channels: int
     dtype: str
@@ -165,6 +169,52 @@ def is_tiff(url: str) -> bool:
     return url.lower().endswith(TIFF_SUFFIXES) or bool(tiff_files(url))
 
 
+def input_kind(url: str) -> Kind:
+    """How the input at ``url`` is read: a Zarr array, a TIFF stack (or folder), an HDF5 dataset.
+
+    >>> input_kind("data/raw.h5:/volumes/raw"), input_kind("s3://b/v.zarr/raw")
+    ('hdf5', 'zarr')
+    """
+    if HDF5.fullmatch(url):
+        return "hdf5"
+    return "tiff" if is_tiff(url) else "zarr"
+
+
+def input_exists(url: str) -> bool:
+    """Whether the input at ``url`` is there (for HDF5: its file)."""
+    match = HDF5.fullmatch(url)
+    return exists(match["file"] if match else url)
+
+
+def _hdf5_dataset(url: str, file: Any) -> Any:
+    """The dataset that ``file.h5:/path`` names; without a path, the file's only dataset."""
+    match = HDF5.fullmatch(url)
+    assert match is not None
+    if match["dataset"]:
+        if match["dataset"] not in file:
+            raise InputError(
+                f"{match['file']} has no dataset {match['dataset']}; pass one of {_datasets(file)}"
+            )
+        return file[match["dataset"]]
+    found = _datasets(file)
+    if len(found) != 1:
+        example = found[0] if found else "/raw"
+        raise InputError(
+            f"{url} holds {len(found)} datasets {found[:5]}; name one, e.g. {url}:{example}"
+        )
+    return file[found[0]]
+
+
+def _datasets(file: Any) -> list[str]:
+    import h5py
+
+    names: list[str] = []
+    file.visititems(
+        lambda name, node: names.append(f"/{name}") if isinstance(node, h5py.Dataset) else None
+    )
+    return names
+
+
 def tiff_files(url: str) -> list[str]:
     """The TIFFs of a local folder of slices, sorted by name; [] for anything else.
 
@@ -217,11 +267,12 @@ def open_volume(
     other than 3 or 4, an empty array, a non-numeric dtype.
     """
     url = str(url)
-    if not exists(url):
+    if not input_exists(url):
         raise InputError(
-            f"input {url} does not exist; pass a Zarr array, a TIFF stack or a folder of TIFFs"
+            f"input {url} does not exist; pass a Zarr array, a TIFF stack, a folder of TIFFs or "
+            "an HDF5 dataset (file.h5:/path)"
         )
-    kind: Literal["zarr", "tiff"] = "tiff" if is_tiff(url) else "zarr"
+    kind = input_kind(url)
     try:
         with opened_array(url, kind) as array:
             return _describe(array, url, kind, voxel_size, units)
@@ -238,7 +289,7 @@ def open_volume(
 def _describe(
     array: Any,
     url: str,
-    kind: Literal["zarr", "tiff"],
+    kind: Kind,
     voxel_size: Sequence[float] | None,
     units: str | None,
 ) -> Volume:
@@ -265,7 +316,7 @@ def _describe(
         dtype=dtype.str,
         voxel_size=size,
         units=units or stored_units or ("nm" if size is not None else None),
-        chunks=tuple(int(c) for c in getattr(array, "chunks", shape))[-3:],
+        chunks=tuple(int(c) for c in getattr(array, "chunks", None) or shape)[-3:],
     )
 
 
@@ -283,6 +334,12 @@ def _opened_zarr(url: str, token: str) -> Any:
 @contextmanager
 def opened_array(url: str, kind: str) -> Iterator[Any]:
     """The array at ``url``, lazily readable; a TIFF's file handle is closed on exit."""
+    if kind == "hdf5":
+        import h5py  # read per access, as a TIFF: its file handle must be closed
+
+        with h5py.File(HDF5.fullmatch(url)["file"], "r") as file:  # type: ignore[index]
+            yield _hdf5_dataset(url, file)
+        return
     if kind == "tiff" and (files := tiff_files(url)):
         with tifffile.TiffSequence(files).aszarr() as store:  # a folder: slices along z
             yield zarr.open_array(store, mode="r")
@@ -332,6 +389,7 @@ def _stored_voxel_size(
     attrs = dict(array.attrs)
     for key in ("voxel_size", "resolution"):
         value = attrs.get(key)
+        value = value.tolist() if isinstance(value, np.ndarray) else value  # HDF5 attributes
         if isinstance(value, list | tuple) and len(value) >= 3:
             return tuple(float(v) for v in value[-3:]), attrs.get("units")  # type: ignore[return-value]
     return None, None
