@@ -18,15 +18,10 @@ import numpy as np
 import zarr
 
 from unet_volume.errors import InputError
+from unet_volume.formats import input_exists, input_kind, opened_array
 from unet_volume.metrics import OverlapCounts, PairCounts, SegBackground, instances_from_binary
 from unet_volume.prediction_store import open_prediction
-from unet_volume.storage import (
-    check_z_range,
-    input_exists,
-    input_kind,
-    open_volume,
-    opened_array,
-)
+from unet_volume.storage import check_z_range, open_volume
 
 
 @dataclass(frozen=True, slots=True)

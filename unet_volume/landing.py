@@ -27,9 +27,9 @@ import tifffile
 from fsspec.implementations.local import LocalFileSystem
 
 from unet_volume.errors import InputError
+from unet_volume.formats import TIFF_SUFFIXES
 from unet_volume.locations import exists
 from unet_volume.output_run import run_info
-from unet_volume.storage import TIFF_SUFFIXES
 
 VOLUME_SUFFIXES = (".zarr", *TIFF_SUFFIXES)
 

@@ -24,8 +24,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from unet_volume.errors import InputError
+from unet_volume.formats import opened_array
 from unet_volume.prediction_store import open_prediction
-from unet_volume.storage import Volume, open_volume, opened_array
+from unet_volume.storage import Volume, open_volume
 
 if TYPE_CHECKING:
     import xarray as xr

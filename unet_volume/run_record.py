@@ -44,8 +44,9 @@ import numpy as np
 import zarr
 
 from unet_volume.errors import OutputExistsError
+from unet_volume.formats import opened_array
 from unet_volume.geometry import Box, Shape, ceil_div
-from unet_volume.storage import Volume, opened_array
+from unet_volume.storage import Volume
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,7 @@
 """Reading input volumes and writing prediction stores.
 
-Inputs are Zarr arrays (v2 or v3, a local path or any fsspec URL) or TIFF stacks
-(read through tifffile's Zarr view, page by page, never whole), with shape
-``(z, y, x)`` or ``(c, z, y, x)``. A :class:`Volume` is a small picklable
+Inputs are any of :mod:`unet_volume.formats` (Zarr, TIFF stacks and folders, HDF5), with
+shape ``(z, y, x)`` or ``(c, z, y, x)``, never read whole. A :class:`Volume` is a small picklable
 description of one: workers re-open it from its URL and read only their own box.
 
 Voxels outside the volume are mirrored without repeating the edge voxel
@@ -16,29 +15,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import fsspec
 import numpy as np
-import tifffile
 import zarr
 from zarr.codecs import BloscCodec
 
 from unet_volume.border import reflect
 from unet_volume.errors import InputError, is_transient
+from unet_volume.formats import Kind, input_exists, input_kind, opened_array, stored_voxel_size
 from unet_volume.geometry import Box, Shape
 from unet_volume.locations import absolute, exists, fast_io, remove_output, removed_on_failure
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-HDF5 = re.compile(r"(?P<file>.+\.(?:h5|hdf5|hdf))(?::(?P<dataset>/?[^:]*))?", re.IGNORECASE)
-"""``file.h5:/path/to/dataset`` (the dataset may be left out when the file holds one)."""
-Kind = Literal["zarr", "tiff", "hdf5"]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -164,68 +156,6 @@ def _chunk_key(array: Any, coords: tuple[int, ...]) -> str:
         return ""
 
 
-def is_tiff(url: str) -> bool:
-    """A TIFF stack, or a local folder of 2D TIFFs (one per z slice, in name order)."""
-    return url.lower().endswith(TIFF_SUFFIXES) or bool(tiff_files(url))
-
-
-def input_kind(url: str) -> Kind:
-    """How the input at ``url`` is read: a Zarr array, a TIFF stack (or folder), an HDF5 dataset.
-
-    >>> input_kind("data/raw.h5:/volumes/raw"), input_kind("s3://b/v.zarr/raw")
-    ('hdf5', 'zarr')
-    """
-    if HDF5.fullmatch(url):
-        return "hdf5"
-    return "tiff" if is_tiff(url) else "zarr"
-
-
-def input_exists(url: str) -> bool:
-    """Whether the input at ``url`` is there (for HDF5: its file)."""
-    match = HDF5.fullmatch(url)
-    return exists(match["file"] if match else url)
-
-
-def _hdf5_dataset(url: str, file: Any) -> Any:
-    """The dataset that ``file.h5:/path`` names; without a path, the file's only dataset."""
-    match = HDF5.fullmatch(url)
-    assert match is not None
-    if match["dataset"]:
-        if match["dataset"] not in file:
-            raise InputError(
-                f"{match['file']} has no dataset {match['dataset']}; pass one of {_datasets(file)}"
-            )
-        return file[match["dataset"]]
-    found = _datasets(file)
-    if len(found) != 1:
-        example = found[0] if found else "/raw"
-        raise InputError(
-            f"{url} holds {len(found)} datasets {found[:5]}; name one, e.g. {url}:{example}"
-        )
-    return file[found[0]]
-
-
-def _datasets(file: Any) -> list[str]:
-    import h5py
-
-    names: list[str] = []
-    file.visititems(
-        lambda name, node: names.append(f"/{name}") if isinstance(node, h5py.Dataset) else None
-    )
-    return names
-
-
-def tiff_files(url: str) -> list[str]:
-    """The TIFFs of a local folder of slices, sorted by name; [] for anything else.
-
-    >>> tiff_files("no/such/folder")
-    []
-    """
-    if "://" in url or not Path(url).is_dir():
-        return []
-    return sorted(str(p) for p in Path(url).iterdir() if p.name.lower().endswith(TIFF_SUFFIXES))
-
-
 def check_z_range(
     z_range: Sequence[int] | None, depth: int | None, *, what: str = "z range"
 ) -> tuple[int, int]:
@@ -304,7 +234,7 @@ def _describe(
     dtype = np.dtype(array.dtype)
     if dtype.kind not in "uif":
         raise InputError(f"input {url} has dtype {dtype}; expected integer or float voxels")
-    stored_size, stored_units = _stored_voxel_size(array, url, kind)
+    stored_size, stored_units = stored_voxel_size(array, url, kind)
     size = tuple(float(v) for v in voxel_size) if voxel_size is not None else stored_size
     if size is not None and (len(size) != 3 or any(v <= 0 for v in size)):
         raise InputError(f"voxel size {size} must be 3 positive numbers (z, y, x), e.g. 50,4,4")
@@ -329,85 +259,6 @@ def _opened_zarr(url: str, token: str) -> Any:
     """
     with fast_io(url), opened_array(url, "zarr") as array:
         return array
-
-
-@contextmanager
-def opened_array(url: str, kind: str) -> Iterator[Any]:
-    """The array at ``url``, lazily readable; a TIFF's file handle is closed on exit."""
-    if kind == "hdf5":
-        import h5py  # read per access, as a TIFF: its file handle must be closed
-
-        with h5py.File(HDF5.fullmatch(url)["file"], "r") as file:  # type: ignore[index]
-            yield _hdf5_dataset(url, file)
-        return
-    if kind == "tiff" and (files := tiff_files(url)):
-        with tifffile.TiffSequence(files).aszarr() as store:  # a folder: slices along z
-            yield zarr.open_array(store, mode="r")
-        return
-    if kind == "tiff":
-        with tifffile.imread(url, aszarr=True) as store:
-            yield zarr.open_array(store, mode="r")
-        return
-    node = zarr.open(url, mode="r")
-    if isinstance(node, zarr.Group):
-        node = _main_array(node, url)
-    yield node
-
-
-def _main_array(group: zarr.Group, url: str) -> Any:
-    """The array that a unet-volume output names as its volume (a weight volume's ``weights``).
-
-    An output whose run is not complete is refused: its missing blocks would read as zeros.
-    Any other group is refused, naming its arrays.
-    """
-    info = group.attrs.get("unet_volume")
-    name = info.get("array") if isinstance(info, dict) else None
-    if not isinstance(name, str):
-        names = sorted(name for name, _ in group.arrays())
-        raise InputError(
-            f"input {url} is a Zarr group, not an array; pass one of its arrays, "
-            f"e.g. {url.rstrip('/')}/{names[0] if names else 'ARRAY'}"
-        )
-    if not info.get("complete"):  # type: ignore[union-attr]
-        raise InputError(
-            f"input {url} is incomplete (its run stopped before every block was written); "
-            "run the command that writes it again to resume (`unet-volume status` shows how far)"
-        )
-    return group[name]
-
-
-def _stored_voxel_size(
-    array: Any, url: str, kind: str
-) -> tuple[tuple[float, float, float] | None, str | None]:
-    """The voxel size and units stored with the input, so that outputs can carry them on.
-
-    Read from the Zarr attributes ``voxel_size`` (or ``resolution``) and ``units``, or from a
-    TIFF's ImageJ tags.
-    """
-    if kind == "tiff":
-        return _tiff_voxel_size(url)
-    attrs = dict(array.attrs)
-    for key in ("voxel_size", "resolution"):
-        value = attrs.get(key)
-        value = value.tolist() if isinstance(value, np.ndarray) else value  # HDF5 attributes
-        if isinstance(value, list | tuple) and len(value) >= 3:
-            return tuple(float(v) for v in value[-3:]), attrs.get("units")  # type: ignore[return-value]
-    return None, None
-
-
-def _tiff_voxel_size(url: str) -> tuple[tuple[float, float, float] | None, str | None]:
-    url = (tiff_files(url) or [url])[0]  # a folder's slices: the first one's tags
-    with fsspec.open(url, "rb") as handle, tifffile.TiffFile(handle) as tif:
-        meta = tif.imagej_metadata or {}
-        page = tif.pages.first
-        tags = page.tags
-        if "spacing" not in meta or "XResolution" not in tags:
-            return None, None
-        x_num, x_den = tags["XResolution"].value
-        y_num, y_den = tags["YResolution"].value
-        size = (float(meta["spacing"]), y_den / y_num, x_den / x_num)
-        unit = str(meta.get("unit") or "")
-        return size, {"micron": "um", "\u00b5m": "um"}.get(unit, unit) or None
 
 
 def convert_to_zarr(
