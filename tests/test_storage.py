@@ -173,6 +173,27 @@ def test_storage_reads_an_hdf5_dataset_named_after_its_file(tmp_path: Path) -> N
         open_volume(f"{tmp_path / 'other.h5'}:/raw")
 
 
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_storage_opens_an_ome_zarr_image_at_full_resolution(tmp_path: Path, version: str) -> None:
+    # OME-Zarr 0.5 on Zarr v3 keeps its metadata under "ome"; 0.4 on Zarr v2 at the top.
+    full = np.random.default_rng(2).integers(0, 255, (4, 16, 16), dtype=np.uint8)
+    fmt = 3 if version == "0.5" else 2
+    group = zarr.open_group(tmp_path / "image.ome.zarr", mode="w", zarr_format=fmt)
+    group.create_array("0", data=full)
+    group.create_array("1", data=full[:, ::2, ::2])
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+    datasets = [
+        {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        for level, scale in ((0, [40.0, 4.0, 4.0]), (1, [40.0, 8.0, 8.0]))
+    ]
+    multiscales = [{"axes": axes, "datasets": datasets, "name": "image"}]
+    meta = {"version": version, "multiscales": multiscales}
+    group.attrs.update({"ome": meta} if version == "0.5" else {"multiscales": multiscales})
+    volume = open_volume(str(tmp_path / "image.ome.zarr"))
+    assert (volume.shape, volume.voxel_size, volume.units) == ((4, 16, 16), (40, 4, 4), "nm")
+    np.testing.assert_array_equal(volume.read(volume.box)[0], full)
+
+
 def test_convert_to_zarr_copies_a_tiff_stack_with_named_dims_and_voxel_size(tmp_path: Path) -> None:
     data = np.arange(5 * 9 * 11, dtype=np.uint16).reshape(5, 9, 11)
     tifffile.imwrite(tmp_path / "stack.tif", data)

@@ -29,6 +29,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5 = re.compile(r"(?P<file>.+\.(?:h5|hdf5|hdf))(?::(?P<dataset>/?[^:]*))?", re.IGNORECASE)
 """``file.h5:/path/to/dataset`` (the dataset may be left out when the file holds one)."""
 Kind = Literal["zarr", "tiff", "hdf5"]
+UNITS = {"nanometer": "nm", "micrometer": "um", "millimeter": "mm", "angstrom": "A"}
+"""OME-Zarr's unit names as the rest of the package writes them."""
 
 
 def is_tiff(url: str) -> bool:
@@ -112,8 +114,30 @@ def opened_array(url: str, kind: str) -> Iterator[Any]:
         return
     node = zarr.open(url, mode="r")
     if isinstance(node, zarr.Group):
-        node = _main_array(node, url)
+        image = ome_image(node)
+        node = node[image[0]] if image else _main_array(node, url)
     yield node
+
+
+def ome_image(
+    group: zarr.Group,
+) -> tuple[str, tuple[float, float, float] | None, str | None] | None:
+    """An OME-Zarr image's full-resolution array (its first ``multiscales`` dataset), with its
+    (z, y, x) scale and unit; None for any other group. OME-Zarr 0.5 keeps the metadata under
+    ``ome`` (Zarr v3), 0.4 at the top (Zarr v2)."""
+    attrs = dict(group.attrs)
+    meta = attrs.get("ome", attrs)
+    multiscales = meta.get("multiscales") if isinstance(meta, dict) else None
+    if not multiscales:
+        return None
+    first = multiscales[0]
+    dataset = first["datasets"][0]
+    scales = [
+        t["scale"] for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"
+    ]
+    size = tuple(float(v) for v in scales[0][-3:]) if scales and len(scales[0]) >= 3 else None
+    unit = (first.get("axes") or [{}])[-1].get("unit")
+    return dataset["path"], size, UNITS.get(unit, unit)  # type: ignore[return-value]
 
 
 def _main_array(group: zarr.Group, url: str) -> Any:
@@ -143,11 +167,14 @@ def stored_voxel_size(
 ) -> tuple[tuple[float, float, float] | None, str | None]:
     """The voxel size and units stored with the input, so that outputs can carry them on.
 
-    Read from the Zarr attributes ``voxel_size`` (or ``resolution``) and ``units``, or from a
-    TIFF's ImageJ tags.
+    Read from an OME-Zarr image's scale and unit, the Zarr (or HDF5) attributes
+    ``voxel_size`` (or ``resolution``) and ``units``, or a TIFF's ImageJ tags.
     """
     if kind == "tiff":
         return _tiff_voxel_size(url)
+    node = zarr.open(url, mode="r") if kind == "zarr" else None
+    if isinstance(node, zarr.Group) and (image := ome_image(node)):
+        return image[1], image[2]
     attrs = dict(array.attrs)
     for key in ("voxel_size", "resolution"):
         value = attrs.get(key)
