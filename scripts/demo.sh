@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The end-to-end demo on embedded defaults (Prefect's local API, a Dask LocalCluster, local Zarr;
-# offline): convert the ISBI 2012 stack to Zarr, run the `train` flow for a few minutes on slices
-# 0-19, score slices 20-24, run the `predict` flow on all 25, print where the output is, an xarray
-# summary and the validation metrics, and write preview PNGs.
+# offline): convert the ISBI 2012 stack to Zarr; predict it with the shipped model
+# (isbi2012-membranes), segment its objects and score slices 20-24; run the `train` flow for a
+# few minutes on slices 0-19, score slices 20-24, run the `predict` flow on all 25; print where
+# the outputs are, an xarray summary and the metrics, and write preview PNGs.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR] (default runs/demo); MINUTES=3 sets the training budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
