@@ -436,7 +436,7 @@ def test_predict_flow_fails_bad_input_at_once_without_retrying(tmp_path: Path) -
     plan_run = next(run for run in runs if run.task_key.startswith("plan"))
     assert plan_run.run_count == 1
     with pytest.raises(
-        InputError, match="does not exist; pass a Zarr array, a TIFF stack or a folder"
+        InputError, match="does not exist; pass a Zarr array, a TIFF stack, a folder of TIFFs"
     ):
         state.result()
     assert not (tmp_path / "out.zarr").exists()
