@@ -56,7 +56,9 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
         preview=str(root / "shipped.preview.png"),
     )
     shipped["scores"] = evaluate(shipped["output_url"], labels, z_range=VALIDATION).to_dict()
-    shipped |= segmented(shipped["output_url"], str(root / "shipped-objects.zarr"), labels)
+    shipped |= segmented(
+        shipped["output_url"], str(root / "shipped.zarr" / "labels" / "cells"), labels
+    )
     figures = train_flow(
         image,
         labels,

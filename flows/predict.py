@@ -16,7 +16,7 @@ from unet_volume.cluster import describe
 from unet_volume.engine import RunReport
 from unet_volume.instances import label_instances
 from unet_volume.locations import absolute
-from unet_volume.objects import read_objects
+from unet_volume.objects import read_objects, table_url
 from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
 from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
@@ -126,9 +126,10 @@ def publish(report: RunReport, image: str, preview: str) -> str:
 def segment(
     prediction: str, method: str, scheduler: str | None, cluster: str | None
 ) -> dict[str, Any]:
-    """The prediction's objects (connected components or the seeded watershed) beside it, on
-    the Dask cluster; the object table's summary and largest objects as an artifact."""
-    out = f"{prediction.rstrip('/')}.objects.zarr"
+    """The prediction's objects (connected components or the seeded watershed) in its OME-Zarr
+    labels (``OUT/labels/METHOD``, with their pyramid), on the Dask cluster; the object
+    table's summary and largest objects as an artifact."""
+    out = f"{prediction.rstrip('/')}/labels/{method}"
     watershed = WatershedConfig() if method == "watershed" else None
     with flow_client(scheduler, cluster) as client:
         report = label_instances(
@@ -147,7 +148,7 @@ def segment(
         json.loads(largest.to_json(orient="records")),  # plain JSON types, not numpy's
         key="objects",
         description=f"The 20 largest of {report.objects:,} objects in {report.output_url} "
-        f"({method}); the whole table: {report.output_url}.objects.parquet",
+        f"({method}); the whole table: {table_url(report.output_url)}",
     )
     return {"objects": report.objects, "output_url": report.output_url}
 
@@ -168,9 +169,9 @@ def default_preview(out: str) -> str:
     out="the output Zarr group to write (or to resume, if a run of the same model, geometry "
     "and input stopped early)",
     preview="where to write the preview PNG (default: beside a local output, out.preview.png)",
-    instances="then label the objects beside the output (OUT.objects.zarr, with its Parquet "
-    "object table): connected components of the foreground, or a seeded watershed that keeps "
-    "touching cells apart; none by default",
+    instances="then label the objects into the output's OME-Zarr labels (OUT/labels/METHOD, "
+    "its Parquet object table beside OUT): connected components of the foreground, or a "
+    "seeded watershed that keeps touching cells apart; none by default",
     **CLUSTER_HELP,
 )
 def predict_flow(

@@ -132,8 +132,8 @@ def test_predict_flow_instances_stage_labels_the_objects_and_publishes_the_large
         scheduler=client.scheduler.address,
     )
     objects = report["instances"]
-    assert objects["output_url"] == f"{out}.objects.zarr"
-    table = pd.read_parquet(f"{out}.objects.zarr.objects.parquet")
+    assert objects["output_url"] == f"{out}/labels/watershed"
+    table = pd.read_parquet(f"{out}.watershed.objects.parquet")
     assert objects["objects"] == len(table) > 0
     rows = json.loads(artifact("objects").data)
     assert len(rows) == min(20, len(table))

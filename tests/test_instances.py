@@ -62,7 +62,7 @@ def test_instances_equal_scipy_on_the_whole_volume(
         block_shape=block_shape,
     )
     expected, count = ndimage.label(mask, structure(connectivity, per_slice=per_slice))
-    stored = xr.open_zarr(report.output_url).labels
+    stored = xr.open_zarr(report.output_url).instances
     assert stored.dims == ("z", "y", "x")
     np.testing.assert_array_equal(stored.values, expected)
     assert report.objects == count > 1
@@ -114,7 +114,7 @@ def test_instances_of_a_prediction_label_its_foreground(tmp_path: Path, client: 
     )
     foreground = zarr.open_group(prediction)["segmentation"][...] == 1
     expected, count = ndimage.label(foreground, structure(6, per_slice=True))
-    np.testing.assert_array_equal(zarr.open_group(report.output_url)["labels"][...], expected)
+    np.testing.assert_array_equal(zarr.open_group(report.output_url)["instances"][...], expected)
     assert report.objects == count
     stored = zarr.open_group(prediction)["probabilities"][1]
     assert_table_describes(report.output_url, expected, count, stored / 255.0)
@@ -144,7 +144,7 @@ def test_instances_cli_segment_labels_in_3d_and_refuses_bad_input_in_one_line(
     args = ["segment", str(source), str(out), "--connectivity", "26", "--3d"]
     assert main([*args, "--block-shape", "2,5,5", "--workers", "1"]) == 0
     expected, count = ndimage.label(mask, structure(26, per_slice=False))
-    np.testing.assert_array_equal(zarr.open_group(out)["labels"][...], expected)
+    np.testing.assert_array_equal(zarr.open_group(out)["instances"][...], expected)
     assert f"{count:,} object(s)" in capsys.readouterr().out
     assert main(["objects", str(out), "--largest", "2"]) == 0
     printed = capsys.readouterr().out

@@ -58,6 +58,8 @@ TORCH_FREE = [
     "unet_volume.instances",
     "unet_volume.objects",
     "unet_volume.watershed",
+    "unet_volume.pyramid",
+    "unet_volume.ome",
     # The command line parses and says --help without torch; commands import it when they run.
     "unet_volume.cli",
     "unet_volume.cli_common",
@@ -133,7 +135,10 @@ ALLOWED_IMPORTS = {
     "components": {"errors", "geometry"},
     "objects": {"errors", "geometry", "locations"},
     "watershed": {"errors"},
+    "pyramid": {"errors", "geometry", "output_run", "task_window"},
+    "ome": {"geometry", "output_run", "pyramid"},
     "instances": {
+        "ome",
         "watershed",
         "objects",
         "components",

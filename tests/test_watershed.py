@@ -99,7 +99,7 @@ def test_watershed_on_dask_equals_the_whole_volume_watershed(
         watershed=WatershedConfig(),
         block_shape=(1, 21, 41),
     )
-    stored = zarr.open_group(report.output_url)["labels"][...]
+    stored = zarr.open_group(report.output_url)["instances"][...]
     expected, count = seeded_watershed(
         p.astype(np.float32).astype(np.float64), PER_SLICE, WatershedConfig()
     )
@@ -131,7 +131,7 @@ def test_watershed_from_the_command_line(tmp_path: Path) -> None:
     out = tmp_path / "labels.zarr"
     args = ["segment", source, str(out), "--watershed", "--block-shape", "1,21,41"]
     assert main([*args, "--seed-threshold", "0.9", "--workers", "1"]) == 0
-    assert len(np.unique(zarr.open_group(out)["labels"][...])) == 3  # background and 2 cells
+    assert len(np.unique(zarr.open_group(out)["instances"][...])) == 3  # background and 2 cells
 
 
 def test_evaluate_scores_watershed_labels_as_objects_not_as_components(

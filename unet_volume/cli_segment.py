@@ -20,7 +20,12 @@ def add_segment(p: argparse.ArgumentParser) -> None:
         help="prediction group written by `unet-volume predict` (its foreground is labelled), "
         "or a Zarr array / TIFF stack of labels or a 0/1 mask (nonzero is labelled)",
     )
-    p.add_argument("output", help="the Zarr group to write: uint64 `labels` (z, y, x)")
+    p.add_argument(
+        "output",
+        help="the Zarr group to write: uint64 `instances` (z, y, x) with its pyramid; "
+        "PREDICTION/labels/NAME puts them in the prediction's OME-Zarr labels, so that "
+        "napari opens probabilities and labels together",
+    )
     p.add_argument(
         "--connectivity",
         type=int,

@@ -56,6 +56,8 @@ class RunReport:
     """Time summed over block tasks, per stage: ``read``, ``predict``, ``write``."""
     skipped: int = 0
     """Blocks done by an earlier run of the same prediction (resumed), not redone."""
+    pyramid_seconds: float = 0.0
+    """Time to build the output's lower-resolution levels (:mod:`unet_volume.pyramid`)."""
 
     @property
     def voxels_per_second(self) -> float:

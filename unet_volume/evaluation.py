@@ -243,8 +243,8 @@ def _open_source(source: str | Path | np.ndarray, role: str, stack: ExitStack) -
             f"{role} {url} does not exist; pass a prediction group, a Zarr array or a TIFF stack"
         )
     opened = zarr.open(url, mode="r") if input_kind(url) == "zarr" else None
-    if isinstance(opened, zarr.Group) and "labels" in opened and "segmentation" not in opened:
-        ids = opened["labels"]  # instance labels of `unet-volume segment`
+    if isinstance(opened, zarr.Group) and "instances" in opened and "segmentation" not in opened:
+        ids = opened["instances"]  # instance labels of `unet-volume segment`
         return _Source(url, tuple(ids.shape), 2, lambda z: np.asarray(ids[z]), instances=True)
     if isinstance(opened, zarr.Group):
         dataset = open_prediction(url)

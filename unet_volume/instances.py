@@ -5,8 +5,8 @@ The three passes of :mod:`unet_volume.components`, each one task per block throu
 scheduler):
 
 1. each task labels its block of the mask and writes provisional ids into the output's
-   ``labels`` array (one chunk per block), returning its objects' first voxels;
-2. each task reads its blocks' upper border planes (a one-voxel rim) back from ``labels``
+   ``instances`` array (one chunk per block), returning its objects' first voxels;
+2. each task reads its blocks' upper border planes (a one-voxel rim) back from ``instances``
    and returns the ids that touch;
 3. the client merges them, and each task gets its own block's table (never the whole map),
    rewrites its chunk with the final ids, marks its block done and returns its objects'
@@ -15,7 +15,7 @@ scheduler):
 
 The result is ``scipy.ndimage.label`` of the whole mask, ids included. The mask is the
 foreground of a prediction (its ``segmentation`` equal to ``foreground``) or the nonzero voxels
-of any label or mask volume. The output is a Zarr v3 group like a prediction's: ``labels``
+of any label or mask volume. The output is a Zarr v3 group like a prediction's: ``instances``
 (z, y, x) uint64 with physical coordinates, complete only once pass 3 has written every block.
 """
 
@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 import zarr
 from distributed import Client
 
@@ -46,6 +48,7 @@ from unet_volume.errors import InputError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.locations import absolute
 from unet_volume.objects import block_stats, decode_probability, merge_stats, table_url, write_table
+from unet_volume.ome import publish_levels, register_label
 from unet_volume.output_run import ATTRS_KEY, create_output, finish_output, opened_arrays
 from unet_volume.prediction_store import new_single_array_output, volume_attrs
 from unet_volume.run_record import DONE
@@ -53,8 +56,8 @@ from unet_volume.storage import Volume, open_volume
 from unet_volume.task_window import map_bounded
 from unet_volume.watershed import WatershedConfig, seeded_watershed
 
-LABELS = "labels"
-LABELS_ARRAY = (LABELS, "uint64", 0, "instance id (0: background)")
+INSTANCES = "instances"
+INSTANCES_ARRAY = (INSTANCES, "uint64", 0, "instance id (0: background)")
 DEFAULT_BLOCK = (1, 512, 512)
 
 
@@ -109,7 +112,7 @@ def label_instances(
     shape = _check_block_shape(block_shape, how, per_slice)
     out_url = absolute(out)
     attrs = {
-        "array": LABELS,
+        "array": INSTANCES,
         "instances": {
             "source": how.volume.url,
             "method": "watershed" if watershed else "components",
@@ -122,7 +125,7 @@ def label_instances(
     }
     create_output(
         out_url,
-        lambda: new_single_array_output(out_url, how.volume, shape, attrs, LABELS_ARRAY),
+        lambda: new_single_array_output(out_url, how.volume, shape, attrs, INSTANCES_ARRAY),
         overwrite=overwrite,
     )
     table = merge_stats(_three_passes(client, how, shape, out_url), how.volume.voxel_size)
@@ -130,8 +133,20 @@ def label_instances(
     blocks = int(np.prod([ceil_div(n, b) for n, b in zip(how.volume.shape, shape)]))
     report = {"objects": len(table), "blocks": blocks}
     units = how.volume.units
+    publish_levels(client, out_url, INSTANCES, "stride", label=True)
     finish_output(out_url, {"report": report, "table": table_url(out_url), "units": units})
+    register_label(out_url)
     return InstanceReport(out_url, len(table), blocks, time.perf_counter() - start)
+
+
+def open_instances(url: str) -> xr.Dataset:
+    """The instance labels at ``url`` as an xarray Dataset: ``instances`` (z, y, x) at full
+    resolution with physical coordinates, lazily (dask); the pyramid's levels left out."""
+    group = zarr.open_group(url, mode="r", zarr_format=3)
+    levels = [name for name in group.array_keys() if name.startswith(f"{INSTANCES}_")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return xr.open_zarr(url, drop_variables=levels, zarr_format=3)
 
 
 def _three_passes(client: Client, how: Labelling, shape: Shape, out_url: str) -> list[pd.DataFrame]:
@@ -232,7 +247,7 @@ def _label(
         data = how.volume.read(box)[0]
         mask = data == how.wanted if how.wanted is not None else data != 0
         ids, firsts = label_block(mask, how.neighbourhood, number * cap, box, how.volume.shape)
-    (labels,) = opened_arrays(out_url, token, (LABELS,))
+    (labels,) = opened_arrays(out_url, token, (INSTANCES,))
     labels[box.to_slices()] = ids
     return number, firsts
 
@@ -241,7 +256,7 @@ def _pairs(
     item: tuple[int, Box], *, how: Labelling, out_url: str, token: str, cap: int
 ) -> np.ndarray:
     """Pass 2: the provisional ids that touch across the block's upper borders."""
-    (labels,) = opened_arrays(out_url, token, (LABELS,))
+    (labels,) = opened_arrays(out_url, token, (INSTANCES,))
     return block_pairs(lambda b: labels[b.to_slices()], item[1], how.volume.box, how.neighbourhood)
 
 
@@ -257,7 +272,7 @@ def _rewrite(
     """Pass 3: the block's final ids, from its own table; its done marker; its objects'
     partial statistics."""
     number, box, table = item
-    labels, done = opened_arrays(out_url, token, (LABELS, DONE))
+    labels, done = opened_arrays(out_url, token, (INSTANCES, DONE))
     final = apply_table(labels[box.to_slices()], table, number * cap)
     labels[box.to_slices()] = final
     done[np.unravel_index(number, grid)] = 1

@@ -86,13 +86,22 @@ def merge_stats(
 
 
 def table_url(out_url: str) -> str:
-    """Where the object table of the labels at ``out_url`` is."""
+    """Where the object table of the labels at ``out_url`` is: beside the group,
+    ``OUT.objects.parquet``; for labels inside an image's ``labels/`` (``PRED/labels/cells``),
+    beside the image, ``PRED.cells.objects.parquet``. Inside a Zarr hierarchy, Zarr would
+    warn of a file that is not part of it.
+
+    >>> table_url("/d/cells.zarr"), table_url("/d/pred.zarr/labels/cells/")
+    ('/d/cells.zarr.objects.parquet', '/d/pred.zarr.cells.objects.parquet')
+    """
+    parts = out_url.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parts[1] == "labels":
+        return f"{parts[0]}.{parts[2]}{OBJECTS}"
     return f"{out_url.rstrip('/')}{OBJECTS}"
 
 
 def write_table(table: pd.DataFrame, out_url: str) -> str:
-    """The object table as Parquet beside the output group, ``OUT.objects.parquet`` (inside
-    it, Zarr would warn of a file that is not part of the hierarchy)."""
+    """The object table as Parquet at :func:`table_url`."""
     url = table_url(out_url)
     with fsspec.open(url, "wb") as f:
         table.to_parquet(f, index=False)

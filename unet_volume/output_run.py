@@ -92,6 +92,11 @@ def update_run_info(url: str, extra: Mapping[str, Any]) -> None:
     group = zarr.open_group(url, mode="r+", zarr_format=3)
     info = dict(group.attrs[ATTRS_KEY])  # type: ignore[arg-type]
     group.attrs[ATTRS_KEY] = {**info, **extra}
+    reconsolidate(url)
+
+
+def reconsolidate(url: str) -> None:
+    """Refresh the consolidated metadata of the group at ``url`` and all below it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         zarr.consolidate_metadata(url, zarr_format=3)

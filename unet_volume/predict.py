@@ -10,6 +10,7 @@ builds the network once per worker process and keeps it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.layout import OutputLayout, auto_shard_shape, check_shard_shape
 from unet_volume.locations import absolute
 from unet_volume.model import UNet
+from unet_volume.ome import publish_levels
 from unet_volume.output_run import (
     check_run_limits,
     create_output,
@@ -174,7 +176,7 @@ def run_plan(
     store = PredictionStore(plan.output_url, plan.output_dtype, plan.layout.blocks_per_shard)
 
     def run(done: Collection[Shape]) -> RunReport:
-        return run_prediction(
+        report = run_prediction(
             client,
             predictor=predictor,
             geometry=plan.geometry,
@@ -188,6 +190,9 @@ def run_plan(
             stall_after=plan.stall_after,
             on_progress=on_progress,
         )
+        start = time.perf_counter()
+        publish_levels(client, plan.output_url, "probabilities", "mean")
+        return replace(report, pyramid_seconds=time.perf_counter() - start)
 
     return run_recorded(
         plan.output_url, run, lambda r: {"report": r.to_dict()}, command="unet-volume predict"
