@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from unet_volume.cli import main
 from unet_volume.components import structure
-from unet_volume.errors import InputError
+from unet_volume.errors import BlockError, InputError
 from unet_volume.evaluation import evaluate
 from unet_volume.instances import label_instances
 from unet_volume.model import UNet
@@ -158,3 +158,40 @@ def test_instances_cli_segment_labels_in_3d_and_refuses_bad_input_in_one_line(
     assert not (tmp_path / "bad.zarr").exists()
     assert main(["objects", str(source)]) == 2  # a mask, not segment's labels
     assert "no object table" in capsys.readouterr().err
+
+
+def test_instances_a_failed_block_is_recorded_and_the_same_call_redoes_only_it(
+    tmp_path: Path, client: Client
+) -> None:
+    torch.manual_seed(0)
+    image = tmp_path / "image.zarr"
+    zarr.create_array(image, data=np.random.default_rng(4).integers(0, 255, (2, 40, 44), np.uint8))
+    prediction = tmp_path / "prediction.zarr"
+    model = UNet(base_channels=4, depth=2)
+    predict_volume(model, image, prediction, client=client, voxel_size=VOXEL)
+    # slice 1's probabilities, read by pass 3 for the table, damaged: its blocks fail there
+    chunk = next(
+        p
+        for p in (prediction / "probabilities").rglob("*")
+        if p.is_file() and p.relative_to(prediction / "probabilities").parts[:3] == ("c", "0", "1")
+    )
+    intact = chunk.read_bytes()
+    chunk.write_bytes(b"not a chunk")
+    out = str(tmp_path / "labels.zarr")
+    run = {"client": client, "block_shape": (1, 16, 16), "max_failures": 20}
+    with pytest.raises(BlockError, match=r"9 block\(s\) failed.*run the same command again"):
+        label_instances(str(prediction), out, **run)
+    info = run_info(out)
+    assert info is not None and not info["complete"] and len(info["failures"]) == 9
+    chunk.write_bytes(intact)
+    report = label_instances(str(prediction), out, **run)
+    assert report.skipped == 9  # slice 0's blocks were done
+    foreground = zarr.open_group(prediction)["segmentation"][...] == 1
+    expected, count = ndimage.label(foreground, structure(6, per_slice=True))
+    np.testing.assert_array_equal(zarr.open_group(out)["instances"][...], expected)
+    assert_table_describes(
+        out, expected, count, zarr.open_group(prediction)["probabilities"][1] / 255.0
+    )
+    assert sorted(zarr.open_group(out).array_keys()) == ["done", "instances", "x", "y", "z"]
+    again = label_instances(str(prediction), out, **run)  # complete: left be
+    assert (again.skipped, again.objects) == (report.blocks, count)

@@ -56,6 +56,7 @@ TORCH_FREE = [
     "unet_volume.shipped_models",
     "unet_volume.components",
     "unet_volume.instances",
+    "unet_volume.instance_passes",
     "unet_volume.objects",
     "unet_volume.watershed",
     "unet_volume.pyramid",
@@ -137,7 +138,19 @@ ALLOWED_IMPORTS = {
     "watershed": {"errors"},
     "pyramid": {"errors", "geometry", "output_run", "task_window"},
     "ome": {"geometry", "output_run", "pyramid"},
+    "instance_passes": {
+        "components",
+        "geometry",
+        "objects",
+        "output_run",
+        "prediction_store",
+        "run_record",
+        "storage",
+        "task_window",
+        "watershed",
+    },
     "instances": {
+        "instance_passes",
         "ome",
         "watershed",
         "objects",
@@ -149,7 +162,6 @@ ALLOWED_IMPORTS = {
         "prediction_store",
         "run_record",
         "storage",
-        "task_window",
     },
 }
 UPPER_LAYERS = {

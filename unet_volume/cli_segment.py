@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 
 from unet_volume.cli_common import add_cluster_options, client_from
-from unet_volume.options import parse_ints
+from unet_volume.options import add_options, parse_ints
+from unet_volume.predict_config import PredictOptions
 from unet_volume.watershed import WatershedConfig
 
 
@@ -66,7 +67,13 @@ def add_segment(p: argparse.ArgumentParser) -> None:
         help="voxels per task and output chunk (default 1,512,512; with --watershed whole "
         "slices, or the whole volume with --3d, so that no basin is cut)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT if it exists; without it, an incomplete OUTPUT of the same "
+        "labelling is resumed (only its blocks not done), and a complete one is left as it is",
+    )
+    add_options(p, PredictOptions(), only={"max_failures"})
     add_cluster_options(p)
     p.set_defaults(run=_segment)
 
@@ -86,10 +93,11 @@ def _segment(args: argparse.Namespace) -> None:
             else None,
             block_shape=args.block_shape,
             overwrite=args.overwrite,
+            max_failures=args.max_failures,
         )
     print(
         f"labelled {report.output_url}: {report.objects:,} object(s) in {report.blocks} "
-        f"block(s), {report.seconds:.1f} s"
+        f"block(s) ({report.skipped} done before), {report.seconds:.1f} s"
     )
 
 

@@ -1,30 +1,19 @@
-"""Instance labels of a whole volume on a Dask cluster: connected components, block by block.
+"""Instance labels of a whole volume on a Dask cluster: connected components or a seeded
+watershed, block by block, with the object table and a pyramid.
 
-The three passes of :mod:`unet_volume.components`, each one task per block through
-:func:`~unet_volume.task_window.map_bounded` (a bounded window: 10^6 blocks never flood the
-scheduler):
-
-1. each task labels its block of the mask and writes provisional ids into the output's
-   ``instances`` array (one chunk per block), returning its objects' first voxels;
-2. each task reads its blocks' upper border planes (a one-voxel rim) back from ``instances``
-   and returns the ids that touch;
-3. the client merges them, and each task gets its own block's table (never the whole map),
-   rewrites its chunk with the final ids, marks its block done and returns its objects'
-   partial statistics, which the client merges into the object table
-   (:mod:`unet_volume.objects`, ``OUT.objects.parquet``).
-
-The result is ``scipy.ndimage.label`` of the whole mask, ids included. The mask is the
-foreground of a prediction (its ``segmentation`` equal to ``foreground``) or the nonzero voxels
-of any label or mask volume. The output is a Zarr v3 group like a prediction's: ``instances``
-(z, y, x) uint64 with physical coordinates, complete only once pass 3 has written every block.
+The blocks run the three passes of :mod:`unet_volume.instance_passes` (label, pair, relabel;
+resumable per block). The result is ``scipy.ndimage.label`` of the whole mask, ids included.
+The mask is the foreground of a prediction (its ``segmentation`` equal to ``foreground``) or
+the nonzero voxels of any label or mask volume. The output is a Zarr v3 group like a
+prediction's, and an OME-Zarr image-label: ``instances`` (z, y, x) uint64 with physical
+coordinates and its strided pyramid (:mod:`unet_volume.ome`), complete only once every block
+is written; the object table (:mod:`unet_volume.objects`) sits beside it.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -34,44 +23,28 @@ import xarray as xr
 import zarr
 from distributed import Client
 
-from unet_volume.components import (
-    apply_table,
-    block_number,
-    block_pairs,
-    capacity,
-    label_block,
-    provisional_ids,
-    relabel,
-    structure,
-)
+from unet_volume.components import structure
 from unet_volume.errors import InputError
-from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.geometry import Shape, ceil_div
+from unet_volume.instance_passes import INSTANCES, Labelling, remove_scratch, run_passes
 from unet_volume.locations import absolute
-from unet_volume.objects import block_stats, decode_probability, merge_stats, table_url, write_table
+from unet_volume.objects import merge_stats, table_url, write_table
 from unet_volume.ome import publish_levels, register_label
-from unet_volume.output_run import ATTRS_KEY, create_output, finish_output, opened_arrays
+from unet_volume.output_run import (
+    ATTRS_KEY,
+    check_run_limits,
+    create_output,
+    find_resumable,
+    run_info,
+    run_recorded,
+)
 from unet_volume.prediction_store import new_single_array_output, volume_attrs
-from unet_volume.run_record import DONE
+from unet_volume.run_record import fingerprint
 from unet_volume.storage import Volume, open_volume
-from unet_volume.task_window import map_bounded
-from unet_volume.watershed import WatershedConfig, seeded_watershed
+from unet_volume.watershed import WatershedConfig
 
-INSTANCES = "instances"
 INSTANCES_ARRAY = (INSTANCES, "uint64", 0, "instance id (0: background)")
 DEFAULT_BLOCK = (1, 512, 512)
-
-
-@dataclass(frozen=True)
-class Labelling:
-    """What the block tasks need to know of a run: the mask's source and foreground value
-    (None: nonzero), the neighbourhood, the prediction's probabilities (foreground channel;
-    None for a mask) and the watershed's thresholds (None: connected components)."""
-
-    volume: Volume
-    wanted: int | None
-    neighbourhood: np.ndarray
-    probability: tuple[Volume, int] | None
-    watershed: WatershedConfig | None
 
 
 @dataclass(frozen=True)
@@ -82,6 +55,8 @@ class InstanceReport:
     objects: int
     blocks: int
     seconds: float
+    skipped: int = 0
+    """Blocks an earlier run of the same labelling had finished (resumed), not redone."""
 
 
 def label_instances(
@@ -95,6 +70,7 @@ def label_instances(
     watershed: WatershedConfig | None = None,
     block_shape: Shape | None = None,
     overwrite: bool = False,
+    max_failures: int = 0,
 ) -> InstanceReport:
     """Label the objects of ``source``'s foreground into the group ``out``; write the object
     table beside it.
@@ -106,37 +82,58 @@ def label_instances(
     probability (:mod:`unet_volume.watershed`) instead of connected components; its blocks
     must hold whole slices (per slice) or the whole volume (3D), so that no basin is cut:
     that is the default ``block_shape`` with a watershed, (1, 512, 512) without.
+
+    A run that stops (a failed block, a killed driver) keeps its finished blocks; the same
+    call resumes it (:mod:`unet_volume.instance_passes`), and a complete output is left be.
+    Up to ``max_failures`` blocks may fail, recorded in the output, before the run stops.
     """
     start = time.perf_counter()
     how = _labelling(source, foreground, structure(connectivity, per_slice=per_slice), watershed)
     shape = _check_block_shape(block_shape, how, per_slice)
-    out_url = absolute(out)
-    attrs = {
-        "array": INSTANCES,
-        "instances": {
-            "source": how.volume.url,
-            "method": "watershed" if watershed else "components",
-            "connectivity": connectivity,
-            "per_slice": per_slice,
-            "foreground": how.wanted,
-            **(asdict(watershed) if watershed else {}),
-        },
-        "input": volume_attrs(how.volume),
+    check_run_limits(max_failures, 60.0)
+    given, out_url = str(out), absolute(out)
+    recipe = {
+        "method": "watershed" if watershed else "components",
+        "connectivity": connectivity,
+        "per_slice": per_slice,
+        "foreground": how.wanted,
+        **(asdict(watershed) if watershed else {}),
     }
-    create_output(
-        out_url,
-        lambda: new_single_array_output(out_url, how.volume, shape, attrs, INSTANCES_ARRAY),
-        overwrite=overwrite,
-    )
-    table = merge_stats(_three_passes(client, how, shape, out_url), how.volume.voxel_size)
-    write_table(table, out_url)
+    identity = {**recipe, "block_shape": list(shape), "input": fingerprint(how.volume)}
     blocks = int(np.prod([ceil_div(n, b) for n, b in zip(how.volume.shape, shape)]))
-    report = {"objects": len(table), "blocks": blocks}
-    units = how.volume.units
-    publish_levels(client, out_url, INSTANCES, "stride", label=True)
-    finish_output(out_url, {"report": report, "table": table_url(out_url), "units": units})
+    existing = find_resumable(given, out_url, identity, overwrite=overwrite)
+    if existing is not None and existing.complete:
+        objects = (run_info(out_url) or {})["report"]["objects"]
+        return InstanceReport(out_url, objects, blocks, time.perf_counter() - start, blocks)
+    if existing is None:
+        attrs = {
+            "array": INSTANCES,
+            "instances": {"source": how.volume.url, **recipe},
+            "input": volume_attrs(how.volume),
+            "identity": identity,
+        }
+        create_output(
+            out_url,
+            lambda: new_single_array_output(out_url, how.volume, shape, attrs, INSTANCES_ARRAY),
+            overwrite=overwrite,
+        )
+    skipped = existing.done if existing is not None else 0
+
+    def run(done: Any) -> pd.DataFrame:
+        stats = run_passes(client, how, shape, out_url, done, max_failures=max_failures)
+        table = merge_stats(stats, how.volume.voxel_size)
+        write_table(table, out_url)
+        publish_levels(client, out_url, INSTANCES, "stride", label=True)
+        remove_scratch(out_url)
+        return table
+
+    def report(table: pd.DataFrame) -> dict[str, Any]:
+        counts = {"objects": len(table), "blocks": blocks}
+        return {"report": counts, "table": table_url(out_url), "units": how.volume.units}
+
+    table = run_recorded(out_url, run, report, command="unet-volume segment")
     register_label(out_url)
-    return InstanceReport(out_url, len(table), blocks, time.perf_counter() - start)
+    return InstanceReport(out_url, len(table), blocks, time.perf_counter() - start, skipped)
 
 
 def open_instances(url: str) -> xr.Dataset:
@@ -147,24 +144,6 @@ def open_instances(url: str) -> xr.Dataset:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         return xr.open_zarr(url, drop_variables=levels, zarr_format=3)
-
-
-def _three_passes(client: Client, how: Labelling, shape: Shape, out_url: str) -> list[pd.DataFrame]:
-    """Label, pair, relabel (the module docstring); returns the blocks' object statistics.
-    A watershed has no pairs: its blocks hold whole slices or the whole volume."""
-    volume = how.volume.shape
-    grid = tuple(ceil_div(n, b) for n, b in zip(volume, shape))
-    task = {"how": how, "out_url": out_url, "token": uuid.uuid4().hex, "cap": capacity(shape)}
-    labelled = map_bounded(client, _label, iter_blocks(volume, shape), name=_key("label"), **task)
-    firsts = dict(labelled)
-    touching = (
-        map_bounded(client, _pairs, iter_blocks(volume, shape), name=_key("pairs"), **task)
-        if how.watershed is None
-        else iter(())
-    )
-    merged = relabel(firsts, touching, task["cap"])
-    jobs = ((n, box, merged.tables[n]) for n, box in iter_blocks(volume, shape))
-    return list(map_bounded(client, _rewrite, jobs, name=_key("relabel"), grid=grid, **task))
 
 
 def _labelling(
@@ -229,69 +208,8 @@ def _check_block_shape(block_shape: Shape | None, how: Labelling, per_slice: boo
     return shape
 
 
-def _key(stage: str) -> Any:
-    return lambda item: f"{stage}-{item[0]}"
-
-
-def _label(
-    item: tuple[int, Box], *, how: Labelling, out_url: str, token: str, cap: int
-) -> tuple[int, np.ndarray]:
-    """Pass 1: the block's provisional ids, written; its objects' first voxels, returned."""
-    number, box = item
-    if how.watershed is not None and how.probability is not None:
-        volume, channel = how.probability
-        probability = decode_probability(volume.read(box)[channel])
-        local, count = seeded_watershed(probability, how.neighbourhood, how.watershed)
-        ids, firsts = provisional_ids(local, count, number * cap, box, how.volume.shape)
-    else:
-        data = how.volume.read(box)[0]
-        mask = data == how.wanted if how.wanted is not None else data != 0
-        ids, firsts = label_block(mask, how.neighbourhood, number * cap, box, how.volume.shape)
-    (labels,) = opened_arrays(out_url, token, (INSTANCES,))
-    labels[box.to_slices()] = ids
-    return number, firsts
-
-
-def _pairs(
-    item: tuple[int, Box], *, how: Labelling, out_url: str, token: str, cap: int
-) -> np.ndarray:
-    """Pass 2: the provisional ids that touch across the block's upper borders."""
-    (labels,) = opened_arrays(out_url, token, (INSTANCES,))
-    return block_pairs(lambda b: labels[b.to_slices()], item[1], how.volume.box, how.neighbourhood)
-
-
-def _rewrite(
-    item: tuple[int, Box, np.ndarray],
-    *,
-    how: Labelling,
-    grid: Shape,
-    out_url: str,
-    token: str,
-    cap: int,
-) -> pd.DataFrame:
-    """Pass 3: the block's final ids, from its own table; its done marker; its objects'
-    partial statistics."""
-    number, box, table = item
-    labels, done = opened_arrays(out_url, token, (INSTANCES, DONE))
-    final = apply_table(labels[box.to_slices()], table, number * cap)
-    labels[box.to_slices()] = final
-    done[np.unravel_index(number, grid)] = 1
-    foreground = None
-    if how.probability is not None:
-        volume, channel = how.probability
-        foreground = decode_probability(volume.read(box)[channel])
-    return block_stats(final, box, how.volume.shape, foreground)
-
-
 def _probability_of(source: str, foreground: int | None) -> tuple[Volume, int] | None:
     """A prediction's probabilities and the foreground's channel; None for a mask."""
     if foreground is None:
         return None
     return open_volume(f"{source.rstrip('/')}/probabilities"), foreground
-
-
-def iter_blocks(volume_shape: Shape, block_shape: Shape) -> Iterator[tuple[int, Box]]:
-    """Each block of the grid with its number, in C order."""
-    grid = tuple(ceil_div(n, b) for n, b in zip(volume_shape, block_shape))
-    for index, box in Box.from_shape(volume_shape).grid(block_shape):
-        yield block_number(index, grid), box
