@@ -2,8 +2,8 @@
 workers' peak memory as the volume grows.
 
 For each side N (default 256 and 512), writes an N^3 stand-in for a prediction to disk
-(compressed Zarr; a smoothed random field as the foreground probability, blobs that touch and
-wind, about 10^5 objects at 512^3), then on a fresh 2-worker LocalCluster runs
+(compressed Zarr; a smoothed random field as the foreground probability: blobs, about 10^5
+objects at 512^3), then on a fresh 2-worker LocalCluster runs
 
 - ``segment`` with connected components in 3D (26-connected, blocks of 64x256x256), and
 - ``segment --watershed`` per slice (blocks of whole slices),
@@ -29,10 +29,17 @@ from unet_volume.cluster import open_client
 from unet_volume.instances import label_instances
 from unet_volume.watershed import WatershedConfig
 
+SMOOTH = 7
+THRESHOLD = 0.5 + 1.28 * (1 / 12 / SMOOTH**3) ** 0.5
+"""The smoothed noise's 90th percentile: p = 0.5 there."""
+
 
 def stand_in_prediction(side: int, out: Path, seed: int = 0) -> str:
-    """A prediction-shaped group: probabilities (2, z, y, x) float32, segmentation uint8; the
-    foreground is a smoothed random field, written slab by slab (never whole in float64)."""
+    """A prediction-shaped group: probabilities (2, z, y, x) float32, segmentation uint8.
+
+    The foreground probability is uniform noise smoothed over 7^3 voxels, stretched so that
+    about 10% of the voxels are foreground: separate blobs of a few hundred voxels (about 10^5
+    at 512^3) rather than one percolating sponge. Written slab by slab (never whole)."""
     group = zarr.open_group(out, mode="w")
     shape = (side, side, side)
     probabilities = group.create_array(
@@ -44,8 +51,8 @@ def stand_in_prediction(side: int, out: Path, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     for z in range(0, side, 16):
         noise = rng.random((16, side, side), dtype=np.float32)
-        p = ndimage.uniform_filter(noise, size=(1, 5, 5))
-        p = np.clip((p - 0.5) * 6 + 0.5, 0, 1).astype(np.float32)
+        smooth = ndimage.uniform_filter(noise, size=SMOOTH)  # mean 0.5, sd 0.016
+        p = np.clip((smooth - THRESHOLD) * 15 + 0.5, 0, 1).astype(np.float32)
         probabilities[:, z : z + 16] = np.stack([1 - p, p])
         segmentation[z : z + 16] = p > 0.5
     return str(out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -25,9 +25,14 @@ from unet_volume_flows.predict import predict_flow
 
 @task(**STORAGE_RETRIES, timeout_seconds=300, cache_policy=NO_CACHE)
 def scan(
-    landing: str, outputs: str, model: str, reprocess: bool, settle_seconds: float
+    landing: str,
+    outputs: str,
+    model: str,
+    reprocess: bool,
+    settle_seconds: float,
+    labels: str | None = None,
 ) -> list[Arrival]:
-    """The volumes in ``landing`` with no complete prediction in ``outputs``.
+    """The volumes in ``landing`` with no complete prediction (and ``labels``) in ``outputs``.
 
     With ``reprocess``, also those whose prediction another model made. Volumes still being
     copied (or truncated) are logged and left for the next scan.
@@ -35,7 +40,8 @@ def scan(
     ready, waiting = settled_volumes(find_volumes(landing), settle_seconds=settle_seconds)
     for source, why in waiting:
         get_run_logger().info("%s left for the next scan: %s", source, why)
-    return due(ready, outputs, read_checkpoint(model).sha256, reprocess=reprocess)
+    sha256 = read_checkpoint(model).sha256
+    return due(ready, outputs, sha256, reprocess=reprocess, labels=labels)
 
 
 @flow(name="ingest")
@@ -45,6 +51,9 @@ def scan(
     outputs="the folder or fsspec URL where each volume's prediction goes (<volume>.zarr)",
     model="the checkpoint (.pt) to predict with, or a shipped model's name",
     reprocess="redo volumes whose prediction another model made (default: leave them be)",
+    instances="label each prediction's objects into its OME-Zarr labels (OUT/labels/METHOD) "
+    "with their table: connected components of the foreground (default), the seeded "
+    "watershed, or none",
     settle_seconds="a volume changed more recently than this (still being copied) is left "
     "for the next scan",
     **CLUSTER_HELP,
@@ -55,12 +64,14 @@ def ingest_flow(
     model: str,
     *,
     reprocess: bool = False,
+    instances: Literal["none", "components", "watershed"] = "components",
     tta: bool = False,
     scheduler: str | None = None,
     cluster: str | None = None,
     settle_seconds: NonNegativeFloat = 60.0,
 ) -> list[dict[str, Any]]:
-    """Predict each volume of ``landing`` (folder or URL) that has no prediction in ``outputs`` yet.
+    """Predict each volume of ``landing`` (folder or URL) that has no prediction in ``outputs``
+    yet, and label its objects (``instances``): the whole chain, pyramid and table included.
 
     Idempotent: what is done is read from the outputs, so a second run finds nothing to do.
     A new ``model`` leaves finished predictions alone unless ``reprocess``. A volume still being
@@ -69,7 +80,8 @@ def ingest_flow(
     """
     check_locations(landing=landing, outputs=outputs, model=model)
     log = get_run_logger()
-    arrivals = scan(landing, outputs, model, reprocess, settle_seconds)
+    labels = None if instances == "none" else instances
+    arrivals = scan(landing, outputs, model, reprocess, settle_seconds, labels)
     log.info("%d volume(s) due in %s", len(arrivals), landing)
     done, failed = [], []
     if arrivals:
@@ -81,6 +93,7 @@ def ingest_flow(
                         model,
                         arrival.output,
                         tta=tta,
+                        instances=instances,
                         scheduler=address,
                         overwrite=arrival.reason == "model changed",  # incomplete: resumed
                     )

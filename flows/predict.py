@@ -132,9 +132,9 @@ def segment(
     out = f"{prediction.rstrip('/')}/labels/{method}"
     watershed = WatershedConfig() if method == "watershed" else None
     with flow_client(scheduler, cluster) as client:
-        report = label_instances(
-            prediction, out, client=client, watershed=watershed, overwrite=True
-        )
+        # a complete labelling is left be, a stopped one resumed; a new prediction (overwrite)
+        # has removed its labels with it
+        report = label_instances(prediction, out, client=client, watershed=watershed)
     table = read_objects(report.output_url)
     get_run_logger().info(
         "segmented %s (%s): %s objects in %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -266,12 +267,22 @@ def test_ingest_flow_predicts_each_new_volume_once(client: Client, tmp_path: Pat
         (str(outputs / "b.zarr"), "new"),
     ]
     assert ingest_flow(str(landing), str(outputs), model, **run) == []  # idempotent
-    # One table for the scan that predicted; none for the scan that found nothing new.
-    assert len(artifacts("ingest-run")) == versions + 1
     assert {row["output"] for row in json.loads(artifact("ingest-run").data)} == {
         str(outputs / "a.zarr"),
         str(outputs / "b.zarr"),
     }
+    for name in ("a", "b"):  # the whole chain: objects labelled into each prediction
+        labelled = run_info(str(outputs / f"{name}.zarr" / "labels" / "components"))
+        assert labelled is not None and labelled["complete"]
+        assert (outputs / f"{name}.zarr.components.objects.parquet").exists()
+    shutil.rmtree(outputs / "a.zarr" / "labels" / "components")  # labels lost: due again
+    relabelled = ingest_flow(str(landing), str(outputs), model, **run)
+    assert [(r["output"], r["reason"]) for r in relabelled] == [
+        (str(outputs / "a.zarr"), "incomplete")
+    ]
+    assert run_info(str(outputs / "a.zarr" / "labels" / "components"))["complete"]  # type: ignore[index]
+    # One table per scan that predicted; none for the scan that found nothing new.
+    assert len(artifacts("ingest-run")) == versions + 2
 
     # A new model leaves finished predictions alone unless reprocessing is asked for.
     retrained = tiny_model(tmp_path / "m2.pt", seed=1)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import tensorstore
 import tifffile
 import zarr
 from hypothesis import given
@@ -171,6 +173,28 @@ def test_storage_reads_an_hdf5_dataset_named_after_its_file(tmp_path: Path) -> N
         open_volume(f"{path}:/volumes/labels")
     with pytest.raises(InputError, match="does not exist"):
         open_volume(f"{tmp_path / 'other.h5'}:/raw")
+
+
+def test_storage_reads_an_n5_dataset_written_as_java_tools_write_it(tmp_path: Path) -> None:
+    # N5 lists dimensions, block size and resolution fastest first: (x, y, z)
+    stack = np.random.default_rng(5).integers(0, 2**12, (3, 16, 18), dtype=np.uint16)
+    container = tmp_path / "sample.n5"
+    metadata = {"dimensions": [18, 16, 3], "blockSize": [9, 8, 1], "dataType": "uint16"}
+    spec = {"driver": "n5", "kvstore": f"file://{container}/volumes/raw", "metadata": metadata}
+    stored = tensorstore.open({**spec, "create": True}).result()
+    stored[...] = stack.T
+    attributes = container / "volumes" / "raw" / "attributes.json"
+    written = json.loads(attributes.read_text())
+    attributes.write_text(json.dumps({**written, "resolution": [4, 4, 40], "units": ["nm"] * 3}))
+    volume = open_volume(f"{container}/volumes/raw")
+    assert (volume.kind, volume.shape, volume.chunks) == ("n5", (3, 16, 18), (1, 8, 9))
+    assert (volume.voxel_size, volume.units) == ((40.0, 4.0, 4.0), "nm")
+    corner = volume.read(Box((2, -2, 16), (4, 2, 20)))  # mirrored past the last slice and edges
+    np.testing.assert_array_equal(corner[0], np.pad(stack, 2, mode="reflect")[4:6, 0:4, 18:22])
+    out = convert_to_zarr(f"{container}/volumes/raw", str(tmp_path / "raw.zarr"))
+    np.testing.assert_array_equal(zarr.open_array(out.url)[...], stack)
+    with pytest.raises(InputError, match="does not exist"):
+        open_volume(f"{container}/volumes/labels")
 
 
 @pytest.mark.parametrize("version", ["0.5", "0.4"])

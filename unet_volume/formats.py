@@ -5,12 +5,15 @@
 - TIFF stacks (tifffile's Zarr view, page by page), and local folders of 2D TIFFs, one per
   z slice in name order.
 - HDF5 datasets, ``file.h5:/path/to/dataset`` (h5py; a file's only dataset may go unnamed).
+- N5 datasets, ``container.n5/path/to/dataset`` (tensorstore, the ``n5`` extra), in (z, y, x)
+  order: N5 lists its dimensions fastest first (x, y, z), as the Java tools that write it.
 
 Each also gives its voxel size where the format stores one.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +31,9 @@ from unet_volume.locations import exists
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5 = re.compile(r"(?P<file>.+\.(?:h5|hdf5|hdf))(?::(?P<dataset>/?[^:]*))?", re.IGNORECASE)
 """``file.h5:/path/to/dataset`` (the dataset may be left out when the file holds one)."""
-Kind = Literal["zarr", "tiff", "hdf5"]
+N5 = re.compile(r"(?P<container>.+?\.n5)(?:/(?P<dataset>.*?))?/?", re.IGNORECASE)
+"""``container.n5/path/to/dataset``."""
+Kind = Literal["zarr", "tiff", "hdf5", "n5"]
 UNITS = {"nanometer": "nm", "micrometer": "um", "millimeter": "mm", "angstrom": "A"}
 """OME-Zarr's unit names as the rest of the package writes them."""
 
@@ -46,6 +51,8 @@ def input_kind(url: str) -> Kind:
     """
     if HDF5.fullmatch(url):
         return "hdf5"
+    if N5.fullmatch(url):
+        return "n5"
     return "tiff" if is_tiff(url) else "zarr"
 
 
@@ -104,6 +111,9 @@ def opened_array(url: str, kind: str) -> Iterator[Any]:
         with h5py.File(HDF5.fullmatch(url)["file"], "r") as file:  # type: ignore[index]
             yield _hdf5_dataset(url, file)
         return
+    if kind == "n5":
+        yield N5Array(url)
+        return
     if kind == "tiff" and (files := tiff_files(url)):
         with tifffile.TiffSequence(files).aszarr() as store:  # a folder: slices along z
             yield zarr.open_array(store, mode="r")
@@ -117,6 +127,36 @@ def opened_array(url: str, kind: str) -> Iterator[Any]:
         image = ome_image(node)
         node = node[image[0]] if image else _main_array(node, url)
     yield node
+
+
+class N5Array:
+    """An N5 dataset read through tensorstore, as a (z, y, x) array: ``shape``, ``dtype``,
+    ``chunks``, ``attrs`` (its voxel size ``resolution`` and ``units`` in z, y, x order) and
+    numpy slicing."""
+
+    def __init__(self, url: str):
+        try:
+            import tensorstore as ts
+        except ImportError as error:
+            raise InputError(
+                f"input {url} is N5, which needs tensorstore: pip install 'unet-volume[n5]'"
+            ) from error
+        where = url if "://" in url else f"file://{Path(url).resolve()}"
+        self._store = ts.open({"driver": "n5", "kvstore": where}, read=True).result().T
+        self.shape = tuple(int(n) for n in self._store.shape)
+        self.dtype = np.dtype(self._store.dtype.numpy_dtype)
+        self.chunks = tuple(int(c) for c in self._store.chunk_layout.read_chunk.shape)
+        with fsspec.open(f"{url.rstrip('/')}/attributes.json", "r") as f:
+            stored = json.load(f)
+        units = stored.get("units")
+        resolution = stored.get("resolution")
+        self.attrs = {
+            "voxel_size": list(reversed(resolution)) if resolution else None,
+            "units": units[0] if isinstance(units, list) and units else units,
+        }
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self._store[key].read().result())
 
 
 def ome_image(

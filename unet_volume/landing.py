@@ -148,10 +148,16 @@ def output_for(source: str, outputs: str) -> str:
 
 
 def due(
-    sources: list[str], outputs: str, model_sha256: str, *, reprocess: bool = False
+    sources: list[str],
+    outputs: str,
+    model_sha256: str,
+    *,
+    reprocess: bool = False,
+    labels: str | None = None,
 ) -> list[Arrival]:
     """The volumes of ``sources`` whose prediction in ``outputs`` is missing, incomplete, or (with
-    ``reprocess``) made by a model other than ``model_sha256``.
+    ``reprocess``) made by a model other than ``model_sha256``; with ``labels`` (a name under
+    the prediction's ``labels/``), also those whose labels are missing or incomplete.
 
     Two volumes whose predictions would land in the same place (``a.tif`` and ``a.zarr``) are
     refused, since one would overwrite the other.
@@ -168,6 +174,9 @@ def due(
     arrivals = []
     for output, (source,) in by_output.items():
         reason = _reason(output, model_sha256, reprocess)
+        if reason is None and labels is not None:
+            labelled = run_info(f"{output.rstrip('/')}/labels/{labels}") or {}
+            reason = None if labelled.get("complete") else "incomplete"
         if reason is not None:
             arrivals.append(Arrival(source, output, reason))
     return arrivals

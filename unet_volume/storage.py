@@ -199,8 +199,8 @@ def open_volume(
     url = str(url)
     if not input_exists(url):
         raise InputError(
-            f"input {url} does not exist; pass a Zarr array, a TIFF stack, a folder of TIFFs or "
-            "an HDF5 dataset (file.h5:/path)"
+            f"input {url} does not exist; pass a Zarr array, a TIFF stack, a folder of TIFFs, "
+            "an HDF5 dataset (file.h5:/path) or an N5 dataset (container.n5/path)"
         )
     kind = input_kind(url)
     try:
