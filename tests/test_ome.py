@@ -24,6 +24,7 @@ from unet_volume.instances import label_instances, open_instances
 from unet_volume.model import UNet
 from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
+from unet_volume.pyramid import build_pyramid
 
 VOXEL = (50.0, 4.0, 4.0)
 SHAPE = (2, 300, 36)  # y longer than the pyramid's smallest level: one level below
@@ -118,3 +119,24 @@ def test_ome_segment_cli_writes_labels_into_the_prediction(
     capsys.readouterr()
     labels = Image.from_zarr(zarr.open_group(prediction, mode="r")).labels
     assert labels is not None and "components" in labels.label_paths
+
+
+def test_ome_a_3d_pyramid_level_is_the_mean_of_each_2x2x2_window(
+    tmp_path: Path, client: Client
+) -> None:
+    # isotropic: all three axes halve; odd sizes: the last window holds fewer voxels
+    data = np.random.default_rng(6).integers(0, 255, (1, 300, 19, 21), dtype=np.uint8)
+    url = str(tmp_path / "volume.zarr")
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    array = group.create_array(
+        "probabilities",
+        shape=data.shape,
+        chunks=(1, 64, 8, 8),
+        dtype="uint8",
+        dimension_names=("class", "z", "y", "x"),
+    )
+    array[...] = data
+    assert build_pyramid(client, url, "probabilities", "mean", None) == [(1, 1, 1), (2, 2, 2)]
+    padded = np.pad(data, [(0, 0), (0, 0), (0, 1), (0, 1)], mode="edge").astype(np.float64)
+    windows = padded.reshape(1, 150, 2, 10, 2, 11, 2).mean(axis=(2, 4, 6))
+    np.testing.assert_array_equal(group["pyramid/1"][...], np.rint(windows).astype(np.uint8))

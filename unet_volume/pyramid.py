@@ -154,14 +154,21 @@ def _reduce_block(
     halving: Shape,
     reduction: Reduction,
 ) -> None:
-    """One chunk of a level from the window of the level before that it covers."""
+    """One chunk of a level from the window of the level before that it covers, read a slab
+    of z at a time: a task holds about two chunks, whatever the halving."""
     source, target = opened_arrays(url, token, names)
     n = source.shape[-3:]
-    begin = tuple(b * h for b, h in zip(box.begin, halving))
-    end = tuple(min(e * h, s) for e, h, s in zip(box.end, halving, n))
     lead = (slice(None),) * (source.ndim - 3)
-    data = source[(*lead, *(slice(b, e) for b, e in zip(begin, end)))]
-    target[(*lead, *box.to_slices())] = reduce_window(data, halving, reduction)
+    out = np.empty((*source.shape[:-3], *box.shape), dtype=source.dtype)
+    step = max(1, box.shape[0] // int(np.prod(halving)))
+    for z in range(box.begin[0], box.end[0], step):
+        part = Box((z, *box.begin[1:]), (min(z + step, box.end[0]), *box.end[1:]))
+        begin = tuple(b * h for b, h in zip(part.begin, halving))
+        end = tuple(min(e * h, s) for e, h, s in zip(part.end, halving, n))
+        data = source[(*lead, *(slice(b, e) for b, e in zip(begin, end)))]
+        where = part.shift(tuple(-b for b in box.begin)).to_slices()
+        out[(*lead, *where)] = reduce_window(data, halving, reduction)
+    target[(*lead, *box.to_slices())] = out
 
 
 def reduce_window(data: np.ndarray, halving: Shape, reduction: Reduction) -> np.ndarray:
