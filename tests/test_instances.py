@@ -161,7 +161,7 @@ def test_instances_cli_segment_labels_in_3d_and_refuses_bad_input_in_one_line(
 
 
 def test_instances_a_failed_block_is_recorded_and_the_same_call_redoes_only_it(
-    tmp_path: Path, client: Client
+    tmp_path: Path, client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     torch.manual_seed(0)
     image = tmp_path / "image.zarr"
@@ -183,6 +183,10 @@ def test_instances_a_failed_block_is_recorded_and_the_same_call_redoes_only_it(
         label_instances(str(prediction), out, **run)
     info = run_info(out)
     assert info is not None and not info["complete"] and len(info["failures"]) == 9
+    assert main(["status", out]) == 0
+    said = capsys.readouterr().out
+    assert "done 9 / failed 9" in said and "run: segment components, blocks 1x16x16" in said
+    assert "run the same `unet-volume segment` command again" in said
     chunk.write_bytes(intact)
     report = label_instances(str(prediction), out, **run)
     assert report.skipped == 9  # slice 0's blocks were done

@@ -266,23 +266,31 @@ def _status(args: argparse.Namespace) -> None:
     status = read_status(args.output)
     print(status.summary())
     identity = status.identity
-    command = "unet-volume weights" if "weights" in identity else "unet-volume predict"
+    command, made_by = _made_by(identity)
     if identity:
         source = identity.get("input", {})
-        made_by = (
-            f"weights w0 {identity['weights'].get('w0')}, sigma {identity['weights'].get('sigma')}"
-            if "weights" in identity
-            else f"model sha256 {str(identity.get('model_sha256'))[:12]}"
-        )
+        dtype = f", dtype {identity['output_dtype']}" if "output_dtype" in identity else ""
         print(
-            f"run: {made_by}, blocks {fmt(identity.get('block_shape', []))}, dtype "
-            f"{identity.get('output_dtype')}, input {source.get('url')} "
-            f"{fmt(source.get('shape', []))}"
+            f"run: {made_by}, blocks {fmt(identity.get('block_shape', []))}{dtype}, input "
+            f"{source.get('url')} {fmt(source.get('shape', []))}"
         )
     for failure in status.failures[: args.errors]:
         print(f"failed: {failure}")
     if not status.complete:
         print(f"run the same `{command}` command again to resume")
+
+
+def _made_by(identity: dict[str, Any]) -> tuple[str, str]:
+    """The command that writes an output of this run identity, and what made it."""
+    if "weights" in identity:
+        weights = identity["weights"]
+        return (
+            "unet-volume weights",
+            f"weights w0 {weights.get('w0')}, sigma {weights.get('sigma')}",
+        )
+    if "method" in identity:
+        return "unet-volume segment", f"segment {identity['method']}"
+    return "unet-volume predict", f"model sha256 {str(identity.get('model_sha256'))[:12]}"
 
 
 def _add_models(p: argparse.ArgumentParser) -> None:
