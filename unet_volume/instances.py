@@ -31,10 +31,10 @@ from unet_volume.locations import absolute
 from unet_volume.objects import merge_stats, table_url, write_table
 from unet_volume.ome import publish_levels, register_label
 from unet_volume.output_run import (
-    ATTRS_KEY,
     check_run_limits,
     create_output,
     find_resumable,
+    recorded_grid,
     run_info,
     run_recorded,
 )
@@ -168,7 +168,7 @@ def _mask_source(source: str, foreground: int) -> tuple[Volume, int | None]:
         group = None
     if group is not None and "segmentation" in group:
         volume = open_volume(f"{source.rstrip('/')}/segmentation")
-        return replace(volume, **_grid_of(group)), foreground
+        return replace(volume, **recorded_grid(group)), foreground
     volume = open_volume(source)
     if volume.channels != 1 or np.dtype(volume.dtype).kind not in "uib":
         raise InputError(
@@ -176,13 +176,6 @@ def _mask_source(source: str, foreground: int) -> tuple[Volume, int | None]:
             "prediction, or one (z, y, x) volume of labels or a 0/1 mask"
         )
     return volume, None
-
-
-def _grid_of(group: zarr.Group) -> dict[str, Any]:
-    """The voxel size and units a prediction recorded of its input (None where it had none)."""
-    recorded = group.attrs.get(ATTRS_KEY, {}).get("input", {})  # type: ignore[union-attr]
-    size = recorded.get("voxel_size")
-    return {"voxel_size": tuple(size) if size else None, "units": recorded.get("units")}
 
 
 def _check_block_shape(block_shape: Shape | None, how: Labelling, per_slice: bool) -> Shape:

@@ -25,7 +25,7 @@ from ome_zarr_models.v05.axes import Axis
 from ome_zarr_models.v05.multiscales import Dataset, Multiscale
 
 from unet_volume.geometry import Shape
-from unet_volume.output_run import ATTRS_KEY, reconsolidate
+from unet_volume.output_run import reconsolidate, recorded_grid
 from unet_volume.pyramid import Reduction, build_pyramid, level_path
 
 VERSION = "0.5"
@@ -50,8 +50,8 @@ def publish_levels(
     (:func:`write_image_metadata`); returns the levels' factors. The voxel size and units
     are those the output recorded of its input."""
     group = zarr.open_group(url, mode="r", zarr_format=3)
-    recorded = group.attrs.get(ATTRS_KEY, {}).get("input", {})  # type: ignore[union-attr]
-    spacing, units = recorded.get("voxel_size"), recorded.get("units")
+    grid = recorded_grid(group)
+    spacing, units = grid["voxel_size"], grid["units"]
     factors = build_pyramid(client, url, array, reduction, spacing, flat=label)
     dims = group[array].metadata.dimension_names  # type: ignore[union-attr]
     entry = multiscales(

@@ -83,6 +83,13 @@ def opened_arrays(url: str, token: str, names: tuple[str, ...]) -> tuple[Any, ..
         return tuple(group[name] for name in names)
 
 
+def recorded_grid(group: zarr.Group) -> dict[str, Any]:
+    """The voxel size and units an output recorded of its input (None where it had none)."""
+    recorded = group.attrs.get(ATTRS_KEY, {}).get("input", {})  # type: ignore[union-attr]
+    size = recorded.get("voxel_size")
+    return {"voxel_size": tuple(size) if size else None, "units": recorded.get("units")}
+
+
 def update_run_info(url: str, extra: Mapping[str, Any]) -> None:
     """Merge ``extra`` into the run information, then re-consolidate the metadata.
 

@@ -21,7 +21,7 @@ volume never floods the scheduler.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -101,7 +101,7 @@ def build_pyramid(
     token = uuid.uuid4().hex
     for level, target in enumerate(levels, start=1):
         halving = tuple(f // p for f, p in zip(factors[level], factors[level - 1]))
-        blocks = _chunks_of(target.shape[-3:], target.chunks[-3:])
+        blocks = (box for _, box in Box.from_shape(target.shape[-3:]).grid(target.chunks[-3:]))
         tasks = map_bounded(
             client,
             _reduce_block,
@@ -138,11 +138,6 @@ def _create_level(group: zarr.Group, base: zarr.Array, path: str, factor: Shape)
         dimension_names=base.metadata.dimension_names,  # type: ignore[union-attr]
         attributes=dict(base.attrs),
     )
-
-
-def _chunks_of(shape: Shape, chunks: Shape) -> Iterator[Box]:
-    for _, box in Box.from_shape(shape).grid(chunks):
-        yield box
 
 
 def _reduce_block(
