@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import os
 import re
@@ -35,6 +32,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
+from unet_volume import heap
 from unet_volume.cluster_spec import load_cluster_spec, make_cluster, start_local_cluster
 from unet_volume.errors import InputError
 
@@ -42,8 +40,6 @@ log = logging.getLogger(__name__)
 
 WORKER_EXIT = 30.0
 """Seconds a worker process of a LocalCluster we close may take to exit before it is killed."""
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
 _TUNED = False
 TRIM_EVERY = 16
 """Tasks between two trims of a worker's heap (see release_free_memory)."""
@@ -229,12 +225,7 @@ def tune_worker_process() -> None:
     if _TUNED:
         return
     _TUNED = True
-    libc = _libc()
-    try:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-        libc.mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
-    except (OSError, AttributeError):  # not glibc (e.g. macOS): nothing to fix
-        log.debug("mallopt unavailable; leaving the allocator as it is")
+    heap.tune_for_torch()
 
 
 def release_free_memory() -> None:
@@ -248,11 +239,4 @@ def release_free_memory() -> None:
     global _TASKS
     _TASKS += 1
     if _TASKS % TRIM_EVERY == 0:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to release
-            _libc().malloc_trim(0)
-
-
-@functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name is not None else None
+        heap.give_back()

@@ -4,10 +4,13 @@ Each pass is one task per block through :func:`~unet_volume.task_window.map_boun
 bounded window: 10^6 blocks never flood the scheduler):
 
 1. **label**: each task labels its block of the mask (or floods its watershed) and writes
-   provisional ids into the scratch array ``provisional`` (one chunk per block), returning its
-   objects' first voxels;
+   provisional ids into the scratch array ``provisional`` (one shard per block, of small
+   inner chunks: :func:`inner_chunks`), returning its objects' first voxels;
 2. **pair**: each task reads its block's upper border planes (a one-voxel rim) back from
-   ``provisional`` and returns the ids that touch;
+   ``provisional`` and returns the ids that touch. A plane decodes only the inner chunks it
+   crosses: with one chunk per block, each plane read decoded its neighbours' whole blocks
+   (uint64, 32 MiB for 64x256x256), several at once, and this pass cost more time and worker
+   memory than the labelling, growing with the number of neighbours a block has;
 3. **relabel**: the client merges them (:func:`~unet_volume.components.relabel`) and stores
    the relabel tables in the output, every block's after the other (``relabel``, with each
    block's start in ``relabel_start``); each task reads its own block's table (never the whole
@@ -33,6 +36,7 @@ import pandas as pd
 import zarr
 from distributed import Client
 
+from unet_volume import heap
 from unet_volume.components import (
     apply_table,
     block_number,
@@ -131,13 +135,31 @@ def _create_provisional(out_url: str, volume: Shape, shape: Shape) -> None:
     group.create_array(
         PROVISIONAL,
         shape=volume,
-        chunks=shape,
+        shards=shape,
+        chunks=inner_chunks(shape),
         dtype="uint64",
         fill_value=0,
         compressors=[COMPRESSOR],
         dimension_names=("z", "y", "x"),
         attributes={"long_name": "provisional ids of a run in progress"},
     )
+
+
+def inner_chunks(block: Shape) -> Shape:
+    """The inner chunks of ``provisional``'s shards: about 4096 voxels, 16^3 in 3D or 64^2 in a
+    slice, so that a border plane decodes at most 16 (64) times its own voxels. Each divides
+    its block's side (a shard holds whole chunks); a side with no divisor near that stays
+    whole.
+
+    >>> inner_chunks((64, 256, 256)), inner_chunks((1, 512, 512)), inner_chunks((8, 100, 97))
+    ((16, 16, 16), (1, 64, 64), (8, 10, 97))
+    """
+    edge = 16 if all(b > 1 for b in block) else 64
+    sides = []
+    for b in block:
+        divisor = max(d for d in range(1, min(b, edge) + 1) if b % d == 0)
+        sides.append(divisor if divisor * 4 >= min(b, edge) else b)
+    return tuple(sides)
 
 
 def _store_tables(out_url: str, tables: list[np.ndarray]) -> None:
@@ -186,6 +208,7 @@ def _label(
         ids, firsts = label_block(mask, how.neighbourhood, number * cap, box, how.volume.shape)
     (provisional,) = opened_arrays(out_url, token, (PROVISIONAL,))
     provisional[box.to_slices()] = ids
+    heap.give_back()  # see unet_volume.heap: else a worker's peak grows with the volume
     return number, firsts
 
 
@@ -222,6 +245,7 @@ def _rewrite(
     stats = block_stats(final, box, how.volume.shape, foreground)
     if not block.done:
         done[block.index] = 1  # last: a block that failed anywhere is done again
+    heap.give_back()
     return stats
 
 

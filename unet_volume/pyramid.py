@@ -28,6 +28,7 @@ import numpy as np
 import zarr
 from distributed import Client
 
+from unet_volume import heap
 from unet_volume.errors import BlockError, UnetVolumeError
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.output_run import opened_arrays, reconsolidate
@@ -149,21 +150,22 @@ def _reduce_block(
     halving: Shape,
     reduction: Reduction,
 ) -> None:
-    """One chunk of a level from the window of the level before that it covers, read a slab
-    of z at a time: a task holds about two chunks, whatever the halving."""
+    """One chunk of a level from the window of the level before that it covers, read one
+    source chunk at a time: a task holds its output chunk and one input chunk, whatever the
+    halving and the slice's area, and decodes each input chunk once."""
     source, target = opened_arrays(url, token, names)
     n = source.shape[-3:]
     lead = (slice(None),) * (source.ndim - 3)
     out = np.empty((*source.shape[:-3], *box.shape), dtype=source.dtype)
-    step = max(1, box.shape[0] // int(np.prod(halving)))
-    for z in range(box.begin[0], box.end[0], step):
-        part = Box((z, *box.begin[1:]), (min(z + step, box.end[0]), *box.end[1:]))
+    part_shape = tuple(max(1, c // h) for c, h in zip(source.chunks[-3:], halving))
+    for _, part in box.grid(part_shape):
         begin = tuple(b * h for b, h in zip(part.begin, halving))
         end = tuple(min(e * h, s) for e, h, s in zip(part.end, halving, n))
         data = source[(*lead, *(slice(b, e) for b, e in zip(begin, end)))]
         where = part.shift(tuple(-b for b in box.begin)).to_slices()
         out[(*lead, *where)] = reduce_window(data, halving, reduction)
     target[(*lead, *box.to_slices())] = out
+    heap.give_back()  # see unet_volume.heap
 
 
 def reduce_window(data: np.ndarray, halving: Shape, reduction: Reduction) -> np.ndarray:
