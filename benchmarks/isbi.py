@@ -41,10 +41,13 @@ def interior_probability(
     return open_prediction(str(out)).probabilities[1].values
 
 
-def watershed_labels(prediction: Path, seed_threshold: float, client: Client) -> str:
-    """The seeded watershed of a prediction (per slice), as ``unet-volume segment`` makes it."""
-    out = f"{prediction}.watershed-{seed_threshold:g}.zarr"
-    config = WatershedConfig(seed_threshold=seed_threshold)
+def watershed_labels(
+    prediction: Path, seed_threshold: float, client: Client, *, cover: bool = False
+) -> str:
+    """The seeded watershed of a prediction (per slice), as ``unet-volume segment`` makes it;
+    ``cover``: every voxel gets an object (``segment --watershed --cover``)."""
+    out = f"{prediction}.watershed-{seed_threshold:g}{'-cover' if cover else ''}.zarr"
+    config = WatershedConfig(seed_threshold=seed_threshold, cover=cover)
     label_instances(str(prediction), out, client=client, watershed=config, overwrite=True)
     return out
 

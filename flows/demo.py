@@ -25,7 +25,6 @@ from unet_volume.prediction_store import open_prediction
 from unet_volume.shipped_models import shipped_models
 from unet_volume.storage import convert_to_zarr
 from unet_volume.train import TrainConfig
-from unet_volume.watershed import WatershedConfig
 from unet_volume_flows.common import HiddenNone
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
@@ -52,7 +51,7 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
         SHIPPED,
         str(root / "shipped.zarr"),
         overwrite=True,
-        tta=shipped_models()[SHIPPED].record["predict"]["tta"],
+        **shipped_models()[SHIPPED].predict_options,
         preview=str(root / "shipped.preview.png"),
     )
     shipped["scores"] = evaluate(shipped["output_url"], labels, z_range=VALIDATION).to_dict()
@@ -79,8 +78,7 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
 
 def segmented(prediction: str, out: str, labels: str) -> dict[str, Any]:
     """The prediction's objects by the shipped model's watershed, and their scores on 20-24."""
-    segment = shipped_models()[SHIPPED].record["segment"]
-    watershed = WatershedConfig(segment["threshold"], segment["seed_threshold"])
+    watershed = shipped_models()[SHIPPED].watershed
     with open_client(dashboard=False, quiet=True) as client:
         report = label_instances(
             prediction, out, client=client, watershed=watershed, overwrite=True
@@ -97,17 +95,13 @@ def print_shipped(shipped: dict[str, Any]) -> None:
         f"\nshipped model {SHIPPED}: {shipped['output_url']} ({shipped['blocks']} blocks, "
         f"{shipped['seconds']:.1f} s); preview {shipped['preview']}"
     )
+    objects = shipped["watershed"]["volume"]
     print(
-        f"slices {VALIDATION[0]}-{VALIDATION[1] - 1}: pixel error {figures['pixel_error']:.4f}, "
-        f"Rand error {figures['rand_error']:.4f} (it trained on all 25 slices; the same recipe "
+        f"slices {VALIDATION[0]}-{VALIDATION[1] - 1}: pixel error {figures['pixel_error']:.4f} "
+        f"(its segmentation), Rand error {objects['rand_error']:.4f} (its {shipped['objects']:,} "
+        f"objects, {shipped['objects_url']}). It trained on all 25 slices; the same recipe "
         f"trained on 0-19 scored {held_out['pixel_error']:.4f} / {held_out['rand_error']:.4f} "
-        "on 20-24, never seen)"
-    )
-    watershed = shipped["watershed"]["volume"]
-    print(
-        f"objects (segment --watershed): {shipped['objects']:,} in {shipped['objects_url']}; "
-        f"slices {VALIDATION[0]}-{VALIDATION[1] - 1}: Rand error {watershed['rand_error']:.4f} "
-        f"(held out: {record.figures('held_out_watershed')['rand_error']:.4f})"
+        "on 20-24, never seen"
     )
 
 

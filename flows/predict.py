@@ -184,6 +184,7 @@ def predict_flow(
     precision: Literal["float32", "bfloat16", "float16"] = DEFAULT_OPTIONS.precision,
     output_dtype: OutputDtype = DEFAULT_OPTIONS.output_dtype,
     tta: bool = DEFAULT_OPTIONS.tta,
+    threshold: float | None = DEFAULT_OPTIONS.threshold,
     voxel_size: VoxelSize | None = DEFAULT_OPTIONS.voxel_size,
     overwrite: bool = DEFAULT_OPTIONS.overwrite,
     max_failures: NonNegativeInt = DEFAULT_OPTIONS.max_failures,
@@ -215,6 +216,7 @@ def predict_flow(
         max_failures=max_failures,
         stall_after=stall_after,
         tta=tta,
+        threshold=threshold,
     )
     planned = plan(image, model, out, options)
     report = predict(planned, scheduler, cluster)
@@ -229,6 +231,7 @@ def predict_flow(
             "precision": precision,
             "output_dtype": output_dtype,
             "tta": tta,
+            "threshold": threshold,
             "voxel_size": voxel_size,
         },
     )

@@ -243,6 +243,30 @@ def test_predict_uint8_stores_rounded_probabilities(client: Client, tmp_path: Pa
     assert np.mean(stored == np.rint(scaled)) > 0.99
 
 
+def test_predict_threshold_segments_the_foreground_probability(
+    client: Client, tmp_path: Path
+) -> None:
+    source = write_zarr(tmp_path / "in.zarr", blob_volume((2, 30, 30)))
+    model = tiny_unet()
+    for name, threshold in (("argmax", None), ("threshold", 0.3)):
+        predict_volume(
+            model,
+            source,
+            tmp_path / name,
+            block_shape=(1, 16, 16),
+            output_dtype="float32",
+            threshold=threshold,
+            client=client,
+        )
+    argmax, thresholded = (open_prediction(str(tmp_path / n)) for n in ("argmax", "threshold"))
+    foreground = thresholded.probabilities.values[1]
+    assert np.array_equal(thresholded.segmentation.values, foreground > 0.3)
+    assert np.array_equal(argmax.segmentation.values, argmax.probabilities.values.argmax(0))
+    between = (foreground > 0.3) & (foreground < 0.5)
+    assert between.any()  # the two read-outs differ where p is between the thresholds
+    assert "> 0.3" in thresholded.segmentation.attrs["long_name"]
+
+
 def test_predict_tiff_input_with_channels_and_a_checkpoint_file(
     client: Client, tmp_path: Path
 ) -> None:
@@ -313,6 +337,13 @@ def test_predict_bounded_window_of_one_task_gives_the_same_output(
         ),
         pytest.param({"model": tiny_unet(in_channels=3)}, InputError, "expects 3", id="channels"),
         pytest.param({"output": "existing"}, OutputExistsError, "pass --overwrite", id="exists"),
+        pytest.param({"threshold": 1.5}, InputError, "between 0 and 1", id="threshold"),
+        pytest.param(
+            {"model": UNet(base_channels=2, depth=1, num_classes=3), "threshold": 0.3},
+            InputError,
+            "needs a two-class model",
+            id="threshold-classes",
+        ),
     ],
 )
 def test_predict_bad_input_is_refused_before_anything_is_written(

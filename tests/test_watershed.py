@@ -1,5 +1,6 @@
 """The seeded watershed: cells touching through a thin gap stay apart, every foreground voxel
-gets an object, and the distributed run equals the whole-volume watershed.
+gets an object (every voxel, covering), and the distributed run equals the whole-volume
+watershed.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def test_watershed_gives_a_seedless_component_its_own_object() -> None:
     assert count == 2 and np.array_equal(labels > 0, p > 0.5)
 
 
+def test_covering_watershed_gives_every_voxel_to_the_cell_it_drains_to() -> None:
+    p = two_cells_with_a_leaky_border()
+    labels, count = seeded_watershed(p, PER_SLICE, WatershedConfig(cover=True))
+    assert count == 2 and (labels > 0).all()
+    left, right = labels[0, 10, 10], labels[0, 10, 30]
+    assert left != right
+    assert (labels[0, :, :15] == left).all() and (labels[0, :, 26:] == right).all()
+
+
 def test_watershed_per_slice_numbers_slices_apart() -> None:
     p = np.concatenate([two_cells_with_a_leaky_border()] * 3)
     labels, count = seeded_watershed(p, PER_SLICE, WatershedConfig())
@@ -82,8 +92,9 @@ def write_prediction(root: Path, p: np.ndarray) -> str:
     return str(root / "prediction.zarr")
 
 
+@pytest.mark.parametrize("cover", [False, True], ids=["within-foreground", "covering"])
 def test_watershed_on_dask_equals_the_whole_volume_watershed(
-    tmp_path: Path, client: Client
+    tmp_path: Path, client: Client, cover: bool
 ) -> None:
     rng = np.random.default_rng(3)
     p = np.clip(
@@ -96,12 +107,12 @@ def test_watershed_on_dask_equals_the_whole_volume_watershed(
         source,
         str(tmp_path / "labels.zarr"),
         client=client,
-        watershed=WatershedConfig(),
+        watershed=WatershedConfig(cover=cover),
         block_shape=(1, 21, 41),
     )
     stored = zarr.open_group(report.output_url)["instances"][...]
     expected, count = seeded_watershed(
-        p.astype(np.float32).astype(np.float64), PER_SLICE, WatershedConfig()
+        p.astype(np.float32).astype(np.float64), PER_SLICE, WatershedConfig(cover=cover)
     )
     np.testing.assert_array_equal(stored, canonical(expected))
     assert report.objects == count
@@ -132,6 +143,8 @@ def test_watershed_from_the_command_line(tmp_path: Path) -> None:
     args = ["segment", source, str(out), "--watershed", "--block-shape", "1,21,41"]
     assert main([*args, "--seed-threshold", "0.9", "--workers", "1"]) == 0
     assert len(np.unique(zarr.open_group(out)["instances"][...])) == 3  # background and 2 cells
+    assert main([*args, "--cover", "--overwrite", "--workers", "1"]) == 0
+    assert set(np.unique(zarr.open_group(out)["instances"][...])) == {1, 2}  # no background
 
 
 def test_evaluate_scores_watershed_labels_as_objects_not_as_components(
@@ -147,3 +160,29 @@ def test_evaluate_scores_watershed_labels_as_objects_not_as_components(
     split = evaluate(out, truth.astype(np.uint8)).volume
     merged = evaluate(f"{source}/segmentation", truth.astype(np.uint8)).volume
     assert merged.rand_error > 0.3 and split.rand_error < merged.rand_error / 5
+
+
+def two_cells_drawn_with_a_wide_membrane() -> tuple[np.ndarray, np.ndarray]:
+    """Truth: two cells apart by a 1-pixel membrane (column 20); prediction: the same cells
+    with a membrane 7 pixels wide (p 0.1 over columns 17-23), as a weight-map model draws it."""
+    truth = np.ones((1, 21, 41), np.uint8)
+    truth[0, :, 20] = 0
+    p = np.full((1, 21, 41), 0.95)
+    p[0, :, 17:24] = 0.1
+    return truth, p
+
+
+def test_covering_removes_the_rand_error_of_a_membrane_drawn_wider_than_the_truth(
+    tmp_path: Path, client: Client
+) -> None:
+    truth, p = two_cells_drawn_with_a_wide_membrane()
+    source = write_prediction(tmp_path, p)
+    errors = {}
+    for cover in (False, True):
+        out = str(tmp_path / f"labels-{cover}.zarr")
+        config = WatershedConfig(cover=cover)
+        label_instances(source, out, client=client, watershed=config, block_shape=(1, 21, 41))
+        errors[cover] = evaluate(out, truth).volume.rand_error
+    # within the foreground, the 6 true-cell columns drawn as membrane are each voxel its own
+    # segment: false splits; covering gives them to their cells, as the truth does
+    assert errors[False] > 0.1 and errors[True] == 0.0

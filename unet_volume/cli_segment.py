@@ -61,6 +61,13 @@ def add_segment(p: argparse.ArgumentParser) -> None:
         help=f"watershed: probability of a seed (default {defaults.seed_threshold:g})",
     )
     p.add_argument(
+        "--cover",
+        action="store_true",
+        help="watershed: flood the background too, so that every voxel gets an object and "
+        "each boundary is split between its cells (a dense segmentation, as connectomics "
+        "scores one)",
+    )
+    p.add_argument(
         "--block-shape",
         type=parse_ints,
         metavar="Z,Y,X",
@@ -88,7 +95,7 @@ def _segment(args: argparse.Namespace) -> None:
             client=client,
             connectivity=args.connectivity,
             per_slice=args.per_slice,
-            watershed=WatershedConfig(args.threshold, args.seed_threshold)
+            watershed=WatershedConfig(args.threshold, args.seed_threshold, args.cover)
             if args.watershed
             else None,
             block_shape=args.block_shape,

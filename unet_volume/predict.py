@@ -49,6 +49,7 @@ from unet_volume.prediction_store import (
     PredictionStore,
     check_output_dtype,
     create_prediction,
+    segmentation_name,
     volume_attrs,
 )
 from unet_volume.predictor import PRECISIONS, ModelPredictor
@@ -77,6 +78,7 @@ class PredictionPlan:
     overwrite: bool
     tta: bool = False
     precision: str = "float32"
+    threshold: float | None = None
     max_failures: int = 0
     stall_after: float = 600.0
     identity: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +124,7 @@ def plan_prediction(
         raise InputError(
             f"precision {options.precision!r} is unknown; pass one of {', '.join(PRECISIONS)}"
         )
+    check_threshold(options.threshold, info.config.num_classes)
     block = options.block_shape
     if block == "auto":
         block = _auto_block(info, volume, workers or {})
@@ -131,6 +134,8 @@ def plan_prediction(
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
     identity.update(shard_shape=list(shard), precision=options.precision)
+    if options.threshold is not None:  # absent otherwise: outputs of earlier versions resume
+        identity["threshold"] = options.threshold
     existing = find_resumable(str(output), output_url, identity, overwrite=options.overwrite)
     return PredictionPlan(
         checkpoint,
@@ -144,6 +149,7 @@ def plan_prediction(
         options.overwrite,
         options.tta,
         options.precision,
+        options.threshold,
         options.max_failures,
         options.stall_after,
         identity,
@@ -173,7 +179,9 @@ def run_plan(
         create_planned_output(plan)
     if predictor is None:
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta, precision=plan.precision)
-    store = PredictionStore(plan.output_url, plan.output_dtype, plan.layout.blocks_per_shard)
+    store = PredictionStore(
+        plan.output_url, plan.output_dtype, plan.layout.blocks_per_shard, plan.threshold
+    )
 
     def run(done: Collection[Shape]) -> RunReport:
         report = run_prediction(
@@ -238,6 +246,7 @@ def _create_prediction(plan: PredictionPlan) -> None:
         shard_shape=plan.shard_shape,
         output_dtype=plan.output_dtype,
         attrs=_run_attrs(plan),
+        threshold=plan.threshold,
     )
 
 
@@ -322,6 +331,18 @@ def plan_shards(
     return tuple(min(s, ceil_div(n, b) * b) for s, n, b in zip(shape, volume_shape, block_shape))
 
 
+def check_threshold(threshold: float | None, num_classes: int) -> None:
+    """Refuse a segmentation threshold outside (0, 1) or for a model of other than 2 classes."""
+    if threshold is None:
+        return
+    if num_classes != 2 or not 0.0 < threshold < 1.0:
+        raise InputError(
+            f"threshold {threshold:g} needs a two-class model and a value between 0 and 1 "
+            f"(this model has {num_classes} classes); pass e.g. --threshold 0.3, or none for "
+            "the most probable class"
+        )
+
+
 def _checkpoint_of(model: UNet | str | Path) -> bytes:
     if isinstance(model, UNet):
         return checkpoint_bytes(model)
@@ -370,6 +391,7 @@ def _run_attrs(plan: PredictionPlan) -> dict[str, Any]:
             "border": "reflect (mirror, edge voxel not repeated)",
             "test_time_augmentation": "mean of 8 flips/turns in (y, x)" if plan.tta else None,
             "precision": plan.precision,
+            "segmentation": segmentation_name(plan.threshold),
         },
         "input": volume_attrs(plan.volume),
         "identity": plan.identity,

@@ -74,6 +74,13 @@ class PredictOptions:
         "faster on a GPU's tensor cores, probabilities within about 1e-2 of float32 "
         "(benchmarks/precision_agreement.py)",
     )
+    threshold: float | None = option(
+        None,
+        "segmentation of a two-class model: class 1 (the foreground) where its probability "
+        "exceeds THRESHOLD, between 0 and 1 (default: the most probable class). A model "
+        "trained with the paper's weight map draws its boundaries wide; a threshold below "
+        "0.5, chosen on training slices, gives the foreground back",
+    )
     tta: bool = option(
         False,
         "test-time augmentation: average over the 8 flips and quarter turns of each tile in "

@@ -6,7 +6,8 @@ Layout of ``OUTPUT`` (all arrays carry ``dimension_names``, which is what
     OUTPUT/
       zarr.json          group attributes: identity, model, geometry, input, complete, failures
       probabilities      (class, z, y, x)  float32 | float16 | uint8 (p * 255, rounded) | float64
-      segmentation       (z, y, x)         uint8 argmax of the float probabilities
+      segmentation       (z, y, x)         uint8 argmax of the float probabilities (or, with
+                                           a threshold, foreground p > threshold)
       class, z, y, x     1-D coordinates: class index; voxel centres in physical units
       done               (block_z, block_y, block_x) uint8: 1 where a block is written
 
@@ -51,16 +52,18 @@ COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 @dataclass(slots=True)
 class EncodedOutput:
-    """A task's output as it will be stored, filled tile by tile: the argmax and the
+    """A task's output as it will be stored, filled tile by tile: the segmentation and the
     probabilities in the stored dtype (a uint8 run never holds its float probabilities whole).
     """
 
     segmentation: np.ndarray
     probabilities: np.ndarray
+    threshold: float | None = None
+    """None: the segmentation is the argmax; else class 1 where its probability exceeds it."""
 
     def put(self, where: tuple[slice, ...], probabilities: np.ndarray) -> None:
         """Store float ``(class, ...)`` probabilities at ``where`` (spatial slices)."""
-        self.segmentation[where] = most_probable(probabilities)
+        self.segmentation[where] = segment(probabilities, self.threshold)
         self.probabilities[(slice(None), *where)] = encode_probabilities(
             probabilities, self.probabilities.dtype.name
         )
@@ -74,13 +77,17 @@ class PredictionStore:
     output_dtype: OutputDtype
     blocks_per_task: Shape = (1, 1, 1)
     """Blocks in one task's shard: the done marker it writes covers them all."""
+    threshold: float | None = None
+    """The segmentation's foreground threshold (None: argmax); see :func:`segment`."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
     """This run's opening of the output: its arrays are opened once per process and token."""
 
     def new_output(self, classes: int, shape: Shape) -> EncodedOutput:
         """An empty task output of ``classes`` over a box of ``shape``."""
         return EncodedOutput(
-            np.empty(shape, dtype=np.uint8), np.empty((classes, *shape), dtype=self.output_dtype)
+            np.empty(shape, dtype=np.uint8),
+            np.empty((classes, *shape), dtype=self.output_dtype),
+            self.threshold,
         )
 
     def write(self, box: Box, output: EncodedOutput | np.ndarray) -> None:
@@ -107,6 +114,18 @@ class PredictionStore:
         per = self.blocks_per_task
         where = tuple(slice(i * p, (i + 1) * p) for i, p in zip(index, per))
         opened_arrays(self.url, self.token, OUTPUT_ARRAYS)[2][where] = 1
+
+
+def segment(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """The stored segmentation (uint8): the most probable class, or with a ``threshold`` (two
+    classes) 1 where class 1's probability exceeds it.
+
+    >>> segment(np.array([[0.7, 0.9], [0.3, 0.1]]), threshold=0.2).tolist()
+    [1, 0]
+    """
+    if threshold is None:
+        return most_probable(probabilities)
+    return (probabilities[1] > threshold).astype(np.uint8)
 
 
 def most_probable(probabilities: np.ndarray) -> np.ndarray:
@@ -159,6 +178,7 @@ def create_prediction(
     output_dtype: OutputDtype,
     attrs: Mapping[str, Any],
     shard_shape: Shape | None = None,
+    threshold: float | None = None,
 ) -> PredictionStore:
     """Create the output group with its arrays, coordinates and metadata (no voxel data yet).
 
@@ -189,10 +209,17 @@ def create_prediction(
         compressors=[COMPRESSOR],
         dimension_names=DIMS,
         fill_value=0,
-        attributes={"long_name": "most probable class"},
+        attributes={"long_name": segmentation_name(threshold)},
     )
     _write_coordinate(group, "class", np.arange(num_classes, dtype=np.int64), {})
-    return PredictionStore(url, output_dtype, layout.blocks_per_shard)
+    return PredictionStore(url, output_dtype, layout.blocks_per_shard, threshold)
+
+
+def segmentation_name(threshold: float | None) -> str:
+    """What the stored segmentation is, in its ``long_name``."""
+    if threshold is None:
+        return "most probable class"
+    return f"foreground: class 1 probability > {threshold:g}"
 
 
 def new_output_group(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_volume.errors import CheckpointError
+from unet_volume.watershed import WatershedConfig
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 INDEX = SHIPPED_DIR / "models.json"
@@ -44,6 +45,31 @@ class ShippedModel:
     def figures(self, key: str) -> dict[str, float]:
         """The figures of one scoring in the record, e.g. ``held_out`` or ``slices_20_24``."""
         return dict(self.record["figures"][key])
+
+    @property
+    def predict_options(self) -> dict[str, Any]:
+        """The prediction options it was measured with (e.g. ``tta``, ``threshold``)."""
+        return dict(self.record.get("predict", {}))
+
+    @property
+    def watershed(self) -> WatershedConfig:
+        """The watershed that its Rand error was measured with."""
+        segment = self.record["segment"]
+        return WatershedConfig(segment["threshold"], segment["seed_threshold"], segment["cover"])
+
+    def commands(self) -> list[str]:
+        """The two commands that give its measured read-out."""
+        predict = self.predict_options
+        flags = " --tta" if predict.get("tta") else ""
+        if predict.get("threshold") is not None:
+            flags += f" --threshold {predict['threshold']:g}"
+        ws = self.watershed
+        cover = " --cover" if ws.cover else ""
+        return [
+            f"unet-volume predict IMAGE OUT.zarr --model {self.name}{flags}",
+            f"unet-volume segment OUT.zarr OUT.zarr/labels/cells --watershed{cover} "
+            f"--threshold {ws.threshold:g} --seed-threshold {ws.seed_threshold:g}",
+        ]
 
 
 @cache
@@ -90,20 +116,22 @@ def describe(shipped: ShippedModel) -> list[str]:
     record = shipped.record
     lines = [f"{shipped.name}: {shipped.summary}"]
     lines += [f"  {line}" for line in record.get("made", [])]
-    for key, what in (
-        ("held_out", "held out"),
-        ("held_out_watershed", "held out"),
-        ("slices_20_24", "this model"),
-        ("slices_20_24_watershed", "this model"),
-    ):
-        if key in record.get("figures", {}):
-            figures = shipped.figures(key)
+    for key, how in record.get("figures", {}).items():
+        if not key.endswith("_how"):
             lines.append(
-                f"  {what}: pixel error {figures['pixel_error']:.4f}, Rand error "
-                f"{figures['rand_error']:.4f} ({record['figures'][key + '_how']})"
+                f"  {_label(key)}: pixel error {how['pixel_error']:.4f}, Rand error "
+                f"{how['rand_error']:.4f} ({record['figures'][key + '_how']})"
             )
+    lines += [f"  measured as: {command}" for command in shipped.commands()]
     lines.append(f"  file: {shipped.path} (sha256 {shipped.sha256[:12]})")
     return lines
+
+
+def _label(key: str) -> str:
+    """A scoring's name as ``models`` prints it: ``held_out_argmax`` -> ``held out, argmax``."""
+    who, argmax, _ = key.partition("_argmax")
+    name = "this model" if who == "slices_20_24" else who.replace("_", " ")
+    return f"{name}, argmax" if argmax else name
 
 
 def model_names() -> str:
