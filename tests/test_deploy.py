@@ -29,6 +29,7 @@ from packaging.requirements import Requirement
 from unet_volume.cluster import TASKS_PER_GPU
 from unet_volume.cluster_spec import (
     DIRECTORY_VARIABLE,
+    ONE_ARENA,
     WORKER_PROFILE_OFF,
     ClusterSpec,
     load_cluster_spec,
@@ -140,6 +141,8 @@ def test_make_cluster_local_spec_starts_a_cluster_that_runs_tasks() -> None:
         assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [inherited]
         # No statistical profiler: it would keep an hour of stack samples in the worker.
         assert list(client.run(_profiles).values()) == [False]
+        # One malloc arena: freed memory stays resident in one arena per thread otherwise.
+        assert list(client.run(os.environ.get, "MALLOC_ARENA_MAX").values()) == ["1"]
 
 
 def test_make_cluster_slurm_spec_renders_one_gpu_worker_per_job() -> None:
@@ -162,6 +165,7 @@ def test_make_cluster_slurm_spec_renders_one_gpu_worker_per_job() -> None:
     assert "--resources GPU=1" in worker_line
     assert "--nworkers" not in worker_line  # one worker process per job (processes: 1)
     assert f"export {WORKER_PROFILE_OFF}" in script.splitlines()
+    assert f"export {ONE_ARENA}" in script.splitlines()
 
 
 @pytest.mark.parametrize(("manifest_file", "crd_file"), MANIFESTS)
@@ -301,6 +305,7 @@ def test_make_cluster_slurm_cpu_spec_renders_loopback_workers_that_die_with_thei
     assert "--nthreads 1 " in worker_line and "--death-timeout 30" in worker_line
     assert "--interface lo" in worker_line
     assert f"export {WORKER_PROFILE_OFF}" in script.splitlines()
+    assert f"export {ONE_ARENA}" in script.splitlines()
 
 
 def test_load_cluster_spec_unknown_name_lists_the_available_ones() -> None:
@@ -326,6 +331,7 @@ def test_dockerfile_copies_only_the_listed_sources_and_they_exist() -> None:
     assert all((ROOT / source).exists() for source in sources)
     assert "pip install --no-cache-dir ." in dockerfile
     assert WORKER_PROFILE_OFF in dockerfile.split()  # ENV: no worker profiler in the image
+    assert ONE_ARENA in dockerfile.split()
 
 
 def test_dockerfile_base_image_torch_satisfies_the_package_range() -> None:
