@@ -9,7 +9,7 @@ objects at 512^3), then on a fresh 2-worker LocalCluster runs
 - ``segment --watershed`` per slice (blocks of whole slices),
 
 and prints objects, seconds, Mvoxel/s and each run's peak worker RSS (the largest over the
-workers, from ``getrusage``; each run gets new workers so peaks do not carry over).
+workers, their ``VmHWM``; each run gets new workers so peaks do not carry over).
 
     .venv/bin/python benchmarks/instances_scale.py --sides 256,512
 """
@@ -17,7 +17,6 @@ workers, from ``getrusage``; each run gets new workers so peaks do not carry ove
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import zarr
 from scipy import ndimage
 
 from unet_volume.cluster import open_client
+from unet_volume.heap import peak_resident_mb
 from unet_volume.instances import label_instances
 from unet_volume.watershed import WatershedConfig
 
@@ -59,8 +59,10 @@ def stand_in_prediction(side: int, out: Path, seed: int = 0) -> str:
 
 
 def peak_worker_rss_mb(client: object) -> float:
-    peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # type: ignore[attr-defined]
-    return max(peaks.values()) / 1024
+    """The largest peak resident memory of the workers (``VmHWM``: ``ru_maxrss`` would include
+    this client's own peak, which Linux carries across the workers' ``exec``)."""
+    peaks = client.run(peak_resident_mb)  # type: ignore[attr-defined]
+    return max(peaks.values())
 
 
 def timed(source: str, out: str, **options: object) -> tuple[int, float, float]:

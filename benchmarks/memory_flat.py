@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ def one_size(root: Path, gigabytes: float) -> dict[str, float]:
     import torch
 
     from unet_volume.cluster import open_client
+    from unet_volume.heap import peak_resident_mb
     from unet_volume.model import UNet
     from unet_volume.predict import predict_volume
 
@@ -61,13 +61,13 @@ def one_size(root: Path, gigabytes: float) -> dict[str, float]:
             overwrite=True,
         )
         seconds = time.perf_counter() - start
-        workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        workers = client.run(peak_resident_mb)  # not ru_maxrss: it includes the client's
     return {
         "gigabytes": gigabytes,
         "shape": list(shape),
         "seconds": seconds,
         "mvoxel_s": report.voxels_per_second / 1e6,
-        "client_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "client_mb": peak_resident_mb(),
         "worker_mb": max(workers.values()),
     }
 
