@@ -45,7 +45,7 @@ def main() -> None:
     viewer = napari.Viewer(show=True)  # a hidden viewer draws an empty canvas
     open_as_a_user(viewer, args.store)
     labels = [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
-    scale = labels[0].scale if labels else viewer.layers[0].scale
+    reference = labels[0] if labels else viewer.layers[0]
     for layer in viewer.layers:
         if isinstance(layer, napari.layers.Labels):
             layer.visible, layer.opacity = True, 0.45  # the reader opens labels hidden
@@ -53,9 +53,11 @@ def main() -> None:
             layer.visible = False  # the probabilities: the raw image shows the tissue
     if args.image:
         raw = np.asarray(zarr.open_array(args.image, mode="r"))
-        viewer.add_image(raw, name="image", scale=scale, colormap="gray")
+        viewer.add_image(
+            raw, name="image", scale=reference.scale, units=reference.units, colormap="gray"
+        )
         viewer.layers.move(len(viewer.layers) - 1, 0)  # under the labels
-    viewer.dims.set_point(0, args.z * float(scale[0]))
+    viewer.dims.set_point(0, args.z * float(reference.scale[0]))
     viewer.reset_view()
     shot = viewer.screenshot(canvas_only=True, flash=False)
     imwrite(args.out, shot)
