@@ -71,6 +71,24 @@ def test_ome_prediction_is_an_ome_zarr_image_whose_levels_are_means(prediction: 
     np.testing.assert_array_equal(level1, window_means(group["probabilities"][...]))
 
 
+def test_ome_pyramid_of_a_sharded_prediction_keeps_its_shards(
+    tmp_path: Path, client: Client
+) -> None:
+    image = tmp_path / "image.zarr"
+    data = np.random.default_rng(4).integers(0, 255, (4, 300, 36), dtype=np.uint8)
+    zarr.create_array(image, data=data)
+    out = tmp_path / "prediction.zarr"
+    torch.manual_seed(0)
+    model = UNet(base_channels=2, depth=1)
+    shards = {"block_shape": (1, 300, 36), "shard_shape": (2, 300, 36)}
+    predict_volume(model, image, out, client=client, voxel_size=VOXEL, **shards)  # type: ignore[arg-type]
+    group = zarr.open_group(out, mode="r")
+    level1 = group["pyramid/1"]
+    # a task writes a whole shard: two slices of the level, as of the full resolution
+    assert (level1.shards, level1.chunks) == ((2, 2, 150, 18), (2, 1, 150, 18))
+    np.testing.assert_array_equal(level1[...], window_means(group["probabilities"][...]))
+
+
 def test_ome_xarray_still_opens_the_full_resolution_with_physical_coordinates(
     prediction: Path,
 ) -> None:
@@ -92,6 +110,9 @@ def test_ome_labels_under_the_prediction_open_as_image_and_labels_in_ome_zarr_re
     assert image.labels is not None and image.labels.label_paths == ["cells"]
     labels = zarr.open_group(cells, mode="r")
     np.testing.assert_array_equal(labels["instances_1"][...], labels["instances"][:, ::2, ::2])
+    # a shard per block (a task's write) of viewer-sized chunks; the level keeps the sharding
+    assert (labels["instances"].shards, labels["instances"].chunks) == ((1, 300, 36), (1, 150, 36))
+    assert (labels["instances_1"].shards, labels["instances_1"].chunks) == ((1, 150, 18),) * 2
     assert labels.attrs["ome"]["image-label"] == {"source": {"image": "../../"}}  # type: ignore[index]
     full = open_instances(str(cells)).instances
     assert full.dims == ("z", "y", "x") and full.shape == SHAPE

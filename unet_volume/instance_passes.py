@@ -145,16 +145,19 @@ def _create_provisional(out_url: str, volume: Shape, shape: Shape) -> None:
     )
 
 
-def inner_chunks(block: Shape) -> Shape:
-    """The inner chunks of ``provisional``'s shards: about 4096 voxels, 16^3 in 3D or 64^2 in a
-    slice, so that a border plane decodes at most 16 (64) times its own voxels. Each divides
-    its block's side (a shard holds whole chunks); a side with no divisor near that stays
-    whole.
+def inner_chunks(block: Shape, *, cube: int = 16, square: int = 64) -> Shape:
+    """Chunks of ``cube``^3 in 3D or ``square``^2 in a slice within a block's shard.
+
+    ``provisional`` takes the defaults (about 4096 voxels: a border plane decodes at most 16 or
+    64 times its own voxels); the labels take a viewer's chunks (64^3, 1x256x256). Each divides
+    its block's side (a shard holds whole chunks); a side with no divisor near that stays whole.
 
     >>> inner_chunks((64, 256, 256)), inner_chunks((1, 512, 512)), inner_chunks((8, 100, 97))
     ((16, 16, 16), (1, 64, 64), (8, 10, 97))
+    >>> inner_chunks((64, 256, 256), cube=64), inner_chunks((1, 512, 512), square=256)
+    ((64, 64, 64), (1, 256, 256))
     """
-    edge = 16 if all(b > 1 for b in block) else 64
+    edge = cube if all(b > 1 for b in block) else square
     sides = []
     for b in block:
         divisor = max(d for d in range(1, min(b, edge) + 1) if b % d == 0)

@@ -6,7 +6,8 @@ resumable per block). The result is ``scipy.ndimage.label`` of the whole mask, i
 The mask is the foreground of a prediction (its ``segmentation`` equal to ``foreground``) or
 the nonzero voxels of any label or mask volume. The output is a Zarr v3 group like a
 prediction's, and an OME-Zarr image-label: ``instances`` (z, y, x) uint64 with physical
-coordinates and its strided pyramid (:mod:`unet_volume.ome`), complete only once every block
+coordinates, one shard per block of viewer-sized chunks (:func:`viewer_chunks`), and its
+strided pyramid (:mod:`unet_volume.ome`), complete only once every block
 is written; the object table (:mod:`unet_volume.objects`) sits beside it.
 """
 
@@ -26,7 +27,13 @@ from distributed import Client
 from unet_volume.components import structure
 from unet_volume.errors import InputError
 from unet_volume.geometry import Shape, ceil_div
-from unet_volume.instance_passes import INSTANCES, Labelling, remove_scratch, run_passes
+from unet_volume.instance_passes import (
+    INSTANCES,
+    Labelling,
+    inner_chunks,
+    remove_scratch,
+    run_passes,
+)
 from unet_volume.locations import absolute
 from unet_volume.objects import merge_stats, table_url, write_table
 from unet_volume.ome import publish_levels, register_label
@@ -114,7 +121,9 @@ def label_instances(
         }
         create_output(
             out_url,
-            lambda: new_single_array_output(out_url, how.volume, shape, attrs, INSTANCES_ARRAY),
+            lambda: new_single_array_output(
+                out_url, how.volume, shape, attrs, INSTANCES_ARRAY, viewer_chunks(shape)
+            ),
             overwrite=overwrite,
         )
     skipped = existing.done if existing is not None else 0
@@ -134,6 +143,16 @@ def label_instances(
     table = run_recorded(out_url, run, report, command="unet-volume segment")
     register_label(out_url)
     return InstanceReport(out_url, len(table), blocks, time.perf_counter() - start, skipped)
+
+
+def viewer_chunks(block: Shape) -> Shape:
+    """The labels' chunks within a block's shard: what a viewer reads at once (64^3, or
+    1x256x256 per slice), where a block is a task's write (e.g. 32 MiB of uint64 at 64x256x256).
+
+    >>> viewer_chunks((64, 256, 256)), viewer_chunks((1, 512, 512))
+    ((64, 64, 64), (1, 256, 256))
+    """
+    return inner_chunks(block, cube=64, square=256)
 
 
 def open_instances(url: str) -> xr.Dataset:

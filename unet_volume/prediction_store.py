@@ -255,15 +255,19 @@ def new_single_array_output(
     block_shape: Shape,
     attrs: Mapping[str, Any],
     array: tuple[str, str, float, str],
+    inner_chunks: Shape | None = None,
 ) -> None:
     """An output group (:func:`new_output_group`) holding one (z, y, x) array over the
-    volume, one chunk per block: ``array`` is its (name, dtype, fill value, long name).
-    Weight volumes and instance labels are such outputs."""
+    volume, one chunk per block, or with ``inner_chunks`` one shard per block of such chunks:
+    ``array`` is its (name, dtype, fill value, long name). Weight volumes and instance labels
+    are such outputs."""
     name, dtype, fill_value, long_name = array
+    sharded = inner_chunks is not None and tuple(inner_chunks) != tuple(block_shape)
     new_output_group(url, volume, block_shape, attrs).create_array(
         name,
         shape=volume.shape,
-        chunks=block_shape,
+        chunks=inner_chunks if sharded else block_shape,
+        shards=block_shape if sharded else None,
         dtype=dtype,
         fill_value=fill_value,
         compressors=[COMPRESSOR],

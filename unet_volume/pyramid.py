@@ -11,7 +11,7 @@ Each level halves the finest axes of the one before (anisotropic EM at 50 x 4 x 
 until they are as coarse as z, then all three) until no axis is longer than :data:`SMALLEST`
 voxels, so that a viewer draws a whole slice from a few chunks. Probabilities are averaged
 over each 2 x 2 (x 2) window (uint8 rounded back), labels strided (an object's id is never a
-mean). Each level is one task per chunk of that level, read from the level before through
+mean). Each level is one task per shard (or chunk) of that level, read from the level before through
 :func:`~unet_volume.task_window.map_bounded`: nothing holds a level whole, and a 10^6-block
 volume never floods the scheduler.
 
@@ -102,7 +102,8 @@ def build_pyramid(
     token = uuid.uuid4().hex
     for level, target in enumerate(levels, start=1):
         halving = tuple(f // p for f, p in zip(factors[level], factors[level - 1]))
-        blocks = (box for _, box in Box.from_shape(target.shape[-3:]).grid(target.chunks[-3:]))
+        step = (target.shards or target.chunks)[-3:]  # a task writes whole shards
+        blocks = (box for _, box in Box.from_shape(target.shape[-3:]).grid(step))
         tasks = map_bounded(
             client,
             _reduce_block,
@@ -126,13 +127,20 @@ def build_pyramid(
 
 
 def _create_level(group: zarr.Group, base: zarr.Array, path: str, factor: Shape) -> zarr.Array:
+    """A level's empty array: the base's chunks (and shards, each a whole number of chunks)
+    where the level is big enough, else the level itself."""
     lead = base.shape[:-3]
     shape = tuple(ceil_div(n, f) for n, f in zip(base.shape[-3:], factor))
     chunks = tuple(min(c, n) for c, n in zip(base.chunks[-3:], shape))
+    shards = None
+    if base.shards is not None:
+        spans = zip(base.shards[-3:], chunks, shape)
+        shards = (*lead, *(min(s, ceil_div(n, c) * c) for s, c, n in spans))
     return group.create_array(
         path,
         shape=(*lead, *shape),
         chunks=(*lead, *chunks),
+        shards=shards,
         dtype=base.dtype,
         fill_value=base.fill_value,
         compressors=base.compressors,
@@ -150,8 +158,8 @@ def _reduce_block(
     halving: Shape,
     reduction: Reduction,
 ) -> None:
-    """One chunk of a level from the window of the level before that it covers, read one
-    source chunk at a time: a task holds its output chunk and one input chunk, whatever the
+    """One shard (or chunk) of a level from the window of the level before that it covers,
+    read one source chunk at a time: a task holds its output and one input chunk, whatever the
     halving and the slice's area, and decodes each input chunk once."""
     source, target = opened_arrays(url, token, names)
     n = source.shape[-3:]
