@@ -94,7 +94,7 @@ def main() -> None:
         help="a budget in steps instead of minutes: the same training on every machine",
     )
     parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--augment", choices=("none", "plain", "paper"), default="plain")
+    parser.add_argument("--augment", choices=("none", "plain", "paper"), default="paper")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument(
         "--tile-output", type=int, default=132, help="y/x output of a training tile"
