@@ -53,6 +53,16 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def within(sizes: Sequence[int], volume: Sequence[int], unit: Sequence[int]) -> Shape:
+    """``sizes`` no larger than ``volume`` rounded up to whole ``unit``s, axis by axis: a
+    block, shard or chunk that still holds whole units and no more than the volume needs.
+
+    >>> within((64, 64), (100, 10), (16, 4))
+    (64, 12)
+    """
+    return tuple(min(s, ceil_div(n, u) * u) for s, n, u in zip(sizes, volume, unit))
+
+
 @dataclass(frozen=True, slots=True)
 class Box:
     """A half-open box ``[begin, end)`` of integer voxel coordinates.

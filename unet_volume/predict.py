@@ -31,7 +31,7 @@ from unet_volume.checkpoint import (
 from unet_volume.cluster import gpu_resources, open_client
 from unet_volume.engine import Predictor, RunReport, run_prediction
 from unet_volume.errors import InputError
-from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.geometry import Box, Shape, within
 from unet_volume.layout import OutputLayout, auto_shard_shape, check_shard_shape
 from unet_volume.locations import absolute
 from unet_volume.model import UNet
@@ -295,9 +295,7 @@ def plan_geometry(
     wanted = tuple(block_shape) if block_shape is not None else DEFAULT_BLOCK[info.config.ndim]
     shape = check_block_shape(wanted, period_geometry)
     # No chunk larger than the volume (rounded up to the period) is useful.
-    shape = tuple(
-        min(s, ceil_div(n, p) * p) for s, n, p in zip(shape, volume.shape, period_geometry.period)
-    )
+    shape = within(shape, volume.shape, period_geometry.period)
     geometry = TileGeometry.for_unet(
         info.config.ndim, info.config.depth, min_output=tile_shape or shape
     )
@@ -328,7 +326,7 @@ def plan_shards(
     if wanted is None:
         return auto_shard_shape(volume_shape, block_shape, ndim=ndim)
     shape = check_shard_shape(wanted, block_shape)
-    return tuple(min(s, ceil_div(n, b) * b) for s, n, b in zip(shape, volume_shape, block_shape))
+    return within(shape, volume_shape, block_shape)
 
 
 def check_threshold(threshold: float | None, num_classes: int) -> None:

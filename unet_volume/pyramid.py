@@ -30,7 +30,7 @@ from distributed import Client
 
 from unet_volume import heap
 from unet_volume.errors import BlockError, UnetVolumeError
-from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.geometry import Box, Shape, ceil_div, within
 from unet_volume.output_run import opened_arrays, reconsolidate
 from unet_volume.task_window import map_bounded
 
@@ -134,8 +134,7 @@ def _create_level(group: zarr.Group, base: zarr.Array, path: str, factor: Shape)
     chunks = tuple(min(c, n) for c, n in zip(base.chunks[-3:], shape))
     shards = None
     if base.shards is not None:
-        spans = zip(base.shards[-3:], chunks, shape)
-        shards = (*lead, *(min(s, ceil_div(n, c) * c) for s, c, n in spans))
+        shards = (*lead, *within(base.shards[-3:], shape, chunks))
     return group.create_array(
         path,
         shape=(*lead, *shape),
