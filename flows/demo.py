@@ -24,13 +24,13 @@ from unet_volume.instances import label_instances
 from unet_volume.prediction_store import open_prediction
 from unet_volume.shipped_models import shipped_models
 from unet_volume.storage import convert_to_zarr
-from unet_volume.train import TrainConfig
+from unet_volume.train_config import DEFAULT_MINUTES
 from unet_volume_flows.common import HiddenNone
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
 
 TRAIN, VALIDATION = (0, 20), (20, 25)  # the ISBI README's split: 20-24 are never trained on
-MINUTES = TrainConfig().minutes  # the library's training budget, written once there
+MINUTES = DEFAULT_MINUTES  # the library's training budget, written once there
 SHIPPED = "isbi2012-membranes"
 
 

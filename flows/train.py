@@ -29,7 +29,6 @@ from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (
     CLUSTER_HELP,
     STORAGE_RETRIES,
-    HiddenNone,
     check_locations,
     described,
     flow_client,
@@ -175,7 +174,7 @@ def train_flow(
     labels: str,
     model: str,
     *,
-    minutes: PositiveFloat | HiddenNone = DEFAULTS.minutes,
+    minutes: PositiveFloat | None = DEFAULTS.minutes,
     steps: PositiveInt | None = DEFAULTS.steps,
     z_range: ZRange | None = DEFAULTS.z_range,
     validation_z_range: ZRange | None = DEFAULTS.validation_z_range,

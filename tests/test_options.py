@@ -43,6 +43,24 @@ def test_options_cli_defaults_are_the_configs_defaults() -> None:
     assert weight_map_config_from(weights) == WeightMapConfig()
 
 
+@pytest.mark.parametrize(
+    "flags, steps, minutes",
+    [
+        pytest.param([], None, 3.0, id="neither: the default budget"),
+        pytest.param(["--steps", "5000"], 5000, None, id="steps alone: no time limit"),
+        pytest.param(["--minutes", "30"], None, 30.0, id="minutes alone"),
+        pytest.param(["--steps", "50", "--minutes", "1"], 50, 1.0, id="both: the first reached"),
+    ],
+)
+def test_options_train_stops_at_steps_alone_when_only_steps_are_given(
+    flags: list[str], steps: int | None, minutes: float | None
+) -> None:
+    # A 5000-step retrain of the shipped model stopped at 257 steps: the default 3 minutes
+    # applied to --steps too.
+    config = train_config_from(build_parser().parse_args([*TRAIN, *flags]))
+    assert (config.steps, config.time_budget) == (steps, minutes)
+
+
 def test_options_train_flow_defaults_are_the_configs_defaults() -> None:
     defaults, config = flow_defaults(train_flow), TrainConfig()
     shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(defaults) - {"tile_output"}
@@ -52,7 +70,7 @@ def test_options_train_flow_defaults_are_the_configs_defaults() -> None:
     assert {name: defaults[name] for name in shared} == {n: getattr(config, n) for n in shared}
     assert {n: defaults[n] for n in shared_net} == {n: getattr(config.model, n) for n in shared_net}
     assert (1, defaults["tile_output"], defaults["tile_output"]) == config.tile_output  # (y, x)
-    assert flow_defaults(demo_flow)["minutes"] == config.minutes
+    assert flow_defaults(demo_flow)["minutes"] == config.time_budget
 
 
 def test_options_predict_flow_and_library_defaults_are_the_options_defaults() -> None:

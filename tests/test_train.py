@@ -397,9 +397,6 @@ def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
     "options, message",
     [
         pytest.param(
-            {"minutes": None, "steps": None}, "no stopping criterion.*steps=", id="no-stopping"
-        ),
-        pytest.param(
             {"tile_output": (1, 10, 10)}, r"\(1, 10, 10\).*\(1, 12, 12\)", id="invalid-tile"
         ),
         pytest.param({"optimizer": "rmsprop"}, "'rmsprop'.*'adam' or 'sgd'", id="optimizer"),

@@ -290,7 +290,7 @@ class _Loop:
         c, done = self.config, len(self.curve.losses)
         fractions = [
             done / c.steps if c.steps else 0.0,
-            self.seconds / (60 * c.minutes) if c.minutes else 0.0,
+            self.seconds / (60 * c.time_budget) if c.time_budget else 0.0,
         ]
         return max(fractions)
 

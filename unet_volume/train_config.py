@@ -23,6 +23,7 @@ from unet_volume.unet_config import UNetConfig
 Augment = Literal["none", "plain", "paper"]
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "sgd": 1e-2}  # SGD runs with the paper's momentum 0.99
 TRAINING_MODEL = UNetConfig(base_channels=16)
+DEFAULT_MINUTES = 3.0  # the training budget of a run given neither steps nor minutes
 """The network trained by default: the paper's, with 16 base channels instead of 64 (CPUs)."""
 
 
@@ -42,7 +43,8 @@ class TrainConfig:
     it says here. ``tile_output`` is the (z, y, x) output of one training tile (its input
     follows from the net's geometry); a 2D net takes the tile's z slices as extra batch items.
     Training stops after ``steps`` or ``minutes`` (of training, after a second or two of
-    set-up), whichever comes first.
+    set-up), whichever comes first. Given neither, it trains for :data:`DEFAULT_MINUTES`; given
+    ``steps`` alone, it has no time limit (:attr:`time_budget`).
     """
 
     model: UNetConfig = TRAINING_MODEL
@@ -57,7 +59,9 @@ class TrainConfig:
         None, "learning rate (default: the optimizer's, adam 1e-3, sgd 1e-2)"
     )
     steps: int | None = option(None, "stop after this many steps (default: only --minutes)")
-    minutes: float | None = option(3.0, "training time budget in minutes")
+    minutes: float | None = option(
+        None, f"training time budget in minutes (default: {DEFAULT_MINUTES:g}, none with --steps)"
+    )
     z_range: tuple[int, int] | None = option(
         None, "train on slices BEGIN..END-1 only, e.g. 0:20 (default: all)"
     )
@@ -130,15 +134,24 @@ class TrainConfig:
                 object.__setattr__(self, name, check_z_range(value, None, what=name))
 
     def _check_stopping(self) -> None:
-        if self.steps is None and self.minutes is None:
-            raise InputError(
-                "no stopping criterion: steps and minutes are both None; "
-                "pass steps=1000 or minutes=3"
-            )
         if self.steps is not None and not _positive_int(self.steps):
             raise InputError(f"steps must be an int >= 1 or None, got {self.steps!r}")
         if self.minutes is not None and not (_is_number(self.minutes) and self.minutes > 0):
             raise InputError(f"minutes must be > 0 or None, got {self.minutes!r}; e.g. minutes=3")
+
+    @property
+    def time_budget(self) -> float | None:
+        """Minutes of training allowed: ``minutes``, else none when ``steps`` bound the run.
+
+        A retrain of 5000 steps once stopped at 257, the default budget's; so the default
+        applies only to a run given neither.
+
+        >>> TrainConfig().time_budget, TrainConfig(steps=5000).time_budget
+        (3.0, None)
+        """
+        if self.minutes is not None:
+            return float(self.minutes)
+        return None if self.steps is not None else DEFAULT_MINUTES
 
     def _checked_tile_output(self) -> tuple[int, int, int]:
         shape = tuple(self.tile_output)
