@@ -105,6 +105,9 @@ def main() -> None:
         action="store_true",
         help="weigh the loss by class balance instead of the paper's weight map (w0 10, sigma 5)",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="training seed: a second seed shows the noise"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/isbi-quality"))
     parser.add_argument(
         "--score",
@@ -130,6 +133,7 @@ def main() -> None:
         validate_every=250,
         checkpoint_every=500,
         weight_map=not args.no_weight_map,  # computed by train beside the model, from 0-19
+        seed=args.seed,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
