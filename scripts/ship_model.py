@@ -12,7 +12,7 @@ and the Rand error of the covering watershed (``segment --watershed --cover``) w
 threshold that scored best there. The argmax figures are recorded beside them.
 
     .venv/bin/python scripts/ship_model.py runs/ship/model.pt --name isbi2012-membranes \\
-        --held-out runs/held-out/results.json
+        --held-out runs/held-out/results.json [--other-seed runs/held-out-seed1/results.json]
 """
 
 from __future__ import annotations
@@ -68,6 +68,30 @@ def rounded(figures: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in figures.items()}
 
 
+def held_out_figures(results: dict, suffix: str) -> dict[str, float]:
+    """The shipped read-out's figures in a held-out run: its own thresholds, chosen on 0-19."""
+    return {
+        "pixel_error": round(results[f"validation_pixel_threshold{suffix}"]["pixel_error"], 4),
+        "rand_error": round(results[f"validation_watershed_cover{suffix}"]["rand_error"], 4),
+    }
+
+
+def other_seeds(paths: list[Path], suffix: str, how: str) -> dict[str, object]:
+    """``held_out_seed_N`` figures of the same recipe with other seeds: the runs' noise."""
+    figures: dict[str, object] = {}
+    for path in paths:
+        results = json.loads(path.read_text())
+        seed = results["settings"]["seed"]
+        figures[f"held_out_seed_{seed}"] = held_out_figures(results, suffix)
+        figures[f"held_out_seed_{seed}_how"] = (
+            f"{how}; the same recipe with seed {seed}, its thresholds (p > "
+            f"{results[f'pixel_threshold{suffix}']:g}, seeds p > "
+            f"{results[f'seed_threshold_watershed_cover{suffix}']:g}) chosen on slices 0-19; "
+            "never trained on"
+        )
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", type=Path)
@@ -75,6 +99,13 @@ def main() -> None:
     parser.add_argument("--summary", default="2D U-Net for EM membranes and cells (ISBI 2012)")
     parser.add_argument("--held-out", type=Path, required=True, help="isbi_quality results.json")
     parser.add_argument("--tta", action="store_true", help="the read-outs with TTA")
+    parser.add_argument(
+        "--other-seed",
+        type=Path,
+        action="append",
+        default=[],
+        help="results.json of the held-out recipe with another seed (repeatable): the noise",
+    )
     args = parser.parse_args()
     held_out = json.loads(args.held_out.read_text())
     suffix = "_tta" if args.tta else ""
@@ -105,15 +136,9 @@ def main() -> None:
         "predict": {"tta": args.tta, "threshold": threshold},
         "segment": {"watershed": True, "seed_threshold": seed, "threshold": 0.5, "cover": True},
         "figures": {
-            "held_out": {
-                "pixel_error": round(
-                    held_out[f"validation_pixel_threshold{suffix}"]["pixel_error"], 4
-                ),
-                "rand_error": round(
-                    held_out[f"validation_watershed_cover{suffix}"]["rand_error"], 4
-                ),
-            },
+            "held_out": held_out_figures(held_out, suffix),
             "held_out_how": f"{read_out}; never trained on",
+            **other_seeds(args.other_seed, suffix, how),
             "held_out_argmax": rounded(held_out[f"validation_argmax{suffix}"]),
             "held_out_argmax_how": f"{how}, argmax, connected components; never trained on",
             "slices_20_24": {"pixel_error": round(own_pixel, 4), "rand_error": round(own_rand, 4)},
