@@ -379,11 +379,11 @@ def test_optional_flow_parameters_offer_none_in_the_run_form_only_where_it_is_th
     properties = flow.parameters.model_dump()["properties"]
     for name, schema in properties.items():
         assert nullable(schema) == (schema.get("default", 0) is None), name
-    # The training budget is one: Python callers may still pass None (steps alone then).
+    # The training budget defaults to None: TrainConfig's 3 minutes, or no limit with steps.
     if flow is train_flow:
-        assert not nullable(properties["minutes"])
+        assert nullable(properties["minutes"]) and "--steps" in properties["minutes"]["description"]
         required = dict.fromkeys(flow.parameters.required, "x")
-        assert flow.validate_parameters({**required, "minutes": None})["minutes"] is None
+        assert flow.validate_parameters({**required, "steps": 5000})["minutes"] is None
 
 
 @pytest.mark.parametrize("flow", [predict_flow, train_flow, ingest_flow], ids=lambda f: f.name)
