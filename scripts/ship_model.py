@@ -18,9 +18,9 @@ threshold that scored best there. The argmax figures are recorded beside them.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +37,7 @@ from isbi import (  # noqa: E402
     watershed_labels,
 )
 
-from unet_volume.checkpoint import read_checkpoint  # noqa: E402
+from unet_volume.checkpoint import load_model, read_checkpoint, save_model  # noqa: E402
 from unet_volume.cluster import open_client  # noqa: E402
 from unet_volume.shipped_models import INDEX, SHIPPED_DIR  # noqa: E402
 
@@ -62,6 +62,18 @@ def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:
         f"({training['seconds'] / 60:.0f} min), seed {config['seed']}",
         f"held-out run: the same recipe on slices 0-19, {held_out['training']['steps']} steps",
     ]
+
+
+def ship_file(checkpoint_path: Path, target: Path) -> None:
+    """Write the checkpoint to ``target`` with its data named by file name, not by the paths of
+    the machine that trained it (``/tmp/...``): the weights and the rest are the checkpoint's."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    metadata = copy.deepcopy(checkpoint.metadata)
+    training = metadata.get("training", {})
+    for key in ("image", "labels", "weights", "init"):
+        if isinstance(training.get(key), str):
+            training[key] = Path(training[key]).name
+    save_model(load_model(checkpoint_path), target, metadata=metadata)
 
 
 def rounded(figures: dict[str, float]) -> dict[str, float]:
@@ -113,8 +125,7 @@ def main() -> None:
     seed = held_out[f"seed_threshold_watershed_cover{suffix}"]
     target = SHIPPED_DIR / f"{args.name}.pt"
     SHIPPED_DIR.mkdir(exist_ok=True)
-    if args.checkpoint.resolve() != target.resolve():  # re-recording a shipped file: no copy
-        shutil.copyfile(args.checkpoint, target)
+    ship_file(args.checkpoint, target)
     with tempfile.TemporaryDirectory() as tmp, open_client(n_workers=2, dashboard=False) as c:
         prediction = Path(tmp) / "p.zarr"
         interior = interior_probability(target, IMAGE, prediction, c, tta=args.tta)
