@@ -37,7 +37,7 @@ from isbi import (  # noqa: E402
     watershed_labels,
 )
 
-from unet_volume.checkpoint import load_model, read_checkpoint, save_model  # noqa: E402
+from unet_volume.checkpoint import read_checkpoint, save_model  # noqa: E402
 from unet_volume.cluster import open_client  # noqa: E402
 from unet_volume.shipped_models import INDEX, SHIPPED_DIR  # noqa: E402
 
@@ -73,7 +73,7 @@ def ship_file(checkpoint_path: Path, target: Path) -> None:
     for key in ("image", "labels", "weights", "init"):
         if isinstance(training.get(key), str):
             training[key] = Path(training[key]).name
-    save_model(load_model(checkpoint_path), target, metadata=metadata)
+    save_model(checkpoint.to_model(), target, metadata=metadata)
 
 
 def rounded(figures: dict[str, float]) -> dict[str, float]:

@@ -23,8 +23,9 @@ from unet_volume.unet_config import UNetConfig
 Augment = Literal["none", "plain", "paper"]
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "sgd": 1e-2}  # SGD runs with the paper's momentum 0.99
 TRAINING_MODEL = UNetConfig(base_channels=16)
-DEFAULT_MINUTES = 3.0  # the training budget of a run given neither steps nor minutes
 """The network trained by default: the paper's, with 16 base channels instead of 64 (CPUs)."""
+DEFAULT_MINUTES = 3.0
+"""The training budget of a run given neither steps nor minutes."""
 
 
 def _positive_int(value: object) -> bool:
