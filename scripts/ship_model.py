@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -64,16 +66,17 @@ def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:
     ]
 
 
-def ship_file(checkpoint_path: Path, target: Path) -> None:
+def ship_file(checkpoint_path: Path, target: Path, weights_dtype: torch.dtype | None) -> None:
     """Write the checkpoint to ``target`` with its data named by file name, not by the paths of
-    the machine that trained it (``/tmp/...``): the weights and the rest are the checkpoint's."""
+    the machine that trained it (``/tmp/...``): the weights and the rest are the checkpoint's,
+    the weights stored as ``weights_dtype`` if given (float16: a bigger net within 20 MB)."""
     checkpoint = read_checkpoint(checkpoint_path)
     metadata = copy.deepcopy(checkpoint.metadata)
     training = metadata.get("training", {})
     for key in ("image", "labels", "weights", "init"):
         if isinstance(training.get(key), str):
             training[key] = Path(training[key]).name
-    save_model(checkpoint.to_model(), target, metadata=metadata)
+    save_model(checkpoint.to_model(), target, metadata=metadata, weights_dtype=weights_dtype)
 
 
 def rounded(figures: dict[str, float]) -> dict[str, float]:
@@ -118,6 +121,12 @@ def main() -> None:
         default=[],
         help="results.json of the held-out recipe with another seed (repeatable): the noise",
     )
+    parser.add_argument(
+        "--float16",
+        action="store_true",
+        help="store the weights as float16 (half the file; read back as float32); the figures "
+        "recorded are the shipped file's own",
+    )
     args = parser.parse_args()
     held_out = json.loads(args.held_out.read_text())
     suffix = "_tta" if args.tta else ""
@@ -125,7 +134,7 @@ def main() -> None:
     seed = held_out[f"seed_threshold_watershed_cover{suffix}"]
     target = SHIPPED_DIR / f"{args.name}.pt"
     SHIPPED_DIR.mkdir(exist_ok=True)
-    ship_file(args.checkpoint, target)
+    ship_file(args.checkpoint, target, torch.float16 if args.float16 else None)
     with tempfile.TemporaryDirectory() as tmp, open_client(n_workers=2, dashboard=False) as c:
         prediction = Path(tmp) / "p.zarr"
         interior = interior_probability(target, IMAGE, prediction, c, tta=args.tta)
@@ -143,7 +152,8 @@ def main() -> None:
         "file": target.name,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
         "summary": args.summary,
-        "made": recipe_lines(target, held_out),
+        "made": recipe_lines(target, held_out)
+        + (["weights stored as float16 (read as float32)"] if args.float16 else []),
         "predict": {"tta": args.tta, "threshold": threshold},
         "segment": {"watershed": True, "seed_threshold": seed, "threshold": 0.5, "cover": True},
         "figures": {

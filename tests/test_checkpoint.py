@@ -112,6 +112,30 @@ def test_checkpoint_to_model_builds_independent_models() -> None:
     assert torch.equal(next(b.parameters()), checkpoint.state_dict["encoder.0.0.weight"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_checkpoint_stores_weights_narrower_and_reads_them_back_as_float32(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    # A shipped model within its size limit: half the bytes, the weights rounded once.
+    net = trained_unet(batch_norm=True)
+    full = save_model(net, tmp_path / "full.pt")
+    half = save_model(net, tmp_path / "half.pt", weights_dtype=dtype)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_model(half)
+    for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        expected = a.to(dtype).to(a.dtype) if a.is_floating_point() else a
+        assert b.dtype == a.dtype and torch.equal(b, expected), name
+    x = torch.randn(1, 1, *net.input_shape_for((12, 12)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x), rtol=0.05, atol=0.05)
+
+
+def test_checkpoint_refuses_a_weights_dtype_that_is_not_a_float(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"weights_dtype torch\.int8 .*pass torch\.float32"):
+        save_model(untrained_unet(), tmp_path / "model.pt", weights_dtype=torch.int8)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_load_model_maps_a_cpu_checkpoint_onto_the_gpu(tmp_path: Path) -> None:

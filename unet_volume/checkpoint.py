@@ -62,9 +62,17 @@ class Checkpoint:
         """A new model with these weights, on their device, in eval mode (dropout off)."""
         with torch.device("meta"):  # no memory and no init: the weights come next
             model = UNet.from_config(self.config)
-        weights = {k: v.clone() for k, v in self.state_dict.items()}  # models never share them
+        # Copies (models never share weights), in the model's float32 when stored narrower.
+        weights = {k: _widened(v) for k, v in self.state_dict.items()}
         model.load_state_dict(weights, assign=True)
         return model.eval()
+
+
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor``, float32 if it is a narrower float (float16 or bfloat16 storage)."""
+    if tensor.is_floating_point() and tensor.dtype != torch.float64:
+        return tensor.to(torch.float32, copy=True)
+    return tensor.clone()
 
 
 def _check_json(value: object, where: str) -> None:
@@ -87,9 +95,23 @@ def _check_json(value: object, where: str) -> None:
     )
 
 
-def checkpoint_bytes(model: UNet, metadata: dict[str, Any] | None = None) -> bytes:
-    """The bytes of a checkpoint of ``model``: what :func:`save_model` writes."""
+def checkpoint_bytes(
+    model: UNet,
+    metadata: dict[str, Any] | None = None,
+    *,
+    weights_dtype: torch.dtype | None = None,
+) -> bytes:
+    """The bytes of a checkpoint of ``model``: what :func:`save_model` writes.
+
+    ``weights_dtype=torch.float16`` stores the floating weights at half the size (a shipped
+    model within its size limit); they are read back as float32.
+    """
     metadata = {} if metadata is None else metadata
+    if weights_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(
+            f"weights_dtype {weights_dtype} is not a storage type for weights; "
+            "pass torch.float32, torch.float16 or torch.bfloat16"
+        )
     if not isinstance(metadata, dict):
         raise InputError(f"metadata must be a dict, got {type(metadata).__name__}")
     _check_json(metadata, "metadata")
@@ -99,23 +121,34 @@ def checkpoint_bytes(model: UNet, metadata: dict[str, Any] | None = None) -> byt
         "config": model.config.to_dict(),
         "metadata": json.dumps(metadata),
         # On CPU, so a checkpoint written on a GPU loads anywhere.
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {
+            k: _stored(v.detach().cpu(), weights_dtype) for k, v in model.state_dict().items()
+        },
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
 
 
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 def save_model(
-    model: UNet, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+    model: UNet,
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, Any] | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a checkpoint of ``model`` to ``path`` and return the path.
+    """Write a checkpoint of ``model`` to ``path`` and return the path (``weights_dtype``: as
+    :func:`checkpoint_bytes`).
 
     The file appears atomically (written beside it, then renamed), so a crash mid-write never
     leaves a truncated checkpoint under the final name.
     """
     path = Path(path)
-    data = checkpoint_bytes(model, metadata)
+    data = checkpoint_bytes(model, metadata, weights_dtype=weights_dtype)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
