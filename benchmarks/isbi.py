@@ -26,9 +26,15 @@ TRAIN, VALIDATION = (0, 20), (20, 25)
 def scores(
     interior: np.ndarray, z_range: tuple[int, int], threshold: float = 0.5
 ) -> dict[str, float]:
-    """Whole-range pixel and Rand error of ``interior > threshold`` against the labels."""
+    """Whole-range pixel and Rand error of ``interior > threshold`` against the labels, and the
+    ISBI challenge's pixel error at this threshold (1 - F-score of the interior pixels)."""
     report = evaluate((interior > threshold).astype(np.uint8), LABELS, z_range=z_range)
-    return {"pixel_error": report.volume.pixel_error, "rand_error": report.volume.rand_error}
+    volume = report.volume
+    return {
+        "pixel_error": volume.pixel_error,
+        "rand_error": volume.rand_error,
+        "challenge_pixel_error": 1.0 - volume.dice,
+    }
 
 
 def interior_probability(
