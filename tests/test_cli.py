@@ -580,3 +580,20 @@ def test_cli_weights_prints_no_dask_logs_without_verbose(tmp_path: Path) -> None
     assert result.returncode == EXIT_OK, result.stderr
     lines = result.stderr.splitlines()
     assert [line.split(":")[0] for line in lines] == ["sigma in voxels", "Dask dashboard"], lines
+
+
+def test_cli_stops_quietly_when_its_reader_goes_away(tmp_path: Path) -> None:
+    # `unet-volume models | head -1`: the reader closes the pipe before the output is written
+    # (here before the interpreter has even started); no traceback, the shell's SIGPIPE code.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unet_volume", "models"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    assert stderr == ""
+    assert process.returncode == 141

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from unet_volume.predict import PredictionPlan
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a command the signal stopped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)
+        sys.stdout.flush()  # here, so that a reader gone away is met below, not at exit
+    except BrokenPipeError:
+        # `unet-volume models | head`: the reader has what it wanted; stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except UnetVolumeError as error:
         print(f"unet-volume {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
