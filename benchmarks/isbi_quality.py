@@ -204,6 +204,11 @@ def report_results(results: dict[str, Any]) -> None:
             print(
                 f"slices 20-24, {key:>28}: pixel error {value['pixel_error']:.4f}  "
                 f"Rand error {value['rand_error']:.4f}"
+                + (
+                    f"  (ISBI challenge's pixel error {value['challenge_pixel_error']:.4f})"
+                    if "challenge_pixel_error" in value
+                    else ""
+                )
             )
     chosen = {k: v for k, v in results.items() if "threshold" in k and "validation" not in k}
     print(f"(chosen on the training slices 0-19: {json.dumps(chosen)})")

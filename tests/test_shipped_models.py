@@ -66,10 +66,13 @@ def test_shipped_model_scores_its_recorded_figures_on_slices_20_to_24(
     objects = tmp_path / "objects.zarr"
     label_instances(str(out), str(objects), client=client, watershed=shipped.watershed)
     recorded = shipped.figures("slices_20_24")
-    pixel_error = evaluate(out, labels).volume.pixel_error  # of the segmentation
+    segmentation = evaluate(out, labels).volume
     rand_error = evaluate(objects, labels).volume.rand_error  # of the objects
-    assert pixel_error == pytest.approx(recorded["pixel_error"], abs=PIXEL_TOLERANCE)
+    assert segmentation.pixel_error == pytest.approx(recorded["pixel_error"], abs=PIXEL_TOLERANCE)
     assert rand_error == pytest.approx(recorded["rand_error"], abs=RAND_TOLERANCE)
+    # The ISBI challenge's pixel error (the paper's): 1 - F-score of the interior pixels.
+    challenge = recorded["challenge_pixel_error"]
+    assert 1 - segmentation.dice == pytest.approx(challenge, abs=PIXEL_TOLERANCE)
 
 
 def test_a_local_file_named_like_a_shipped_model_wins(
@@ -108,6 +111,10 @@ def test_models_command_lists_each_model_with_its_figures(
         held_out = shipped.figures("held_out")
         assert f"{shipped.name}: " in out
         assert f"pixel error {held_out['pixel_error']:.4f}" in out
+        challenge = (
+            f"the ISBI challenge's 1 - F of the interior: {held_out['challenge_pixel_error']:.4f}"
+        )
+        assert challenge in out
         assert shipped.sha256[:12] in out and str(shipped.path) in out
 
 

@@ -119,12 +119,19 @@ def describe(shipped: ShippedModel) -> list[str]:
     for key, how in record.get("figures", {}).items():
         if not key.endswith("_how"):
             lines.append(
-                f"  {_label(key)}: pixel error {how['pixel_error']:.4f}, Rand error "
-                f"{how['rand_error']:.4f} ({record['figures'][key + '_how']})"
+                f"  {_label(key)}: pixel error {how['pixel_error']:.4f}{_challenge(how)}, Rand "
+                f"error {how['rand_error']:.4f} ({record['figures'][key + '_how']})"
             )
     lines += [f"  measured as: {command}" for command in shipped.commands()]
     lines.append(f"  file: {shipped.path} (sha256 {shipped.sha256[:12]})")
     return lines
+
+
+def _challenge(figures: dict[str, float]) -> str:
+    """The pixel error as the ISBI challenge (and the paper) defined it, where it is recorded."""
+    if "challenge_pixel_error" not in figures:
+        return ""
+    return f" (the ISBI challenge's 1 - F of the interior: {figures['challenge_pixel_error']:.4f})"
 
 
 def _label(key: str) -> str:
