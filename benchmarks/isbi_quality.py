@@ -65,36 +65,41 @@ def watershed_read_out(prediction: Path, client: Client, suffix: str) -> dict[st
     return results
 
 
-def challenge_read_out(interior: np.ndarray, suffix: str) -> dict[str, object]:
-    """The ISBI challenge's pixel error (1 - F-score of the interior pixels), its threshold
-    chosen on the training slices from the challenge script's grid (the script itself took the
-    best threshold on the scored slices)."""
-    best = min(
-        CHALLENGE_THRESHOLDS,
-        key=lambda t: scores(interior, TRAIN, t)["challenge_pixel_error"],
-    )
+def threshold_read_outs(interior: np.ndarray, suffix: str) -> dict[str, object]:
+    """Validation scores of the argmax and of three thresholds, each chosen on the training
+    slices by what it serves: the Rand error, the pixel error, and the ISBI challenge's pixel
+    error (1 - F-score of the interior, from the challenge script's grid; the script itself took
+    the best threshold on the scored slices). Each threshold is scored on 0-19 once."""
+    grid = sorted({*THRESHOLDS, *PIXEL_THRESHOLDS, *CHALLENGE_THRESHOLDS})
+    on_train = {t: scores(interior, TRAIN, t) for t in grid}
+
+    def best(thresholds: tuple[float, ...], metric: str) -> float:
+        return min(thresholds, key=lambda t: on_train[t][metric])
+
+    tuned = best(THRESHOLDS, "rand_error")
+    pixel = best(PIXEL_THRESHOLDS, "pixel_error")
+    challenge = best(CHALLENGE_THRESHOLDS, "challenge_pixel_error")
     return {
-        f"validation_challenge_pixel{suffix}": scores(interior, VALIDATION, best),
-        f"challenge_pixel_threshold{suffix}": best,
+        f"validation_argmax{suffix}": scores(interior, VALIDATION, 0.5),
+        f"validation_tuned_threshold{suffix}": scores(interior, VALIDATION, tuned),
+        f"threshold{suffix}": tuned,
+        f"validation_pixel_threshold{suffix}": scores(interior, VALIDATION, pixel),
+        f"pixel_threshold{suffix}": pixel,
+        f"validation_challenge_pixel{suffix}": scores(interior, VALIDATION, challenge),
+        f"challenge_pixel_threshold{suffix}": challenge,
     }
 
 
 def read_outs(model: Path, out: Path) -> dict[str, object]:
-    """Validation scores with and without test-time augmentation, argmax and tuned threshold."""
+    """Validation scores with and without test-time augmentation: the thresholded maps and the
+    watersheds."""
     results: dict[str, object] = {}
     with open_client(n_workers=2, dashboard=False) as client:
         for tta in (False, True):
             suffix = "_tta" if tta else ""
             path = out / f"prediction{suffix}.zarr"
             interior = interior_probability(model, IMAGE, path, client, tta=tta)
-            tuned = min(THRESHOLDS, key=lambda t: scores(interior, TRAIN, t)["rand_error"])
-            results[f"validation_argmax{suffix}"] = scores(interior, VALIDATION, 0.5)
-            results[f"validation_tuned_threshold{suffix}"] = scores(interior, VALIDATION, tuned)
-            results[f"threshold{suffix}"] = tuned
-            pixel = min(PIXEL_THRESHOLDS, key=lambda t: scores(interior, TRAIN, t)["pixel_error"])
-            results[f"validation_pixel_threshold{suffix}"] = scores(interior, VALIDATION, pixel)
-            results[f"pixel_threshold{suffix}"] = pixel
-            results |= challenge_read_out(interior, suffix)
+            results |= threshold_read_outs(interior, suffix)
             results |= watershed_read_out(path, client, suffix)
     return results
 

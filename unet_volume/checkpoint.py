@@ -70,8 +70,8 @@ class Checkpoint:
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of ``tensor``, float32 if it is a narrower float (float16 or bfloat16 storage)."""
-    if tensor.is_floating_point() and tensor.dtype != torch.float64:
-        return tensor.to(torch.float32, copy=True)
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.to(torch.float32)  # a new tensor already
     return tensor.clone()
 
 

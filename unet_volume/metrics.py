@@ -6,9 +6,8 @@ paper reports (0.0611), defined its pixel error as 1 - the maximal F-score of th
 ``PixelError.getPixelErrorMaximalFScore``): 1 - Dice, the ``dice`` here, at the best threshold.
 1 - F = (FP + FN) / (2 TP + FP + FN) divides the same errors by about twice the foreground
 instead of by all pixels: on ISBI, 80% interior, it reads about 0.63x the 1 - accuracy of the
-same map (0.047 against 0.075 on held-out slices). Rand error
-is the challenge's adapted Rand error: 1 - F-score of the Rand index over voxel pairs.
-Conventions:
+same map (0.047 against 0.075 on held-out slices). Rand error is the challenge's adapted Rand
+error: 1 - F-score of the Rand index over voxel pairs. Conventions:
 
 - Arguments are ``(prediction, truth)``; scikit-image's are ``(image_true, image_test)``.
 - Rand and VOI compare *instances*: :func:`instances_from_binary` labels the connected components
