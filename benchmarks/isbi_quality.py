@@ -44,6 +44,7 @@ from isbi import (
 
 from unet_volume.checkpoint import read_checkpoint
 from unet_volume.cluster import open_client
+from unet_volume.options import parse_floats
 from unet_volume.train import TrainConfig, train
 from unet_volume.unet_config import UNetConfig
 
@@ -116,7 +117,7 @@ def main() -> None:
         help="a budget in steps instead of minutes: the same training on every machine",
     )
     parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--augment", choices=("none", "plain", "paper"), default="paper")
+    parser.add_argument("--augment", choices=("none", "plain", "paper", "upright"), default="paper")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument(
         "--tile-output", type=int, default=132, help="y/x output of a training tile"
@@ -129,6 +130,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="training seed: a second seed shows the noise"
+    )
+    parser.add_argument(
+        "--label-offset",
+        type=parse_floats,
+        default=None,
+        help="Y,X: where the image's membranes sit against the labels' (ISBI: 0.6,0.2; "
+        "label_offset.py measures it); training and prediction register to it",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/isbi-quality"))
     parser.add_argument(
@@ -156,6 +164,7 @@ def main() -> None:
         checkpoint_every=500,
         weight_map=not args.no_weight_map,  # computed by train beside the model, from 0-19
         seed=args.seed,
+        label_offset=args.label_offset,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()

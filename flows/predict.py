@@ -184,6 +184,7 @@ def predict_flow(
     precision: Literal["float32", "bfloat16", "float16"] = DEFAULT_OPTIONS.precision,
     output_dtype: OutputDtype = DEFAULT_OPTIONS.output_dtype,
     tta: bool = DEFAULT_OPTIONS.tta,
+    label_offset: tuple[float, float] | None = None,
     threshold: float | None = DEFAULT_OPTIONS.threshold,
     voxel_size: VoxelSize | None = DEFAULT_OPTIONS.voxel_size,
     overwrite: bool = DEFAULT_OPTIONS.overwrite,
@@ -216,6 +217,7 @@ def predict_flow(
         max_failures=max_failures,
         stall_after=stall_after,
         tta=tta,
+        label_offset=label_offset,
         threshold=threshold,
     )
     planned = plan(image, model, out, options)
@@ -231,6 +233,7 @@ def predict_flow(
             "precision": precision,
             "output_dtype": output_dtype,
             "tta": tta,
+            "label_offset": label_offset,
             "threshold": threshold,
             "voxel_size": voxel_size,
         },

@@ -180,6 +180,7 @@ def train_flow(
     validation_z_range: ZRange | None = DEFAULTS.validation_z_range,
     augment: Augment = DEFAULTS.augment,
     weight_map: bool = DEFAULTS.weight_map,
+    label_offset: tuple[float, float] | None = DEFAULTS.label_offset,
     base_channels: PositiveInt = DEFAULTS.model.base_channels,
     depth: PositiveInt = DEFAULTS.model.depth,
     batch_norm: bool = DEFAULTS.model.batch_norm,
@@ -210,6 +211,7 @@ def train_flow(
         validation_z_range=validation_z_range,
         augment=augment,
         weight_map=weight_map,
+        label_offset=label_offset,
         seed=seed,
     )
     check(image, labels, config, init)

@@ -30,6 +30,7 @@ GRAY_ONLY = AugmentConfig(
 CONFIGS = [
     pytest.param(AugmentConfig(), id="paper"),
     pytest.param(AugmentConfig.plain(), id="plain"),
+    pytest.param(AugmentConfig.upright(), id="upright"),
     pytest.param(
         AugmentConfig(rotate="none", flip=False, brightness=0, contrast=0, gamma=0), id="elastic"
     ),
@@ -104,6 +105,31 @@ def test_augment_none_gives_tiles_back_exactly(ndim: int, tile: Any, apron: int)
         np.testing.assert_array_equal(out_targets[name], centre(target, tile[1]))
         assert out_targets[name].dtype == target.dtype
         assert not np.shares_memory(out_targets[name], target)  # copies: the caller may change them
+
+
+@pytest.mark.parametrize(
+    "config, always_upright",
+    [(AugmentConfig.upright(), True), (AugmentConfig(), False), (AugmentConfig.plain(), False)],
+    ids=["upright", "paper", "plain"],
+)
+def test_augment_upright_never_flips_or_turns_a_tile(
+    config: AugmentConfig, always_upright: bool
+) -> None:
+    # Labels registered to the image's orientation (ISBI's sit ~0.6 px above its membranes)
+    # need tiles that keep it: image and labels rise with y in every upright draw, as drawn.
+    size = 188  # elastic knots 94 px apart: a displacement of ~10 px bends a ramp, never turns it
+    y = np.mgrid[:size, :size][0].astype(np.float32)
+    image, labels = y[None, None], np.rint(y[None] / 10).astype(np.int64)
+    upright = []
+    for seed in range(12):
+        out, targets = augment(image, {"y": labels}, config, np.random.default_rng(seed), ndim=2)
+        rises = [
+            np.diff(a[..., :, size // 2].astype(float)).mean() > 0.5
+            for a in (out, targets["y"] * 10)
+        ]
+        flat = abs(np.diff(out[0, 0, size // 2, :]).mean()) < 0.5
+        upright.append(all(rises) and flat)
+    assert all(upright) if always_upright else not all(upright)
 
 
 def test_augment_none_draws_nothing() -> None:

@@ -113,6 +113,11 @@ CASES: list[tuple[str, Callable[[dict[str, str], Path], list[str]], str]] = [
         "pickle.pt",
     ),
     (
+        "predict-label-offset-over-a-voxel",
+        lambda f, r: predict(f, r, "--label-offset", "1.5,0"),
+        "label offset (1.5, 0.0) must be numbers of voxels in [-1, 1]",
+    ),
+    (
         "predict-block-off-lattice",
         lambda f, r: predict(f, r, "--block-shape", "1,18,16"),
         "period 4",

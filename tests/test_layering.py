@@ -4,7 +4,8 @@ Imports form a DAG::
 
     geometry <- tiling <- locations <- storage <- run_record <- output_run
              <- prediction_store <- predict <- cli
-    (errors and border are leaves that every layer may import)
+    (errors and border are leaves that every layer may import; registration, beside border,
+    is how storage and augment move an image onto its labels)
 
 Only ``model``, ``checkpoint``, ``train`` and ``predict`` import torch, so planning, storage and
 the cluster tooling import in a fraction of a second and run where torch is not installed.
@@ -29,6 +30,7 @@ TORCH_FREE = [
     "unet_volume.errors",
     "unet_volume.geometry",
     "unet_volume.border",
+    "unet_volume.registration",
     "unet_volume.tiling",
     "unet_volume.layout",
     "unet_volume.storage",
@@ -76,11 +78,12 @@ ALLOWED_IMPORTS = {
     "geometry": set(),
     "progress": set(),
     "border": set(),
+    "registration": {"errors"},
     "tiling": {"errors", "geometry"},
     "layout": {"errors", "geometry"},
     "locations": {"errors"},
     "formats": {"errors", "locations"},
-    "storage": {"errors", "geometry", "tiling", "border", "locations", "formats"},
+    "storage": {"errors", "geometry", "tiling", "border", "locations", "formats", "registration"},
     "run_record": {"errors", "geometry", "storage", "locations", "formats"},
     "output_run": {"errors", "geometry", "storage", "locations", "run_record"},
     "block_memory": {"errors", "unet_config"},
@@ -106,7 +109,7 @@ ALLOWED_IMPORTS = {
         "__init__",
     },
     "spatial_transform": {"border", "augment"},
-    "augment": {"errors", "border", "spatial_transform"},
+    "augment": {"errors", "border", "registration", "spatial_transform"},
     "weight_map": {"errors", "geometry", "options"},
     "weight_volume": {
         "progress",
@@ -133,7 +136,15 @@ ALLOWED_IMPORTS = {
     "options": set(),
     "unet_config": {"errors", "options"},
     "predict_config": {"options", "prediction_store"},
-    "train_config": {"errors", "options", "augment", "storage", "tiling", "unet_config"},
+    "train_config": {
+        "errors",
+        "options",
+        "augment",
+        "registration",
+        "storage",
+        "tiling",
+        "unet_config",
+    },
     "shipped_models": {"errors", "watershed"},
     "components": {"errors", "geometry"},
     "objects": {"errors", "geometry", "locations"},

@@ -404,6 +404,9 @@ def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
         pytest.param({"batch_size": 0}, "batch_size.*>= 1", id="batch-size"),
         pytest.param({"num_classes": 1}, "num_classes.*>= 2", id="one-class"),
         pytest.param({"seed": -1}, "seed must be an int >= 0", id="negative-seed"),
+        pytest.param(
+            {"label_offset": (0.6, 2.0)}, r"label offset .* in \[-1, 1\] per axis", id="offset"
+        ),
     ],
 )
 def test_train_config_rejects_bad_values(options: dict[str, Any], message: str) -> None:

@@ -55,6 +55,7 @@ from typing import Literal
 import numpy as np
 
 from unet_volume.errors import InputError
+from unet_volume.registration import check_offset
 from unet_volume.spatial_transform import TRUNCATE, Transform, gather, warp
 
 Rotate = Literal["any", "quarter", "none"]
@@ -82,6 +83,11 @@ class AugmentConfig:
     the tile's [min, max] range, then contrast x U(1 - contrast, 1 + contrast) about the tile
     mean, then brightness + U(-brightness, brightness) x the tile std; image only.
 
+    ``image_offset`` (voxels along the trailing spatial axes, e.g. ``(y, x)``) is where the
+    image's boundaries sit against the labels' (see :mod:`unet_volume.registration`): the image
+    is sampled that far from each target voxel's source point, so that in every flip and turn
+    the targets lie on the image's own boundaries. Empty: image and labels are registered.
+
     >>> AugmentConfig.none().is_identity(), AugmentConfig().is_identity()
     (True, False)
     """
@@ -95,6 +101,7 @@ class AugmentConfig:
     contrast: float = 0.1
     gamma: float = 0.1
     image_order: Literal[1, 3] = 3
+    image_offset: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name, example in (
@@ -121,6 +128,7 @@ class AugmentConfig:
             raise InputError(f"rotate {self.rotate!r} is unknown; pass 'any', 'quarter' or 'none'")
         if not isinstance(self.flip, bool):
             raise InputError(f"flip must be True or False, got {self.flip!r}")
+        check_offset(self.image_offset, "image_offset")
         order = self.image_order
         if order not in (1, 3) or not isinstance(order, int) or isinstance(order, bool):
             raise InputError(
@@ -139,6 +147,17 @@ class AugmentConfig:
         """Flips and right-angle turns only: the recipe that won on a short CPU budget."""
         return cls(elastic_std=0.0, rotate="quarter", brightness=0.0, contrast=0.0, gamma=0.0)
 
+    @classmethod
+    def upright(cls) -> AugmentConfig:
+        """The paper's elastic deformation and gray values, without rotations or flips.
+
+        For labels whose registration to the image is bound to its orientation: the ISBI 2012
+        labels sit ~0.6 px above the membranes in the image (``benchmarks/label_offset.py``).
+        A net that sees every label flipped and turned learns the offset's average, 0; one
+        trained upright learns the offset itself.
+        """
+        return cls(rotate="none", flip=False)
+
     def is_identity(self) -> bool:
         """True when :func:`augment` returns the tiles unchanged (and draws nothing)."""
         return self.is_exact() and self.rotate == "none" and not self.flip and not self.has_gray()
@@ -148,7 +167,12 @@ class AugmentConfig:
 
     def is_exact(self) -> bool:
         """True when the spatial part is index operations only (no interpolation at all)."""
-        return self.rotate != "any" and self.elastic_std == 0 and self.shift == 0
+        return (
+            self.rotate != "any"
+            and self.elastic_std == 0
+            and self.shift == 0
+            and not any(self.image_offset)
+        )
 
 
 def required_apron(
@@ -169,8 +193,9 @@ def required_apron(
     first = len(shape) - _transformed_rank(len(shape), ndim)
     halves = [(n - 1) / 2 for n in shape]
     apron = [0] * len(shape)
+    offset = (0.0,) * (len(shape) - len(config.image_offset)) + tuple(config.image_offset)
     for axis in range(first, len(shape)):
-        extent = TRUNCATE * config.elastic_std + config.shift
+        extent = TRUNCATE * config.elastic_std + config.shift + abs(offset[axis])
         if config.rotate == "any" and axis >= len(shape) - 2:
             extent += math.hypot(halves[-2], halves[-1]) - halves[axis]
         apron[axis] = math.ceil(extent - 1e-9)
@@ -288,7 +313,11 @@ def _augment_tile(
     else:
         image = np.stack(
             [
-                warp(channel, transform.coordinates(tiles[0], channel.shape), config.image_order)
+                warp(
+                    channel,
+                    _moved(transform.coordinates(tiles[0], channel.shape), config.image_offset),
+                    config.image_order,
+                )
                 for channel in image
             ]
         )
@@ -297,6 +326,20 @@ def _augment_tile(
             for (name, t), tile in zip(targets.items(), tiles[1:])
         }
     return _vary_gray(image, config, rng), targets
+
+
+def _moved(points: np.ndarray, offset: Sequence[float]) -> np.ndarray:
+    """Source points moved by ``offset`` along their trailing axes (a 2D offset on 2D tiles)."""
+    if not any(offset):
+        return points
+    if len(offset) > len(points):
+        raise InputError(
+            f"image_offset {tuple(offset)} has more axes than the {len(points)}D tiles; pass "
+            f"{len(points)} values"
+        )
+    for axis, value in zip(range(len(points) - len(offset), len(points)), offset):
+        points[axis] += np.float32(value)
+    return points
 
 
 def _crop(array: np.ndarray, apron: Sequence[int]) -> np.ndarray:

@@ -54,6 +54,7 @@ from unet_volume.prediction_store import (
 )
 from unet_volume.predictor import PRECISIONS, ModelPredictor
 from unet_volume.progress import ProgressSink
+from unet_volume.registration import model_offset
 from unet_volume.run_record import RunStatus, fingerprint
 from unet_volume.storage import Volume, open_volume
 from unet_volume.tiling import (
@@ -125,6 +126,8 @@ def plan_prediction(
             f"precision {options.precision!r} is unknown; pass one of {', '.join(PRECISIONS)}"
         )
     check_threshold(options.threshold, info.config.num_classes)
+    offset = model_offset(info.metadata, options.label_offset)
+    volume = replace(volume, offset=offset)
     block = options.block_shape
     if block == "auto":
         block = _auto_block(info, volume, workers or {})
@@ -136,6 +139,8 @@ def plan_prediction(
     identity.update(shard_shape=list(shard), precision=options.precision)
     if options.threshold is not None:  # absent otherwise: outputs of earlier versions resume
         identity["threshold"] = options.threshold
+    if any(offset):
+        identity["label_offset"] = list(offset)
     existing = find_resumable(str(output), output_url, identity, overwrite=options.overwrite)
     return PredictionPlan(
         checkpoint,
@@ -388,6 +393,7 @@ def _run_attrs(plan: PredictionPlan) -> dict[str, Any]:
             "period": list(geometry.period),
             "border": "reflect (mirror, edge voxel not repeated)",
             "test_time_augmentation": "mean of 8 flips/turns in (y, x)" if plan.tta else None,
+            "label_offset": list(plan.volume.offset) if any(plan.volume.offset) else None,
             "precision": plan.precision,
             "segmentation": segmentation_name(plan.threshold),
         },

@@ -81,6 +81,12 @@ class PredictOptions:
         "trained with the paper's weight map draws its boundaries wide; a threshold below "
         "0.5, chosen on training slices, gives the foreground back",
     )
+    label_offset: Sequence[float] | None = option(
+        None,
+        "read the image moved by this many voxels (y,x or z,y,x; at most 1 each), onto the "
+        "registration of the labels the model learnt from (default: the one its training "
+        "recorded, if any; 0,0 reads the image as it is)",
+    )
     tta: bool = option(
         False,
         "test-time augmentation: average over the 8 flips and quarter turns of each tile in "

@@ -17,7 +17,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -30,6 +30,7 @@ from unet_volume.errors import InputError, is_transient
 from unet_volume.formats import Kind, input_exists, input_kind, opened_array, stored_voxel_size
 from unet_volume.geometry import Box, Shape
 from unet_volume.locations import absolute, exists, fast_io, remove_output, removed_on_failure
+from unet_volume.registration import margins, moved
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class Volume:
     """Spatial chunks ``(z, y, x)`` of the stored array (a TIFF's pages), for aligned reads."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
     """This opening of the volume: a Zarr array is opened once per process and token."""
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Read moved by this many voxels ``(z, y, x)``, each at most 1: the labels' registration
+    that a model was trained to (see :mod:`unet_volume.registration`)."""
 
     @property
     def dtype_name(self) -> str:
@@ -106,8 +110,12 @@ class Volume:
         Only the chunks (TIFF pages) the box touches are read. A Zarr input is opened once per
         worker process (its metadata read once, not per block); a TIFF per read, as its file
         handle must be closed. A chunk that cannot be decoded (corrupt, truncated) is named in
-        an :class:`InputError`; transient errors pass as they are, to be retried.
+        an :class:`InputError`; transient errors pass as they are, to be retried. A volume with
+        an :attr:`offset` reads one voxel more per side and interpolates (exact per voxel).
         """
+        if any(self.offset):
+            grown = box.grow(margins(self.offset))
+            return moved(replace(self, offset=(0.0, 0.0, 0.0)).read(grown), self.offset)
         if self.kind == "zarr":
             return self._read(_opened_zarr(self.url, self.token), box)
         with opened_array(self.url, self.kind) as array:

@@ -44,7 +44,7 @@ from unet_volume.learning_curve import LearningCurve
 from unet_volume.model import UNet, channels_last
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.sampling import TileSampler, TrainingData
-from unet_volume.tile_stream import TileStream, to_batch
+from unet_volume.tile_stream import TileStream, augment_tile, to_batch
 from unet_volume.train_config import TrainConfig
 from unet_volume.train_start import (
     check_channels,
@@ -223,7 +223,8 @@ def _samplers(data: TrainingData, config: TrainConfig) -> tuple[TileSampler, Til
     if config.validation_z_range is None:
         return sampler, None
     held_out = data.with_region(config.validation_z_range)
-    return sampler, TileSampler(held_out, geometry, num_classes=classes)
+    registered = required_apron(config.registration(), geometry.input_shape, ndim=config.model.ndim)
+    return sampler, TileSampler(held_out, geometry, num_classes=classes, apron=_frame(registered))
 
 
 def _frame(apron: tuple[int, ...]) -> tuple[int, int, int]:
@@ -351,7 +352,12 @@ class _Loop:
         mean, std = self.normalization
         boxes = self.validation.grid(self.config.validation_tiles)
         for box in boxes:
-            tile = self.validation.read(box)
+            tile = augment_tile(
+                self.validation.read(box),
+                self.config.registration(),
+                np.random.default_rng(0),  # draws nothing: no random part
+                ndim=self.config.model.ndim,
+            )
             image = torch.from_numpy((tile.image - mean) / std)[None]
             labels, weights = (
                 torch.from_numpy(tile.labels)[None],

@@ -16,11 +16,12 @@ from typing import Any, Literal
 from unet_volume.augment import AugmentConfig
 from unet_volume.errors import InputError
 from unet_volume.options import option
+from unet_volume.registration import check_offset
 from unet_volume.storage import check_z_range
 from unet_volume.tiling import TileGeometry
 from unet_volume.unet_config import UNetConfig
 
-Augment = Literal["none", "plain", "paper"]
+Augment = Literal["none", "plain", "paper", "upright"]
 DEFAULT_LEARNING_RATE = {"adam": 1e-3, "sgd": 1e-2}  # SGD runs with the paper's momentum 0.99
 TRAINING_MODEL = UNetConfig(base_channels=16)
 """The network trained by default: the paper's, with 16 base channels instead of 64 (CPUs)."""
@@ -84,6 +85,12 @@ class TrainConfig:
         "changes (on ISBI, 5000 steps: held-out Rand error 0.042 against 0.18 with plain); "
         "plain: random flips and right-angle turns (better for runs of under ~2000 steps); none",
     )
+    label_offset: tuple[float, ...] | None = option(
+        None,
+        "where the image's boundaries sit against the labels', in voxels per axis (y,x; at most "
+        "1): training samples the image that far from each label, and prediction reads the "
+        "image moved alike (ISBI 2012: 0.6,0.2, as benchmarks/label_offset.py measures it)",
+    )
     lr_schedule: Literal["constant", "cosine"] = option(
         "cosine", "cosine decay over the run's steps or minutes, or constant"
     )
@@ -114,10 +121,11 @@ class TrainConfig:
                 raise InputError(f"{name} must be an int >= {low}, got {value!r}")
         if self.optimizer not in DEFAULT_LEARNING_RATE:
             raise InputError(f"optimizer {self.optimizer!r} is unknown; pass 'adam' or 'sgd'")
-        if self.augment not in ("none", "plain", "paper"):
+        if self.augment not in ("none", "plain", "paper", "upright"):
             raise InputError(
                 f"augment {self.augment!r} is unknown; pass 'none', 'plain' (flips and right-angle "
-                "turns) or 'paper' (elastic deformation, rotations, flips, gray values)"
+                "turns), 'paper' (elastic deformation, rotations, flips, gray values) or "
+                "'upright' (the paper's without rotations and flips)"
             )
         if self.lr_schedule not in ("constant", "cosine"):
             raise InputError(
@@ -128,6 +136,8 @@ class TrainConfig:
         ):
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate!r}; e.g. 1e-3")
         self._check_stopping()
+        if self.label_offset is not None:
+            object.__setattr__(self, "label_offset", check_offset(self.label_offset))
         object.__setattr__(self, "tile_output", self._checked_tile_output())
         for name in ("z_range", "validation_z_range"):
             value = getattr(self, name)
@@ -179,12 +189,20 @@ class TrainConfig:
         return float(self.learning_rate or DEFAULT_LEARNING_RATE[self.optimizer])
 
     def augmentation(self) -> AugmentConfig:
-        """The augmentation recipe: none, plain (flips + right-angle turns) or the paper's."""
-        return {
+        """The augmentation recipe (none, plain flips and turns, the paper's, or upright), with
+        the image sampled ``label_offset`` from each label where one is given."""
+        recipe = {
             "none": AugmentConfig.none(),
             "plain": AugmentConfig.plain(),
             "paper": AugmentConfig(),
+            "upright": AugmentConfig.upright(),
         }[self.augment]
+        return dataclasses.replace(recipe, image_offset=self.label_offset or ())
+
+    def registration(self) -> AugmentConfig:
+        """No augmentation, but the image sampled ``label_offset`` from each label: how the
+        held-out tiles are read, as prediction reads the image."""
+        return dataclasses.replace(AugmentConfig.none(), image_offset=self.label_offset or ())
 
     def learning_rate_at(self, progress: float) -> float:
         """The learning rate at ``progress`` in [0, 1] of the run (steps or time, the further).
