@@ -56,10 +56,17 @@ def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:
     )
     tile = config["tile_output"]
     first, end = config["z_range"] or (0, 25)
+    offset = config.get("label_offset")
+    registered = (
+        f", registered to the labels' offset {','.join(f'{v:g}' for v in offset)} px (y,x)"
+        if offset
+        else ""
+    )
     return [
         f"recipe: {config['optimizer']} lr {training['learning_rate']:g} "
         f"({config['lr_schedule']}), {tile[1]}x{tile[2]} output tiles, batch "
-        f"{config['batch_size']}, augmentation {config['augment']}, loss weighted by {weighted}",
+        f"{config['batch_size']}, augmentation {config['augment']}, loss weighted by {weighted}"
+        f"{registered}",
         f"trained: {training['steps']} steps on ISBI 2012 train-volume slices {first}-{end - 1} "
         f"({training['seconds'] / 60:.0f} min), seed {config['seed']}",
         f"held-out run: the same recipe on slices 0-19, {held_out['training']['steps']} steps",
