@@ -45,6 +45,22 @@ def test_plan_prints_the_numbers_and_writes_nothing(
     assert snapshot(tmp_path) == before and not output.exists()
 
 
+def test_plan_says_when_the_input_is_read_moved_onto_the_labels(
+    client: Client,
+    tmp_path: Path,
+    volume_path: str,  # noqa: F811
+    model_path: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = predict_args(volume_path, tmp_path / "out.zarr", model_path, *on(client))
+    args = ["plan", *args[1:], "--no-timing", "--label-offset", "0.5,0.25"]
+    args.remove("--no-progress")
+    assert main(args) == EXIT_OK
+    assert "input read moved by 0,0.5,0.25 voxels (z,y,x)" in capsys.readouterr().err
+    assert main([*args[:-2], "--label-offset", "0,0"]) == EXIT_OK
+    assert "moved" not in capsys.readouterr().err
+
+
 def test_plan_halo_overhead_is_the_read_box_per_output_voxel(tmp_path: Path) -> None:
     image = tmp_path / "in.zarr"
     zarr.create_array(image, shape=(4, 256, 256), chunks=(1, 128, 128), dtype="uint8")

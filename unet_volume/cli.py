@@ -207,6 +207,9 @@ def _say_plan(plan: PredictionPlan, client: Client, predictor: Any = None) -> No
     for line in summary.lines():
         say(line)
     say(f"tile {fmt(plan.geometry.input_shape)} -> {fmt(plan.geometry.output_shape)}")
+    if any(plan.volume.offset):
+        moved = ",".join(f"{v:g}" for v in plan.volume.offset)
+        say(f"input read moved by {moved} voxels (z,y,x): the labels' registration")
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
