@@ -149,7 +149,8 @@ def _parsing(hint: Any) -> dict[str, Any]:
         return {"type": parse_range, "metavar": "BEGIN:END"}
     if typing.get_origin(hint) in (tuple, Sequence):
         parse = parse_floats if float in args else parse_ints
-        return {"type": parse, "metavar": "Z,Y,X"}
+        # tuple[float, ...]: per axis of the net's, (y, x) or (z, y, x)
+        return {"type": parse, "metavar": "[Z,]Y,X" if Ellipsis in args else "Z,Y,X"}
     return {"type": hint}
 
 

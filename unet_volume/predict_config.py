@@ -81,7 +81,7 @@ class PredictOptions:
         "trained with the paper's weight map draws its boundaries wide; a threshold below "
         "0.5, chosen on training slices, gives the foreground back",
     )
-    label_offset: Sequence[float] | None = option(
+    label_offset: tuple[float, ...] | None = option(
         None,
         "read the image moved by this many voxels (y,x or z,y,x; at most 1 each), onto the "
         "registration of the labels the model learnt from (default: the one its training "
