@@ -407,6 +407,9 @@ def test_train_rejects_labels_outside_the_classes(tmp_path: Path) -> None:
         pytest.param(
             {"label_offset": (0.6, 2.0)}, r"label offset .* in \[-1, 1\] per axis", id="offset"
         ),
+        pytest.param(
+            {"label_offset": (0.1, 0.6, 0.2)}, r"has 3 axes; a 2D net.*pass y,x$", id="offset-z"
+        ),
     ],
 )
 def test_train_config_rejects_bad_values(options: dict[str, Any], message: str) -> None:

@@ -55,7 +55,7 @@ from typing import Literal
 import numpy as np
 
 from unet_volume.errors import InputError
-from unet_volume.registration import check_offset
+from unet_volume.registration import check_offset, spatial_offset
 from unet_volume.spatial_transform import TRUNCATE, Transform, gather, warp
 
 Rotate = Literal["any", "quarter", "none"]
@@ -193,7 +193,7 @@ def required_apron(
     first = len(shape) - _transformed_rank(len(shape), ndim)
     halves = [(n - 1) / 2 for n in shape]
     apron = [0] * len(shape)
-    offset = (0.0,) * (len(shape) - len(config.image_offset)) + tuple(config.image_offset)
+    offset = spatial_offset(config.image_offset, len(shape))
     for axis in range(first, len(shape)):
         extent = TRUNCATE * config.elastic_std + config.shift + abs(offset[axis])
         if config.rotate == "any" and axis >= len(shape) - 2:
@@ -330,15 +330,9 @@ def _augment_tile(
 
 def _moved(points: np.ndarray, offset: Sequence[float]) -> np.ndarray:
     """Source points moved by ``offset`` along their trailing axes (a 2D offset on 2D tiles)."""
-    if not any(offset):
-        return points
-    if len(offset) > len(points):
-        raise InputError(
-            f"image_offset {tuple(offset)} has more axes than the {len(points)}D tiles; pass "
-            f"{len(points)} values"
-        )
-    for axis, value in zip(range(len(points) - len(offset), len(points)), offset):
-        points[axis] += np.float32(value)
+    for axis, value in enumerate(spatial_offset(offset, len(points))):
+        if value:
+            points[axis] += np.float32(value)
     return points
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from unet_volume.errors import InputError
 
-Shape3 = tuple[float, float, float]
+Offset3 = tuple[float, float, float]
 MARGIN = 1
 """Voxels read beyond a box per side, on each moved axis: enough for offsets up to 1."""
 
@@ -51,7 +51,9 @@ def spatial_offset(offset: Sequence[float], rank: int = 3) -> tuple[float, ...]:
     """An offset of the trailing axes, padded with zeros in front to ``rank`` axes."""
     values = check_offset(offset)
     if len(values) > rank:
-        raise InputError(f"label offset {tuple(offset)} has more than {rank} axes")
+        raise InputError(
+            f"label offset {tuple(offset)} has more axes than the {rank} it moves; pass {rank}"
+        )
     return (0.0,) * (rank - len(values)) + values
 
 
@@ -83,7 +85,7 @@ def moved(data: np.ndarray, offset: Sequence[float]) -> np.ndarray:
     return out
 
 
-def model_offset(metadata: Mapping[str, Any], override: Sequence[float] | None = None) -> Shape3:
+def model_offset(metadata: Mapping[str, Any], override: Sequence[float] | None = None) -> Offset3:
     """The ``(z, y, x)`` offset to read a model's input with: ``override`` if given, else the
     ``label_offset`` its training recorded, else none."""
     if override is None:

@@ -138,6 +138,12 @@ class TrainConfig:
         self._check_stopping()
         if self.label_offset is not None:
             object.__setattr__(self, "label_offset", check_offset(self.label_offset))
+            if len(self.label_offset) > self.model.ndim:
+                raise InputError(
+                    f"label_offset {self.label_offset} has {len(self.label_offset)} axes; a "
+                    f"{self.model.ndim}D net's tiles move along {self.model.ndim}: pass y,x"
+                    + (" or z,y,x" if self.model.ndim == 3 else "")
+                )
         object.__setattr__(self, "tile_output", self._checked_tile_output())
         for name in ("z_range", "validation_z_range"):
             value = getattr(self, name)
