@@ -23,6 +23,13 @@ from unet_volume.tiling import read_box_of
 from unet_volume.unet_config import UNetConfig
 
 
+def plan_args(volume: str, output: Path, model: Path, client: Client) -> list[str]:
+    """``unet-volume plan`` with predict's arguments (plan shows no progress bar)."""
+    args = ["plan", *predict_args(volume, output, model, *on(client))[1:]]
+    args.remove("--no-progress")
+    return args
+
+
 def test_plan_prints_the_numbers_and_writes_nothing(
     client: Client,
     tmp_path: Path,
@@ -32,10 +39,7 @@ def test_plan_prints_the_numbers_and_writes_nothing(
 ) -> None:
     before = snapshot(tmp_path)
     output = tmp_path / "out.zarr"
-    args = predict_args(volume_path, output, model_path, *on(client))
-    args = ["plan", *args[1:]]
-    args.remove("--no-progress")
-    assert main(args) == EXIT_OK
+    assert main(plan_args(volume_path, output, model_path, client)) == EXIT_OK
     said = capsys.readouterr().err
     # 3 x 40 x 36 voxels in blocks of 1 x 16 x 16: 27 blocks, too few to share a task.
     assert "blocks: 27 of 1x16x16 over a 3x40x36 volume" in said
@@ -52,12 +56,10 @@ def test_plan_says_when_the_input_is_read_moved_onto_the_labels(
     model_path: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = predict_args(volume_path, tmp_path / "out.zarr", model_path, *on(client))
-    args = ["plan", *args[1:], "--no-timing", "--label-offset", "0.5,0.25"]
-    args.remove("--no-progress")
-    assert main(args) == EXIT_OK
+    args = [*plan_args(volume_path, tmp_path / "out.zarr", model_path, client), "--no-timing"]
+    assert main([*args, "--label-offset", "0.5,0.25"]) == EXIT_OK
     assert "input read moved by 0,0.5,0.25 voxels (z,y,x)" in capsys.readouterr().err
-    assert main([*args[:-2], "--label-offset", "0,0"]) == EXIT_OK
+    assert main([*args, "--label-offset", "0,0"]) == EXIT_OK
     assert "moved" not in capsys.readouterr().err
 
 
