@@ -83,7 +83,9 @@ class TrainConfig:
         "paper",
         "paper: elastic deformation (3x3 grid, 10 px), any rotation, flips and gray-value "
         "changes (on ISBI, 5000 steps: held-out Rand error 0.042 against 0.18 with plain); "
-        "plain: random flips and right-angle turns (better for runs of under ~2000 steps); none",
+        "plain: random flips and right-angle turns (better for runs of under ~2000 steps); "
+        "upright: the paper's without rotations or flips (learns a label offset itself, but "
+        "--label-offset with paper scored better); none",
     )
     label_offset: tuple[float, ...] | None = option(
         None,
