@@ -59,13 +59,9 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         rng = np.random.default_rng([self.config.seed, 0 if info is None else info.id + 1])
+        recipe = self.config.augmentation()  # once per stream, not per tile
         while True:
-            tile = augment_tile(
-                self.sampler.sample(rng),
-                self.config.augmentation(),
-                rng,
-                ndim=self.config.model.ndim,
-            )
+            tile = augment_tile(self.sampler.sample(rng), recipe, rng, ndim=self.config.model.ndim)
             weights = tile.weights
             if self.sampler.data.weights is None:  # no weight map: balance classes per voxel
                 weights = weights * self.class_weights[tile.labels]

@@ -351,10 +351,11 @@ class _Loop:
         loss, errors, voxels = 0.0, 0.0, 0.0
         mean, std = self.normalization
         boxes = self.validation.grid(self.config.validation_tiles)
+        registration = self.config.registration()
         for box in boxes:
             tile = augment_tile(
                 self.validation.read(box),
-                self.config.registration(),
+                registration,
                 np.random.default_rng(0),  # draws nothing: no random part
                 ndim=self.config.model.ndim,
             )
