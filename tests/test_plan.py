@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,10 @@ def test_plan_halo_overhead_is_the_read_box_per_output_voxel(tmp_path: Path) -> 
     assert summary.read_per_output == read.size / (2 * 64 * 128)
     assert (summary.blocks, summary.shards, summary.objects) == (64, 16, 48)
     assert summary.estimated_seconds is None  # nothing timed, nothing guessed
+    assert summary.memory.parts["input"] == read.size  # uint8, read as stored
+    moved = replace(options, label_offset=(0.5, 0.25))
+    plan = plan_prediction(UNet.from_config(config), image, tmp_path / "o.zarr", moved)
+    assert summarize(plan, {}, on_gpu=False).memory.parts["input"] == 4 * read.size  # float32
 
 
 @pytest.mark.parametrize("on_gpu", [False, True])

@@ -67,6 +67,15 @@ def test_a_volume_without_offset_reads_as_stored(stored: str) -> None:
     assert volume.read(Box((0, 0, 0), (2, 3, 4))).dtype == np.uint8
 
 
+@pytest.mark.parametrize("offset", [(0.0, 0.0, 0.0), (0.0, 0.6, 0.2)], ids=str)
+def test_read_itemsize_is_what_a_read_returns_so_block_memory_counts_it(
+    stored: str, offset: tuple[float, float, float]
+) -> None:
+    # A moved read interpolates to float32: 4 bytes a voxel held where 1 is stored.
+    volume = replace(open_volume(stored), offset=offset)
+    assert volume.read(Box((0, 0, 0), (2, 3, 4))).dtype.itemsize == volume.read_itemsize
+
+
 @pytest.mark.parametrize("offset", [(1.5, 0.0), (float("nan"), 0.0), "0.6", (0.6, None)], ids=str)
 def test_check_offset_refuses_what_is_not_at_most_one_voxel_per_axis(offset: object) -> None:
     with pytest.raises(InputError, match=r"in \[-1, 1\] per axis") as error:

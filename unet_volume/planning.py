@@ -162,7 +162,7 @@ def summarize(plan: Any, workers: Mapping[str, Mapping[str, Any]], on_gpu: bool)
         geometry.input_shape,
         plan.shard_shape,
         read.shape,
-        input_itemsize=np.dtype(plan.volume.dtype).itemsize,
+        input_itemsize=plan.volume.read_itemsize,
         output_itemsize=np.dtype(plan.output_dtype).itemsize,
         network_on_host=not on_gpu,
     )

@@ -220,7 +220,7 @@ def check_block_memory(plan: PredictionPlan, client: Client) -> None:
         plan.geometry.input_shape,
         plan.shard_shape,
         read_box_of(Box.from_shape(plan.shard_shape), plan.geometry).shape,
-        input_itemsize=np.dtype(plan.volume.dtype).itemsize,
+        input_itemsize=plan.volume.read_itemsize,
         output_itemsize=np.dtype(plan.output_dtype).itemsize,
         network_on_host=not on_gpu,
     )
@@ -319,7 +319,7 @@ def _auto_block(
         volume.chunks,
         on_gpu=on_gpu,
         memory_limit=min(limits, default=None),
-        input_itemsize=np.dtype(volume.dtype).itemsize,
+        input_itemsize=volume.read_itemsize,
     )
 
 

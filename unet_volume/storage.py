@@ -104,6 +104,14 @@ class Volume:
         """The element type as people write it (``uint8``; :attr:`dtype` is ``|u1``)."""
         return np.dtype(self.dtype).name
 
+    @property
+    def read_itemsize(self) -> int:
+        """Bytes per voxel of what :meth:`read` returns: the stored type's, or float32's when
+        the read is moved by an :attr:`offset` (interpolated); block memory counts these."""
+        if any(self.offset):
+            return np.dtype(np.float32).itemsize
+        return np.dtype(self.dtype).itemsize
+
     def read(self, box: Box) -> np.ndarray:
         """Read a spatial box, mirrored outside the volume: ``(channels, *box.shape)``.
 
