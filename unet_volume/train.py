@@ -37,9 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from unet_volume.augment import required_apron
-from unet_volume.checkpoint import Checkpoint, save_model
-from unet_volume.errors import InputError
+from unet_volume.checkpoint import save_model
 from unet_volume.learning_curve import LearningCurve
 from unet_volume.model import UNet, channels_last
 from unet_volume.progress import Progress, ProgressSink
@@ -47,12 +45,13 @@ from unet_volume.sampling import TileSampler, TrainingData
 from unet_volume.tile_stream import TileStream, augment_tile, to_batch
 from unet_volume.train_config import TrainConfig
 from unet_volume.train_start import (
-    check_channels,
+    CheckedRun,
+    check_training,
+    close_samplers,
     fresh_start,
-    resumed,
+    samplers,
     state_path,
     weight_map_beside,
-    with_network_of,
 )
 
 if TYPE_CHECKING:
@@ -127,11 +126,11 @@ def train(
     """Train a U-Net on random tiles of ``image`` against ``labels``; checkpoint to ``out``.
 
     ``weights`` is a per-voxel loss-weight volume, ``mask`` an annotation mask; ``resume``
-    continues from a checkpoint (its weights, normalisation, optimizer state and curve;
-    ``steps`` counts the total); ``init`` starts a new run from another model's network and
-    weights (fine-tuning; see :mod:`unet_volume.train_start`). Inputs are validated first:
-    bad input raises InputError and writes nothing. ``progress`` shows a bar; ``on_progress``
-    hears of every step, with the running loss (:mod:`unet_volume.progress`).
+    continues from a checkpoint (its weights, normalisation, optimizer state, curve and clock;
+    ``steps`` and ``minutes`` count the whole run); ``init`` starts a new run from another
+    model's network and weights (fine-tuning; see :mod:`unet_volume.train_start`). Inputs are
+    validated first: bad input raises InputError and writes nothing. ``progress`` shows a bar;
+    ``on_progress`` hears of every step, with the running loss (:mod:`unet_volume.progress`).
     """
     run = check_training(
         image, labels, config, weights=weights, mask=mask, resume=resume, init=init
@@ -140,7 +139,7 @@ def train(
     # Everything checked: only now may the weight map be written beside the checkpoint.
     if weights is None and (found := weight_map_beside(out, labels, config, client)):
         data = TrainingData.open(image, labels, weights=found, mask=mask, z_range=config.z_range)
-    sampler, validation = _samplers(data, config)
+    sampler, validation = samplers(data, config)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     use_all_cores()
@@ -165,72 +164,7 @@ def train(
     try:
         return loop.run(progress)
     finally:
-        _close(sampler, validation)
-
-
-@dataclass(frozen=True)
-class CheckedRun:
-    """A training run that passed every check: its recipe (with ``--init``'s network), its
-    data, the checkpoint it starts from (``init``) or the state it resumes (``previous``)."""
-
-    config: TrainConfig
-    data: TrainingData
-    init: Checkpoint | None
-    previous: dict[str, Any] | None
-
-
-def check_training(
-    image: str | Path,
-    labels: str | Path,
-    config: TrainConfig = DEFAULT_CONFIG,
-    *,
-    weights: str | Path | None = None,
-    mask: str | Path | None = None,
-    resume: str | Path | None = None,
-    init: str | Path | None = None,
-) -> CheckedRun:
-    """Every check :func:`train` makes before it writes: the image, labels, weights and mask,
-    the tiles they give, and the network of ``init`` or ``resume``. Raises InputError (or
-    CheckpointError); writes nothing, so a flow calls it before its first write."""
-    if init is not None and resume is not None:
-        raise InputError(
-            "got both --init and --resume: --resume continues a run, --init starts a new one "
-            "from a model's weights; pass one of them"
-        )
-    start = None
-    if init is not None:
-        config, start = with_network_of(init, config)
-    data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
-    _close(*_samplers(data, config))  # the tiles fit the data
-    if start is not None:
-        check_channels(start, data.image.channels, init)
-    previous = resumed(resume, config) if resume is not None else None
-    return CheckedRun(config, data, start, previous)
-
-
-def _close(sampler: TileSampler, validation: TileSampler | None) -> None:
-    sampler.close()
-    if validation is not None:
-        validation.close()
-
-
-def _samplers(data: TrainingData, config: TrainConfig) -> tuple[TileSampler, TileSampler | None]:
-    """The training tiles (with the augmentation's apron) and the held-out ones, if any."""
-    geometry = config.geometry()
-    apron = required_apron(config.augmentation(), geometry.input_shape, ndim=config.model.ndim)
-    classes = config.model.num_classes
-    sampler = TileSampler(data, geometry, num_classes=classes, apron=_frame(apron))
-    if config.validation_z_range is None:
-        return sampler, None
-    held_out = data.with_region(config.validation_z_range)
-    registered = required_apron(config.registration(), geometry.input_shape, ndim=config.model.ndim)
-    return sampler, TileSampler(held_out, geometry, num_classes=classes, apron=_frame(registered))
-
-
-def _frame(apron: tuple[int, ...]) -> tuple[int, int, int]:
-    """Apron per (z, y, x) axis from :func:`required_apron`, which omits z for 2D nets."""
-    padded = (0,) * (3 - len(apron)) + tuple(apron)
-    return (padded[0], padded[1], padded[2])
+        close_samplers(sampler, validation)
 
 
 class _Loop:
@@ -264,6 +198,7 @@ class _Loop:
             self.optimizer.load_state_dict(state["optimizer"])
         if "curve" in state:
             self.curve = LearningCurve.from_dict(state["curve"])
+        self.seconds = float(state.get("seconds", 0.0))
 
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         stream = TileStream(self.sampler, self.config, self.normalization, self.balance)
@@ -287,13 +222,22 @@ class _Loop:
         self.scaler.update()
         return float(loss.detach())
 
+    def time_fraction(self) -> float:
+        budget = self.config.time_budget
+        return self.seconds / (60 * budget) if budget else 0.0
+
     def progress(self) -> float:
-        c, done = self.config, len(self.curve.losses)
-        fractions = [
-            done / c.steps if c.steps else 0.0,
-            self.seconds / (60 * c.time_budget) if c.time_budget else 0.0,
-        ]
-        return max(fractions)
+        steps, done = self.config.steps, len(self.curve.losses)
+        return max(done / steps if steps else 0.0, self.time_fraction())
+
+    def schedule(self) -> None:
+        """Set the learning rate of the next step; a cycle of the tail starts a fresh optimizer
+        state, as the measured recipe's chained runs did (benchmarks/RESULTS.md)."""
+        n = len(self.curve.losses)
+        if self.config.starts_cycle(n):
+            self.optimizer = build_optimizer(self.model, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate_at(n, self.time_fraction())
 
     def run(self, show_progress: bool) -> TrainReport:
         start = time.perf_counter() - self.seconds
@@ -308,8 +252,7 @@ class _Loop:
             for x, y, w in self.batches():
                 if self.progress() >= 1.0:
                     break
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.config.learning_rate_at(self.progress())
+                self.schedule()
                 self.curve.losses.append(self.step(x, y, w))
                 self.seconds = time.perf_counter() - start
                 bar.update()

@@ -12,6 +12,8 @@
   normalisation and class weights and a new optimizer: fine-tuning, as users adapt a model to
   a new volume from a few labelled slices. The checkpoint's network wins over the run's network
   options, which describe a new one.
+
+:func:`check_training` makes every check of a run before it writes anything.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from distributed import Client
 
+from unet_volume.augment import required_apron
 from unet_volume.checkpoint import Checkpoint, read_checkpoint
 from unet_volume.cluster import open_client
 from unet_volume.errors import CheckpointError, InputError
@@ -113,14 +117,78 @@ def resumed(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
         )
     path = state_path(Path(resume))
     state = torch.load(path, weights_only=True) if path.exists() else {}
-    balance = np.asarray(
-        checkpoint.metadata.get("training", {}).get(
-            "class_weights", [1.0] * config.model.num_classes
-        )
-    )
+    training = checkpoint.metadata.get("training", {})
+    balance = np.asarray(training.get("class_weights", [1.0] * config.model.num_classes))
+    # The clock goes on too: steps/s and the time budget count the whole run, as steps do.
+    state["seconds"] = float(training.get("seconds", 0.0))
     return {
         "model": checkpoint.to_model(),
         "normalization": (float(norm["mean"]), float(norm["std"])),
         "balance": balance,
         "state": state,
     }
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """A training run that passed every check: its recipe (with ``--init``'s network), its
+    data, the checkpoint it starts from (``init``) or the state it resumes (``previous``)."""
+
+    config: TrainConfig
+    data: TrainingData
+    init: Checkpoint | None
+    previous: dict[str, Any] | None
+
+
+def check_training(
+    image: str | Path,
+    labels: str | Path,
+    config: TrainConfig,
+    *,
+    weights: str | Path | None = None,
+    mask: str | Path | None = None,
+    resume: str | Path | None = None,
+    init: str | Path | None = None,
+) -> CheckedRun:
+    """Every check :func:`train` makes before it writes: the image, labels, weights and mask,
+    the tiles they give, and the network of ``init`` or ``resume``. Raises InputError (or
+    CheckpointError); writes nothing, so a flow calls it before its first write."""
+    if init is not None and resume is not None:
+        raise InputError(
+            "got both --init and --resume: --resume continues a run, --init starts a new one "
+            "from a model's weights; pass one of them"
+        )
+    start = None
+    if init is not None:
+        config, start = with_network_of(init, config)
+    data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
+    close_samplers(*samplers(data, config))  # the tiles fit the data
+    if start is not None:
+        check_channels(start, data.image.channels, init)
+    previous = resumed(resume, config) if resume is not None else None
+    return CheckedRun(config, data, start, previous)
+
+
+def close_samplers(sampler: TileSampler, validation: TileSampler | None) -> None:
+    sampler.close()
+    if validation is not None:
+        validation.close()
+
+
+def samplers(data: TrainingData, config: TrainConfig) -> tuple[TileSampler, TileSampler | None]:
+    """The training tiles (with the augmentation's apron) and the held-out ones, if any."""
+    geometry = config.geometry()
+    apron = required_apron(config.augmentation(), geometry.input_shape, ndim=config.model.ndim)
+    classes = config.model.num_classes
+    sampler = TileSampler(data, geometry, num_classes=classes, apron=_frame(apron))
+    if config.validation_z_range is None:
+        return sampler, None
+    held_out = data.with_region(config.validation_z_range)
+    registered = required_apron(config.registration(), geometry.input_shape, ndim=config.model.ndim)
+    return sampler, TileSampler(held_out, geometry, num_classes=classes, apron=_frame(registered))
+
+
+def _frame(apron: tuple[int, ...]) -> tuple[int, int, int]:
+    """Apron per (z, y, x) axis from :func:`required_apron`, which omits z for 2D nets."""
+    padded = (0,) * (3 - len(apron)) + tuple(apron)
+    return (padded[0], padded[1], padded[2])
