@@ -640,11 +640,14 @@ def test_train_reads_and_augments_in_dataloader_workers(
     assert report.steps == 3 and np.isfinite(report.final_loss)
 
 
-def first_batches(volumes: tuple[str, str], workers: int, seed: int = 0) -> list[torch.Tensor]:
-    """The labels of the first 4 batches of 2 tiles that ``workers`` loader processes yield."""
+def first_batches(
+    volumes: tuple[str, str], workers: int, seed: int = 0, start: int = 0
+) -> list[torch.Tensor]:
+    """The labels of the first 4 batches of 2 tiles that ``workers`` loader processes yield,
+    in a run that has done ``start`` steps."""
     config = tiny(steps=1, seed=seed, augment="paper")
     sampler = TileSampler(TrainingData.open(*volumes), config.geometry(), num_classes=2)
-    stream = TileStream(sampler, config, (0.0, 1.0), np.ones(2))
+    stream = TileStream(sampler, config, (0.0, 1.0), np.ones(2), start)
     loader = DataLoader(stream, batch_size=2, num_workers=workers)
     batches = [labels for (_, labels, _), _ in zip(loader, range(4))]
     sampler.close()
@@ -660,3 +663,7 @@ def test_tile_stream_seeds_each_loader_worker_reproducibly(volumes: tuple[str, s
     assert not torch.equal(first[0], in_process[0])
     other_seed = first_batches(volumes, workers=2, seed=1)
     assert not any(torch.equal(a, b) for a, b in zip(first, other_seed))
+    resumed = first_batches(volumes, workers=0, start=4)  # a resumed run draws anew
+    again = first_batches(volumes, workers=0, start=4)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(in_process, resumed))

@@ -42,7 +42,8 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """An endless stream of augmented, normalised tiles: ``(image, labels, weights)`` tensors.
 
     Each DataLoader worker draws from its own generator, seeded by (seed, worker id),
-    so runs are reproducible for a given number of workers.
+    so runs are reproducible for a given number of workers. A stream that resumes a run after
+    ``start`` steps adds them to the seed: it draws new tiles, not the run's first ones again.
     """
 
     def __init__(
@@ -51,14 +52,16 @@ class TileStream(IterableDataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         config: TrainConfig,
         normalization: tuple[float, float],
         class_weights: np.ndarray,
+        start: int = 0,
     ) -> None:
-        self.sampler, self.config = sampler, config
+        self.sampler, self.config, self.start = sampler, config, start
         self.mean, self.std = normalization
         self.class_weights = class_weights.astype(np.float32)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
-        rng = np.random.default_rng([self.config.seed, 0 if info is None else info.id + 1])
+        seed = [self.config.seed, 0 if info is None else info.id + 1]
+        rng = np.random.default_rng([*seed, self.start] if self.start else seed)
         recipe = self.config.augmentation()  # once per stream, not per tile
         while True:
             tile = augment_tile(self.sampler.sample(rng), recipe, rng, ndim=self.config.model.ndim)

@@ -201,7 +201,9 @@ class _Loop:
         self.seconds = float(state.get("seconds", 0.0))
 
     def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        stream = TileStream(self.sampler, self.config, self.normalization, self.balance)
+        stream = TileStream(
+            self.sampler, self.config, self.normalization, self.balance, len(self.curve.losses)
+        )
         loader = DataLoader(
             stream,
             batch_size=self.config.batch_size,
