@@ -42,7 +42,6 @@ from isbi import (  # noqa: E402
 from unet_volume.checkpoint import read_checkpoint, save_model  # noqa: E402
 from unet_volume.cluster import open_client  # noqa: E402
 from unet_volume.shipped_models import INDEX, SHIPPED_DIR  # noqa: E402
-from unet_volume.train_config import TAIL_RATE  # noqa: E402
 
 
 def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:
@@ -63,16 +62,9 @@ def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:
         if offset
         else ""
     )
-    cycles = config.get("tail_cycles", 0)
-    tail = (
-        f", then {cycles} cycles of {config['tail_steps']} steps from lr "
-        f"{TAIL_RATE * training['learning_rate']:g} (cosine, each from a fresh optimizer state)"
-        if cycles
-        else ""
-    )
     return [
         f"recipe: {config['optimizer']} lr {training['learning_rate']:g} "
-        f"({config['lr_schedule']}){tail}, {tile[1]}x{tile[2]} output tiles, batch "
+        f"({config['lr_schedule']}), {tile[1]}x{tile[2]} output tiles, batch "
         f"{config['batch_size']}, augmentation {config['augment']}, loss weighted by {weighted}"
         f"{registered}",
         f"trained: {training['steps']} steps on ISBI 2012 train-volume slices {first}-{end - 1} "

@@ -224,22 +224,13 @@ class _Loop:
         self.scaler.update()
         return float(loss.detach())
 
-    def time_fraction(self) -> float:
-        budget = self.config.time_budget
-        return self.seconds / (60 * budget) if budget else 0.0
-
     def progress(self) -> float:
-        steps, done = self.config.steps, len(self.curve.losses)
-        return max(done / steps if steps else 0.0, self.time_fraction())
-
-    def schedule(self) -> None:
-        """Set the learning rate of the next step; a cycle of the tail starts a fresh optimizer
-        state, as the measured recipe's chained runs did (benchmarks/RESULTS.md)."""
-        n = len(self.curve.losses)
-        if self.config.starts_cycle(n):
-            self.optimizer = build_optimizer(self.model, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.config.learning_rate_at(n, self.time_fraction())
+        c, done = self.config, len(self.curve.losses)
+        fractions = [
+            done / c.steps if c.steps else 0.0,
+            self.seconds / (60 * c.time_budget) if c.time_budget else 0.0,
+        ]
+        return max(fractions)
 
     def run(self, show_progress: bool) -> TrainReport:
         start = time.perf_counter() - self.seconds
@@ -254,7 +245,8 @@ class _Loop:
             for x, y, w in self.batches():
                 if self.progress() >= 1.0:
                     break
-                self.schedule()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.config.learning_rate_at(self.progress())
                 self.curve.losses.append(self.step(x, y, w))
                 self.seconds = time.perf_counter() - start
                 bar.update()

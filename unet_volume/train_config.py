@@ -27,17 +27,10 @@ TRAINING_MODEL = UNetConfig(base_channels=16)
 """The network trained by default: the paper's, with 16 base channels instead of 64 (CPUs)."""
 DEFAULT_MINUTES = 3.0
 """The training budget of a run given neither steps nor minutes."""
-TAIL_RATE = 0.2
-"""Where each cycle of the low-rate tail starts, as a fraction of the run's learning rate."""
 
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _cosine(progress: float) -> float:
-    """Half a cosine from 1 at ``progress`` 0 to 0 at 1 (clamped)."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def _is_number(value: object) -> bool:
@@ -103,13 +96,6 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = option(
         "cosine", "cosine decay over the run's steps or minutes, or constant"
     )
-    tail_cycles: int = option(
-        0,
-        "after the main schedule, this many short cosine cycles from a fifth of the learning "
-        "rate, each with a fresh optimizer state; --steps counts them (ISBI, 4 of 250 steps "
-        "after 10000: held-out Rand error 0.056 -> 0.034 and 0.037 -> 0.028)",
-    )
-    tail_steps: int = option(250, "steps of one --tail-cycles cycle")
     validate_every: int = option(100, "steps between validations")
     validation_tiles: int = option(8, "held-out tiles scored per validation")
     checkpoint_every: int = option(200, "steps between checkpoints")
@@ -130,8 +116,6 @@ class TrainConfig:
             ("validate_every", 1),
             ("validation_tiles", 1),
             ("loader_workers", 0),
-            ("tail_cycles", 0),
-            ("tail_steps", 1),
         ):
             if not (
                 _is_number(value := getattr(self, name)) and isinstance(value, int) and value >= low
@@ -173,12 +157,6 @@ class TrainConfig:
             raise InputError(f"steps must be an int >= 1 or None, got {self.steps!r}")
         if self.minutes is not None and not (_is_number(self.minutes) and self.minutes > 0):
             raise InputError(f"minutes must be > 0 or None, got {self.minutes!r}; e.g. minutes=3")
-        tail = self.tail_cycles * self.tail_steps
-        if tail and (self.steps is None or self.steps <= tail):
-            raise InputError(
-                f"tail_cycles {self.tail_cycles} of {self.tail_steps} steps need steps above "
-                f"{tail} (steps counts the tail), got {self.steps!r}; e.g. steps={tail + 10000}"
-            )
 
     @property
     def time_budget(self) -> float | None:
@@ -234,39 +212,16 @@ class TrainConfig:
         held-out tiles are read, as prediction reads the image."""
         return dataclasses.replace(AugmentConfig.none(), image_offset=self.label_offset or ())
 
-    @property
-    def tail_start(self) -> int | None:
-        """The step at which the low-rate tail begins (its first cycle), or None without one."""
-        if not self.tail_cycles or self.steps is None:
-            return None
-        return self.steps - self.tail_cycles * self.tail_steps
+    def learning_rate_at(self, progress: float) -> float:
+        """The learning rate at ``progress`` in [0, 1] of the run (steps or time, the further).
 
-    def learning_rate_at(self, step: int, time_fraction: float = 0.0) -> float:
-        """The learning rate of step ``step`` (0-based), with ``time_fraction`` of the time
-        budget spent.
-
-        Before the tail, ``lr_schedule`` over the steps before it or the time budget, whichever
-        is further along. In the tail, each cycle decays from ``TAIL_RATE`` of the rate to 0:
-        after the main decay has settled, short low-rate cycles lowered the held-out Rand error
-        (benchmarks/RESULTS.md, "Four low-rate cycles").
-
-        >>> c = TrainConfig(learning_rate=1.0, steps=2000, tail_cycles=4, tail_steps=250)
-        >>> c.learning_rate_at(500), c.learning_rate_at(1000), c.learning_rate_at(1375)
-        (0.5, 0.2, 0.1)
+        >>> TrainConfig(learning_rate=1.0, lr_schedule="cosine").learning_rate_at(0.5)
+        0.5
         """
         base = self.resolved_learning_rate()
-        start = self.tail_start
-        if start is not None and step >= start:
-            return TAIL_RATE * _cosine(((step - start) % self.tail_steps) / self.tail_steps) * base
         if self.lr_schedule == "constant":
             return base
-        main = start if start is not None else self.steps
-        return base * _cosine(max(step / main if main else 0.0, time_fraction))
-
-    def starts_cycle(self, step: int) -> bool:
-        """Whether step ``step`` begins a cycle of the tail (its optimizer state is fresh)."""
-        start = self.tail_start
-        return start is not None and step >= start and (step - start) % self.tail_steps == 0
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists) for the checkpoint's metadata."""
