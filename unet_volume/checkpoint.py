@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from unet_volume.ensemble import Ensemble
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.model import UNet, UNetConfig
 from unet_volume.shipped_models import check_shipped, model_names, shipped_model
@@ -42,6 +44,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _FIX = "pass a file written by `unet-volume train` or `save_model`"
 
 StateDict = dict[str, torch.Tensor]
+Network = UNet | Ensemble
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Checkpoint:
 
     ``num_params`` counts the parameters the config implies (buffers such as batch-norm
     statistics excluded); ``sha256`` is the hash of the file's bytes, to pin a run to its model.
+    ``members`` is the number of networks: 1, or an :class:`~unet_volume.ensemble.Ensemble`'s
+    (each of ``config``).
     """
 
     config: UNetConfig
@@ -57,15 +62,20 @@ class Checkpoint:
     metadata: dict[str, Any]
     num_params: int
     sha256: str
+    members: int = 1
 
-    def to_model(self) -> UNet:
+    def to_model(self) -> Network:
         """A new model with these weights, on their device, in eval mode (dropout off)."""
         with torch.device("meta"):  # no memory and no init: the weights come next
-            model = UNet.from_config(self.config)
+            model = _network(self.config, self.members)
         # Copies (models never share weights), in the model's float32 when stored narrower.
         weights = {k: _widened(v) for k, v in self.state_dict.items()}
         model.load_state_dict(weights, assign=True)
         return model.eval()
+
+
+def _network(config: UNetConfig, members: int) -> Network:
+    return UNet.from_config(config) if members == 1 else Ensemble.from_config(config, members)
 
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,7 +106,7 @@ def _check_json(value: object, where: str) -> None:
 
 
 def checkpoint_bytes(
-    model: UNet,
+    model: Network,
     metadata: dict[str, Any] | None = None,
     *,
     weights_dtype: torch.dtype | None = None,
@@ -120,6 +130,7 @@ def checkpoint_bytes(
         "version": VERSION,
         "config": model.config.to_dict(),
         "metadata": json.dumps(metadata),
+        **({"members": len(model.members)} if isinstance(model, Ensemble) else {}),
         # On CPU, so a checkpoint written on a GPU loads anywhere.
         "state_dict": {
             k: _stored(v.detach().cpu(), weights_dtype) for k, v in model.state_dict().items()
@@ -135,7 +146,7 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def save_model(
-    model: UNet,
+    model: Network,
     path: str | os.PathLike[str],
     *,
     metadata: dict[str, Any] | None = None,
@@ -182,12 +193,12 @@ def checkpoint_from_bytes(data: bytes, *, device: str | torch.device = "cpu") ->
     return _parse(data, "checkpoint bytes", device)
 
 
-def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> UNet:
+def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Network:
     """The model saved at ``path``, on ``device``, in eval mode (call ``.train()`` to train on)."""
     return read_checkpoint(path, device=device).to_model()
 
 
-def model_from_bytes(data: bytes, *, device: str | torch.device = "cpu") -> UNet:
+def model_from_bytes(data: bytes, *, device: str | torch.device = "cpu") -> Network:
     """The model in checkpoint ``data`` (from :func:`checkpoint_bytes`), in eval mode."""
     return checkpoint_from_bytes(data, device=device).to_model()
 
@@ -244,10 +255,14 @@ def _parse(data: bytes, source: str, device: str | torch.device) -> Checkpoint:
         )
     config = _read_config(payload.get("config"), source)
     metadata = _read_metadata(payload.get("metadata"), source)
-    state_dict = _read_state_dict(payload.get("state_dict"), config, source)
+    members = payload.get("members", 1)
+    if not (isinstance(members, int) and members >= 1):
+        raise CheckpointError(f"{source} is damaged: its members {members!r} is not a count")
+    state_dict = _read_state_dict(payload.get("state_dict"), config, members, source)
     with torch.device("meta"):
-        num_params = UNet.from_config(config).num_params()
-    return Checkpoint(config, state_dict, metadata, num_params, hashlib.sha256(data).hexdigest())
+        num_params = _network(config, members).num_params()
+    sha256 = hashlib.sha256(data).hexdigest()
+    return Checkpoint(config, state_dict, metadata, num_params, sha256, members)
 
 
 def _read_config(value: object, source: str) -> UNetConfig:
@@ -270,12 +285,13 @@ def _read_metadata(value: object, source: str) -> dict[str, Any]:
     return metadata
 
 
-def _read_state_dict(value: object, config: UNetConfig, source: str) -> StateDict:
-    """The state dict, checked key by key and shape by shape against ``config``."""
+def _read_state_dict(value: object, config: UNetConfig, members: int, source: str) -> StateDict:
+    """The state dict, checked key by key and shape by shape against ``config``'s network (or
+    ensemble of ``members``)."""
     if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):
         raise CheckpointError(f"{source} is damaged: its state dict is not tensors; {_FIX}")
     with torch.device("meta"):  # the expected shapes, without allocating or initialising
-        expected = {k: v.shape for k, v in UNet.from_config(config).state_dict().items()}
+        expected = {k: v.shape for k, v in _network(config, members).state_dict().items()}
     found = {k: v.shape for k, v in value.items()}
     if found != expected:
         differ = sorted(set(found).symmetric_difference(expected)) or sorted(
@@ -286,3 +302,49 @@ def _read_state_dict(value: object, config: UNetConfig, source: str) -> StateDic
             f"(first mismatch: {differ[0]!r}); {_FIX}"
         )
     return value
+
+
+def save_ensemble(
+    checkpoints: list[str | os.PathLike[str]],
+    path: str | os.PathLike[str],
+    *,
+    weights_dtype: torch.dtype | None = None,
+) -> Path:
+    """Write one checkpoint at ``path`` of the :class:`~unet_volume.ensemble.Ensemble` of the
+    networks at ``checkpoints`` (files or shipped names), e.g. one recipe's seeds.
+
+    The networks must share a config, classes and label offset (prediction reads the image as
+    they were trained to). The metadata is the first's, its normalisation the ensemble's, with
+    ``ensemble``: each member's sha256 and training record.
+    """
+    read = [read_checkpoint(c) for c in checkpoints]
+    for name, found in zip(checkpoints, read, strict=True):
+        if found.members != 1:
+            raise InputError(f"{name} is an ensemble already; pass its members' checkpoints")
+    for what in ("classes", "label_offset"):
+        values = {json.dumps(_recorded(c.metadata, what)) for c in read}
+        if len(values) > 1:
+            raise InputError(
+                f"the networks differ in {what} ({', '.join(sorted(values))}); an ensemble's "
+                "members must be of one recipe: pass networks trained alike"
+            )
+    norms = [_normalization(c, str(name)) for c, name in zip(read, checkpoints, strict=True)]
+    ensemble = Ensemble([c.to_model() for c in read], norms)  # type: ignore[misc]
+    metadata = copy.deepcopy(read[0].metadata)
+    metadata["ensemble"] = [
+        {"sha256": c.sha256, "training": c.metadata.get("training")} for c in read
+    ]
+    return save_model(ensemble, path, metadata=metadata, weights_dtype=weights_dtype)
+
+
+def _recorded(metadata: dict[str, Any], what: str) -> object:
+    if what == "classes":
+        return metadata.get("classes")
+    return metadata.get("training", {}).get("config", {}).get(what)
+
+
+def _normalization(checkpoint: Checkpoint, name: str) -> tuple[float, float]:
+    norm = checkpoint.metadata.get("normalization")
+    if not norm:
+        raise CheckpointError(f"{name} has no normalization; it was not written by training")
+    return float(norm["mean"]), float(norm["std"])

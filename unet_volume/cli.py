@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from unet_volume.cli_common import add_cluster_options, client_from, fmt, say
 from unet_volume.cli_segment import add_objects, add_segment
-from unet_volume.cli_train import add_train, add_weights
+from unet_volume.cli_train import add_ensemble, add_train, add_weights
 from unet_volume.errors import UnetVolumeError
 from unet_volume.options import (
     add_options,
@@ -369,6 +369,13 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
         "summarise the objects of `segment`'s labels: count, sizes, the largest",
         "Print the object count, size percentiles and the largest objects (with volume and "
         "centroid in physical units) from the object table beside LABELS.",
+    ),
+    (
+        "ensemble",
+        add_ensemble,
+        "one model of several trained networks that averages their probabilities",
+        "Write one checkpoint holding MODELs (networks of one recipe, e.g. other seeds): "
+        "predicting with it averages their class probabilities, one forward pass per network.",
     ),
     (
         "models",

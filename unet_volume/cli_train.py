@@ -1,4 +1,5 @@
-"""The training commands of ``unet-volume``: ``train``, and ``weights`` (its loss-weight maps).
+"""The training commands of ``unet-volume``: ``train``, ``weights`` (its loss-weight maps) and
+``ensemble`` (one model of several trained networks).
 
 Thin over the library, as :mod:`unet_volume.cli`: options derived from the config
 dataclasses, one library call, a line of results.
@@ -208,3 +209,28 @@ def _train(args: argparse.Namespace) -> None:
 def train_config_from(args: argparse.Namespace) -> TrainConfig:
     """The recipe that ``unet-volume train``'s options describe."""
     return options_from(args, TrainConfig, model=options_from(args, UNetConfig))
+
+
+def add_ensemble(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL", help="2 or more checkpoints (or shipped names)"
+    )
+    p.add_argument("--out", required=True, help="the ensemble's checkpoint to write")
+    p.add_argument(
+        "--float16", action="store_true", help="store the weights as float16 (half the file)"
+    )
+    p.set_defaults(run=_ensemble)
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    import torch
+
+    from unet_volume.checkpoint import read_checkpoint, save_ensemble
+
+    dtype = torch.float16 if args.float16 else None
+    out = save_ensemble(list(args.models), args.out, weights_dtype=dtype)
+    found = read_checkpoint(out)
+    say(
+        f"wrote {out}: {found.members} networks, {found.num_params / 1e6:.2f} M parameters, "
+        f"sha256 {found.sha256[:12]}"
+    )

@@ -83,8 +83,19 @@ def fresh_start(
 def with_network_of(init: str | Path, config: TrainConfig) -> tuple[TrainConfig, Checkpoint]:
     """``config`` training the network of checkpoint ``init``, and that checkpoint (read once:
     train loads its weights, and the new checkpoint records its path and sha256)."""
-    checkpoint = read_checkpoint(init)
+    checkpoint = one_network(init, "--init")
     return dataclasses.replace(config, model=checkpoint.config), checkpoint
+
+
+def one_network(path: str | Path, option: str) -> Checkpoint:
+    """The checkpoint at ``path``, refused if it is an ensemble: training trains one network."""
+    checkpoint = read_checkpoint(path)
+    if checkpoint.members != 1:
+        raise InputError(
+            f"{option} {path} is an ensemble of {checkpoint.members} networks and training "
+            "takes one; pass one of its members' checkpoints"
+        )
+    return checkpoint
 
 
 def check_channels(init: Checkpoint, channels: int, name: str | Path) -> None:
@@ -98,7 +109,7 @@ def check_channels(init: Checkpoint, channels: int, name: str | Path) -> None:
 
 def resumed(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
     """The network, normalisation, class weights and loop state of the run to continue."""
-    checkpoint = read_checkpoint(resume)
+    checkpoint = one_network(resume, "--resume")
     found, wanted = checkpoint.config, config.unet_config(checkpoint.config.in_channels)
     if found != wanted:
         differences = ", ".join(
