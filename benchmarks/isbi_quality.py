@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument(
         "--score",
         action="store_true",
-        help="no training: score OUT/model.pt again (the read-outs only), e.g. after a read-out "
+        help="no training: score OUT/model.pt (a network, or an ensemble of held-out networks "
+        "from `unet-volume ensemble`) again (the read-outs only), e.g. after a read-out "
         "was added; the training's figures come from the checkpoint",
     )
     args = parser.parse_args()
@@ -187,11 +188,13 @@ def main() -> None:
 
 def score_again(model: Path, out: Path) -> dict[str, Any]:
     """The results of a finished training run, its read-outs measured anew."""
-    training = read_checkpoint(model).metadata["training"]
+    checkpoint = read_checkpoint(model)
+    training = checkpoint.metadata["training"]  # an ensemble's: its first network's
     config = training["config"]
     tile = config["tile_output"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {
-        "settings": {**config, "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "settings": {**config, "device": device, "members": checkpoint.members},
         "training": {
             "seconds": round(training["seconds"], 1),
             "steps": training["steps"],
