@@ -11,6 +11,9 @@ the segmentation at the foreground threshold that scored best there (``predict -
 and the Rand error of the covering watershed (``segment --watershed --cover``) with the seed
 threshold that scored best there. The argmax figures are recorded beside them.
 
+An ensemble (``unet-volume ensemble``) ships as one file; its held-out figures are those of the
+ensemble of the held-out runs' networks, and ``--other-seed`` takes each of those alone.
+
     .venv/bin/python scripts/ship_model.py runs/ship/model.pt --name isbi2012-membranes \\
         --held-out runs/held-out/results.json [--other-seed runs/held-out-seed1/results.json]
 """
@@ -62,14 +65,25 @@ def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:
         if offset
         else ""
     )
+    members = [m["training"] for m in checkpoint.metadata.get("ensemble", [training])]
+    seeds = ", ".join(str(m["config"]["seed"]) for m in members)
+    minutes = " + ".join(f"{m['seconds'] / 60:.0f}" for m in members)
+    held_out_members = held_out["settings"].get("members", 1)
     return [
+        *(
+            [f"ensemble of {len(members)} networks of one recipe, their probabilities averaged"]
+            if len(members) > 1
+            else []
+        ),
         f"recipe: {config['optimizer']} lr {training['learning_rate']:g} "
         f"({config['lr_schedule']}), {tile[1]}x{tile[2]} output tiles, batch "
         f"{config['batch_size']}, augmentation {config['augment']}, loss weighted by {weighted}"
         f"{registered}",
-        f"trained: {training['steps']} steps on ISBI 2012 train-volume slices {first}-{end - 1} "
-        f"({training['seconds'] / 60:.0f} min), seed {config['seed']}",
-        f"held-out run: the same recipe on slices 0-19, {held_out['training']['steps']} steps",
+        f"trained: {training['steps']} steps{' each' if len(members) > 1 else ''} on ISBI 2012 "
+        f"train-volume slices {first}-{end - 1} ({minutes} min), seed{'s' * (len(members) > 1)} "
+        f"{seeds}",
+        f"held-out run: the same recipe on slices 0-19, {held_out['training']['steps']} steps"
+        + (f", an ensemble of {held_out_members} networks alike" if held_out_members > 1 else ""),
     ]
 
 
@@ -79,10 +93,11 @@ def ship_file(checkpoint_path: Path, target: Path, weights_dtype: torch.dtype | 
     the weights stored as ``weights_dtype`` if given (float16: a bigger net within 20 MB)."""
     checkpoint = read_checkpoint(checkpoint_path)
     metadata = copy.deepcopy(checkpoint.metadata)
-    training = metadata.get("training", {})
-    for key in ("image", "labels", "weights", "init"):
-        if isinstance(training.get(key), str):
-            training[key] = Path(training[key]).name
+    members = [m.get("training") or {} for m in metadata.get("ensemble", [])]
+    for training in [metadata.get("training", {}), *members]:
+        for key in ("image", "labels", "weights", "init"):
+            if isinstance(training.get(key), str):
+                training[key] = Path(training[key]).name
     save_model(checkpoint.to_model(), target, metadata=metadata, weights_dtype=weights_dtype)
 
 
@@ -104,15 +119,19 @@ def held_out_figures(results: dict, suffix: str) -> dict[str, float]:
     return figures
 
 
-def other_seeds(paths: list[Path], suffix: str, how: str) -> dict[str, object]:
-    """``held_out_seed_N`` figures of the same recipe with other seeds: the runs' noise."""
+def other_seeds(paths: list[Path], suffix: str, how: str, members: int) -> dict[str, object]:
+    """``held_out_seed_N`` figures of the same recipe with other seeds: the runs' noise; for an
+    ensemble of ``members`` networks, ``held_out_network_seed_N``: each network alone."""
     figures: dict[str, object] = {}
     for path in paths:
         results = json.loads(path.read_text())
         seed = results["settings"]["seed"]
-        figures[f"held_out_seed_{seed}"] = held_out_figures(results, suffix)
-        figures[f"held_out_seed_{seed}_how"] = (
-            f"{how}; the same recipe with seed {seed}, its thresholds (p > "
+        alone = members > 1 and results["settings"].get("members", 1) == 1
+        key = f"held_out_{'network_' if alone else ''}seed_{seed}"
+        what = "one network of the ensemble alone" if alone else "the same recipe"
+        figures[key] = held_out_figures(results, suffix)
+        figures[f"{key}_how"] = (
+            f"{how}; {what} with seed {seed}, its thresholds (p > "
             f"{results[f'pixel_threshold{suffix}']:g}, seeds p > "
             f"{results[f'seed_threshold_watershed_cover{suffix}']:g}) chosen on slices 0-19; "
             "never trained on"
@@ -172,7 +191,7 @@ def main() -> None:
         "figures": {
             "held_out": held_out_figures(held_out, suffix),
             "held_out_how": f"{read_out}; never trained on",
-            **other_seeds(args.other_seed, suffix, how),
+            **other_seeds(args.other_seed, suffix, how, held_out["settings"].get("members", 1)),
             "held_out_argmax": rounded(held_out[f"validation_argmax{suffix}"]),
             "held_out_argmax_how": f"{how}, argmax, connected components; never trained on",
             "slices_20_24": {

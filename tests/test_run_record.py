@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import dask
@@ -63,6 +64,25 @@ def arange_plan(tmp_path: Path, **options: object) -> PredictionPlan:
 
 def probe(plan: PredictionPlan, cls: type[CropPredictor] = CropPredictor) -> CropPredictor:
     return cls(TileGeometry.for_unet(2, 2, min_output=plan.geometry.output_shape))
+
+
+class BigPredictor(CropPredictor):
+    """A crop probe that carries 12 MB, as the weights of a big network or an ensemble."""
+
+    def __init__(self, geometry: TileGeometry) -> None:
+        super().__init__(geometry)
+        self.weights = np.ones(3 * 2**20, dtype=np.float32)
+
+
+def test_run_record_a_predictor_of_12_mb_travels_once_without_a_warning(
+    client: Client, tmp_path: Path
+) -> None:
+    plan = arange_plan(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run_plan(plan, client, predictor=probe(plan, BigPredictor))
+    assert report.blocks == 25
+    assert not [w for w in caught if "large graph" in str(w.message)]
 
 
 def failed_run(client: Client, tmp_path: Path) -> PredictionPlan:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
@@ -186,7 +187,12 @@ def _shared(client: Client, predictor: Predictor) -> Any:
     (the predictor's bytes, kept by the scheduler), so workers that die and come back, or
     workers that join late, get it again.
     """
-    return client.submit(_itself, predictor, key=f"predictor-{uuid.uuid4().hex[:8]}", pure=False)
+    with warnings.catch_warnings():
+        # Dask warns of a graph over 10 MB (a network of 2.5 M parameters) and advises a task
+        # or scatter instead: this is that one task, which every block task reuses.
+        warnings.filterwarnings("ignore", "Sending large graph", UserWarning)
+        key = f"predictor-{uuid.uuid4().hex[:8]}"
+        return client.submit(_itself, predictor, key=key, pure=False)
 
 
 def run_prediction(
