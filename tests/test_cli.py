@@ -136,6 +136,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert sorted(commands.choices) == [
         "convert",
+        "ensemble",
         "evaluate",
         "models",
         "objects",
