@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from unet_volume.predict import predict_volume
 from unet_volume.prediction_store import open_prediction
 from unet_volume.testing import blob_volume, write_zarr
 from unet_volume.train import TrainConfig, train
+from unet_volume.train_start import with_network_of
 from unet_volume.unet_config import UNetConfig
 
 TINY = {"depth": 2, "base_channels": 8, "dropout": 0.0}
@@ -104,17 +106,25 @@ def test_ensemble_refuses_networks_of_other_recipes(
     assert not (tmp_path / "e.pt").exists()
 
 
-def test_ensemble_is_not_a_member_nor_a_start_for_training(tmp_path: Path) -> None:
+def test_ensemble_is_no_member_training_fine_tunes_its_first_network_and_resumes_none(
+    tmp_path: Path,
+) -> None:
     paths = [member(tmp_path / f"{k}.pt", k, (100.0, 40.0)) for k in range(2)]
     ensemble = save_ensemble(paths, tmp_path / "e.pt")
     with pytest.raises(InputError, match="is an ensemble already; pass its members"):
         save_ensemble([ensemble, paths[0]], tmp_path / "f.pt")
+    config = TrainConfig(steps=1, tile_output=(1, 12, 12), model=UNetConfig(**TINY))
+    _, start = with_network_of(ensemble, config)  # what --init fine-tunes
+    first = read_checkpoint(paths[0]).state_dict
+    assert start.members == 1 and start.state_dict.keys() == first.keys()
+    assert all(torch.equal(start.state_dict[k], first[k]) for k in first)
     image = write_zarr(tmp_path / "i.zarr", blob_volume((2, 48, 48)))
     labels = write_zarr(tmp_path / "l.zarr", (blob_volume((2, 48, 48)) > 120).astype(np.uint8))
-    config = TrainConfig(steps=1, tile_output=(1, 12, 12), model=UNetConfig(**TINY))
-    with pytest.raises(InputError, match=r"--init .* is an ensemble of 2 networks and training"):
-        train(image, labels, tmp_path / "m.pt", config, init=ensemble)
-    assert not (tmp_path / "m.pt").exists()
+    config = dataclasses.replace(config, weight_map=False)
+    assert train(image, labels, tmp_path / "m.pt", config, init=ensemble).steps == 1
+    with pytest.raises(InputError, match=r"--resume .* is an ensemble of 2 networks and a run"):
+        train(image, labels, tmp_path / "n.pt", config, resume=ensemble)
+    assert not (tmp_path / "n.pt").exists()
 
 
 def test_ensemble_checkpoint_with_a_bad_member_count_is_refused(tmp_path: Path) -> None:

@@ -64,6 +64,19 @@ class Checkpoint:
     sha256: str
     members: int = 1
 
+    def network(self, index: int) -> Checkpoint:
+        """Network ``index`` of an ensemble as a checkpoint of its own (the same file's sha256;
+        the ensemble's metadata): what ``train --init`` fine-tunes of an ensemble."""
+        if not 0 <= index < self.members:
+            raise InputError(f"network {index} of {self.members}: pass 0 to {self.members - 1}")
+        if self.members == 1:
+            return self
+        prefix = f"members.{index}."
+        weights = {k[len(prefix) :]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+        return Checkpoint(
+            self.config, weights, self.metadata, self.num_params // self.members, self.sha256
+        )
+
     def to_model(self) -> Network:
         """A new model with these weights, on their device, in eval mode (dropout off)."""
         with torch.device("meta"):  # no memory and no init: the weights come next

@@ -175,9 +175,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     start.add_argument(
         "--init",
         metavar="MODEL",
-        help="start from this model's network and weights, a checkpoint or a shipped model's "
-        "name (fine-tuning on new data: its "
-        "normalisation and class weights are this data's; the network options are ignored)",
+        help="start from this model's network and weights (an ensemble's first network), a "
+        "checkpoint or a shipped model's name (fine-tuning on new data: its normalisation and "
+        "class weights are this data's; the network options are ignored)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_train)

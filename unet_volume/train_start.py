@@ -8,10 +8,10 @@
 - The loss weights: a weight-map volume the caller gives, else the paper's weight map of the
   labels, computed once beside the checkpoint (``OUT.weights.zarr``; a second run, or a
   resumed one, finds it done), with class frequencies from the training slices only.
-- Initialised (``--init``): another model's network and weights, with this data's
-  normalisation and class weights and a new optimizer: fine-tuning, as users adapt a model to
-  a new volume from a few labelled slices. The checkpoint's network wins over the run's network
-  options, which describe a new one.
+- Initialised (``--init``): another model's network and weights (an ensemble's first
+  network), with this data's normalisation and class weights and a new optimizer: fine-tuning,
+  as users adapt a model to a new volume from a few labelled slices. The checkpoint's network
+  wins over the run's network options, which describe a new one.
 
 :func:`check_training` makes every check of a run before it writes anything.
 """
@@ -83,17 +83,20 @@ def fresh_start(
 def with_network_of(init: str | Path, config: TrainConfig) -> tuple[TrainConfig, Checkpoint]:
     """``config`` training the network of checkpoint ``init``, and that checkpoint (read once:
     train loads its weights, and the new checkpoint records its path and sha256)."""
-    checkpoint = one_network(init, "--init")
+    checkpoint = read_checkpoint(init)
+    if checkpoint.members > 1:  # fine-tuning adapts one network, as users do
+        log.info("--init %s: the first of its %d networks", init, checkpoint.members)
+        checkpoint = checkpoint.network(0)
     return dataclasses.replace(config, model=checkpoint.config), checkpoint
 
 
 def one_network(path: str | Path, option: str) -> Checkpoint:
-    """The checkpoint at ``path``, refused if it is an ensemble: training trains one network."""
+    """The checkpoint at ``path``, refused if it is an ensemble: a run trains one network."""
     checkpoint = read_checkpoint(path)
     if checkpoint.members != 1:
         raise InputError(
-            f"{option} {path} is an ensemble of {checkpoint.members} networks and training "
-            "takes one; pass one of its members' checkpoints"
+            f"{option} {path} is an ensemble of {checkpoint.members} networks and a run trains "
+            "one; pass one of its networks' checkpoints (--init takes an ensemble's first)"
         )
     return checkpoint
 
