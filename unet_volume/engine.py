@@ -179,7 +179,7 @@ def _itself(value: T) -> T:
     return value
 
 
-def _shared(client: Client, predictor: Predictor) -> Any:
+def shared_predictor(client: Client, predictor: Predictor) -> Any:
     """The predictor as one task's result, which every block task depends on.
 
     Not ``client.scatter``: scattered data is lost for good when every worker holding it
@@ -218,8 +218,9 @@ def run_prediction(
     :mod:`unet_volume.layout`. ``skip`` holds shard indices, as the done markers record them.
 
     A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
-    flooding the scheduler; the predictor reaches workers once, as :func:`_shared`. When workers
-    advertise a ``GPU`` resource, blocks run only there, a few per GPU at once (see
+    flooding the scheduler; the predictor reaches workers once, as
+    :func:`shared_predictor`. When workers advertise a ``GPU`` resource, blocks run only
+    there, a few per GPU at once (see
     :func:`~unet_volume.cluster.gpu_resources`). Up to
     ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
     (its ``failures`` hold the blocks) is raised; a run in which no block finishes for
@@ -232,7 +233,7 @@ def run_prediction(
     skipped = set(map(tuple, skip))
     skipped_blocks = sum(layout.blocks_in_shard(index) for index in skipped)
     total = layout.num_blocks - skipped_blocks
-    shared = _shared(client, predictor)
+    shared = shared_predictor(client, predictor)
     blocks = plan_blocks(volume.shape, layout.shard_shape, geometry)
     results = map_bounded(
         client,

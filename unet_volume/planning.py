@@ -23,6 +23,7 @@ import numpy as np
 from distributed import Client
 
 from unet_volume.block_memory import WORKER_BASELINE, MemoryEstimate, prediction_memory, size_text
+from unet_volume.engine import shared_predictor
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.tiling import TileGeometry, read_box_of
 from unet_volume.unet_config import UNetConfig
@@ -193,7 +194,7 @@ def time_one_block(client: Client, plan: Any, predictor: Any) -> float:
         plan.volume,
         block,
         read_box_of(block, plan.geometry),
-        predictor,
+        shared_predictor(client, predictor),  # its weights travel as one task, as in a run
         plan.geometry,
         pure=False,
     )
