@@ -36,6 +36,7 @@ import torch
 from unet_volume.ensemble import Ensemble
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.model import UNet, UNetConfig
+from unet_volume.registration import model_offset
 from unet_volume.shipped_models import check_shipped, model_names, shipped_model
 
 FORMAT = "unet-volume-checkpoint"
@@ -334,14 +335,18 @@ def save_ensemble(
     for name, found in zip(checkpoints, read, strict=True):
         if found.members != 1:
             raise InputError(f"{name} is an ensemble already; pass its members' checkpoints")
-    for what in ("classes", "label_offset"):
-        values = {json.dumps(_recorded(c.metadata, what)) for c in read}
+    recorded = {
+        "classes": lambda c: c.metadata.get("classes"),
+        "label_offset": lambda c: model_offset(c.metadata),  # as prediction reads it
+    }
+    for what, value in recorded.items():
+        values = {json.dumps(value(c)) for c in read}
         if len(values) > 1:
             raise InputError(
                 f"the networks differ in {what} ({', '.join(sorted(values))}); an ensemble's "
                 "members must be of one recipe: pass networks trained alike"
             )
-    norms = [_normalization(c, str(name)) for c, name in zip(read, checkpoints, strict=True)]
+    norms = [trained_normalization(c, str(n)) for c, n in zip(read, checkpoints, strict=True)]
     ensemble = Ensemble([c.to_model() for c in read], norms)  # type: ignore[misc]
     metadata = copy.deepcopy(read[0].metadata)
     metadata["ensemble"] = [
@@ -350,13 +355,9 @@ def save_ensemble(
     return save_model(ensemble, path, metadata=metadata, weights_dtype=weights_dtype)
 
 
-def _recorded(metadata: dict[str, Any], what: str) -> object:
-    if what == "classes":
-        return metadata.get("classes")
-    return metadata.get("training", {}).get("config", {}).get(what)
-
-
-def _normalization(checkpoint: Checkpoint, name: str) -> tuple[float, float]:
+def trained_normalization(checkpoint: Checkpoint, name: str) -> tuple[float, float]:
+    """The input (mean, std) that training recorded in ``checkpoint`` (called ``name`` in the
+    error when it has none)."""
     norm = checkpoint.metadata.get("normalization")
     if not norm:
         raise CheckpointError(f"{name} has no normalization; it was not written by training")

@@ -30,9 +30,9 @@ import torch
 from distributed import Client
 
 from unet_volume.augment import required_apron
-from unet_volume.checkpoint import Checkpoint, read_checkpoint
+from unet_volume.checkpoint import Checkpoint, read_checkpoint, trained_normalization
 from unet_volume.cluster import open_client
-from unet_volume.errors import CheckpointError, InputError
+from unet_volume.errors import InputError
 from unet_volume.model import UNet
 from unet_volume.sampling import TileSampler, TrainingData
 from unet_volume.tile_stream import class_weights, estimate_statistics
@@ -124,11 +124,7 @@ def resumed(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
             f"checkpoint {resume} is another network than the run asks for: {differences}; "
             "pass the checkpoint's values or start a new run"
         )
-    norm = checkpoint.metadata.get("normalization")
-    if not norm:
-        raise CheckpointError(
-            f"checkpoint {resume} has no normalization; it was not written by training"
-        )
+    normalization = trained_normalization(checkpoint, f"checkpoint {resume}")
     path = state_path(Path(resume))
     state = torch.load(path, weights_only=True) if path.exists() else {}
     training = checkpoint.metadata.get("training", {})
@@ -137,7 +133,7 @@ def resumed(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
     state["seconds"] = float(training.get("seconds", 0.0))
     return {
         "model": checkpoint.to_model(),
-        "normalization": (float(norm["mean"]), float(norm["std"])),
+        "normalization": normalization,
         "balance": balance,
         "state": state,
     }
