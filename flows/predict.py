@@ -44,7 +44,8 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
     planned = plan_prediction(model, image, out, options)
     layout, volume = planned.layout, planned.volume
     get_run_logger().info(
-        "input %s %s %s -> output %s; model %s (sha256 %s); blocks %s: %d in %d task(s)%s",
+        "input %s %s %s -> output %s; model %s (sha256 %s); blocks %s: %d in %d shard(s), "
+        "%d task(s)%s",
         volume.url,
         "x".join(map(str, volume.shape)),
         volume.dtype_name,
@@ -54,6 +55,7 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
         "x".join(map(str, planned.block_shape)),
         layout.num_blocks,
         layout.num_shards,
+        planned.tasks.num_tasks,
         f", {planned.existing.done} done before (resumed)" if planned.existing else "",
     )
     return planned

@@ -223,11 +223,11 @@ def test_predict_flow_logs_what_runs_where_how_far_and_the_outcome(
     sha = read_checkpoint(model).sha256[:12]
     [start] = [line for line in lines if line.startswith("input ")]
     assert image in start and str(out) in start and model in start and sha in start
-    assert "4x32x32 uint8 ->" in start and "blocks 1x16x16: 16 in 16 task(s)" in start
+    assert "4x32x32 uint8 ->" in start and "blocks 1x16x16: 16 in 16 shard(s), 4 task(s)" in start
     assert any(line.startswith(f"blocks run on {client.scheduler.address}") for line in lines)
-    # Each tenth of the way gets a line (16 blocks: 2, 4, 5, 7, 8, 10, 12, 13, 15, 16 done).
+    # Each tenth of the way gets a line: each task of one slice (4 blocks) is a quarter.
     progress = [line for line in lines if line.startswith("predict: ")]
-    assert len(progress) == 10 and progress[-1].startswith("predict: 16 / 16 blocks (100.0%)")
+    assert len(progress) == 4 and progress[-1].startswith("predict: 16 / 16 blocks (100.0%)")
     assert any(line.startswith(f"predicted {out}: 16 block(s), 4,096 voxels") for line in lines)
     assert artifact("prediction-progress").data == 100.0
 

@@ -56,11 +56,13 @@ def test_layout_auto_shard_is_whole_blocks_within_the_bounds(
     assert auto_shard_shape(volume, block, ndim=ndim) == shard  # a function of its inputs
 
 
-def test_layout_auto_shard_grows_a_2d_nets_shards_in_z_first() -> None:
-    # z has no halo for a 2D net: deeper shards read no extra input per voxel.
-    assert auto_shard_shape((1000, 4096, 4096), (1, 512, 512), ndim=2) == (16, 512, 512)
+def test_layout_auto_shard_grows_a_2d_nets_shards_in_y_and_x_first() -> None:
+    # The halo is in y and x: tasks of whole shards must be able to grow wide there, not deep
+    # in z, to read their ring of halo chunks seldom (task_plan); z comes once y and x span.
+    assert auto_shard_shape((1000, 4096, 4096), (1, 512, 512), ndim=2) == (1, 2048, 2048)
     assert auto_shard_shape((1000, 4096, 4096), (64, 64, 64), ndim=3) == (256, 128, 128)
-    assert auto_shard_shape((4000, 16384, 16384), (1, 512, 512), ndim=2) == (256, 512, 512)
+    assert auto_shard_shape((4000, 16384, 16384), (1, 512, 512), ndim=2) == (1, 8192, 8192)
+    assert auto_shard_shape((4000, 1024, 1024), (1, 512, 512), ndim=2) == (4, 1024, 1024)
 
 
 def test_layout_small_volumes_keep_one_block_per_task() -> None:

@@ -42,9 +42,12 @@ def test_plan_prints_the_numbers_and_writes_nothing(
     output = tmp_path / "out.zarr"
     assert main(plan_args(volume_path, output, model_path, client)) == EXIT_OK
     said = capsys.readouterr().err
-    # 3 x 40 x 36 voxels in blocks of 1 x 16 x 16: 27 blocks, too few to share a task.
+    # 3 x 40 x 36 voxels in blocks of 1 x 16 x 16: 27 blocks, too few to share a shard; the
+    # tasks span whole slices (two of them, the z chunks are 2 deep) and read each chunk once.
     assert "blocks: 27 of 1x16x16 over a 3x40x36 volume" in said
-    assert "tasks (shards): 27 of 1x16x16; 81 stored objects" in said
+    assert "shards: 27 of 1x16x16; 81 stored objects" in said
+    assert "tasks: 2 of 2x48x48 (18 shard(s) each, read together)" in said
+    assert "input read: 1.00x the stored chunks (12 fetched of 12 chunks of 2x17x19)" in said
     assert "halo overhead: " in said and "memory per worker: " in said
     assert "estimated run time: " in said and "ms per block, timed on one worker" in said
     assert snapshot(tmp_path) == before and not output.exists()

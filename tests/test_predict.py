@@ -21,12 +21,14 @@ from unet_volume.errors import (
     InputError,
     OutputExistsError,
 )
+from unet_volume.layout import OutputLayout
 from unet_volume.model import UNet
 from unet_volume.predict import plan_prediction, predict_volume
 from unet_volume.predict_config import PredictOptions
 from unet_volume.prediction_store import create_prediction, open_prediction
 from unet_volume.predictor import ModelPredictor
 from unet_volume.storage import open_volume
+from unet_volume.task_plan import TaskPlan, read_estimate
 from unet_volume.testing import (
     EXACT_LIMIT,
     CropPredictor,
@@ -71,6 +73,41 @@ def test_predict_crop_probe_returns_the_volume_exactly(
     np.testing.assert_array_equal(got[0], data)
 
 
+@pytest.mark.parametrize(
+    ("ndim", "shard", "task"),
+    [
+        pytest.param(2, (1, 8, 8), (2, 16, 24), id="2d"),
+        pytest.param(3, (4, 8, 8), (8, 16, 16), id="3d"),
+    ],
+)
+def test_predict_tasks_of_several_shards_write_the_volume_and_fetch_each_chunk_once(
+    client: Client, tmp_path: Path, ndim: int, shard: tuple[int, ...], task: tuple[int, ...]
+) -> None:
+    data = np.arange(5 * 23 * 29, dtype=np.float32).reshape(5, 23, 29)
+    geometry = TileGeometry.for_unet(ndim, 2, min_output=shard)
+    predictor = CropPredictor(geometry)
+    reports = {}
+    for name, task_shape in (("shard", shard), ("task", task)):
+        report, got = run_blocks(
+            client,
+            tmp_path / name,
+            predictor,
+            geometry,
+            data,
+            shard,
+            num_classes=1,
+            task_shape=task_shape,
+        )
+        np.testing.assert_array_equal(got[0], data)
+        volume = open_volume(tmp_path / name / "in.zarr")
+        layout = OutputLayout(volume.shape, shard, shard)
+        assert report.chunks_read == read_estimate(volume, layout, task_shape, geometry).fetched
+        assert report.tasks == TaskPlan(layout, task_shape).num_tasks
+        reports[name] = report
+    assert reports["task"].chunks_read < reports["shard"].chunks_read
+    assert reports["task"].chunks_stored == reports["shard"].chunks_stored == 3 * 2 * 2
+
+
 def run_blocks(
     client: Client,
     tmp_path: Path,
@@ -85,6 +122,7 @@ def run_blocks(
 ) -> tuple[RunReport, np.ndarray]:
     """Predict ``data`` block by block (``shard`` blocks a task) on the cluster into float64;
     the report and the output."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
     store = create_prediction(
         str(tmp_path / "out.zarr"),
@@ -397,7 +435,7 @@ def test_predict_blocks_run_only_on_gpu_workers(gpu_client: Client, tmp_path: Pa
     )
     with get_task_stream(gpu_client) as stream:
         report = crop_probe_run(gpu_client, tmp_path, (2, 16, 24), (1, 8, 8))
-    blocks = [task for task in stream.data if task["key"].startswith("predict-block-")]
+    blocks = [task for task in stream.data if task["key"].startswith("predict-task-")]
     assert len(blocks) == report.blocks == 2 * 2 * 3
     assert {task["worker"] for task in blocks} == {gpu_worker}
 

@@ -53,12 +53,14 @@ class RowsFailPredictor(CropPredictor):
 
 
 def arange_plan(tmp_path: Path, **options: object) -> PredictionPlan:
-    """A plan over the arange volume (written once) into ``out.zarr``."""
+    """A plan over the arange volume (written once) into ``out.zarr``, a task per block (the
+    records of tasks, each one shard of one block, are what these tests look at)."""
     image = tmp_path / "in.zarr"
     if not image.exists():
         write_zarr(image, np.arange(400, dtype=np.float32).reshape(SHAPE))
     model = integer_unet(depth=2)
     options = {"block_shape": BLOCK, "output_dtype": "float32", **options}
+    options.setdefault("task_shape", options.get("shard_shape") or options["block_shape"])
     return plan_prediction(model, str(image), tmp_path / "out.zarr", PredictOptions(**options))
 
 
@@ -283,7 +285,27 @@ def test_run_record_a_stalled_run_stops_naming_the_blocks_in_flight_and_their_wo
         with pytest.raises(StallError, match=r"no block finished for \d+ s") as info:
             run_plan(plan, own, predictor=probe(plan, HangingPredictor))
         assert time.monotonic() - started < 30  # stopped, not waited out
-    assert "predict-block-0-2-2-" in str(info.value) and " on tcp://" in str(info.value)
+    assert "predict-task-0-2-2-" in str(info.value) and " on tcp://" in str(info.value)
     status = read_status(plan.output_url)
     # The others finished and were kept (a block queued behind the hung one may not have run).
     assert status.done >= 20 and not status.complete
+
+
+class SlowPredictor(CropPredictor):
+    """Takes 0.4 s a tile, as a big network on a slow worker does."""
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        time.sleep(0.4)
+        return super().__call__(tile)
+
+
+def test_run_record_a_long_task_is_no_stall_while_its_shards_finish(
+    client: Client, tmp_path: Path
+) -> None:
+    # One task of all 25 shards takes over 10 s, past the 4 s limit; each shard done (every
+    # 0.4 s) tells the watchdog the run is alive (a beat), so it runs to the end.
+    client.run(importlib.import_module, __name__)  # workers import this module before the clock
+    plan = arange_plan(tmp_path, stall_after=4.0, task_shape=SHAPE)
+    assert plan.tasks.num_tasks == 1 and plan.layout.num_shards == 25
+    report = run_plan(plan, client, predictor=probe(plan, SlowPredictor))
+    assert report.tasks == 1 and read_status(plan.output_url).complete

@@ -33,3 +33,18 @@ def reflect(coordinates: np.ndarray, size: int) -> np.ndarray:
     folded = np.mod(coordinates, period)
     mirrored: np.ndarray = np.where(folded < size, folded, period - folded)
     return mirrored
+
+
+def mirrored_range(begin: int, end: int, size: int) -> tuple[int, int]:
+    """The stored voxels ``[lo, hi)`` that a mirrored read of ``[begin, end)`` touches.
+
+    What a reader fetches for a read box that may reach outside the volume: the box itself
+    where it lies inside, and the voxels it mirrors where it reaches out.
+
+    >>> mirrored_range(-2, 3, 10), mirrored_range(8, 12, 10), mirrored_range(-1, 1, 1)
+    ((0, 3), (7, 10), (0, 1))
+    """
+    if 0 <= begin <= end <= size or end <= begin:
+        return begin, max(begin, end)
+    span = reflect(np.arange(begin, end), size)
+    return int(span.min()), int(span.max()) + 1

@@ -28,15 +28,16 @@ from tqdm.auto import tqdm
 
 from unet_volume.border import reflect
 from unet_volume.cluster import gpu_resources, release_free_memory
-from unet_volume.errors import GeometryError, InputError
+from unet_volume.errors import BlockError, GeometryError, InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.layout import OutputLayout
 from unet_volume.locations import with_retries
 from unet_volume.prediction_store import EncodedOutput, PredictionStore
 from unet_volume.progress import Progress, ProgressSink
-from unet_volume.storage import Volume
-from unet_volume.task_window import STALL_AFTER, map_bounded
-from unet_volume.tiling import Block, TileGeometry, block_key, plan_blocks, plan_tiles
+from unet_volume.storage import Volume, VolumeReader
+from unet_volume.task_plan import Task, TaskPlan, shards_of, stored_chunks
+from unet_volume.task_window import STALL_AFTER, beat, map_bounded
+from unet_volume.tiling import Block, TileGeometry, block_key, plan_tiles
 
 T = TypeVar("T")
 _FLOAT_STORE = PredictionStore("", "float64")
@@ -59,13 +60,29 @@ class RunReport:
     """Blocks done by an earlier run of the same prediction (resumed), not redone."""
     pyramid_seconds: float = 0.0
     """Time to build the output's lower-resolution levels (:mod:`unet_volume.pyramid`)."""
+    tasks: int = 0
+    """Dask tasks run (each a box of shards, see :mod:`unet_volume.task_plan`)."""
+    chunks_read: int = 0
+    """Input chunks fetched and decoded by the tasks (a chunk two tasks read counts twice)."""
+    chunks_stored: int = 0
+    """Chunks the input holds."""
+
+    @property
+    def read_amplification(self) -> float:
+        """Input chunks fetched per chunk stored: 1.0 reads the input exactly once (a resumed
+        or partial run reads less)."""
+        return self.chunks_read / self.chunks_stored if self.chunks_stored else 0.0
 
     @property
     def voxels_per_second(self) -> float:
         return self.voxels / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "voxels_per_second": self.voxels_per_second}
+        return {
+            **asdict(self),
+            "voxels_per_second": self.voxels_per_second,
+            "read_amplification": round(self.read_amplification, 4),
+        }
 
 
 def predict_tiles(
@@ -132,47 +149,99 @@ def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:
     )
 
 
-def predict_block(
-    block: Block,
+def predict_shard(
+    shard: Block,
+    reader: VolumeReader,
+    *,
+    store: PredictionStore,
+    predictor: Predictor,
+    geometry: TileGeometry,
+) -> dict[str, float]:
+    """Read one shard's read box, predict, write the shard, mark it done; its timings.
+
+    Idempotent: a shard done twice (a worker died after writing) writes the same objects.
+    Transient read and write errors are retried; non-finite input fails the shard.
+    """
+    start = time.perf_counter()
+    data = with_retries(reader.read, shard.read_box)
+    check_finite(data, shard, reader.volume)
+    read_s = time.perf_counter() - start
+    output = predict_tiles(
+        data, shard.read_box, shard.write_box, predictor=predictor, geometry=geometry, store=store
+    )
+    predict_s = time.perf_counter() - start - read_s
+    with_retries(store.write, shard.write_box, output)
+    with_retries(store.mark_done, shard.index)  # only after the data is stored
+    return {
+        "read": read_s,
+        "predict": predict_s,
+        "write": time.perf_counter() - start - read_s - predict_s,
+    }
+
+
+def predict_task(
+    task: Task,
     *,
     volume: Volume,
     store: PredictionStore,
     predictor: Predictor,
     geometry: TileGeometry,
+    shard_shape: Shape,
+    max_shard_failures: int = 0,
+    beat_topic: str | None = None,
 ) -> dict[str, Any]:
-    """One Dask task: read the task's read box, predict, write its shard, mark it done.
+    """One Dask task: the shards of ``task`` in turn, through one reader of the input.
 
-    ``block`` is the task's box: one shard of output blocks (one block when unsharded).
-    Idempotent: a task run twice (a worker died after writing) writes the same objects.
-    Transient read and write errors are retried; non-finite input fails the block.
-    Returns the block's timings.
+    Each input chunk the task's shards read is fetched once (see
+    :mod:`unet_volume.task_plan`). A shard that fails (bad data) is set aside with its error
+    while the others go on, up to ``max_shard_failures`` of them; the result names the shards done
+    and failed, the voxels written, the time per stage and what was read. Each shard done is
+    a beat on ``beat_topic`` (:func:`~unet_volume.task_window.beat`): a long task is not a stall.
     """
-    start = time.perf_counter()
-    data = with_retries(volume.read, block.read_box)
-    check_finite(data, block, volume)
-    read_s = time.perf_counter() - start
-    output = predict_tiles(
-        data, block.read_box, block.write_box, predictor=predictor, geometry=geometry, store=store
-    )
-    predict_s = time.perf_counter() - start - read_s
-    with_retries(store.write, block.write_box, output)
-    with_retries(store.mark_done, block.index)  # only after the data is stored
-    del data, output
+    shards = shards_of(task, shard_shape, geometry)
+    seconds: Counter[str] = Counter()
+    done: list[Shape] = []
+    failures: list[tuple[Block, BaseException]] = []
+    voxels = 0
+    with volume.reading(shard.read_box for shard in shards) as reader:
+        for shard in shards:
+            try:
+                seconds.update(
+                    predict_shard(
+                        shard, reader, store=store, predictor=predictor, geometry=geometry
+                    )
+                )
+            except Exception as error:
+                failures.append((shard, error))
+                if len(failures) > max_shard_failures:
+                    break
+                continue
+            done.append(shard.index)
+            voxels += shard.write_box.size
+            beat(beat_topic, shard.index)
+        count = reader.count
     release_free_memory()
     return {
-        "index": block.index,
-        "voxels": block.write_box.size,
-        "seconds": {
-            "read": read_s,
-            "predict": predict_s,
-            "write": time.perf_counter() - start - read_s - predict_s,
-        },
+        "index": task.index,
+        "done": done,
+        "failures": failures,
+        "voxels": voxels,
+        "seconds": dict(seconds),
+        "read": {"chunks": count.chunks, "voxels": count.voxels},
     }
 
 
-def dry_block(block: Block, **_: Any) -> dict[str, Any]:
+def dry_task(task: Task, *, shard_shape: Shape, geometry: TileGeometry, **_: Any) -> dict[str, Any]:
     """A task that does nothing: what planning, submitting and tracking a run cost alone."""
-    return {"index": block.index, "voxels": block.write_box.size, "seconds": {}}
+    shards = shards_of(task, shard_shape, geometry)
+    return {
+        "index": task.index,
+        "done": [shard.index for shard in shards],
+        "failures": [],
+        "voxels": sum(shard.write_box.size for shard in shards),
+        "seconds": {},
+        "read": {"chunks": 0, "voxels": 0},
+    }
 
 
 def _itself(value: T) -> T:
@@ -204,6 +273,7 @@ def run_prediction(
     store: PredictionStore,
     block_shape: Shape,
     shard_shape: Shape | None = None,
+    task_shape: Shape | None = None,
     max_in_flight: int | None = None,
     progress: bool = False,
     skip: Collection[Shape] = (),
@@ -212,34 +282,38 @@ def run_prediction(
     dry_run: bool = False,
     on_progress: ProgressSink | None = None,
 ) -> RunReport:
-    """Submit one task per shard not in ``skip``, keeping at most ``max_in_flight`` running.
+    """Submit one task per box of shards with a shard not in ``skip``, keeping at most
+    ``max_in_flight`` running.
 
     A shard (``shard_shape``, default one block) is a box of whole blocks: see
-    :mod:`unet_volume.layout`. ``skip`` holds shard indices, as the done markers record them.
+    :mod:`unet_volume.layout`; a task (``task_shape``, default one shard) a box of whole
+    shards, which reads each input chunk once: see :mod:`unet_volume.task_plan`. ``skip``
+    holds shard indices, as the done markers record them.
 
     A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
     flooding the scheduler; the predictor reaches workers once, as
-    :func:`shared_predictor`. When workers advertise a ``GPU`` resource, blocks run only
+    :func:`shared_predictor`. When workers advertise a ``GPU`` resource, tasks run only
     there, a few per GPU at once (see
     :func:`~unet_volume.cluster.gpu_resources`). Up to
-    ``max_failures`` blocks may fail while the others carry on; then :class:`BlockError`
-    (its ``failures`` hold the blocks) is raised; a run in which no block finishes for
+    ``max_failures`` shards may fail while the others carry on; then :class:`BlockError`
+    (its ``failures`` hold the shards) is raised; a run in which no task finishes for
     ``stall_after`` seconds stops with :class:`~unet_volume.errors.StallError`.
-    ``dry_run`` submits tasks that read, compute and write nothing (:func:`dry_block`).
+    ``dry_run`` submits tasks that read, compute and write nothing (:func:`dry_task`).
     ``on_progress`` hears of every finished task (see :mod:`unet_volume.progress`).
     """
     start = time.perf_counter()
     layout = OutputLayout(volume.shape, tuple(block_shape), tuple(shard_shape or block_shape))
+    plan = TaskPlan(layout, tuple(task_shape or layout.shard_shape))
     skipped = set(map(tuple, skip))
     skipped_blocks = sum(layout.blocks_in_shard(index) for index in skipped)
     total = layout.num_blocks - skipped_blocks
     shared = shared_predictor(client, predictor)
-    blocks = plan_blocks(volume.shape, layout.shard_shape, geometry)
+    topic = f"predict-beats-{uuid.uuid4().hex[:8]}"  # each shard done: the run is alive
     results = map_bounded(
         client,
-        dry_block if dry_run else predict_block,
-        (block for block in blocks if block.index not in skipped),
-        name=block_key("predict-block"),
+        dry_task if dry_run else predict_task,
+        plan.tasks(skipped),
+        name=task_key,
         window=max_in_flight,
         resources=gpu_resources(client),
         max_failures=max_failures,
@@ -248,18 +322,78 @@ def run_prediction(
         store=store,
         predictor=shared,
         geometry=geometry,
+        shard_shape=layout.shard_shape,
+        max_shard_failures=max_failures,
+        beats=topic,
+        beat_topic=topic,
     )
-    voxels = done = 0
-    stages: Counter[str] = Counter()
-    with tqdm(total=total, unit="block", disable=not progress, desc="predict") as bar:
-        for result in results:
-            voxels += result["voxels"]
-            stages.update(result["seconds"])
-            blocks_done = layout.blocks_in_shard(result["index"])
-            done += blocks_done
-            bar.update(blocks_done)
-            if on_progress is not None:
-                elapsed = time.perf_counter() - start
-                on_progress(Progress.of_blocks("predict", done, total, voxels, elapsed))
+    tally = _Tally(layout, total, start, on_progress)
+    try:
+        with tqdm(total=total, unit="block", disable=not progress, desc="predict") as bar:
+            for result in results:
+                bar.update(tally.add(result))
+                if len(tally.failures) > max_failures:
+                    break
+    except BlockError as error:  # whole tasks failed (a worker killed, a bug)
+        tally.failures += [
+            (shard, cause)
+            for task, cause in error.failures
+            for shard in shards_of(task, layout.shard_shape, geometry)
+        ]
+    finally:
+        results.close()  # cancels what is still in flight
+    if tally.failures:
+        raise BlockError(tally.failures, names=[shard_name(b) for b, _ in tally.failures])
     seconds = time.perf_counter() - start
-    return RunReport(store.url, total, voxels, seconds, dict(stages), skipped=skipped_blocks)
+    return RunReport(
+        store.url,
+        total,
+        tally.voxels,
+        seconds,
+        dict(tally.stages),
+        skipped=skipped_blocks,
+        tasks=tally.tasks,
+        chunks_read=tally.chunks_read,
+        chunks_stored=stored_chunks(volume),
+    )
+
+
+@dataclass
+class _Tally:
+    """The results of a run's tasks as they come: counts, timings, failures, progress."""
+
+    layout: OutputLayout
+    total: int
+    start: float
+    on_progress: ProgressSink | None
+    voxels: int = 0
+    done: int = 0
+    tasks: int = 0
+    chunks_read: int = 0
+    stages: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[Block, BaseException]] = field(default_factory=list)
+
+    def add(self, result: dict[str, Any]) -> int:
+        """Count one task's result; the blocks it finished."""
+        self.tasks += 1
+        self.voxels += result["voxels"]
+        self.stages.update(result["seconds"])
+        self.chunks_read += result["read"]["chunks"]
+        self.failures += result["failures"]
+        blocks = sum(self.layout.blocks_in_shard(index) for index in result["done"])
+        self.done += blocks
+        if self.on_progress is not None:
+            elapsed = time.perf_counter() - self.start
+            self.on_progress(
+                Progress.of_blocks("predict", self.done, self.total, self.voxels, elapsed)
+            )
+        return blocks
+
+
+def task_key(task: Task) -> str:
+    """A task's Dask name: ``predict-task-`` and its index in the task grid."""
+    return "predict-task-" + "-".join(map(str, task.index))
+
+
+shard_name = block_key("predict-block")
+"""A shard's name in errors and records: ``predict-block-`` and its shard index."""

@@ -84,20 +84,28 @@ class OutputLayout:
         return (arrays + 1) * self.num_shards
 
 
-def check_shard_shape(shard_shape: Sequence[int], block_shape: Shape) -> Shape:
-    """A shard shape given by a user: 3 positive sizes, each a multiple of the block's."""
+def check_shard_shape(
+    shard_shape: Sequence[int], block_shape: Shape, *, name: str = "shard", unit: str = "block"
+) -> Shape:
+    """A shard shape given by a user: 3 positive sizes, each a multiple of the block's.
+
+    Also a task shape (``name="task"``), a multiple of the shard's (``unit="shard"``).
+    """
     shape = tuple(int(s) for s in shard_shape)
     if len(shape) != len(block_shape) or any(s <= 0 for s in shape):
+        example = "x".join(str(2 * b) for b in block_shape)
         raise GeometryError(
-            f"shard shape {tuple(shard_shape)} must be {len(block_shape)} positive sizes "
-            "(z, y, x); pass e.g. --shard-shape 8,1024,1024, or leave it out to pick one"
+            f"{name} shape {tuple(shard_shape)} must be {len(block_shape)} positive sizes "
+            f"(z, y, x); pass e.g. --{name}-shape {example.replace('x', ',')}, or leave it out "
+            "to pick one"
         )
     for axis, (size, block) in enumerate(zip(shape, block_shape)):
         if size % block:
             below, above = max(size // block, 1) * block, ceil_div(size, block) * block
+            options = f"{below} or {above}" if below != above else f"{above}"
             raise GeometryError(
-                f"shard size {size} on axis {'zyx'[axis]} is not a multiple of the block size "
-                f"{block}; use {below if below != above else above} or {above}"
+                f"{name} size {size} on axis {'zyx'[axis]} is not a multiple of the {unit} size "
+                f"{block}; use {options}"
             )
     return shape
 
@@ -110,11 +118,12 @@ def auto_shard_shape(
     Blocks per shard double, one axis at a time, until the shard holds at least 4 Mi voxels
     and the volume at most :data:`MAX_TASKS` shards, never past 64 Mi voxels (or
     ``max_voxels``), the volume's extent, or so far that fewer than :data:`MIN_TASKS` shards
-    remain. A 2D net's shards grow in z first (z has no halo: bigger shards read no extra
-    input), a 3D net's on its shortest axis first (the least halo per voxel).
+    remain. A shard grows on its shortest axis first (the least halo per voxel); a 2D net's
+    in y and x before z, so that tasks of whole shards (:mod:`unet_volume.task_plan`) can be
+    wide in y and x, where the halo is, within their size.
 
     >>> auto_shard_shape((1000, 4096, 4096), (1, 512, 512), ndim=2)
-    (16, 512, 512)
+    (1, 2048, 2048)
     >>> auto_shard_shape((10, 1024, 1024), (1, 512, 512), ndim=2)
     (1, 512, 512)
     """
@@ -145,6 +154,6 @@ def _next_axis(per: list[int], grid: list[int], block: Shape, ndim: int) -> int 
     open_axes = [a for a in range(3) if per[a] < grid[a]]
     if not open_axes:
         return None
-    if ndim == 2 and 0 in open_axes:
-        return 0
+    if ndim == 2 and len(open_axes) > 1:
+        open_axes = [a for a in open_axes if a != 0]  # z last: it has no halo
     return min(open_axes, key=lambda a: (per[a] * block[a], a))

@@ -25,6 +25,7 @@ from distributed import Client
 from unet_volume.block_memory import WORKER_BASELINE, MemoryEstimate, prediction_memory, size_text
 from unet_volume.engine import shared_predictor
 from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.task_plan import ReadEstimate, held_voxels, read_estimate
 from unet_volume.tiling import TileGeometry, read_box_of
 from unet_volume.unet_config import UNetConfig
 
@@ -108,10 +109,14 @@ class PlanSummary:
 
     block_shape: Shape
     shard_shape: Shape
+    task_shape: Shape
     volume_shape: Shape
     blocks: int
     shards: int
+    tasks: int
     objects: int
+    read: ReadEstimate
+    chunks: Shape
     read_per_output: float
     compute_per_output: float
     memory: MemoryEstimate
@@ -134,8 +139,14 @@ class PlanSummary:
         lines = [
             f"blocks: {self.blocks:,} of {fmt(map(str, self.block_shape))} over a "
             f"{fmt(map(str, self.volume_shape))} volume",
-            f"tasks (shards): {self.shards:,} of {fmt(map(str, self.shard_shape))}; "
+            f"shards: {self.shards:,} of {fmt(map(str, self.shard_shape))}; "
             f"{self.objects:,} stored objects",
+            f"tasks: {self.tasks:,} of {fmt(map(str, self.task_shape))} "
+            f"({math.prod(t // s for t, s in zip(self.task_shape, self.shard_shape)):,} "
+            "shard(s) each, read together)",
+            f"input read: {self.read.amplification:.2f}x the stored chunks "
+            f"({self.read.fetched:,} fetched of {self.read.stored:,} chunks of "
+            f"{fmt(map(str, self.chunks))})",
             f"halo overhead: {self.read_per_output:.2f} input voxels read and "
             f"{self.compute_per_output:.2f} computed per output voxel",
             f"memory per worker: {size_text(self.worker_memory)} ({self.threads_per_worker} "
@@ -158,29 +169,43 @@ def summarize(plan: Any, workers: Mapping[str, Mapping[str, Any]], on_gpu: bool)
     interior = Box.from_shape(plan.shard_shape)
     read = read_box_of(interior, geometry)
     tiles = math.prod(geometry.input_shape) / math.prod(geometry.output_shape)
-    memory = prediction_memory(
-        plan.info.config,
-        geometry.input_shape,
-        plan.shard_shape,
-        read.shape,
-        input_itemsize=plan.volume.read_itemsize,
-        output_itemsize=np.dtype(plan.output_dtype).itemsize,
-        network_on_host=not on_gpu,
-    )
+    memory = task_memory(plan, on_gpu=on_gpu)
     threads = [int(w.get("nthreads", 1)) for w in workers.values()]
+    tasks = plan.tasks
     return PlanSummary(
         plan.block_shape,
         plan.shard_shape,
+        tasks.task_shape,
         plan.volume.shape,
         layout.num_blocks,
         layout.num_shards,
+        tasks.num_tasks,
         layout.objects(arrays=2),
+        read_estimate(plan.volume, layout, tasks.task_shape, geometry),
+        plan.volume.chunks or plan.volume.shape,
         read.size / interior.size,
         tiles,
         memory,
         max(threads, default=1),
         sum(threads),
     )
+
+
+def task_memory(plan: Any, *, on_gpu: bool) -> MemoryEstimate:
+    """Peak memory of one task of ``plan`` (a :class:`~unet_volume.predict.PredictionPlan`):
+    one shard at a time, and the input chunks its reader holds between shards."""
+    geometry, volume = plan.geometry, plan.volume
+    shard = prediction_memory(
+        plan.info.config,
+        geometry.input_shape,
+        plan.shard_shape,
+        read_box_of(Box.from_shape(plan.shard_shape), geometry).shape,
+        input_itemsize=volume.read_itemsize,
+        output_itemsize=np.dtype(plan.output_dtype).itemsize,
+        network_on_host=not on_gpu,
+    )
+    held = held_voxels(volume, plan.layout, plan.tasks.task_shape, geometry)
+    return MemoryEstimate({**shard.parts, "input chunks": held * np.dtype(volume.dtype).itemsize})
 
 
 def time_one_block(client: Client, plan: Any, predictor: Any) -> float:

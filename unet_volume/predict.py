@@ -17,11 +17,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from distributed import Client
 
 from unet_volume import __version__
-from unet_volume.block_memory import check_worker_memory, prediction_memory
+from unet_volume.block_memory import check_worker_memory
 from unet_volume.checkpoint import (
     Checkpoint,
     checkpoint_bytes,
@@ -31,7 +30,7 @@ from unet_volume.checkpoint import (
 from unet_volume.cluster import gpu_resources, open_client
 from unet_volume.engine import Predictor, RunReport, run_prediction
 from unet_volume.errors import InputError
-from unet_volume.geometry import Box, Shape, within
+from unet_volume.geometry import Shape, within
 from unet_volume.layout import OutputLayout, auto_shard_shape, check_shard_shape
 from unet_volume.locations import absolute
 from unet_volume.model import UNet
@@ -40,9 +39,10 @@ from unet_volume.output_run import (
     check_run_limits,
     create_output,
     find_resumable,
+    run_info,
     run_recorded,
 )
-from unet_volume.planning import auto_block_shape
+from unet_volume.planning import auto_block_shape, task_memory
 from unet_volume.predict_config import DEFAULT_BLOCK, DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import (
     OutputDtype,
@@ -57,10 +57,10 @@ from unet_volume.progress import ProgressSink
 from unet_volume.registration import model_offset
 from unet_volume.run_record import RunStatus, fingerprint
 from unet_volume.storage import Volume, open_volume
+from unet_volume.task_plan import TaskPlan, auto_task_shape
 from unet_volume.tiling import (
     TileGeometry,
     check_block_shape,
-    read_box_of,
 )
 
 
@@ -85,6 +85,9 @@ class PredictionPlan:
     identity: dict[str, Any] = field(default_factory=dict)
     existing: RunStatus | None = None
     """The run of the same identity found at the output, to resume (None: start anew)."""
+    task_shape: Shape | None = None
+    """Voxels per task, a whole number of shards (None: one shard), see
+    :mod:`unet_volume.task_plan`; not part of the identity: it changes no output voxel."""
 
     @property
     def layout(self) -> OutputLayout:
@@ -93,6 +96,10 @@ class PredictionPlan:
     @property
     def num_blocks(self) -> int:
         return self.layout.num_blocks
+
+    @property
+    def tasks(self) -> TaskPlan:
+        return TaskPlan(self.layout, self.task_shape or self.shard_shape)
 
 
 def plan_prediction(
@@ -132,7 +139,12 @@ def plan_prediction(
     if block == "auto":
         block = _auto_block(info, volume, workers or {})
     shape, geometry = plan_geometry(info, volume, block, options.tile_shape)
-    shard = plan_shards(volume.shape, shape, options.shard_shape, ndim=info.config.ndim)
+    wanted_shard = options.shard_shape
+    if wanted_shard is None and not options.overwrite:
+        wanted_shard = recorded_shard_shape(absolute(output), shape)
+    shard = plan_shards(volume.shape, shape, wanted_shard, ndim=info.config.ndim)
+    layout = OutputLayout(volume.shape, shape, shard)
+    task = plan_task_shape(volume, layout, geometry, options.task_shape)
     check_run_limits(options.max_failures, options.stall_after)
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
@@ -159,6 +171,7 @@ def plan_prediction(
         options.stall_after,
         identity,
         existing,
+        task,
     )
 
 
@@ -197,6 +210,7 @@ def run_plan(
             store=store,
             block_shape=plan.block_shape,
             shard_shape=plan.shard_shape,
+            task_shape=plan.tasks.task_shape,
             progress=progress,
             skip=done,
             max_failures=plan.max_failures,
@@ -213,23 +227,13 @@ def run_plan(
 
 
 def check_block_memory(plan: PredictionPlan, client: Client) -> None:
-    """Refuse a block whose estimated memory exceeds the workers' limit, before any writing."""
-    on_gpu = gpu_resources(client) is not None
-    estimate = prediction_memory(
-        plan.info.config,
-        plan.geometry.input_shape,
-        plan.shard_shape,
-        read_box_of(Box.from_shape(plan.shard_shape), plan.geometry).shape,
-        input_itemsize=plan.volume.read_itemsize,
-        output_itemsize=np.dtype(plan.output_dtype).itemsize,
-        network_on_host=not on_gpu,
-    )
+    """Refuse a task whose estimated memory exceeds the workers' limit, before any writing."""
     check_worker_memory(
         client.scheduler_info(n_workers=-1)["workers"],
-        estimate,
+        task_memory(plan, on_gpu=gpu_resources(client) is not None),
         block="x".join(map(str, plan.shard_shape)),
-        fix="pass a smaller --shard-shape, --block-shape or --tile-shape (the network's share "
-        "grows with the tile), or give the workers more memory",
+        fix="pass a smaller --shard-shape, --task-shape, --block-shape or --tile-shape (the "
+        "network's share grows with the tile), or give the workers more memory",
     )
 
 
@@ -332,6 +336,26 @@ def plan_shards(
         return auto_shard_shape(volume_shape, block_shape, ndim=ndim)
     shape = check_shard_shape(wanted, block_shape)
     return within(shape, volume_shape, block_shape)
+
+
+def recorded_shard_shape(output_url: str, block_shape: Shape) -> Shape | None:
+    """The shard shape an earlier run of this block shape recorded at the output, if any: the
+    automatic choice may change between versions, and a resumed run keeps its own."""
+    identity = (run_info(output_url) or {}).get("identity") or {}
+    if identity.get("block_shape") == list(block_shape) and identity.get("shard_shape"):
+        return tuple(int(s) for s in identity["shard_shape"])
+    return None
+
+
+def plan_task_shape(
+    volume: Volume, layout: OutputLayout, geometry: TileGeometry, wanted: Sequence[int] | None
+) -> Shape:
+    """The task shape: ``wanted`` (checked), else the automatic one; no larger than the volume
+    rounded up to whole shards."""
+    if wanted is None:
+        return auto_task_shape(volume, layout, geometry)
+    shape = check_shard_shape(wanted, layout.shard_shape, name="task", unit="shard")
+    return within(shape, volume.shape, layout.shard_shape)
 
 
 def check_threshold(threshold: float | None, num_classes: int) -> None:

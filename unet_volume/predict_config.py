@@ -40,6 +40,13 @@ class PredictOptions:
         "and written at once (Zarr sharding; blocks stay the chunks) (default: picked from the "
         "volume and block, 4 to 64 Mi voxels and at most about 4096 tasks)",
     )
+    task_shape: Sequence[int] | None = option(
+        None,
+        "voxels per Dask task (z, y, x): a whole number of shards, read from the input "
+        "together so that the chunks they share are fetched once; it changes how the input is "
+        "read, never the output (default: grown from one shard until the run fetches at most "
+        "about 1.1 times the stored chunks; `unet-volume plan` prints the figure)",
+    )
     tile_shape: Sequence[int] | None = option(
         None,
         "smallest output of one forward pass (z, y, x); a block runs several tiles when it is "

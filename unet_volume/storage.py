@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +28,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from unet_volume.border import reflect
+from unet_volume.border import mirrored_range, reflect
+from unet_volume.chunk_cache import (
+    MAX_CHUNK_VOXELS,
+    ChunkCache,
+    CountedReads,
+    ReadCount,
+    planned_uses,
+)
 from unet_volume.errors import InputError, is_transient
 from unet_volume.formats import Kind, input_exists, input_kind, opened_array, stored_voxel_size
 from unet_volume.geometry import Box, Shape
@@ -61,7 +71,7 @@ def read_box(array: ArrayLike, box: Box) -> np.ndarray:
         empty: np.ndarray = np.zeros((channels, *box.shape), dtype=np.dtype(array.dtype))
         return empty
     indices = [reflect(np.arange(b, e), n) for b, e, n in zip(box.begin, box.end, spatial)]
-    window = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+    window = stored_window(box, spatial).to_slices()
     data: np.ndarray = np.asarray(array[(Ellipsis, *window)])
     if data.ndim == box.ndim:
         data = data[np.newaxis]
@@ -73,6 +83,17 @@ def read_box(array: ArrayLike, box: Box) -> np.ndarray:
         if b < 0 or e > n:
             data = np.take(data, index - w.start, axis=axis)
     return data
+
+
+def stored_window(box: Box, shape: Sequence[int]) -> Box:
+    """The stored voxels that reading ``box`` (mirrored outside ``shape``) touches: one range
+    per axis, the box itself inside the volume.
+
+    >>> str(stored_window(Box((0, -92, 420), (1, 604, 1116)), (4, 1024, 1024)))
+    '[0:1, 0:604, 420:1024]'
+    """
+    ranges = [mirrored_range(b, e, n) for b, e, n in zip(box.begin, box.end, shape)]
+    return Box(tuple(lo for lo, _ in ranges), tuple(hi for _, hi in ranges))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +113,10 @@ class Volume:
     voxel_size: tuple[float, float, float] | None
     units: str | None
     chunks: Shape | None = None
-    """Spatial chunks ``(z, y, x)`` of the stored array (a TIFF's pages), for aligned reads."""
+    """Spatial chunks ``(z, y, x)`` of the stored array (a TIFF's pages), for aligned reads:
+    the read unit (a Zarr v3 shard's inner chunk)."""
+    objects: Shape | None = None
+    """Spatial shape of the stored objects when they hold several chunks (Zarr v3 shards)."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
     """This opening of the volume: a Zarr array is opened once per process and token."""
     offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -121,28 +145,77 @@ class Volume:
         an :class:`InputError`; transient errors pass as they are, to be retried. A volume with
         an :attr:`offset` reads one voxel more per side and interpolates (exact per voxel).
         """
-        if any(self.offset):
-            grown = box.grow(margins(self.offset))
-            return moved(replace(self, offset=(0.0, 0.0, 0.0)).read(grown), self.offset)
-        if self.kind == "zarr":
-            return self._read(_opened_zarr(self.url, self.token), box)
-        with opened_array(self.url, self.kind) as array:
+        with self._opened() as array:
             return self._read(array, box)
 
+    def window(self, box: Box) -> Box:
+        """The stored voxels (z, y, x) that :meth:`read` of ``box`` touches."""
+        return stored_window(box.grow(margins(self.offset)), self.shape)
+
+    @contextmanager
+    def reading(self, boxes: Iterable[Box]) -> Iterator[VolumeReader]:
+        """One opening of the input for reading ``boxes`` in turn, each chunk fetched once.
+
+        The reader's :meth:`VolumeReader.read` reads any box as :meth:`read` does; the chunks
+        that ``boxes`` share are decoded once and kept until the last of them is read
+        (:class:`~unet_volume.chunk_cache.ChunkCache`). Its ``count`` says what was fetched.
+        """
+        uses = planned_uses((self.window(b) for b in boxes), self.chunks or self.shape)
+        with self._opened() as array:
+            yield VolumeReader(self, self._cached(array, uses))
+
+    def _cached(self, array: Any, uses: Counter[Shape]) -> Any:
+        chunks = self.chunks or self.shape
+        if math.prod(chunks) > MAX_CHUNK_VOXELS:
+            return CountedReads(array, chunks)
+        return ChunkCache(array, chunks, uses=uses, objects=self.objects)
+
+    @contextmanager
+    def _opened(self) -> Iterator[Any]:
+        """The stored array: a Zarr one opened once per process, other kinds per use."""
+        if self.kind == "zarr":
+            yield _opened_zarr(self.url, self.token)
+            return
+        with opened_array(self.url, self.kind) as array:
+            yield array
+
     def _read(self, array: Any, box: Box) -> np.ndarray:
+        if any(self.offset):
+            return moved(self._stored_read(array, box.grow(margins(self.offset))), self.offset)
+        return self._stored_read(array, box)
+
+    def _stored_read(self, array: Any, box: Box) -> np.ndarray:
+        stored = getattr(array, "array", array)  # under a ChunkCache
         try:
             return read_box(array, box)
         except Exception as error:
             if is_transient(error) or isinstance(error, InputError):
                 raise
             raise InputError(
-                f"input {self.url} cannot be read in {box}: {_bad_chunk(array, box, error)}; "
+                f"input {self.url} cannot be read in {box}: {_bad_chunk(stored, box, error)}; "
                 "replace it (copy or convert the input again), then run the same command again"
             ) from error
 
     @property
     def box(self) -> Box:
         return Box.from_shape(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeReader:
+    """Reads of one task from one opening of a volume (:meth:`Volume.reading`)."""
+
+    volume: Volume
+    array: ChunkCache | CountedReads
+
+    def read(self, box: Box) -> np.ndarray:
+        """The volume over ``box``, as :meth:`Volume.read` gives it."""
+        return self.volume._read(self.array, box)
+
+    @property
+    def count(self) -> ReadCount:
+        """The stored chunks fetched so far, and their voxels."""
+        return self.array.count
 
 
 def _bad_chunk(array: Any, box: Box, error: Exception) -> str:
@@ -263,7 +336,14 @@ def _describe(
         voxel_size=size,
         units=units or stored_units or ("nm" if size is not None else None),
         chunks=tuple(int(c) for c in getattr(array, "chunks", None) or shape)[-3:],
+        objects=_shards(array),
     )
+
+
+def _shards(array: Any) -> Shape | None:
+    """The spatial shape of a Zarr v3 array's shards; None when it is not sharded."""
+    shards = getattr(array, "shards", None)
+    return tuple(int(s) for s in shards)[-3:] if shards else None
 
 
 @functools.lru_cache(maxsize=8)

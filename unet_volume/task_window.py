@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Generic, TypeVar
 
-from distributed import Client, Future, as_completed
+from distributed import Client, Future, as_completed, get_worker
 from distributed.scheduler import KilledWorker
 
 from unet_volume.errors import BlockError, StallError
@@ -40,6 +40,7 @@ def map_bounded(
     resources: Mapping[str, float] | None = None,
     max_failures: int = 0,
     stall_after: float = STALL_AFTER,
+    beats: str | None = None,
     **kwargs: Any,
 ) -> Iterator[Any]:
     """``function(item, **kwargs)`` as one Dask task per item; yields results as tasks finish.
@@ -58,7 +59,9 @@ def map_bounded(
     If no task finishes for ``stall_after`` seconds (or 10 times the median task, if longer),
     :class:`StallError` names the tasks in flight and their workers: it never hangs silently.
     ``resources`` (e.g. ``{"GPU": 1}``) restricts every task to workers that advertise them,
-    and runs as many at once on a worker as its amount allows.
+    and runs as many at once on a worker as its amount allows. ``beats`` names the Dask event
+    topic on which long tasks say they are getting on (:func:`beat`, e.g. once per shard of a
+    task): each beat counts as a finish for the stall watchdog.
     """
     tasks = _Tasks(client, function, iter(items), name, resources, kwargs)
     limit = window or 4 * max(1, sum(client.nthreads().values()))
@@ -73,7 +76,11 @@ def map_bounded(
     running = as_completed(
         tasks.submit(limit), loop=client.loop, with_results=True, raise_errors=False
     )
-    with watchdog.watching(running), _cancelled_on_exit(client, running):
+    with (
+        watchdog.watching(running),
+        _cancelled_on_exit(client, running),
+        _hearing(client, beats, watchdog),
+    ):
         for future, result in running:
             if watchdog.stalled:
                 break
@@ -100,6 +107,33 @@ def map_bounded(
     failures += suspects  # not tried alone: the run stopped first
     if failures:
         raise BlockError(failures, names=[name(item) for item, _ in failures])
+
+
+def beat(topic: str | None, message: Any) -> None:
+    """From inside a task: tell the run on ``topic`` (``map_bounded(beats=...)``) that the task
+    is getting on, so that a long task is not taken for a stalled one. Outside a Dask worker
+    (a task body called directly) nobody listens, and nothing is sent."""
+    if topic is None:
+        return
+    try:
+        worker = get_worker()
+    except ValueError:
+        return
+    worker.log_event(topic, message)
+
+
+@contextmanager
+def _hearing(client: Client, topic: str | None, watchdog: StallWatchdog) -> Iterator[None]:
+    """Beats on ``topic`` count as finished tasks for ``watchdog`` while the body runs."""
+    if topic is None:
+        yield
+        return
+    client.subscribe_topic(topic, lambda _event: watchdog.finished())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a cluster already gone has nobody to tell
+            client.unsubscribe_topic(topic)
 
 
 def _error_of(future: Future, result: Any) -> BaseException | None:
