@@ -80,6 +80,13 @@ def write_input(root: Path, layout: Layout) -> tuple[Path, int, int]:
     """The input array (random uint8: chunks as large stored as decoded); its stored chunk
     bytes and its stored objects."""
     path = root / f"in-{layout.name}.zarr"
+    if not path.exists():
+        _write_random(path, layout)
+    objects = [p for p in (path / "c").rglob("*") if p.is_file()]
+    return path, sum(p.stat().st_size for p in objects), len(objects)
+
+
+def _write_random(path: Path, layout: Layout) -> None:
     array = zarr.create_array(
         path, shape=layout.shape, chunks=layout.chunks, shards=layout.shards, dtype="uint8"
     )
@@ -88,8 +95,6 @@ def write_input(root: Path, layout: Layout) -> tuple[Path, int, int]:
     for z in range(0, layout.shape[0], step):
         part = (min(step, layout.shape[0] - z), *layout.shape[1:])
         array[z : z + step] = rng.integers(0, 256, part, dtype=np.uint8)
-    objects = [p for p in (path / "c").rglob("*") if p.is_file()]
-    return path, sum(p.stat().st_size for p in objects), len(objects)
 
 
 def model(root: Path, ndim: int) -> Path:

@@ -57,7 +57,8 @@ def setup_files(root: Path) -> dict[str, str]:
         "short_labels": write_zarr(root / "short.zarr", blob_labels((2, 40, 36), 8)),
     }
     files["damaged"] = write_zarr(root / "damaged.zarr", image, chunks=(1, 20, 18))
-    (root / "damaged.zarr" / "c" / "2" / "1" / "0").write_bytes(b"garbage")
+    # the chunk the fingerprint samples in the last slice (it holds the slice's centre)
+    (root / "damaged.zarr" / "c" / "2" / "1" / "1").write_bytes(b"garbage")
     (root / "not-a-model.pt").write_bytes(b"\x00" * 64)
     (root / "truncated.pt").write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     (root / "pickle.pt").write_bytes(pickle.dumps(Payload(root / "payload-ran")))
@@ -135,7 +136,7 @@ CASES: list[tuple[str, Callable[[dict[str, str], Path], list[str]], str]] = [
     (
         "predict-damaged-chunk",
         lambda f, r: predict(f, r, image=f["damaged"]),
-        "chunk (2, 1, 0) (key c/2/1/0) is damaged",
+        "chunk (2, 1, 1) (key c/2/1/1) is damaged",
     ),
     (
         "predict-negative-max-failures",
@@ -287,9 +288,10 @@ def test_bad_input_a_block_too_large_for_the_workers_memory_is_refused_printing_
 
 
 def nan_image(root: Path) -> str:
-    """The image with a NaN at (1, 20, 20): its slice-1 blocks fail while running."""
+    """The image with a NaN at (1, 20, 18), inside the chunk the fingerprint samples in slice 1:
+    its slice-1 blocks fail while running, and fixing it in place changes the fingerprint."""
     data = blob_volume(SHAPE).astype(np.float32)
-    data[1, 20, 20] = np.nan
+    data[1, 20, 18] = np.nan
     return write_zarr(root / "nan.zarr", data)
 
 

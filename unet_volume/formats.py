@@ -56,10 +56,24 @@ def input_kind(url: str) -> Kind:
     return "tiff" if is_tiff(url) else "zarr"
 
 
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
+"""The keys a Zarr node (v3, v2 array, v2 group) stores at its root."""
+
+
 def input_exists(url: str) -> bool:
-    """Whether the input at ``url`` is there (for HDF5: its file)."""
+    """Whether the input at ``url`` is there (for HDF5: its file).
+
+    A Zarr node is there when its metadata key is: a web server or static bucket hosting
+    answers 404 for the node's own URL, which is no file (only listings make it look like one).
+    """
     match = HDF5.fullmatch(url)
-    return exists(match["file"] if match else url)
+    if match:
+        return exists(match["file"])
+    if exists(url):
+        return True
+    return input_kind(url) == "zarr" and any(
+        exists(f"{url.rstrip('/')}/{key}") for key in ZARR_METADATA
+    )
 
 
 def _hdf5_dataset(url: str, file: Any) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import os
 import random
 import re
@@ -266,6 +267,7 @@ class S3Server:
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
