@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 
 from unet_volume.ensemble import Ensemble
 from unet_volume.errors import CheckpointError, InputError
+from unet_volume.locations import location, read_whole, write_whole
 from unet_volume.model import UNet, UNetConfig
 from unet_volume.registration import model_offset
 from unet_volume.shipped_models import check_shipped, model_names, shipped_model
@@ -165,24 +165,15 @@ def save_model(
     *,
     metadata: dict[str, Any] | None = None,
     weights_dtype: torch.dtype | None = None,
-) -> Path:
-    """Write a checkpoint of ``model`` to ``path`` and return the path (``weights_dtype``: as
-    :func:`checkpoint_bytes`).
+) -> Path | str:
+    """Write a checkpoint of ``model`` to ``path`` (a file or an fsspec URL) and return where
+    (``weights_dtype``: as :func:`checkpoint_bytes`).
 
-    The file appears atomically (written beside it, then renamed), so a crash mid-write never
-    leaves a truncated checkpoint under the final name.
+    The checkpoint appears whole (:func:`~unet_volume.locations.write_whole`): a crash
+    mid-write never leaves a truncated checkpoint under the final name.
     """
-    path = Path(path)
-    data = checkpoint_bytes(model, metadata, weights_dtype=weights_dtype)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    write_whole(path, checkpoint_bytes(model, metadata, weights_dtype=weights_dtype))
+    return location(path)
 
 
 def read_checkpoint_bytes(path: str | os.PathLike[str]) -> bytes:
@@ -218,17 +209,18 @@ def model_from_bytes(data: bytes, *, device: str | torch.device = "cpu") -> Netw
 
 
 def _read_file(model: str | os.PathLike[str]) -> bytes:
-    """The bytes of the checkpoint at path ``model``, or of the shipped model of that name."""
+    """The bytes of the checkpoint at ``model`` (a path or an fsspec URL), or of the shipped
+    model of that name."""
     shipped = shipped_model(model)
-    path = shipped.path if shipped else Path(model)
-    if not path.exists():
+    where = shipped.path if shipped else location(model)
+    if isinstance(where, Path) and where.is_dir():
+        raise CheckpointError(f"checkpoint {where} is not a file; {_FIX}")
+    data = read_whole(where)
+    if data is None:
         raise CheckpointError(
-            f"checkpoint {path} does not exist; {_FIX}, or a shipped model's name "
+            f"checkpoint {where} does not exist; {_FIX}, or a shipped model's name "
             f"({model_names()}; see `unet-volume models`)"
         )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file; {_FIX}")
-    data = path.read_bytes()
     if shipped:
         check_shipped(shipped, data)
     return data

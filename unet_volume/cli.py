@@ -20,6 +20,7 @@ from unet_volume.cli_common import add_cluster_options, client_from, fmt, say
 from unet_volume.cli_segment import add_objects, add_segment
 from unet_volume.cli_train import add_ensemble, add_train, add_weights
 from unet_volume.errors import UnetVolumeError
+from unet_volume.locations import check_no_credentials
 from unet_volume.options import (
     add_options,
     options_from,
@@ -395,6 +396,14 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
 """Each command: name, the function that adds its options, its --help line and description."""
 
 
+def _check_urls(args: argparse.Namespace) -> None:
+    """Refuse a URL argument that carries credentials, before anything writes it anywhere."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and "://" in item:
+                check_no_credentials(item, name.replace("_", "-"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
@@ -402,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace], None] = args.run
     try:
+        _check_urls(args)
         run(args)
         sys.stdout.flush()  # here, so that a reader gone away is met below, not at exit
     except BrokenPipeError:

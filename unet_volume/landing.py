@@ -52,6 +52,7 @@ def find_volumes(landing: str) -> list[str]:
     tool's temporary file) are skipped.
     """
     fs, root = fsspec.core.url_to_fs(str(landing))
+    fs.invalidate_cache(root)  # a bucket's cached listing would hide what arrived since
     if not fs.isdir(root):
         raise InputError(
             f"landing location {landing} is not a folder; pass the folder or bucket prefix "

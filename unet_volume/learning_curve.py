@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -26,8 +26,8 @@ class LearningCurve:
             [dict(v) for v in data.get("validation", [])],
         )
 
-    def save_png(self, path: Path) -> Path:
-        """Plot loss (left axis) and validation pixel error (right axis) to ``path``."""
+    def png(self) -> bytes:
+        """Loss (left axis) and validation pixel error (right axis), plotted as a PNG."""
         import matplotlib
 
         matplotlib.use("Agg")  # no display: files only
@@ -64,9 +64,10 @@ class LearningCurve:
             lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize="small"
         )
         fig.tight_layout()
-        fig.savefig(path)
+        image = io.BytesIO()
+        fig.savefig(image, format="png")
         plt.close(fig)
-        return path
+        return image.getvalue()
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:

@@ -13,6 +13,8 @@ import functools
 import importlib.util
 import logging
 import os
+import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -61,6 +63,7 @@ def check_location(value: object, what: str) -> str:
         raise InputError(f"{what} {value!r} holds control characters; pass a plain path or URL")
     protocol = value.split("://", 1)[0] if "://" in value else None
     if protocol is not None:
+        check_no_credentials(value, what)
         try:
             fsspec.get_filesystem_class(protocol)
         except (ValueError, ImportError) as error:
@@ -72,11 +75,88 @@ def check_location(value: object, what: str) -> str:
     return value
 
 
+SECRET_IN_URL = re.compile(
+    r"^(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:]*):(?P<password>[^/@]*)@"
+    r"|[?&](?P<signed>X-Amz-Signature|X-Amz-Credential|X-Goog-Signature|Signature|sig)=",
+    re.IGNORECASE,
+)
+"""A password in a URL's user part (``s3://KEY:SECRET@bucket``, ``https://user:pw@host``), or
+the signature of a pre-signed or shared-access URL."""
+
+
+def check_no_credentials(url: str, what: str) -> str:
+    """``url`` unless it carries credentials, which would then be written wherever the URL is:
+    the output's attributes, run records, logs, Prefect's database.
+
+    The error line masks the secret. Credentials go the standard way instead: AWS_* variables,
+    the AWS config files, or ``storage_options`` in a cluster spec.
+
+    >>> check_no_credentials("s3://bucket/v.zarr", "image")
+    's3://bucket/v.zarr'
+    """
+    found = SECRET_IN_URL.search(url)
+    if found is None:
+        return url
+    if found["password"] is not None:
+        shown = f"{found['scheme']}{found['user']}:***@{url[found.end() :]}"
+    else:
+        shown = url.split("?", 1)[0] + "?..."
+    raise InputError(
+        f"{what} {shown} holds credentials in the URL, which would be written with it; "
+        "pass the plain URL and the credentials the standard way (AWS_* variables, "
+        "~/.aws/credentials, or storage_options in a cluster spec)"
+    )
+
+
 def remove_output(url: str) -> None:
     """Delete whatever is stored at ``url`` (nothing if it does not exist)."""
     fs, path = fsspec.core.url_to_fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def is_remote(url: str | Path) -> bool:
+    """Whether ``url`` names an object store or other remote filesystem, not a local path.
+
+    >>> is_remote("s3://bucket/m.pt"), is_remote("/data/m.pt"), is_remote("file:///data/m.pt")
+    (True, False, False)
+    """
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def location(url: str | Path) -> Path | str:
+    """``url`` as a :class:`~pathlib.Path` where it is local, else the URL as it is."""
+    return str(url) if is_remote(url) else Path(str(url).removeprefix("file://"))
+
+
+def write_whole(url: str | Path, data: bytes) -> None:
+    """Store ``data`` at ``url`` so that no reader ever sees part of it.
+
+    A local file is written beside its name and renamed (its folder made if needed), so a crash
+    mid-write leaves the previous file; an object store's PUT is whole by itself.
+    """
+    where = location(url)
+    if isinstance(where, str):
+        fs, path = fsspec.core.url_to_fs(where)
+        with_retries(fs.pipe_file, path, data)
+        return
+    where.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=where.parent, prefix=f".{where.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, where)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_whole(url: str | Path) -> bytes | None:
+    """The bytes stored at ``url``, or None where nothing is."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    if not fs.isfile(path):
+        return None
+    return bytes(with_retries(fs.cat_file, path))
 
 
 def with_retries(call: Callable[..., T], *args: Any, attempts: int = 4, delay: float = 0.5) -> T:

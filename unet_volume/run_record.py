@@ -151,6 +151,7 @@ def create_done_markers(group: zarr.Group, grid: Shape, per_task: Shape | None =
 def done_tasks(group_url: str) -> set[Shape]:
     """The indices of the tasks (shards) marked done: one listing of the ``done`` chunks."""
     fs, path = fsspec.core.url_to_fs(f"{group_url.rstrip('/')}/{DONE}")
+    fs.invalidate_cache(path)  # an object store's cached listing misses what others wrote since
     names = fs.ls(path, detail=False) if fs.exists(path) else []
     found = set()
     for name in names:

@@ -284,14 +284,14 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_environment(endpoint: str) -> Iterator[dict[str, str]]:
+def s3_environment(endpoint: str, secret: str = "stand-in-secret") -> Iterator[dict[str, str]]:
     """Point s3fs (here and in worker processes started inside) at ``endpoint``, with stand-in
     credentials; the environment as it was afterwards."""
     settings = {
         "FSSPEC_S3_ENDPOINT_URL": endpoint,
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "stand-in-key",
-        "AWS_SECRET_ACCESS_KEY": "stand-in-secret",
+        "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     before = {key: os.environ.get(key) for key in settings}

@@ -22,6 +22,7 @@ Usage::
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 
 from unet_volume.checkpoint import save_model
 from unet_volume.learning_curve import LearningCurve
+from unet_volume.locations import location, write_whole
 from unet_volume.model import UNet, channels_last
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.sampling import TileSampler, TrainingData
@@ -73,7 +75,7 @@ class TrainReport:
     steps: int
     seconds: float
     final_loss: float
-    checkpoint: Path
+    checkpoint: Path | str
     curve: LearningCurve
 
     @property
@@ -154,13 +156,12 @@ def train(
         if start is not None:
             model.load_state_dict(start.state_dict)
     log.info("normalisation %s; class weights %s", normalization, balance.round(3))
-    loop = _Loop(model, config, sampler, validation, normalization, balance, Path(out))
+    loop = _Loop(model, config, sampler, validation, normalization, balance, location(out))
     loop.on_progress = on_progress
     if start is not None:  # where the weights came from
         loop.origin = {"checkpoint": str(init), "sha256": start.sha256}
     if previous is not None:
         loop.restore(previous["state"])
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     try:
         return loop.run(progress)
     finally:
@@ -178,7 +179,7 @@ class _Loop:
         validation: TileSampler | None,
         normalization: tuple[float, float],
         balance: np.ndarray,
-        out: Path,
+        out: Path | str,
     ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.layout = channels_last(config.model.ndim)  # same sums, in oneDNN's fast order
@@ -329,11 +330,10 @@ class _Loop:
     def save(self) -> None:
         """Checkpoint, resume state and learning curve, each written whole."""
         save_model(self.model, self.out, metadata=self.metadata())
-        state = {"optimizer": self.optimizer.state_dict(), "curve": self.curve.to_dict()}
-        tmp = state_path(self.out).with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, state_path(self.out))
-        self.curve.save_png(self.out.with_name(self.out.name + ".curve.png"))
+        state = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "curve": self.curve.to_dict()}, state)
+        write_whole(state_path(self.out), state.getvalue())
+        write_whole(f"{self.out}.curve.png", self.curve.png())
         log.info("checkpoint %s at step %d", self.out, len(self.curve.losses))
 
     def metadata(self) -> dict[str, Any]:

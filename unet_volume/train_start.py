@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from unet_volume.augment import required_apron
 from unet_volume.checkpoint import Checkpoint, read_checkpoint, trained_normalization
 from unet_volume.cluster import open_client
 from unet_volume.errors import InputError
+from unet_volume.locations import read_whole
 from unet_volume.model import UNet
 from unet_volume.sampling import TileSampler, TrainingData
 from unet_volume.tile_stream import class_weights, estimate_statistics
@@ -43,9 +45,9 @@ from unet_volume.weight_volume import compute_weight_volume
 log = logging.getLogger(__name__)
 
 
-def state_path(checkpoint: Path) -> Path:
+def state_path(checkpoint: str | Path) -> str:
     """Where the optimizer state and learning curve of ``checkpoint`` are kept (for resume)."""
-    return checkpoint.with_name(checkpoint.name + ".state.pt")
+    return f"{checkpoint}.state.pt"
 
 
 def weight_map_beside(
@@ -125,8 +127,8 @@ def resumed(resume: str | Path, config: TrainConfig) -> dict[str, Any]:
             "pass the checkpoint's values or start a new run"
         )
     normalization = trained_normalization(checkpoint, f"checkpoint {resume}")
-    path = state_path(Path(resume))
-    state = torch.load(path, weights_only=True) if path.exists() else {}
+    stored = read_whole(state_path(resume))
+    state = {} if stored is None else torch.load(io.BytesIO(stored), weights_only=True)
     training = checkpoint.metadata.get("training", {})
     balance = np.asarray(training.get("class_weights", [1.0] * config.model.num_classes))
     # The clock goes on too: steps/s and the time budget count the whole run, as steps do.
