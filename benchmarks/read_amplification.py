@@ -13,7 +13,8 @@ LocalCluster of 2 single-threaded workers, reading from:
   behind a proxy that counts likewise; the output goes to the bucket too.
 
 Printed per run: fetched bytes over stored bytes (chunk objects only), chunk requests over
-stored objects, all requests, Mvoxel/s (engine time), peak worker memory (ru_maxrss).
+stored chunks (a sharded input's inner chunks, read by byte range), all requests (the output's
+writes and metadata included), Mvoxel/s (engine time), peak worker memory (ru_maxrss).
 
     .venv/bin/python benchmarks/read_amplification.py [--stores local,http,s3] [--layouts a,b]
     .venv/bin/python benchmarks/read_amplification.py --per-shard   # one shard per task
@@ -129,9 +130,10 @@ def measure(root: Path, layout: Layout, store: str, per_shard: bool, s3: Any) ->
         fsspec.filesystem("file").rm(out, recursive=True)
     if store == "local":
         report, plan, peak = run(str(path), out, net, per_shard)
-        chunks_read = getattr(report, "chunks_read", 0)
+        chunks_read = getattr(report, "chunks_read", None)  # earlier versions: not counted
         chunk_bytes = stored_bytes / max(1, _chunk_count(layout))
-        fetched, requests, all_requests = chunks_read * chunk_bytes, None, None
+        fetched = None if chunks_read is None else chunks_read * chunk_bytes
+        requests, all_requests = None, None
     elif store == "http":
         with FolderServer(root) as server:
             report, plan, peak = run(f"{server.url}/{path.name}", out, net, per_shard)
@@ -153,9 +155,10 @@ def measure(root: Path, layout: Layout, store: str, per_shard: bool, s3: Any) ->
     return {
         "tasks": getattr(report, "tasks", None) or plan.layout.num_shards,
         "task_shape": getattr(plan, "task_shape", None) or plan.shard_shape,
-        "amplification": fetched / stored_bytes,
-        "requests": None if requests is None else requests / objects,
+        "amplification": None if fetched is None else fetched / stored_bytes,
+        "requests": None if requests is None else requests / _chunk_count(layout),
         "all_requests": all_requests,
+        "chunks": _chunk_count(layout),
         "objects": objects,
         "mvoxel_s": report.voxels / report.seconds / 1e6,
         "peak_mib": peak,
@@ -191,9 +194,13 @@ def main() -> None:
                 start = time.perf_counter()
                 f = measure(root, layout, store, args.per_shard, s3)
                 requests = "-" if f["requests"] is None else f"{f['requests']:.2f}x"
+                fetched = "-" if f["amplification"] is None else f"{f['amplification']:.2f}x"
+                stored = f"{f['chunks']} stored chunks"
+                if f["objects"] != f["chunks"]:
+                    stored += f" (in {f['objects']} objects)"
                 print(
-                    f"  {store:5s}: fetched {f['amplification']:.2f}x the stored bytes, chunk "
-                    f"requests {requests} the {f['objects']} stored objects "
+                    f"  {store:5s}: fetched {fetched} the stored bytes, chunk "
+                    f"requests {requests} the {stored} "
                     f"({f['all_requests'] or '-'} requests in all); {f['tasks']} tasks of "
                     f"{'x'.join(map(str, f['task_shape']))}; {f['mvoxel_s']:.2f} Mvoxel/s; peak "
                     f"worker {f['peak_mib']:.0f} MiB ({time.perf_counter() - start:.0f} s)",
