@@ -2,7 +2,7 @@
 
 Imports form a DAG::
 
-    geometry <- tiling <- locations <- storage <- run_record <- output_run
+    geometry <- tiling <- store_retries <- locations <- storage <- run_record <- output_run
              <- prediction_store <- predict <- cli
     (errors and border are leaves that every layer may import; registration, beside border,
     is how storage and augment move an image onto its labels)
@@ -38,6 +38,7 @@ TORCH_FREE = [
     "unet_volume.task_plan",
     "unet_volume.formats",
     "unet_volume.locations",
+    "unet_volume.store_retries",
     "unet_volume.prediction_store",
     "unet_volume.run_record",
     "unet_volume.output_run",
@@ -83,8 +84,9 @@ ALLOWED_IMPORTS = {
     "registration": {"errors"},
     "tiling": {"errors", "geometry"},
     "layout": {"errors", "geometry"},
-    "locations": {"errors"},
-    "formats": {"errors", "locations"},
+    "store_retries": {"errors"},
+    "locations": {"errors", "store_retries"},
+    "formats": {"errors", "locations", "store_retries"},
     "chunk_cache": {"geometry"},
     "storage": {
         "errors",

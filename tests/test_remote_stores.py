@@ -43,7 +43,7 @@ from unet_volume.testing import blob_labels, blob_volume, write_zarr
 pytest.importorskip("moto.server", reason="the S3 stand-in: pip install 'moto[server]'")
 pytest.importorskip("s3fs", reason="s3:// URLs: pip install s3fs")
 
-from unet_volume.served_stores import FolderServer, S3Server, s3_environment
+from unet_volume.served_stores import CountingProxy, FolderServer, S3Server, s3_environment
 
 pytestmark = pytest.mark.remote
 
@@ -298,6 +298,73 @@ def test_remote_ingest_from_an_s3_landing_prefix_leaves_a_half_uploaded_volume_f
         files = [p for p in stored.parent.iterdir() if p.name.startswith(stored.name)]  # -wal
         assert stored.stat().st_size and not [p for p in files if SECRET.encode() in p.read_bytes()]
     assert read_status(f"{outputs}/b.zarr").complete
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "drop", "short"])
+def test_remote_transient_faults_over_http_are_retried_counted_and_change_nothing(
+    fault: str,
+    image: tuple[str, str],
+    model_path: Path,
+    remote_client: Client,
+    local_prediction: str,
+    tmp_path: Path,
+) -> None:
+    local = Path(image[0])
+    out = str(tmp_path / "out.zarr")
+    with (
+        FolderServer(local.parent) as server,
+        CountingProxy(server.url, fail=0.25, faults=(fault,), seed=1) as proxy,
+    ):
+        source = f"{proxy.url}/{local.name}"
+        assert main(predict_args(source, out, model_path, *on(remote_client))) == EXIT_OK
+        injected = proxy.traffic.faults[fault]
+    assert_same_arrays(out, local_prediction, ("probabilities", "segmentation"))
+    counted = sum(read_status(out).store_faults.values())  # the workers' retries
+    assert injected > 0 and counted <= injected
+    if fault != "drop":  # aiohttp reconnects a dropped keep-alive connection by itself
+        assert counted > 0
+
+
+def cli_through(proxy: CountingProxy, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m unet_volume ARGS`` whose S3 requests (its workers' too) go through
+    ``proxy``: a fresh process finds its store the standard way, from the environment."""
+    endpoint = {"FSSPEC_S3_ENDPOINT_URL": proxy.url, "AWS_ENDPOINT_URL": proxy.url}
+    return subprocess.run(
+        [sys.executable, "-m", "unet_volume", *args],
+        env={**os.environ, **endpoint},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_remote_s3_throttling_is_retried_counted_in_the_report_and_status_bit_identical(
+    s3: str, image: tuple[str, str], model_path: Path, local_prediction: str
+) -> None:
+    output = f"{s3}/throttled.zarr"
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    with CountingProxy(endpoint, fail=0.1, faults=("slowdown",), seed=2, only=r"/c/") as proxy:
+        done = cli_through(proxy, *predict_args(image[1], output, model_path), "--workers", "1")
+        injected = proxy.traffic.faults["slowdown"]
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
+    assert injected > 0 and "transient store faults retried (503: " in done.stderr
+    assert 0 < read_status(output).store_faults.get("503", 0) <= injected
+    assert_same_arrays(output, local_prediction, ("probabilities", "segmentation"))
+
+
+def test_remote_an_input_the_store_refuses_is_one_line_naming_it_and_nothing_is_written(
+    s3: str, image: tuple[str, str], model_path: Path
+) -> None:
+    output = f"{s3}/refused.zarr"
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    for forbid in (r"/in\.zarr/c/", r"/in\.zarr"):  # its chunks; the whole input
+        with CountingProxy(endpoint, forbid=forbid) as proxy:
+            done = cli_through(proxy, *predict_args(image[1], output, model_path), "--workers", "1")
+        assert done.returncode == EXIT_USAGE
+        line = done.stderr.strip()
+        assert len(line.splitlines()) == 1 and f"{image[1]}: access denied" in line
+        assert "check the credentials" in line
+        assert not fsspec.filesystem("s3").exists(f"{BUCKET}/refused.zarr")
 
 
 def test_remote_the_secret_is_written_nowhere_locally_or_in_the_bucket(

@@ -29,6 +29,7 @@ from unet_volume.options import (
     parse_range,
 )
 from unet_volume.predict_config import PredictOptions
+from unet_volume.store_retries import describe_faults
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -184,6 +185,8 @@ def _predict(args: argparse.Namespace) -> None:
         "    # or: from unet_volume import open_prediction; "
         f"ds = open_prediction({report.output_url!r})"
     )
+    if report.store_faults:
+        say(f"store: {describe_faults(report.store_faults)}")
 
 
 def _complete(plan: PredictionPlan) -> bool:
@@ -280,6 +283,8 @@ def _status(args: argparse.Namespace) -> None:
             f"run: {made_by}, blocks {fmt(identity.get('block_shape', []))}{dtype}, input "
             f"{source.get('url')} {fmt(source.get('shape', []))}"
         )
+    if faults := status.store_faults:
+        print(f"store: {describe_faults(faults)}")
     for failure in status.failures[: args.errors]:
         print(f"failed: {failure}")
     if not status.complete:

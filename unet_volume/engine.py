@@ -35,6 +35,7 @@ from unet_volume.locations import with_retries
 from unet_volume.prediction_store import EncodedOutput, PredictionStore
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.storage import Volume, VolumeReader
+from unet_volume.store_retries import counted, faults_since
 from unet_volume.task_plan import Task, TaskPlan, shards_of, stored_chunks
 from unet_volume.task_window import STALL_AFTER, beat, map_bounded
 from unet_volume.tiling import Block, TileGeometry, block_key, plan_tiles
@@ -66,6 +67,9 @@ class RunReport:
     """Input chunks fetched and decoded by the tasks (a chunk two tasks read counts twice)."""
     chunks_stored: int = 0
     """Chunks the input holds."""
+    store_faults: dict[str, int] = field(default_factory=dict)
+    """Transient store faults (throttling, dropped connections, short reads) met and retried
+    by the run's workers, per kind (:mod:`unet_volume.store_retries`)."""
 
     @property
     def read_amplification(self) -> float:
@@ -328,6 +332,7 @@ def run_prediction(
         beat_topic=topic,
     )
     tally = _Tally(layout, total, start, on_progress)
+    faults_before = client.run(counted)
     try:
         with tqdm(total=total, unit="block", disable=not progress, desc="predict") as bar:
             for result in results:
@@ -355,7 +360,19 @@ def run_prediction(
         tasks=tally.tasks,
         chunks_read=tally.chunks_read,
         chunks_stored=stored_chunks(volume),
+        store_faults=_faults_since(faults_before, client.run(counted)),
     )
+
+
+def _faults_since(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, int]:
+    """The store faults each worker met between two readings, summed (a worker started since
+    counts from zero)."""
+    total: Counter[str] = Counter()
+    for worker, counts in after.items():
+        total.update(faults_since(before.get(worker, {}), counts))
+    return dict(sorted(total.items()))
 
 
 @dataclass

@@ -13,6 +13,17 @@ import errno
 
 TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT})
 """I/O errors worth another try: busy or flaky storage, not a missing file or a full disk."""
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+"""HTTP statuses a store answers when it is overloaded or failing for a moment (503: SlowDown)."""
+TRANSIENT_CLIENT_ERRORS = frozenset(
+    {
+        "ClientConnectionError",  # aiohttp (fsspec's HTTP): refused, reset, server disconnected
+        "ClientPayloadError",  # aiohttp: a body cut short
+        "HTTPClientError",  # botocore (s3fs): connection closed, read timeout, endpoint down
+        "IncompleteReadError",
+    }
+)
+"""Exception types (by name: their libraries are optional) of a connection that failed."""
 UNWRITABLE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 )
@@ -98,5 +109,9 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, UnetVolumeError):
         return False
     if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    if getattr(error, "status", None) in RETRY_STATUSES:  # aiohttp's ClientResponseError
+        return True
+    if any(kind.__name__ in TRANSIENT_CLIENT_ERRORS for kind in type(error).__mro__):
         return True
     return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS

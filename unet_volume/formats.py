@@ -27,6 +27,7 @@ import zarr
 
 from unet_volume.errors import InputError
 from unet_volume.locations import exists
+from unet_volume.store_retries import remote_store
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5 = re.compile(r"(?P<file>.+\.(?:h5|hdf5|hdf))(?::(?P<dataset>/?[^:]*))?", re.IGNORECASE)
@@ -136,7 +137,7 @@ def opened_array(url: str, kind: str) -> Iterator[Any]:
         with tifffile.imread(url, aszarr=True) as store:
             yield zarr.open_array(store, mode="r")
         return
-    node = zarr.open(url, mode="r")
+    node = zarr.open(remote_store(url, read_only=True), mode="r")
     if isinstance(node, zarr.Group):
         image = ome_image(node)
         node = node[image[0]] if image else _main_array(node, url)

@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import logging
 import os
+import random
 import re
 import tempfile
 import time
@@ -25,6 +26,7 @@ import fsspec
 import zarr
 
 from unet_volume.errors import InputError, is_transient
+from unet_volume.store_retries import count, fault_kind
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -108,6 +110,19 @@ def check_no_credentials(url: str, what: str) -> str:
     )
 
 
+def access_denied(url: str, error: BaseException) -> InputError | None:
+    """The one-line error for a store's refusal (HTTP 403, a file's permissions) of ``url``,
+    or None where ``error`` is something else. Permanent: it is never retried."""
+    if not isinstance(error, PermissionError) and getattr(error, "status", None) != 403:
+        return None
+    reason = str(error).splitlines()[0] if str(error) else "403"
+    return InputError(
+        f"{url}: access denied ({type(error).__name__}: {reason}); check the credentials "
+        "(AWS_* variables, ~/.aws/credentials, storage_options in a cluster spec) and that "
+        "they may read it (the bucket's policy; a local file's permissions)"
+    )
+
+
 def remove_output(url: str) -> None:
     """Delete whatever is stored at ``url`` (nothing if it does not exist)."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -160,10 +175,11 @@ def read_whole(url: str | Path) -> bytes | None:
 
 
 def with_retries(call: Callable[..., T], *args: Any, attempts: int = 4, delay: float = 0.5) -> T:
-    """``call(*args)``, tried again after transient I/O errors, with doubling delays.
+    """``call(*args)``, tried again after transient I/O errors, after jittered doubling delays.
 
     Object stores and network file systems drop connections and time out under load; a
-    block should not fail for that. Other errors (bad data, a full disk) fail at once.
+    block should not fail for that. Other errors (bad data, a full disk) fail at once. Each
+    retry is counted with the store's faults (:mod:`unet_volume.store_retries`).
     """
     for attempt in range(attempts):
         try:
@@ -171,8 +187,9 @@ def with_retries(call: Callable[..., T], *args: Any, attempts: int = 4, delay: f
         except Exception as error:
             if attempt == attempts - 1 or not is_transient(error):
                 raise
+            count(fault_kind(error))
             log.warning("retrying after a transient error (%s): %s", type(error).__name__, error)
-            time.sleep(delay * 2**attempt)
+            time.sleep(random.uniform(0.5, 1.0) * delay * 2**attempt)
     raise AssertionError("unreachable")
 
 

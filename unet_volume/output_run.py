@@ -137,6 +137,7 @@ def read_status(url: str) -> RunStatus:
         bool(info.get("complete")),
         dict(info.get("identity", {})),
         failures,
+        dict(info.get("report", {}).get("store_faults", {})),
     )
 
 

@@ -241,6 +241,8 @@ class RunStatus:
     complete: bool
     identity: dict[str, Any] = field(default_factory=dict)
     failures: tuple[BlockFailure, ...] = ()
+    store_faults: dict[str, int] = field(default_factory=dict)
+    """Transient store faults the last finished run met and retried, per kind."""
 
     @property
     def missing(self) -> int:

@@ -176,6 +176,10 @@ class _ProxyHandler(_Quiet, BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         fault = proxy.draw_fault(self.command, self.path)
+        if proxy.forbid is not None and proxy.forbid.search(self.path):
+            proxy.traffic.fault("forbidden")
+            self._error(403, "Forbidden", b"AccessDenied", b"Access Denied")
+            return
         if fault == "slowdown":
             proxy.traffic.fault(fault)
             self._slowdown()
@@ -212,11 +216,15 @@ class _ProxyHandler(_Quiet, BaseHTTPRequestHandler):
         proxy.traffic.add(self.command, self.path.split("?")[0], len(data))
 
     def _slowdown(self) -> None:
+        self._error(503, "Slow Down", b"SlowDown", b"Please reduce your request rate.")
+
+    def _error(self, status: int, reason: str, code: bytes, message: bytes) -> None:
+        """An S3 error response, as XML."""
         body = (
-            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message></Error>"
+            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>' + code + b"</Code>"
+            b"<Message>" + message + b"</Message></Error>"
         )
-        self.send_response(503, "Slow Down")
+        self.send_response(status, reason)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -232,6 +240,7 @@ class CountingProxy(_Server):
     ``fail`` is the share of requests (0 to 1) that fail on purpose, each with one of
     ``faults`` drawn from a generator seeded with ``seed`` (:data:`FAULTS`); only requests whose
     path matches ``only`` (a regular expression; default: Zarr chunk and shard keys) fail.
+    Requests whose path matches ``forbid`` are answered 403 AccessDenied, every time.
     """
 
     def __init__(
@@ -242,10 +251,12 @@ class CountingProxy(_Server):
         faults: tuple[str, ...] = FAULTS,
         seed: int = 0,
         only: str = r"/c/",
+        forbid: str | None = None,
     ) -> None:
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self.upstream_host, self.upstream_port = host, int(port or 80)
         self.fail, self.faults, self.only = fail, faults, re.compile(only)
+        self.forbid = re.compile(forbid) if forbid is not None else None
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         super().__init__(_ProxyHandler)

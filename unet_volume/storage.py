@@ -39,7 +39,14 @@ from unet_volume.chunk_cache import (
 from unet_volume.errors import InputError, is_transient
 from unet_volume.formats import Kind, input_exists, input_kind, opened_array, stored_voxel_size
 from unet_volume.geometry import Box, Shape
-from unet_volume.locations import absolute, exists, fast_io, remove_output, removed_on_failure
+from unet_volume.locations import (
+    absolute,
+    access_denied,
+    exists,
+    fast_io,
+    remove_output,
+    removed_on_failure,
+)
 from unet_volume.registration import margins, moved
 
 T = TypeVar("T")
@@ -191,6 +198,8 @@ class Volume:
         except Exception as error:
             if is_transient(error) or isinstance(error, InputError):
                 raise
+            if denied := access_denied(self.url, error):
+                raise denied from error
             raise InputError(
                 f"input {self.url} cannot be read in {box}: {_bad_chunk(stored, box, error)}; "
                 "replace it (copy or convert the input again), then run the same command again"
@@ -286,7 +295,11 @@ def open_volume(
     other than 3 or 4, an empty array, a non-numeric dtype.
     """
     url = str(url)
-    if not input_exists(url):
+    try:
+        found = input_exists(url)
+    except PermissionError as error:
+        raise access_denied(url, error) or error from error
+    if not found:
         raise InputError(
             f"input {url} does not exist; pass a Zarr array, a TIFF stack, a folder of TIFFs, "
             "an HDF5 dataset (file.h5:/path) or an N5 dataset (container.n5/path)"
@@ -298,6 +311,8 @@ def open_volume(
     except (InputError, ConnectionError, TimeoutError):
         raise  # transient storage errors stay themselves, so callers can retry them
     except Exception as error:  # zarr/tifffile raise many types for unreadable data
+        if denied := access_denied(url, error):
+            raise denied from error
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise InputError(
             f"input {url} is not a readable {kind} array ({type(error).__name__}: {first_line}); "
