@@ -14,6 +14,12 @@ Each case runs twice (each --repeats times, the median run shown): one task per 
 blocks (:func:`unet_volume.layout.auto_shard_shape`; one object per shard and array). Prints
 blocks/s, Mvoxel/s per worker, and read / predict / write milliseconds per block.
 
+(c) Where the "predict" stage of one 1x512x512 block goes around a near-free net (1 base
+channel, depth 1) on one torch thread: the network, its soft-max, and the encoding into what is
+stored (segmentation and uint8 / float16 / float32 probabilities) done by numpy after the
+probabilities came back as float32 (before) and by torch where the network ran (after:
+``ModelPredictor.predict_encoded``), each the median of 20 calls.
+
     .venv/bin/python benchmarks/engine_overhead.py [--workdir DIR]
 """
 
@@ -24,14 +30,19 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
+from unet_volume.checkpoint import checkpoint_bytes
 from unet_volume.cluster import open_client
 from unet_volume.engine import run_prediction
 from unet_volume.layout import auto_shard_shape
-from unet_volume.prediction_store import create_prediction
+from unet_volume.model import UNet
+from unet_volume.prediction_store import create_prediction, encode_probabilities, segment
+from unet_volume.predictor import ModelPredictor
 from unet_volume.storage import open_volume
 from unet_volume.testing import CropPredictor
 from unet_volume.tiling import TileGeometry, count_blocks
@@ -85,6 +96,55 @@ def measure(client, root: Path, shape, block, *, sharded: bool) -> dict[str, flo
     }
 
 
+def median_ms(call: Any, repeats: int = 20) -> float:
+    call()  # warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def predict_stage() -> list[str]:
+    """Case (c): the predict stage of one 1x512x512 block, part by part, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        geometry = TileGeometry.for_unet(2, 1, min_output=(1, 512, 512))
+        net = UNet(ndim=2, depth=1, base_channels=1)
+        predictor = ModelPredictor(checkpoint_bytes(net), device="cpu")
+        rng = np.random.default_rng(0)
+        tile = rng.integers(0, 255, (1, *geometry.input_shape), dtype=np.uint8)
+        batch = torch.from_numpy(tile.astype(np.float32)[:, 0][None])
+        with torch.inference_mode():
+            logits = predictor.network()(batch)
+            network = median_ms(lambda: predictor.network()(batch))
+            softmax = median_ms(lambda: torch.softmax(logits, dim=1))
+        lines = [
+            f"(c) predict stage of a 1x512x512 block ({'x'.join(map(str, geometry.input_shape))}"
+            f" tile), depth-1 base-1 net, 1 thread: network {network:.1f} ms, soft-max "
+            f"{softmax:.1f} ms"
+        ]
+        for dtype in ("uint8", "float16", "float32"):
+
+            def before(dtype: str = dtype) -> None:
+                probs = predictor(tile)
+                segment(probs)
+                encode_probabilities(probs, dtype)
+
+            after = median_ms(lambda dtype=dtype: predictor.predict_encoded([tile], dtype, None))
+            whole = median_ms(before)
+            lines.append(
+                f"    {dtype:7s}: whole stage {whole:.1f} ms before (numpy encodes), "
+                f"{after:.1f} ms after (torch encodes where the net ran); around the network "
+                f"{whole - network:.1f} -> {after - network:.1f} ms"
+            )
+        return lines
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="where inputs and outputs go (default: tmp)")
@@ -107,6 +167,9 @@ def main() -> None:
                 f"per block: read {f['read ms']:.1f} ms, predict {f['predict ms']:.1f} ms, "
                 f"write {f['write ms']:.1f} ms"
             )
+
+    for line in predict_stage():
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

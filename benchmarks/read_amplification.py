@@ -18,6 +18,7 @@ writes and metadata included), Mvoxel/s (engine time), peak worker memory (ru_ma
 
     .venv/bin/python benchmarks/read_amplification.py [--stores local,http,s3] [--layouts a,b]
     .venv/bin/python benchmarks/read_amplification.py --per-shard   # one shard per task
+    .venv/bin/python benchmarks/read_amplification.py --fail 0.05   # 5% of requests fail
 
 ``--per-shard`` runs one task per shard (``task_shape`` = the shard), as the engine did before
 tasks read their shards together. The script uses the public API only, so it also runs on
@@ -122,7 +123,9 @@ def run(image: str, out: str, net: Path, per_shard: bool) -> tuple[Any, Any, flo
     return report, plan, peak
 
 
-def measure(root: Path, layout: Layout, store: str, per_shard: bool, s3: Any) -> dict[str, Any]:
+def measure(
+    root: Path, layout: Layout, store: str, per_shard: bool, s3: Any, fail: float = 0.0
+) -> dict[str, Any]:
     path, stored_bytes, objects = write_input(root, layout)
     net = model(root, layout.ndim)
     out = str(root / f"out-{layout.name}-{store}.zarr")
@@ -133,12 +136,13 @@ def measure(root: Path, layout: Layout, store: str, per_shard: bool, s3: Any) ->
         chunks_read = getattr(report, "chunks_read", None)  # earlier versions: not counted
         chunk_bytes = stored_bytes / max(1, _chunk_count(layout))
         fetched = None if chunks_read is None else chunks_read * chunk_bytes
-        requests, all_requests = None, None
+        requests, all_requests, injected = None, None, 0
     elif store == "http":
-        with FolderServer(root) as server:
-            report, plan, peak = run(f"{server.url}/{path.name}", out, net, per_shard)
-            requests, fetched = server.traffic.total(chunks=True)
-            all_requests = sum(server.traffic.requests.values())
+        with FolderServer(root) as server, CountingProxy(server.url, fail=fail) as proxy:
+            report, plan, peak = run(f"{proxy.url}/{path.name}", out, net, per_shard)
+            requests, fetched = proxy.traffic.total(chunks=True)
+            all_requests = sum(proxy.traffic.requests.values())
+            injected = sum(proxy.traffic.faults.values())
     else:
         server, proxy = s3
         fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": server.url})
@@ -149,9 +153,12 @@ def measure(root: Path, layout: Layout, store: str, per_shard: bool, s3: Any) ->
         if fs.exists(out_key):
             fs.rm(out_key, recursive=True)
         proxy.traffic.clear()
+        proxy.fail = fail
         report, plan, peak = run(f"s3://{key}", out_key, net, per_shard)
+        proxy.fail = 0.0
         requests, fetched = proxy.traffic.total(under=f"/{key}/", chunks=True)
         all_requests = sum(proxy.traffic.requests.values())
+        injected = sum(proxy.traffic.faults.values())
     return {
         "tasks": getattr(report, "tasks", None) or plan.layout.num_shards,
         "task_shape": getattr(plan, "task_shape", None) or plan.shard_shape,
@@ -162,6 +169,9 @@ def measure(root: Path, layout: Layout, store: str, per_shard: bool, s3: Any) ->
         "objects": objects,
         "mvoxel_s": report.voxels / report.seconds / 1e6,
         "peak_mib": peak,
+        "injected": injected,
+        "counted": sum(getattr(report, "store_faults", {}).values()),
+        "seconds": report.seconds,
     }
 
 
@@ -175,6 +185,12 @@ def main() -> None:
     parser.add_argument("--layouts", default=",".join(layout.name for layout in LAYOUTS))
     parser.add_argument("--per-shard", action="store_true", help="one shard per task")
     parser.add_argument("--workdir", type=Path, help="inputs and outputs (default: a tmp dir)")
+    parser.add_argument(
+        "--fail",
+        type=float,
+        default=0.0,
+        help="share of chunk requests (http, s3) that fail transiently (503, drop, short)",
+    )
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="read-amplification-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -192,7 +208,7 @@ def main() -> None:
             print(describe(layout), flush=True)
             for store in stores:
                 start = time.perf_counter()
-                f = measure(root, layout, store, args.per_shard, s3)
+                f = measure(root, layout, store, args.per_shard, s3, args.fail)
                 requests = "-" if f["requests"] is None else f"{f['requests']:.2f}x"
                 fetched = "-" if f["amplification"] is None else f"{f['amplification']:.2f}x"
                 stored = f"{f['chunks']} stored chunks"
@@ -203,9 +219,16 @@ def main() -> None:
                     f"requests {requests} the {stored} "
                     f"({f['all_requests'] or '-'} requests in all); {f['tasks']} tasks of "
                     f"{'x'.join(map(str, f['task_shape']))}; {f['mvoxel_s']:.2f} Mvoxel/s; peak "
-                    f"worker {f['peak_mib']:.0f} MiB ({time.perf_counter() - start:.0f} s)",
+                    f"worker {f['peak_mib']:.0f} MiB; engine {f['seconds']:.1f} s "
+                    f"({time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )
+                if args.fail:
+                    print(
+                        f"         faults injected {f['injected']}, counted by the workers "
+                        f"{f['counted']}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ run in ``benchmarks/gpu_throughput.py`` on a lent GPU; everything that can run h
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from distributed import Client
 from test_predict import run_blocks
 
@@ -20,7 +22,13 @@ from unet_volume.errors import InputError
 from unet_volume.model import UNet
 from unet_volume.output_run import run_info
 from unet_volume.predict import predict_volume
-from unet_volume.predictor import ModelPredictor
+from unet_volume.prediction_store import (
+    OUTPUT_DTYPES,
+    encode_probabilities,
+    most_probable,
+    segment,
+)
+from unet_volume.predictor import ModelPredictor, _segment
 from unet_volume.testing import blob_volume, integer_unet, write_zarr
 from unet_volume.tiling import TileGeometry
 
@@ -44,6 +52,34 @@ def test_gpu_pipeline_a_tile_in_a_batch_gets_what_it_gets_alone(ndim: int) -> No
         np.testing.assert_array_equal(batched, predictor(tile))
     # Depth 2: 40 voxels of context per convolved axis; a 2D net keeps z (its batch).
     assert together[0].shape == ((2, 2, 4, 4) if ndim == 2 else (2, 4, 4, 4))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("tta", [False, True])
+def test_gpu_pipeline_encoded_where_the_net_ran_is_bit_for_bit_the_numpy_encoding(
+    ndim: int, tta: bool
+) -> None:
+    """The segmentation and stored probabilities torch makes (on a GPU: there) are those that
+    segment() and encode_probabilities() make from the same float32 probabilities."""
+    torch.manual_seed(ndim)
+    net = UNet(in_channels=1, base_channels=4, depth=1, ndim=ndim, num_classes=3)
+    predictor = ModelPredictor(checkpoint_bytes(net), tta=tta)
+    shape = (2, 44, 44) if ndim == 2 else (20, 20, 20)
+    rng = np.random.default_rng(ndim)
+    tiles = [rng.normal(size=(1, *shape)).astype(np.float32) for _ in range(2)]
+    floats = predictor.predict_many(tiles)
+    for dtype, threshold in itertools.product(OUTPUT_DTYPES, (None, 0.3)):
+        encoded = predictor.predict_encoded(tiles, dtype, threshold)
+        for (labels, stored), probs in zip(encoded, floats, strict=True):
+            np.testing.assert_array_equal(labels, segment(probs, threshold))
+            expected = encode_probabilities(probs, dtype)
+            assert stored.dtype == expected.dtype and stored.shape == expected.shape
+            np.testing.assert_array_equal(stored.view(np.uint8), expected.view(np.uint8))
+
+
+def test_gpu_pipeline_the_torch_argmax_lets_the_first_class_win_ties() -> None:
+    probs = torch.tensor([[[0.5, 0.2, 0.4]], [[0.5, 0.8, 0.4]], [[0.0, 0.0, 0.2]]]).permute(1, 0, 2)
+    assert _segment(probs, None).tolist() == most_probable(probs.permute(1, 0, 2).numpy()).tolist()
 
 
 @pytest.mark.parametrize("tiles_per_pass", [2, 5])

@@ -18,7 +18,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -32,7 +32,12 @@ from unet_volume.errors import BlockError, GeometryError, InputError
 from unet_volume.geometry import Box, Shape
 from unet_volume.layout import OutputLayout
 from unet_volume.locations import with_retries
-from unet_volume.prediction_store import EncodedOutput, PredictionStore
+from unet_volume.prediction_store import (
+    EncodedOutput,
+    PredictionStore,
+    encode_probabilities,
+    segment,
+)
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.storage import Volume, VolumeReader
 from unet_volume.store_retries import counted, faults_since
@@ -108,7 +113,7 @@ def predict_tiles(
     once.
     """
     tiles = plan_tiles(write_box, geometry)
-    many = getattr(predictor, "predict_many", None)
+    target = store or _FLOAT_STORE
     sizing = getattr(predictor, "batch_size", None)
     per_pass = max(1, int(sizing(geometry.input_shape))) if sizing is not None else 1
     for first in range(0, len(tiles), per_pass):
@@ -116,22 +121,42 @@ def predict_tiles(
         inputs = [
             data[(slice(None), *geometry.input_box(t).to_slices(read_box.begin))] for t in boxes
         ]
-        outputs = many(inputs) if many is not None and len(inputs) > 1 else map(predictor, inputs)
-        for tile_box, tile_input, probs in zip(boxes, inputs, outputs):
+        for tile_box, tile_input, (labels, probs) in zip(
+            boxes, inputs, encoded_tiles(predictor, inputs, target)
+        ):
             if tuple(probs.shape[1:]) != geometry.output_shape:
                 raise GeometryError(
                     f"predictor returned shape {probs.shape} for a tile of {tile_input.shape}; "
                     f"expected (classes, *{geometry.output_shape})"
                 )
             if output is None:
-                output = (store or _FLOAT_STORE).new_output(probs.shape[0], write_box.shape)
+                output = target.new_output(probs.shape[0], write_box.shape)
             part = tile_box.intersect(write_box)
-            output.put(
-                part.to_slices(write_box.begin),
-                probs[(slice(None), *part.to_slices(tile_box.begin))],
+            inside = part.to_slices(tile_box.begin)
+            output.put_encoded(
+                part.to_slices(write_box.begin), labels[inside], probs[(slice(None), *inside)]
             )
     assert output is not None  # plan_tiles always yields at least one tile
     return output
+
+
+def encoded_tiles(
+    predictor: Predictor, inputs: list[np.ndarray], store: PredictionStore
+) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Per input tile, its segmentation and its probabilities as ``store`` keeps them.
+
+    A predictor with ``predict_encoded`` encodes them itself, where it ran the network (on a
+    GPU: there); one with ``predict_many`` takes the tiles in one pass; any other callable
+    one tile at a time, its float probabilities encoded here.
+    """
+    encoded = getattr(predictor, "predict_encoded", None)
+    if encoded is not None:
+        return encoded(inputs, store.output_dtype, store.threshold)
+    many = getattr(predictor, "predict_many", None)
+    floats = many(inputs) if many is not None and len(inputs) > 1 else map(predictor, inputs)
+    return (
+        (segment(p, store.threshold), encode_probabilities(p, store.output_dtype)) for p in floats
+    )
 
 
 def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:

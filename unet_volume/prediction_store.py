@@ -63,10 +63,18 @@ class EncodedOutput:
 
     def put(self, where: tuple[slice, ...], probabilities: np.ndarray) -> None:
         """Store float ``(class, ...)`` probabilities at ``where`` (spatial slices)."""
-        self.segmentation[where] = segment(probabilities, self.threshold)
-        self.probabilities[(slice(None), *where)] = encode_probabilities(
-            probabilities, self.probabilities.dtype.name
+        self.put_encoded(
+            where,
+            segment(probabilities, self.threshold),
+            encode_probabilities(probabilities, self.probabilities.dtype.name),
         )
+
+    def put_encoded(
+        self, where: tuple[slice, ...], segmentation: np.ndarray, probabilities: np.ndarray
+    ) -> None:
+        """Store a segmentation and ``(class, ...)`` probabilities already encoded, at ``where``."""
+        self.segmentation[where] = segmentation
+        self.probabilities[(slice(None), *where)] = probabilities
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from unet_volume.checkpoint import checkpoint_from_bytes
 from unet_volume.cluster import tune_worker_process, worker_threads
 from unet_volume.errors import InputError
 from unet_volume.model import UNet, channels_last
+from unet_volume.prediction_store import encode_probabilities, segment
 
 _MODELS: dict[tuple[str, str, str], UNet] = {}
 """Networks built in this process, by (checkpoint sha256, device, dtype): one per worker."""
@@ -155,22 +156,55 @@ class ModelPredictor:
         result of each tile does not depend on the others in the pass (no batch statistics
         at inference), which the tests check exactly.
         """
+        with self._turn(), torch.inference_mode():
+            probs = self._probabilities(tiles)
+            probs = probs.float() if self.dtype == "float32" else probs
+            result = probs.to("cpu", non_blocking=False).numpy()
+        return [np.asarray(r) for r in self._per_tile(result, len(tiles))]
+
+    def predict_encoded(
+        self, tiles: Sequence[np.ndarray], output_dtype: str, threshold: float | None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per tile, the segmentation and the probabilities as stored (``output_dtype``), as
+        :func:`~unet_volume.prediction_store.segment` and
+        :func:`~unet_volume.prediction_store.encode_probabilities` give them, bit for bit.
+
+        Encoded where the network ran, in torch: on a GPU the worker's CPU only copies a
+        quarter of the bytes (uint8), and on any CPU torch's float16 cast is vectorised where
+        numpy's is not on every machine. A float64 network is encoded by numpy (torch casts
+        float64 to float16 through float32, rounding twice).
+        """
+        if self.dtype != "float32":
+            return [
+                (segment(p, threshold), encode_probabilities(p, output_dtype))
+                for p in self.predict_many(tiles)
+            ]
+        with self._turn(), torch.inference_mode():
+            probs = self._probabilities(tiles).float()  # (n, k, z, y, x) or (n * z, k, y, x)
+            labels = _segment(probs, threshold).cpu().numpy()
+            stored = _encode(probs, output_dtype).cpu().numpy()
+        if self.ndim == 2:  # (n * z, y, x) -> (n, z, y, x)
+            labels = labels.reshape(len(tiles), -1, *labels.shape[1:])
+        return list(zip(labels, self._per_tile(stored, len(tiles)), strict=True))
+
+    def _probabilities(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
+        """The net's scores of ``tiles`` on the device, batch first: ``(n, k, z, y, x)`` for a
+        3D net, ``(n * z, k, y, x)`` for a 2D one (slices are the batch)."""
         net = self.network()
         x = np.stack([(t.astype(self.dtype) - self.mean) / self.std for t in tiles])
-        depth = x.shape[2]  # (n, c, z, y, x)
         if self.ndim == 2:  # (n * z, c, y, x): slices are the batch
             x = x.transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1], *x.shape[3:])
         batch = self._to_device(np.ascontiguousarray(x))
-        with self._turn(), torch.inference_mode(), self.autocast():
+        with self.autocast():
             if self.tta:
-                probs = torch.stack([self._turned(net, batch, k) for k in range(8)]).mean(dim=0)
-            else:
-                probs = self._scores(net, batch)
-            probs = probs.float() if self.dtype == "float32" else probs
-            result = probs.to("cpu", non_blocking=False).numpy()
+                return torch.stack([self._turned(net, batch, k) for k in range(8)]).mean(dim=0)
+            return self._scores(net, batch)
+
+    def _per_tile(self, result: np.ndarray, tiles: int) -> np.ndarray:
+        """``(n, k, z, y, x)`` from a pass's batch-first result (a 2D net's slices regrouped)."""
         if self.ndim == 2:  # (n * z, k, y, x) -> (n, k, z, y, x)
-            result = result.reshape(len(tiles), depth, *result.shape[1:]).transpose(0, 2, 1, 3, 4)
-        return [np.asarray(r) for r in result]
+            return result.reshape(tiles, -1, *result.shape[1:]).transpose(0, 2, 1, 3, 4)
+        return result
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
         """The batch on the device: through pinned memory with a non-blocking copy on CUDA."""
@@ -206,3 +240,26 @@ class ModelPredictor:
         if k >= 4:
             probs = torch.flip(probs, dims=(x,))
         return torch.rot90(probs, -(k % 4), dims=(y, x))
+
+
+def _segment(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """:func:`~unet_volume.prediction_store.segment` in torch, over classes along dim 1: the
+    first class wins ties, and NaN never wins, as there."""
+    if threshold is not None:
+        return (probs[:, 1] > threshold).to(torch.uint8)
+    best = probs[:, 0]
+    label = torch.zeros(best.shape, dtype=torch.uint8, device=probs.device)
+    for k in range(1, probs.shape[1]):
+        better = probs[:, k] > best
+        label.masked_fill_(better, k)
+        if k + 1 < probs.shape[1]:
+            best = torch.where(better, probs[:, k], best)
+    return label
+
+
+def _encode(probs: torch.Tensor, output_dtype: str) -> torch.Tensor:
+    """:func:`~unet_volume.prediction_store.encode_probabilities` in torch (float32 input):
+    uint8 is ``round(clip(p, 0, 1) * 255)``, rounding half to even as ``np.rint`` does."""
+    if output_dtype == "uint8":
+        return torch.clamp(probs, 0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    return probs.to(getattr(torch, output_dtype))
