@@ -8,6 +8,7 @@ the exactness tests at 1 and 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -49,13 +50,13 @@ def training_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def client() -> Iterator[Client]:
-    """Two worker processes, so pickling and per-worker model loading really happen."""
+@contextlib.contextmanager
+def suite_client(threads_per_worker: int = THREADS or 1) -> Iterator[Client]:
+    """Two worker processes on 127.0.0.1, started with this process's environment."""
     with dask.config.set(local_cluster_config()):
         cluster = LocalCluster(
             n_workers=2,
-            threads_per_worker=THREADS or 1,
+            threads_per_worker=threads_per_worker,
             processes=True,
             dashboard_address=None,
             host="127.0.0.1",
@@ -64,6 +65,13 @@ def client() -> Iterator[Client]:
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         )
     with cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Client]:
+    """Two worker processes, so pickling and per-worker model loading really happen."""
+    with suite_client() as client:
         yield client
 
 

@@ -22,18 +22,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import dask
 import fsspec
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from unet_volume.checkpoint import load_model, save_model
 from unet_volume.cli import main
-from unet_volume.cluster_spec import local_cluster_config
 from unet_volume.model import UNet
 from unet_volume.output_run import read_status
 from unet_volume.prediction_store import open_prediction
@@ -43,6 +41,9 @@ from unet_volume.testing import blob_labels, blob_volume, write_zarr
 pytest.importorskip("moto.server", reason="the S3 stand-in: pip install 'moto[server]'")
 pytest.importorskip("s3fs", reason="s3:// URLs: pip install s3fs")
 
+from conftest import suite_client
+from test_failures import BLOCK, LONG, SHAPE, predict_args
+
 from unet_volume.served_stores import CountingProxy, FolderServer, S3Server, s3_environment
 
 pytestmark = pytest.mark.remote
@@ -51,8 +52,6 @@ EXIT_OK, EXIT_USAGE = 0, 2
 BUCKET = "volumes"
 SECRET = "uv-known-secret-5c1e7a93"
 """The secret access key the suite's store accepts: searched for in everything written."""
-SHAPE, BLOCK = (6, 48, 48), "1,16,16"  # 6 x 3 x 3 = 54 blocks
-LONG = (24, 48, 48)  # 216 blocks: a run that outlasts the moment the test kills it
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +66,7 @@ def s3() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def remote_client(s3: str) -> Iterator[Client]:
     """Two worker processes started inside the store's environment, as a cluster's are."""
-    with dask.config.set(local_cluster_config()):
-        cluster = LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        )
-    with cluster, Client(cluster) as client:
+    with suite_client(threads_per_worker=1) as client:
         yield client
 
 
@@ -97,22 +87,6 @@ def image(s3: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 def on(client: Client) -> tuple[str, str]:
     return ("--scheduler", client.scheduler.address)
-
-
-def predict_args(image: str, output: str, model: Path, *where: str) -> list[str]:
-    return [
-        "predict",
-        image,
-        output,
-        "--model",
-        str(model),
-        "--block-shape",
-        BLOCK,
-        "--output-dtype",
-        "float32",
-        "--no-progress",
-        *where,
-    ]
 
 
 def assert_same_arrays(got: str, expected: str, names: tuple[str, ...]) -> None:
