@@ -223,8 +223,7 @@ def fast_io(url: str) -> AbstractContextManager[object]:
     so does a machine without the ``zarrs`` package, or with ``UNET_VOLUME_ZARRS=0``.
     An opened array keeps its pipeline for its life.
     """
-    local = "://" not in url or url.startswith("file://")
-    if not local or os.environ.get("UNET_VOLUME_ZARRS", "1") == "0" or not _has_zarrs():
+    if is_remote(url) or os.environ.get("UNET_VOLUME_ZARRS", "1") == "0" or not _has_zarrs():
         return nullcontext()
     return zarr.config.set({"codec_pipeline.path": FAST_PIPELINE})
 
