@@ -43,7 +43,7 @@ import zarr
 from unet_volume.checkpoint import save_model
 from unet_volume.cluster import open_client
 from unet_volume.model import UNet
-from unet_volume.predict import plan_prediction, run_plan
+from unet_volume.predict import fit_to_workers, plan_prediction, run_plan
 from unet_volume.predict_config import PredictOptions
 from unet_volume.served_stores import CountingProxy, FolderServer, S3Server, s3_environment
 
@@ -118,6 +118,8 @@ def run(image: str, out: str, net: Path, per_shard: bool) -> tuple[Any, Any, flo
     if per_shard:
         plan = plan_prediction(net, image, out, PredictOptions(task_shape=plan.shard_shape))
     with open_client(n_workers=2, dashboard=False) as client:
+        if not per_shard:  # as predict does: tasks for these workers
+            plan = fit_to_workers(plan, options, client.scheduler_info(n_workers=-1)["workers"])
         report = run_plan(plan, client)
         peak = peak_worker_mib(client)
     return report, plan, peak

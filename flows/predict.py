@@ -17,7 +17,7 @@ from unet_volume.engine import RunReport
 from unet_volume.instances import label_instances
 from unet_volume.locations import absolute
 from unet_volume.objects import read_objects, table_url
-from unet_volume.predict import PredictionPlan, plan_prediction, run_plan
+from unet_volume.predict import PredictionPlan, fit_to_workers, plan_prediction, run_plan
 from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction_store import OutputDtype, environment, record_provenance
 from unet_volume.preview import write_preview
@@ -68,6 +68,8 @@ def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | No
     log = get_run_logger()
     with flow_client(scheduler, cluster) as client:
         log.info("blocks run on %s", describe(client))
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        prediction = fit_to_workers(prediction, DEFAULT_OPTIONS, workers)  # no task shape given
         description = f"Blocks of {prediction.output_url} done"
         with reported("prediction-progress", description) as progress:
             report = run_plan(prediction, client, on_progress=progress)

@@ -226,6 +226,23 @@ def test_remote_predict_reads_an_input_served_over_plain_http(
     assert requests <= 1.5 * stored + 3  # each chunk about once, plus the fingerprint's three
 
 
+def test_remote_a_web_server_that_refuses_the_input_is_access_denied_not_missing(
+    image: tuple[str, str], model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local = Path(image[0])
+    out = tmp_path / "never.zarr"
+    with (
+        FolderServer(local.parent) as server,
+        CountingProxy(server.url, forbid=rf"/{local.name}") as proxy,
+    ):
+        source = f"{proxy.url}/{local.name}"
+        assert main(predict_args(source, str(out), model_path)) == EXIT_USAGE
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and f"{source}: access denied (PermissionError: 403" in error[0]
+    assert "the web server lets this machine read it" in error[0]
+    assert not out.exists()
+
+
 def test_remote_a_url_with_credentials_inside_is_refused_in_one_line_writing_nothing(
     s3: str, model_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from unet_volume.layout import OutputLayout, auto_shard_shape
 from unet_volume.storage import Volume, open_volume, read_box
 from unet_volume.task_plan import (
     READ_TARGET,
+    SPLIT_VOXELS,
     TaskPlan,
     auto_task_shape,
     held_voxels,
@@ -138,10 +140,32 @@ def test_task_plan_auto_tasks_read_the_input_about_once(
     layout = OutputLayout(shape, block, auto_shard_shape(shape, block, ndim=ndim))
     volume = described(shape, chunks)
     one_shard = read_estimate(volume, layout, layout.shard_shape, geometry).amplification
-    task = auto_task_shape(volume, layout, geometry)
+    task = auto_task_shape(volume, layout, geometry, slots=2)  # a default local cluster's
     assert read_estimate(volume, layout, task, geometry).amplification <= READ_TARGET
     assert one_shard > READ_TARGET  # a task per shard fetches the halo's whole chunks again
     assert all(t % s == 0 for t, s in zip(task, layout.shard_shape))
+
+
+@pytest.mark.parametrize("slots", [1, 8, 64, 256])
+def test_task_plan_a_large_volume_keeps_every_slot_busy(slots: int) -> None:
+    shape, chunks = (1024, 1024, 1024), (128, 128, 128)  # 2^30 voxels: a task at most
+    geometry = TileGeometry.for_unet(3, 3, min_output=(64, 64, 64))
+    layout = OutputLayout(shape, (64, 64, 64), auto_shard_shape(shape, (64, 64, 64), ndim=3))
+    task = auto_task_shape(described(shape, chunks), layout, geometry, slots=slots)
+    tasks = TaskPlan(layout, task).num_tasks
+    assert tasks >= min(slots, math.prod(shape) // SPLIT_VOXELS)  # 16 tasks of 2^26 at most
+    if slots <= 8:  # 2^30 / 8 voxels a task: the ring between tasks is thin enough
+        assert read_estimate(described(shape, chunks), layout, task, geometry).amplification < 2
+
+
+def test_task_plan_a_small_volume_is_not_split_to_fill_slots() -> None:
+    shape, chunks = (192, 256, 256), (64, 64, 64)  # 2^24 voxels: under SPLIT_VOXELS a slot
+    geometry = TileGeometry.for_unet(3, 3, min_output=(64, 64, 64))
+    layout = OutputLayout(shape, (64, 64, 64), auto_shard_shape(shape, (64, 64, 64), ndim=3))
+    volume = described(shape, chunks)
+    alone = auto_task_shape(volume, layout, geometry, slots=1)
+    assert auto_task_shape(volume, layout, geometry, slots=16) == alone
+    assert math.prod(shape) < 16 * SPLIT_VOXELS
 
 
 def test_task_plan_tasks_hold_every_shard_once_and_skip_the_done_ones() -> None:

@@ -152,7 +152,7 @@ def _add_prediction_options(p: argparse.ArgumentParser) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from unet_volume.cluster import dashboard_link
-    from unet_volume.predict import plan_prediction, run_plan
+    from unet_volume.predict import fit_to_workers, plan_prediction, run_plan
 
     options = options_from(args, PredictOptions)
     # Checked before anything is said or started; an automatic block is picked again below,
@@ -161,11 +161,12 @@ def _predict(args: argparse.Namespace) -> None:
     if _complete(plan):
         return
     with client_from(args) as active:
+        workers = active.scheduler_info(n_workers=-1)["workers"]
         if options.block_shape == "auto":
-            workers = active.scheduler_info(n_workers=-1)["workers"]
             plan = plan_prediction(args.model, args.image, args.output, options, workers=workers)
             if _complete(plan):
                 return
+        plan = fit_to_workers(plan, options, workers)
         _say_plan(plan, active)
         existing = plan.existing
         if existing is not None:

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -204,6 +204,18 @@ def gpu_resources(client: Client) -> dict[str, float] | None:
     if any(worker.get("resources", {}).get("GPU", 0) >= 1 for worker in workers):
         return {"GPU": 1 / TASKS_PER_GPU}
     return None
+
+
+def task_slots(workers: Mapping[str, Mapping[str, Any]]) -> int:
+    """The block tasks ``workers`` (``scheduler_info()["workers"]``) run at once: on GPU workers
+    up to :data:`TASKS_PER_GPU` per GPU (as many as each has threads), else one per thread;
+    at least 1 (no workers known: plan for one)."""
+    gpus = [w for w in workers.values() if w.get("resources", {}).get("GPU", 0) >= 1]
+    if gpus:
+        return sum(
+            min(int(w.get("nthreads", 1)), int(w["resources"]["GPU"] * TASKS_PER_GPU)) for w in gpus
+        )
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
 def worker_threads() -> int:

@@ -72,9 +72,27 @@ def input_exists(url: str) -> bool:
         return exists(match["file"])
     if exists(url):
         return True
-    return input_kind(url) == "zarr" and any(
-        exists(f"{url.rstrip('/')}/{key}") for key in ZARR_METADATA
-    )
+    if input_kind(url) != "zarr":
+        return False
+    keys = [f"{url.rstrip('/')}/{key}" for key in ZARR_METADATA]
+    if any(exists(key) for key in keys):
+        return True
+    if url.startswith(("http://", "https://")):
+        _raise_refusal(keys[0])
+    return False
+
+
+def _raise_refusal(url: str) -> None:
+    """Raise a web server's refusal (403) of ``url``: fsspec's ``exists`` says no for it, as
+    for a missing file, and a user would look for a typo instead of a permission."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs.cat_file(path)
+    except FileNotFoundError:
+        pass
+    except Exception as error:
+        if getattr(error, "status", None) == 403:
+            raise PermissionError(f"403 {getattr(error, 'message', 'Forbidden')}") from error
 
 
 def _hdf5_dataset(url: str, file: Any) -> Any:

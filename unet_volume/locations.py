@@ -116,11 +116,18 @@ def access_denied(url: str, error: BaseException) -> InputError | None:
     if not isinstance(error, PermissionError) and getattr(error, "status", None) != 403:
         return None
     reason = str(error).splitlines()[0] if str(error) else "403"
-    return InputError(
-        f"{url}: access denied ({type(error).__name__}: {reason}); check the credentials "
-        "(AWS_* variables, ~/.aws/credentials, storage_options in a cluster spec) and that "
-        "they may read it (the bucket's policy; a local file's permissions)"
-    )
+    if str(url).startswith(("http://", "https://")):
+        check = (
+            "check that the web server lets this machine read it (its access rules, or the "
+            "headers it asks for, as storage_options in a cluster spec)"
+        )
+    else:
+        check = (
+            "check the credentials (AWS_* variables, ~/.aws/credentials, storage_options in a "
+            "cluster spec) and that they may read it (the bucket's policy; a local file's "
+            "permissions)"
+        )
+    return InputError(f"{url}: access denied ({type(error).__name__}: {reason}); {check}")
 
 
 def remove_output(url: str) -> None:

@@ -27,7 +27,7 @@ from unet_volume.checkpoint import (
     checkpoint_from_bytes,
     read_checkpoint_bytes,
 )
-from unet_volume.cluster import gpu_resources, open_client
+from unet_volume.cluster import gpu_resources, open_client, task_slots
 from unet_volume.engine import Predictor, RunReport, run_prediction
 from unet_volume.errors import InputError
 from unet_volume.geometry import Shape, within
@@ -144,7 +144,9 @@ def plan_prediction(
         wanted_shard = recorded_shard_shape(absolute(output), shape)
     shard = plan_shards(volume.shape, shape, wanted_shard, ndim=info.config.ndim)
     layout = OutputLayout(volume.shape, shape, shard)
-    task = plan_task_shape(volume, layout, geometry, options.task_shape)
+    task = plan_task_shape(
+        volume, layout, geometry, options.task_shape, slots=task_slots(workers or {})
+    )
     check_run_limits(options.max_failures, options.stall_after)
     output_url = absolute(output)  # workers may not share our working directory
     identity = run_identity(info, volume, shape, geometry, dtype, tta=options.tta)
@@ -286,8 +288,10 @@ def predict_volume(
     incomplete output of the same run (model, geometry, dtype, input) is resumed: only its
     missing blocks are computed (:attr:`RunReport.skipped` counts the others).
     """
-    plan = plan_prediction(model, image, output, replace(options, **changes))
+    options = replace(options, **changes)
+    plan = plan_prediction(model, image, output, options)
     with nullcontext(client) if client is not None else open_client() as active:
+        plan = fit_to_workers(plan, options, active.scheduler_info(n_workers=-1)["workers"])
         return run_plan(plan, active, progress=progress)
 
 
@@ -348,14 +352,35 @@ def recorded_shard_shape(output_url: str, block_shape: Shape) -> Shape | None:
 
 
 def plan_task_shape(
-    volume: Volume, layout: OutputLayout, geometry: TileGeometry, wanted: Sequence[int] | None
+    volume: Volume,
+    layout: OutputLayout,
+    geometry: TileGeometry,
+    wanted: Sequence[int] | None,
+    *,
+    slots: int = 1,
 ) -> Shape:
-    """The task shape: ``wanted`` (checked), else the automatic one; no larger than the volume
-    rounded up to whole shards."""
+    """The task shape: ``wanted`` (checked), else the automatic one for workers that run
+    ``slots`` tasks at once; no larger than the volume rounded up to whole shards."""
     if wanted is None:
-        return auto_task_shape(volume, layout, geometry)
+        return auto_task_shape(volume, layout, geometry, slots=slots)
     shape = check_shard_shape(wanted, layout.shard_shape, name="task", unit="shard")
     return within(shape, volume.shape, layout.shard_shape)
+
+
+def fit_to_workers(
+    plan: PredictionPlan, options: PredictOptions, workers: Mapping[str, Mapping[str, Any]]
+) -> PredictionPlan:
+    """``plan`` (made with ``options`` before the cluster was known) with its automatic task
+    shape chosen again for ``workers`` (``scheduler_info()["workers"]``): enough tasks to keep
+    them busy.
+
+    An automatic block shape depends on the workers too, but through the whole plan: plan
+    again with ``workers`` for that (:func:`plan_prediction`).
+    """
+    if options.task_shape is not None:
+        return plan
+    task = plan_task_shape(plan.volume, plan.layout, plan.geometry, None, slots=task_slots(workers))
+    return replace(plan, task_shape=task)
 
 
 def check_threshold(threshold: float | None, num_classes: int) -> None:

@@ -40,6 +40,11 @@ READ_TARGET = 1.1
 """Chunks fetched per chunk stored at which a task stops growing."""
 TASK_VOXELS = 2**30
 """Output voxels one task may hold at most (its shards are written one at a time)."""
+SPLIT_VOXELS = 2**26
+"""Tasks stop growing before they are fewer than the workers' slots, or than the volume holds
+this many output voxels: a volume of a few times this is read once by a few tasks (one, often),
+while all the slots would buy seconds at the price of reading the rings between the tasks
+again (1.5 to 2x the stored chunks, for the small 3D layouts of the benchmark)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,22 +166,28 @@ def auto_task_shape(
     layout: OutputLayout,
     geometry: TileGeometry,
     *,
+    slots: int = 1,
     target: float = READ_TARGET,
     max_voxels: int = TASK_VOXELS,
 ) -> Shape:
     """The task a run gets when none is given: one shard, doubled along the axis that cuts the
     read amplification most, while that cuts it, until it is at most ``target``; never past
-    ``max_voxels`` output voxels or the volume.
+    ``max_voxels`` output voxels or the volume, nor to fewer tasks than ``slots`` (the tasks
+    the workers run at once), or than the volume holds :data:`SPLIT_VOXELS`.
 
-    A function of the volume's shape and chunks, the layout and the geometry alone; the task
-    shape changes how a run reads, never what it writes, so a run may resume with another.
+    A function of the volume's shape and chunks, the layout, the geometry and the slots alone;
+    the task shape changes how a run reads, never what it writes, so a run may resume with
+    another.
     """
     shard, grid = layout.shard_shape, layout.shard_grid
     per = [1, 1, 1]
+    keep = max(1, min(slots, math.prod(layout.volume_shape) // SPLIT_VOXELS))
+
+    def shaped(blocks: Sequence[int]) -> Shape:
+        return tuple(p * s for p, s in zip(blocks, shard))
 
     def measure(blocks: Sequence[int]) -> float:
-        shape = tuple(p * s for p, s in zip(blocks, shard))
-        return read_estimate(volume, layout, shape, geometry).amplification
+        return read_estimate(volume, layout, shaped(blocks), geometry).amplification
 
     best = measure(per)
     while best > target:
@@ -186,12 +197,15 @@ def auto_task_shape(
                 continue
             grown = [min(2 * p, g) if a == axis else p for a, (p, g) in enumerate(zip(per, grid))]
             extent = (min(p * s, n) for p, s, n in zip(grown, shard, layout.volume_shape))
-            if math.prod(extent) <= max_voxels:
+            if (
+                math.prod(extent) <= max_voxels
+                and TaskPlan(layout, shaped(grown)).num_tasks >= keep
+            ):
                 options.append((measure(grown), axis, grown))
         if not options or min(options)[0] >= best:
             break
         best, _, per = min(options)
-    return tuple(p * s for p, s in zip(per, shard))
+    return shaped(per)
 
 
 def held_voxels(
