@@ -26,7 +26,7 @@ from dask_jobqueue import SLURMCluster
 from distributed import Client, LocalCluster
 from packaging.requirements import Requirement
 
-from unet_volume.cluster import TASKS_PER_GPU
+from unet_volume.cluster import TASKS_PER_GPU, StorageOptions
 from unet_volume.cluster_spec import (
     DIRECTORY_VARIABLE,
     ONE_ARENA,
@@ -272,6 +272,11 @@ def test_load_cluster_spec_finds_bare_names_in_the_environment_directory(
             r"has both scale and adapt; keep one",
             id="scale-and-adapt",
         ),
+        pytest.param(
+            "kind: local\nstorage_options: {endpoint_url: http://s3.example}\n",
+            r"has storage_options of the wrong shape; write a mapping per protocol, e.g.",
+            id="storage-options-not-per-protocol",
+        ),
     ],
 )
 def test_load_cluster_spec_rejects_bad_files_naming_the_fix(
@@ -291,6 +296,18 @@ def test_load_cluster_spec_adapt_is_read_and_an_adaptive_spec_from_zero_starts_e
     spec = load_cluster_spec(tmp_path / "a.yaml")
     assert (spec.adapt, spec.scale, spec.starts_empty) == ({"minimum": 0, "maximum": 2}, None, True)
     assert "adapt" not in spec.options
+
+
+def test_load_cluster_spec_storage_options_are_kept_apart_and_out_of_its_repr(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.yaml").write_text(
+        "kind: local\nn_workers: 1\nstorage_options:\n  s3: {profile: lab, secret: hush}\n"
+    )
+    spec = load_cluster_spec(tmp_path / "s.yaml")
+    assert spec.storage_options == {"s3": {"profile": "lab", "secret": "hush"}}
+    assert "storage_options" not in spec.options  # not for the cluster's constructor
+    assert "hush" not in repr(spec) and "hush" not in repr(StorageOptions(spec.storage_options))
 
 
 def test_make_cluster_slurm_cpu_spec_renders_loopback_workers_that_die_with_their_scheduler() -> (

@@ -226,6 +226,26 @@ def test_remote_predict_reads_an_input_served_over_plain_http(
     assert requests <= 1.5 * stored + 3  # each chunk about once, plus the fingerprint's three
 
 
+def test_remote_workers_take_the_storage_options_of_their_cluster_spec(
+    image: tuple[str, str], model_path: Path, local_prediction: str, tmp_path: Path
+) -> None:
+    # The spec sends the workers' S3 requests through a counting proxy; this process keeps
+    # its environment's endpoint (the store itself), so only the workers' reads pass there.
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    out = f"s3://{BUCKET}/through-spec.zarr"
+    with CountingProxy(endpoint) as proxy:
+        spec = tmp_path / "one-worker.yaml"
+        spec.write_text(
+            "kind: local\nn_workers: 1\nthreads_per_worker: 1\n"
+            f"storage_options:\n  s3: {{endpoint_url: '{proxy.url}'}}\n"
+        )
+        assert main([*predict_args(image[1], out, model_path), "--cluster", str(spec)]) == EXIT_OK
+        requests, _ = proxy.traffic.total(under=f"/{BUCKET}/in.zarr/", chunks=True)
+    assert_same_arrays(out, local_prediction, ("probabilities", "segmentation"))
+    stored = len(fsspec.filesystem("s3").find(f"{BUCKET}/in.zarr/c"))
+    assert requests >= stored  # every input chunk, read by the worker through the proxy
+
+
 def test_remote_a_web_server_that_refuses_the_input_is_access_denied_not_missing(
     image: tuple[str, str], model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

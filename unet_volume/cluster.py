@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import fsspec.config
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
 from unet_volume import heap
@@ -82,7 +83,10 @@ def open_client(
         if spec is not None
         else start_local_cluster(_local_options(n_workers, dashboard=dashboard))
     )
+    storage = StorageOptions(spec.storage_options if spec is not None else {})
     with started, Client(started) as client:
+        if storage.options:  # before any block runs; workers that join later get it too
+            client.register_plugin(storage)
         if spec is None or not spec.starts_empty:  # an adaptive one asks when blocks queue up
             client.wait_for_workers(1)
         if quiet:
@@ -146,6 +150,29 @@ class QuietTaskErrors(WorkerPlugin):
 
 SCHEDULER_ADDRESS = re.compile(r"(tcp|tls|ucx|ws|wss|inproc)://[^\s/]+(:\d+)?(/[^\s]*)?")
 """A Dask scheduler address: a protocol Dask speaks and a host, no spaces."""
+
+
+class StorageOptions(WorkerPlugin):
+    """fsspec's keyword arguments per protocol (a cluster spec's ``storage_options``), set as
+    fsspec's own defaults (``fsspec.config.conf``) in each worker process: every filesystem
+    opened from a URL there takes them. This process (which plans, creates the output and
+    records the run) takes its environment and the AWS config files, as any fsspec program.
+
+    Credentials may be among them: they live in the workers' memory only, never in a run's
+    records, and this object's repr names the protocols alone.
+    """
+
+    name = "unet-volume-storage-options"
+
+    def __init__(self, options: Mapping[str, Mapping[str, Any]]) -> None:
+        self.options = {protocol: dict(kwargs) for protocol, kwargs in options.items()}
+
+    def __repr__(self) -> str:
+        return f"StorageOptions({sorted(self.options)})"
+
+    def setup(self, worker: Any) -> None:
+        for protocol, kwargs in self.options.items():
+            fsspec.config.conf.setdefault(protocol, {}).update(kwargs)
 
 
 def _check_cluster_choice(

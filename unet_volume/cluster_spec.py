@@ -5,12 +5,15 @@ verbatim, to its constructor (``local``: ``distributed.LocalCluster``, ``slurm``
 ``dask_jobqueue.SLURMCluster``, ``kubernetes``: ``dask_kubernetes.operator.KubeCluster``);
 an optional ``scale`` key asks for that many workers (SLURM jobs, worker pods) once it
 has started, or ``adapt: {minimum: 0, maximum: 8}`` lets Dask ask for workers as blocks queue
-up and release them when idle::
+up and release them when idle; ``storage_options`` gives fsspec's options per protocol to this
+process and to every worker (an object store's endpoint, a profile of the AWS config files)::
 
     kind: slurm
     scale: 4
     cores: 1
     memory: 32GiB
+    storage_options:
+      s3: {endpoint_url: "https://s3.institute.example", profile: segmentation}
 
 Keeping settings as data means one code path for every site: a site edits its own
 copy of a spec (account, partition, image), never the code, and the upstream
@@ -133,7 +136,8 @@ class ClusterSpec:
 
     ``options`` go verbatim to the upstream constructor; ``scale`` (None: leave the
     constructor's default) is requested after start, or ``adapt`` (``minimum``, ``maximum``
-    workers) makes the cluster adaptive; ``name`` is the file's stem.
+    workers) makes the cluster adaptive; ``storage_options`` are fsspec's keyword arguments
+    per protocol (:class:`~unet_volume.cluster.StorageOptions`); ``name`` is the file's stem.
 
     >>> spec = ClusterSpec("one", "local", {"n_workers": 1}, None, Path("one.yaml"))
     >>> spec.kind, spec.options["n_workers"], spec.scale
@@ -146,6 +150,7 @@ class ClusterSpec:
     scale: int | None
     path: Path
     adapt: dict[str, int] | None = field(default=None, hash=False)
+    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def starts_empty(self) -> bool:
@@ -190,6 +195,7 @@ def load_cluster_spec(name_or_path: str | Path, *, directory: Path | None = None
             f"cluster spec {path} has scale {scale!r}; set 'scale:' to a worker count >= 0 or null"
         )
     adapt = _adapt_option(options.pop("adapt", None), path)
+    storage = _storage_option(options.pop("storage_options", None), path)
     if adapt is not None and scale is not None:
         raise InputError(
             f"cluster spec {path} has both scale and adapt; keep one (adapt: a minimum and a "
@@ -202,7 +208,21 @@ def load_cluster_spec(name_or_path: str | Path, *, directory: Path | None = None
     for key in PATH_OPTIONS.get(kind, ()):
         if isinstance(options.get(key), str):
             options[key] = str((path.parent / Path(options[key]).expanduser()).resolve())
-    return ClusterSpec(path.stem, cast(Kind, kind), options, scale, path, adapt)
+    return ClusterSpec(path.stem, cast(Kind, kind), options, scale, path, adapt, storage)
+
+
+def _storage_option(value: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """``storage_options: {s3: {endpoint_url: ...}}`` checked: a mapping per protocol."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) for k, v in value.items()
+    ):
+        raise InputError(
+            f"cluster spec {path} has storage_options of the wrong shape; write a mapping per "
+            "protocol, e.g. 'storage_options: {s3: {endpoint_url: https://s3.example}}'"
+        )
+    return {protocol: dict(kwargs) for protocol, kwargs in value.items()}
 
 
 def _adapt_option(value: Any, path: Path) -> dict[str, int] | None:

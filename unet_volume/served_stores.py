@@ -24,6 +24,7 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -82,13 +83,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-answer (as aiohttp does on a refusal, or a dropped
+        connection injected on purpose) is the client's business: said nowhere. Anything else
+        is printed, as the standard server does."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class _Server:
     """A threading HTTP server on 127.0.0.1, run in a daemon thread until :meth:`close`."""
 
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self.traffic = Traffic()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", 0), handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
