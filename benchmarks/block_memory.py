@@ -3,7 +3,7 @@
 Each case runs one block task in a fresh process (the real ``predict_block``: read, predict tile
 by tile, write, mark done, with the model already loaded as in a worker; or a weight-map block)
 and reads its peak resident memory (``ru_maxrss``) above the process's peak before the task.
-Prints the estimate of :mod:`unet_volume.block_memory` beside it; the planner refuses blocks
+Prints the estimate of :mod:`unet_volume.prediction.memory` beside it; the planner refuses blocks
 whose estimate exceeds the workers' memory limit, so an estimate far below the peak would let
 workers die, and one far above would refuse blocks that fit.
 
@@ -54,15 +54,15 @@ def _prediction_block(root, ndim, depth, base, block, tile, rng):  # type: ignor
     """The real block task of a one-block prediction, its model loaded (once per worker)."""
     import zarr
 
-    from unet_volume.block_memory import prediction_memory
-    from unet_volume.checkpoint import save_model
-    from unet_volume.engine import predict_block
     from unet_volume.geometry import Box
-    from unet_volume.model import UNet
-    from unet_volume.predict import create_planned_output, plan_prediction
-    from unet_volume.predict_config import PredictOptions
-    from unet_volume.prediction_store import PredictionStore
-    from unet_volume.predictor import ModelPredictor
+    from unet_volume.models.checkpoint import save_model
+    from unet_volume.models.unet import UNet
+    from unet_volume.output.prediction import PredictionStore
+    from unet_volume.prediction.engine import predict_block
+    from unet_volume.prediction.memory import prediction_memory
+    from unet_volume.prediction.model_predictor import ModelPredictor
+    from unet_volume.prediction.options import PredictOptions
+    from unet_volume.prediction.run import create_planned_output, plan_prediction
     from unet_volume.tiling import plan_blocks, read_box_of
 
     image = zarr.create_array(f"{root}/in.zarr", shape=block, chunks=block, dtype="uint8")
@@ -93,9 +93,9 @@ def _weight_block(ndim, block, rng):  # type: ignore[no-untyped-def]
     import numpy as np
     from scipy import ndimage
 
-    from unet_volume.block_memory import weight_memory
     from unet_volume.geometry import Box
-    from unet_volume.weight_map import WeightMapConfig, halo_for, weight_map
+    from unet_volume.prediction.memory import weight_memory
+    from unet_volume.training.weight_map import WeightMapConfig, halo_for, weight_map
 
     config = WeightMapConfig(ndim=ndim)
     read = Box.from_shape(block).grow(halo_for(config)).shape

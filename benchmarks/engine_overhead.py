@@ -11,7 +11,7 @@ LocalCluster of 2 single-threaded worker processes, uint8 input and output:
 
 Each case runs twice (each --repeats times, the median run shown): one task per block
 (unsharded), then one task per automatic shard of
-blocks (:func:`unet_volume.layout.auto_shard_shape`; one object per shard and array). Prints
+blocks (:func:`unet_volume.grid.auto_shard_shape`; one object per shard and array). Prints
 blocks/s, Mvoxel/s per worker, and read / predict / write milliseconds per block.
 
 (c) Where the "predict" stage of one 1x512x512 block goes around a near-free net (1 base
@@ -36,14 +36,14 @@ import numpy as np
 import torch
 import zarr
 
-from unet_volume.checkpoint import checkpoint_bytes
-from unet_volume.cluster import open_client
-from unet_volume.engine import run_prediction
-from unet_volume.layout import auto_shard_shape
-from unet_volume.model import UNet
-from unet_volume.prediction_store import create_prediction, encode_probabilities, segment
-from unet_volume.predictor import ModelPredictor
-from unet_volume.storage import open_volume
+from unet_volume.cluster.client import open_client
+from unet_volume.grid import auto_shard_shape
+from unet_volume.io.volumes import open_volume
+from unet_volume.models.checkpoint import checkpoint_bytes
+from unet_volume.models.unet import UNet
+from unet_volume.output.prediction import create_prediction, encode_probabilities, segment
+from unet_volume.prediction.engine import run_prediction
+from unet_volume.prediction.model_predictor import ModelPredictor
 from unet_volume.testing import CropPredictor
 from unet_volume.tiling import TileGeometry, count_blocks
 

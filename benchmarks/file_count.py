@@ -3,7 +3,7 @@
 Writes a real prediction of a (64, 1024, 1024) volume in 1x512x512 blocks twice (crop probe,
 2 workers): unsharded (one object per block and array, one done marker per block) and with
 the automatic shards. Counts the files of each, checks the count against
-:meth:`unet_volume.layout.OutputLayout.objects`, and prints what the same layouts give for a
+:meth:`unet_volume.grid.OutputLayout.objects`, and prints what the same layouts give for a
 1 TB uint8 volume, (4000, 16384, 16384).
 
     .venv/bin/python benchmarks/file_count.py [--workdir DIR]
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from unet_volume.cluster import open_client
-from unet_volume.engine import run_prediction
-from unet_volume.layout import OutputLayout, auto_shard_shape
-from unet_volume.prediction_store import create_prediction
-from unet_volume.storage import open_volume
+from unet_volume.cluster.client import open_client
+from unet_volume.grid import OutputLayout, auto_shard_shape
+from unet_volume.io.volumes import open_volume
+from unet_volume.output.prediction import create_prediction
+from unet_volume.prediction.engine import run_prediction
 from unet_volume.testing import CropPredictor
 from unet_volume.tiling import TileGeometry
 

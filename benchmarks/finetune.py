@@ -26,9 +26,9 @@ import numpy as np
 import tifffile
 from isbi import IMAGE, LABELS, VALIDATION, interior_probability, scores
 
-from unet_volume.checkpoint import read_checkpoint
-from unet_volume.cluster import open_client
-from unet_volume.train import TrainConfig, train
+from unet_volume.cluster.client import open_client
+from unet_volume.models.checkpoint import read_checkpoint
+from unet_volume.training.loop import TrainConfig, train
 
 GAMMA = 2.5
 

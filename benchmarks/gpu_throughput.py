@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from dask.distributed import Client, LocalCluster
 
-from unet_volume.checkpoint import checkpoint_bytes
-from unet_volume.model import UNet
-from unet_volume.predict import predict_volume
-from unet_volume.predictor import ModelPredictor
+from unet_volume.models.checkpoint import checkpoint_bytes
+from unet_volume.models.unet import UNet
+from unet_volume.prediction.model_predictor import ModelPredictor
+from unet_volume.prediction.run import predict_volume
 
 NETS = {"paper (base 64)": 64, "base 16": 16}
 PRECISIONS = ("float32", "bfloat16")

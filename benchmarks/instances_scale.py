@@ -24,10 +24,10 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from unet_volume.cluster import open_client
-from unet_volume.heap import peak_resident_mb
-from unet_volume.instances import label_instances
-from unet_volume.watershed import WatershedConfig
+from unet_volume.cluster.client import open_client
+from unet_volume.cluster.malloc import peak_resident_mb
+from unet_volume.instances.labelling import label_instances
+from unet_volume.instances.watershed import WatershedConfig
 
 SMOOTH = 7
 THRESHOLD = 0.5 + 1.28 * (1 / 12 / SMOOTH**3) ** 0.5

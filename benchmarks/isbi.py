@@ -2,7 +2,7 @@
 
 Slices 0-19 train, 20-24 are held out (the ISBI README's split). Scores are the whole-range
 pixel error and adapted Rand error of the thresholded foreground probability, as
-``unet_volume.evaluation.evaluate`` defines them.
+``unet_volume.evaluation.scores.evaluate`` defines them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from distributed import Client
 
-from unet_volume.evaluation import evaluate
-from unet_volume.instances import label_instances
-from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import open_prediction
-from unet_volume.watershed import WatershedConfig
+from unet_volume.evaluation.scores import evaluate
+from unet_volume.instances.labelling import label_instances
+from unet_volume.instances.watershed import WatershedConfig
+from unet_volume.output.prediction import open_prediction
+from unet_volume.prediction.run import predict_volume
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")

@@ -1,9 +1,9 @@
 """Segmentation quality on ISBI 2012: train on slices 0-19, score the held-out slices 20-24.
 
-Trains with the library (``unet_volume.train.train``) for a time budget, predicts the whole
+Trains with the library (``unet_volume.training.loop.train``) for a time budget, predicts the whole
 stack with the engine (``predict_volume`` on a 2-worker LocalCluster), and prints, for the
 validation slices, the pixel error and the adapted Rand error (ISBI definitions,
-``unet_volume.evaluation.evaluate``), with the training time and all settings.
+``unet_volume.evaluation.scores.evaluate``), with the training time and all settings.
 
 Three read-outs, each with and without test-time augmentation: the argmax segmentation
 (probability threshold 0.5); the foreground threshold that scores best on the *training*
@@ -42,11 +42,11 @@ from isbi import (
     watershed_labels,
 )
 
-from unet_volume.checkpoint import read_checkpoint
-from unet_volume.cluster import open_client
-from unet_volume.options import parse_floats
-from unet_volume.train import TrainConfig, train
-from unet_volume.unet_config import UNetConfig
+from unet_volume.cluster.client import open_client
+from unet_volume.models.checkpoint import read_checkpoint
+from unet_volume.models.config import UNetConfig
+from unet_volume.option_fields import parse_floats
+from unet_volume.training.loop import TrainConfig, train
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The binary map's, for pixel error: its best sits at 0.1-0.15 and moves it by 0.001 per 0.01.

@@ -11,7 +11,7 @@
 A net trained with flips and turns (``--augment paper`` or ``plain``) sees every orientation
 of every label, so it cannot learn an offset that is bound to the image's orientation: its best
 shift is the offset. A net trained ``--augment upright`` learns it (best shift 0) and loses the
-flips; one trained ``--label-offset Y,X`` (:mod:`unet_volume.registration`) keeps the flips and
+flips; one trained ``--label-offset Y,X`` (:mod:`unet_volume.label_offset`) keeps the flips and
 predicts on the image moved by the offset: its best shift is 0 as well.
 
     .venv/bin/python benchmarks/label_offset.py --prediction runs/held-out/prediction_tta.zarr
@@ -28,7 +28,7 @@ import tifffile
 from isbi import IMAGE, LABELS, TRAIN, VALIDATION
 from scipy import ndimage
 
-from unet_volume.prediction_store import open_prediction
+from unet_volume.output.prediction import open_prediction
 
 STEPS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.95, 0.05))

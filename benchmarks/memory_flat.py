@@ -41,10 +41,10 @@ def one_size(root: Path, gigabytes: float) -> dict[str, float]:
     """Generate, predict and measure one volume (run in its own process)."""
     import torch
 
-    from unet_volume.cluster import open_client
-    from unet_volume.heap import peak_resident_mb
-    from unet_volume.model import UNet
-    from unet_volume.predict import predict_volume
+    from unet_volume.cluster.client import open_client
+    from unet_volume.cluster.malloc import peak_resident_mb
+    from unet_volume.models.unet import UNet
+    from unet_volume.prediction.run import predict_volume
 
     image = root / f"in-{gigabytes:g}.zarr"
     shape = write_volume(image, gigabytes)  # written beforehand, by another process

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from unet_volume.checkpoint import save_model
-from unet_volume.cluster import open_client
-from unet_volume.model import UNet
-from unet_volume.predict import predict_volume
+from unet_volume.cluster.client import open_client
+from unet_volume.models.checkpoint import save_model
+from unet_volume.models.unet import UNet
+from unet_volume.prediction.run import predict_volume
 
 VOLUME = (16, 1024, 1024)
 METADATA = {"normalization": {"mean": 127.5, "std": 64.0}}

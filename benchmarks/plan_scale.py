@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 import zarr
 
-from unet_volume.cluster import open_client
-from unet_volume.engine import run_prediction
-from unet_volume.model import UNet
-from unet_volume.output_run import read_status
-from unet_volume.predict import create_planned_output, plan_prediction
-from unet_volume.predict_config import PredictOptions
-from unet_volume.prediction_store import PredictionStore
+from unet_volume.cluster.client import open_client
+from unet_volume.models.unet import UNet
+from unet_volume.output.lifecycle import read_status
+from unet_volume.output.prediction import PredictionStore
+from unet_volume.prediction.engine import run_prediction
+from unet_volume.prediction.options import PredictOptions
+from unet_volume.prediction.run import create_planned_output, plan_prediction
 
 WORKERS = 2
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unet_volume.cluster import open_client
-from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import open_prediction
-from unet_volume.storage import convert_to_zarr
-from unet_volume.train import TrainConfig, train
+from unet_volume.cluster.client import open_client
+from unet_volume.io.volumes import convert_to_zarr
+from unet_volume.output.prediction import open_prediction
+from unet_volume.prediction.run import predict_volume
+from unet_volume.training.loop import TrainConfig, train
 
 ISBI = Path(__file__).resolve().parents[1] / "data" / "isbi2012"
 

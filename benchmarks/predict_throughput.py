@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import zarr
 
-from unet_volume.checkpoint import checkpoint_bytes, save_model
-from unet_volume.cluster import open_client
-from unet_volume.model import UNet
-from unet_volume.predict import predict_volume
-from unet_volume.predictor import ModelPredictor
+from unet_volume.cluster.client import open_client
+from unet_volume.models.checkpoint import checkpoint_bytes, save_model
+from unet_volume.models.unet import UNet
+from unet_volume.prediction.model_predictor import ModelPredictor
+from unet_volume.prediction.run import predict_volume
 
 BLOCK = (1, 512, 512)
 VOLUME = (16, 1024, 1024)

@@ -22,10 +22,10 @@ import tifffile
 import zarr
 from isbi import IMAGE
 
-from unet_volume.cluster import open_client
-from unet_volume.instances import label_instances
-from unet_volume.ome import publish_levels
-from unet_volume.predict import predict_volume
+from unet_volume.cluster.client import open_client
+from unet_volume.instances.labelling import label_instances
+from unet_volume.output.ome import publish_levels
+from unet_volume.prediction.run import predict_volume
 
 VOXEL = (50.0, 4.0, 4.0)
 

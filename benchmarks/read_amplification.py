@@ -40,12 +40,12 @@ import fsspec
 import numpy as np
 import zarr
 
-from unet_volume.checkpoint import save_model
-from unet_volume.cluster import open_client
-from unet_volume.model import UNet
-from unet_volume.predict import fit_to_workers, plan_prediction, run_plan
-from unet_volume.predict_config import PredictOptions
-from unet_volume.served_stores import CountingProxy, FolderServer, S3Server, s3_environment
+from unet_volume.cluster.client import open_client
+from unet_volume.models.checkpoint import save_model
+from unet_volume.models.unet import UNet
+from unet_volume.prediction.options import PredictOptions
+from unet_volume.prediction.run import fit_to_workers, plan_prediction, run_plan
+from unet_volume.testing.stores import CountingProxy, FolderServer, S3Server, s3_environment
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import zarr
 
-from unet_volume.checkpoint import save_model
-from unet_volume.model import UNet
-from unet_volume.run_record import done_blocks
+from unet_volume.models.checkpoint import save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.bookkeeping import done_blocks
 from unet_volume.testing import blob_volume, write_zarr
 
 SHAPE, BLOCK, WORKERS = (32, 256, 256), "1,64,64", 2

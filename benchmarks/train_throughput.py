@@ -2,7 +2,7 @@
 
 A training step convolves each tile's input, halo included, but only its output is scored, so
 the figure that buys quality per minute is output voxels per second, not steps. Each case runs
-the library's own loop (``unet_volume.train.train``: sampling from the ISBI 2012 stack,
+the library's own loop (``unet_volume.training.loop.train``: sampling from the ISBI 2012 stack,
 augmentation, forward, weighted loss, backward, Adam) for ``--steps`` steps, after a warm-up
 run of 2 steps that is not counted, and prints:
 
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unet_volume.model import UNet, channels_last
-from unet_volume.train import TrainConfig, train, weighted_cross_entropy
+from unet_volume.models.unet import UNet, channels_last
+from unet_volume.training.loop import TrainConfig, train, weighted_cross_entropy
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 IMAGE, LABELS = str(DATA / "train-volume.tif"), str(DATA / "train-labels.tif")

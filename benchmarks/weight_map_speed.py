@@ -24,10 +24,10 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from unet_volume.cluster import open_client
+from unet_volume.cluster.client import open_client
 from unet_volume.geometry import Box
-from unet_volume.weight_map import WeightMapConfig, halo_for, weight_map
-from unet_volume.weight_volume import compute_weight_volume
+from unet_volume.training.weight_map import WeightMapConfig, halo_for, weight_map
+from unet_volume.training.weight_volume import compute_weight_volume
 
 CONFIG = WeightMapConfig(w0=10.0, sigma=5.0, ndim=3)
 

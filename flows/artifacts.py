@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from unet_volume.locations import absolute
-from unet_volume.preview import IMAGE_BUDGET, data_url
+from unet_volume.io.locations import absolute
+from unet_volume.output.preview import IMAGE_BUDGET, data_url
 
 
 def embedded_image(path: str | Path, alt: str, *, budget: int = IMAGE_BUDGET) -> str:
-    """Markdown showing the image at ``path`` inline (see :func:`~unet_volume.preview.data_url`),
+    """Markdown showing the image at ``path`` inline (see
+    :func:`~unet_volume.output.preview.data_url`),
     then where the full-size file is."""
     return f"![{alt}]({data_url(path, budget=budget)})\n\n{full_size(path)}"
 

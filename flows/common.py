@@ -17,9 +17,9 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from pydantic.json_schema import SkipJsonSchema
 
-from unet_volume.cluster import Client, open_client
+from unet_volume.cluster.client import Client, open_client
 from unet_volume.errors import is_transient
-from unet_volume.locations import check_location
+from unet_volume.io.locations import check_location
 from unet_volume.progress import Every, Progress, ProgressSink
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,7 +43,8 @@ def described(*configs: type, **own: str) -> Callable[[F], F]:
     """Give a flow function an ``Args:`` section that Prefect shows beside each parameter.
 
     A parameter's text comes from ``own``, else from the help of the same-named field of one
-    of the ``configs`` dataclasses (:func:`unet_volume.options.option`), where the CLI reads it
+    of the ``configs`` dataclasses (:func:`unet_volume.option_fields.option`), where the CLI reads
+    it
     too. A parameter with neither is a mistake, refused at import.
     """
 
@@ -89,7 +90,7 @@ DASK_LOG_LEVEL = "DASK_LOGGING__DISTRIBUTED"
 
 @contextmanager
 def flow_client(scheduler: str | None, cluster: str | None) -> Iterator[Client]:
-    """The Dask client of a flow task (:func:`~unet_volume.cluster.open_client`), with Dask's
+    """The Dask client of a flow task (:func:`~unet_volume.cluster.client.open_client`), with Dask's
     own INFO lines (connections, workers coming and going) kept out of the run's log unless
     :data:`VERBOSE` is set: an operator reads what the run does, not how Dask does it.
     """
@@ -114,7 +115,7 @@ def flow_client(scheduler: str | None, cluster: str | None) -> Iterator[Client]:
 def scheduler_address(scheduler: str | None, cluster: str | None) -> Iterator[str]:
     """The address of a cluster that lives as long as the block, for subflows to share.
 
-    The cluster is the one :func:`~unet_volume.cluster.open_client` picks (``scheduler``, a
+    The cluster is the one :func:`~unet_volume.cluster.client.open_client` picks (``scheduler``, a
     spec named ``cluster``, or a LocalCluster); subflows take its address as ``scheduler``.
     """
     with flow_client(scheduler, cluster) as client:  # a dashboard for the subflows to link

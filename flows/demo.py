@@ -18,13 +18,13 @@ from typing import Any
 
 from prefect import flow
 
-from unet_volume.cluster import open_client
-from unet_volume.evaluation import evaluate
-from unet_volume.instances import label_instances
-from unet_volume.prediction_store import open_prediction
-from unet_volume.shipped_models import shipped_models
-from unet_volume.storage import convert_to_zarr
-from unet_volume.train_config import DEFAULT_MINUTES
+from unet_volume.cluster.client import open_client
+from unet_volume.evaluation.scores import evaluate
+from unet_volume.instances.labelling import label_instances
+from unet_volume.io.volumes import convert_to_zarr
+from unet_volume.models.shipped import shipped_models
+from unet_volume.output.prediction import open_prediction
+from unet_volume.training.config import DEFAULT_MINUTES
 from unet_volume_flows.common import HiddenNone
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow

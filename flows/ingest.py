@@ -9,10 +9,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeFloat
 
-from unet_volume.checkpoint import read_checkpoint
-from unet_volume.landing import Arrival, due, find_volumes, settled_volumes
-from unet_volume.locations import absolute
-from unet_volume.predict_config import PredictOptions
+from unet_volume.io.locations import absolute
+from unet_volume.models.checkpoint import read_checkpoint
+from unet_volume.prediction.landing import Arrival, due, find_volumes, settled_volumes
+from unet_volume.prediction.options import PredictOptions
 from unet_volume_flows.common import (
     CLUSTER_HELP,
     STORAGE_RETRIES,

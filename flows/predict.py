@@ -12,18 +12,18 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from unet_volume.cluster import describe
-from unet_volume.engine import RunReport
-from unet_volume.instances import label_instances
-from unet_volume.locations import absolute
-from unet_volume.objects import read_objects, table_url
-from unet_volume.predict import PredictionPlan, fit_to_workers, plan_prediction, run_plan
-from unet_volume.predict_config import DEFAULT_OPTIONS, PredictOptions
-from unet_volume.prediction_store import OutputDtype, environment, record_provenance
-from unet_volume.preview import write_preview
+from unet_volume.cluster.client import describe
+from unet_volume.instances.labelling import label_instances
+from unet_volume.instances.objects import read_objects, table_url
+from unet_volume.instances.watershed import WatershedConfig
+from unet_volume.io.locations import absolute
+from unet_volume.models.shipped import model_file
+from unet_volume.output.prediction import OutputDtype, environment, record_provenance
+from unet_volume.output.preview import write_preview
+from unet_volume.prediction.engine import RunReport
+from unet_volume.prediction.options import DEFAULT_OPTIONS, PredictOptions
+from unet_volume.prediction.run import PredictionPlan, fit_to_workers, plan_prediction, run_plan
 from unet_volume.progress import duration
-from unet_volume.shipped_models import model_file
-from unet_volume.watershed import WatershedConfig
 from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (
     CLUSTER_HELP,
@@ -204,7 +204,7 @@ def predict_flow(
     ``out`` is a Zarr group. Blocks run on the Dask scheduler at ``scheduler``, on a cluster
     started from the spec named ``cluster`` (``deploy/clusters``), or on a LocalCluster.
     ``preview`` is the PNG to write (default: beside the output). The other defaults are
-    :class:`~unet_volume.predict.PredictOptions`'. Returns the run report as a dict.
+    :class:`~unet_volume.prediction.run.PredictOptions`'. Returns the run report as a dict.
 
     An incomplete output of the same run is resumed; failed blocks are recorded in it and the
     flow fails naming them (see ``unet-volume status OUT``).

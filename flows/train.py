@@ -13,18 +13,18 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from unet_volume.cluster import describe
-from unet_volume.evaluation import EvaluationReport, evaluate
-from unet_volume.locations import absolute
-from unet_volume.predict import plan_prediction, run_plan
-from unet_volume.predict_config import PredictOptions
-from unet_volume.preview import write_preview
+from unet_volume.cluster.client import describe
+from unet_volume.evaluation.scores import EvaluationReport, evaluate
+from unet_volume.io.locations import absolute
+from unet_volume.models.config import UNetConfig
+from unet_volume.output.preview import write_preview
+from unet_volume.prediction.options import PredictOptions
+from unet_volume.prediction.run import plan_prediction, run_plan
 from unet_volume.progress import duration
-from unet_volume.train import TrainConfig, TrainReport, check_training, train
-from unet_volume.train_config import Augment
-from unet_volume.unet_config import UNetConfig
-from unet_volume.weight_map import WeightMapConfig
-from unet_volume.weight_volume import compute_weight_volume
+from unet_volume.training.config import Augment
+from unet_volume.training.loop import TrainConfig, TrainReport, check_training, train
+from unet_volume.training.weight_map import WeightMapConfig
+from unet_volume.training.weight_volume import compute_weight_volume
 from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (
     CLUSTER_HELP,
@@ -196,7 +196,7 @@ def train_flow(
     the loss is weighted by the paper's weight map, else class-balanced. The net is 2D, ``depth``
     levels deep, trained on tiles of ``tile_output``² output voxels; with ``init`` it starts
     from that model's network and weights instead (fine-tuning). Defaults are
-    :class:`~unet_volume.train.TrainConfig`'s. Returns the figures.
+    :class:`~unet_volume.training.loop.TrainConfig`'s. Returns the figures.
     """
     check_locations(image=image, labels=labels, model=model, init=init)
     config = replace(

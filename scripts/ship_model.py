@@ -42,9 +42,9 @@ from isbi import (  # noqa: E402
     watershed_labels,
 )
 
-from unet_volume.checkpoint import read_checkpoint, save_model  # noqa: E402
-from unet_volume.cluster import open_client  # noqa: E402
-from unet_volume.shipped_models import INDEX, SHIPPED_DIR  # noqa: E402
+from unet_volume.cluster.client import open_client  # noqa: E402
+from unet_volume.models.checkpoint import read_checkpoint, save_model  # noqa: E402
+from unet_volume.models.shipped import INDEX, SHIPPED_DIR  # noqa: E402
 
 
 def recipe_lines(checkpoint_path: Path, held_out: dict) -> list[str]:

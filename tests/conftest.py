@@ -17,7 +17,7 @@ import pytest
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from hypothesis import settings
 
-from unet_volume.cluster_spec import local_cluster_config
+from unet_volume.cluster.spec import local_cluster_config
 
 settings.register_profile("ci", max_examples=50, deadline=None)
 settings.load_profile("ci")

@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unet_volume.augment import AugmentConfig, augment, required_apron
 from unet_volume.errors import InputError
+from unet_volume.training.augment import AugmentConfig, augment, required_apron
 
 TILE_2D = ((1, 52, 52), (1, 12, 12))  # (z, y, x) input and output; z is a batch of one slice
 TILE_3D = ((20, 36, 36), (8, 12, 12))

@@ -18,11 +18,11 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
-from unet_volume.checkpoint import save_model
-from unet_volume.cli import main
-from unet_volume.model import UNet
-from unet_volume.output_run import read_status
-from unet_volume.run_record import Lease, write_lease
+from unet_volume.cli.main import main
+from unet_volume.models.checkpoint import save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.bookkeeping import Lease, write_lease
+from unet_volume.output.lifecycle import read_status
 from unet_volume.testing import blob_labels, blob_volume, snapshot, write_zarr
 
 EXIT_USAGE = 2

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from unet_volume.checkpoint import (
+from unet_volume.errors import CheckpointError, InputError
+from unet_volume.models.checkpoint import (
     FORMAT,
     checkpoint_bytes,
     checkpoint_from_bytes,
@@ -23,8 +24,7 @@ from unet_volume.checkpoint import (
     read_checkpoint_bytes,
     save_model,
 )
-from unet_volume.errors import CheckpointError, InputError
-from unet_volume.model import UNet, UNetConfig
+from unet_volume.models.unet import UNet, UNetConfig
 
 METADATA: dict[str, Any] = {
     "normalization": {"mean": 0.25, "std": 0.125},

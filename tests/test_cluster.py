@@ -11,14 +11,14 @@ import psutil
 import pytest
 from distributed import Client, WorkerPlugin, get_worker
 
-from unet_volume.cluster import (
+from unet_volume.cluster.client import (
     TASKS_PER_GPU,
     dashboard_link,
     gpu_resources,
     open_client,
 )
+from unet_volume.cluster.task_window import map_bounded
 from unet_volume.errors import InputError
-from unet_volume.task_window import map_bounded
 from unet_volume.testing import listening_sockets
 
 

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unet_volume.components import label_blockwise, structure
 from unet_volume.errors import InputError
+from unet_volume.instances.components import label_blockwise, structure
 
 
 @st.composite

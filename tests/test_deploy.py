@@ -26,8 +26,8 @@ from dask_jobqueue import SLURMCluster
 from distributed import Client, LocalCluster
 from packaging.requirements import Requirement
 
-from unet_volume.cluster import TASKS_PER_GPU, StorageOptions
-from unet_volume.cluster_spec import (
+from unet_volume.cluster.client import TASKS_PER_GPU, StorageOptions
+from unet_volume.cluster.spec import (
     DIRECTORY_VARIABLE,
     ONE_ARENA,
     WORKER_PROFILE_OFF,

@@ -12,16 +12,16 @@ import pytest
 import torch
 from distributed import Client
 
-from unet_volume.checkpoint import read_checkpoint, save_ensemble, save_model
-from unet_volume.cli import main
+from unet_volume.cli.main import main
 from unet_volume.errors import CheckpointError, InputError
-from unet_volume.model import UNet
-from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import open_prediction
+from unet_volume.models.checkpoint import read_checkpoint, save_ensemble, save_model
+from unet_volume.models.config import UNetConfig
+from unet_volume.models.unet import UNet
+from unet_volume.output.prediction import open_prediction
+from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import blob_volume, write_zarr
-from unet_volume.train import TrainConfig, train
-from unet_volume.train_start import with_network_of
-from unet_volume.unet_config import UNetConfig
+from unet_volume.training.loop import TrainConfig, train
+from unet_volume.training.start import with_network_of
 
 TINY = {"depth": 2, "base_channels": 8, "dropout": 0.0}
 

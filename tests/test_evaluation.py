@@ -13,9 +13,7 @@ import tifffile
 from hypothesis import given
 
 from unet_volume.errors import InputError
-from unet_volume.evaluation import evaluate
-from unet_volume.geometry import Box
-from unet_volume.metrics import (
+from unet_volume.evaluation.metrics import (
     adapted_rand_error,
     dice,
     instances_from_binary,
@@ -23,9 +21,11 @@ from unet_volume.metrics import (
     pixel_error,
     variation_of_information,
 )
-from unet_volume.output_run import finish_output
-from unet_volume.prediction_store import create_prediction
-from unet_volume.storage import open_volume
+from unet_volume.evaluation.scores import evaluate
+from unet_volume.geometry import Box
+from unet_volume.io.volumes import open_volume
+from unet_volume.output.lifecycle import finish_output
+from unet_volume.output.prediction import create_prediction
 from unet_volume.testing import assert_one_line_error, label_pairs
 
 ISBI_LABELS = Path(__file__).parents[1] / "data" / "isbi2012" / "train-labels.tif"

@@ -21,13 +21,13 @@ import torch
 import zarr
 from distributed import Client, LocalCluster
 
-from unet_volume.checkpoint import read_checkpoint, save_model
-from unet_volume.cli import main
-from unet_volume.cluster_spec import local_cluster_config
+from unet_volume.cli.main import main
+from unet_volume.cluster.spec import local_cluster_config
 from unet_volume.errors import UnetVolumeError
-from unet_volume.model import UNet
-from unet_volume.output_run import read_status
-from unet_volume.run_record import done_blocks
+from unet_volume.models.checkpoint import read_checkpoint, save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.bookkeeping import done_blocks
+from unet_volume.output.lifecycle import read_status
 from unet_volume.testing import (
     FULL_DISK,
     SPACE_FILE,

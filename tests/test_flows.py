@@ -31,7 +31,6 @@ from prefect.utilities.schema_tools import validate
 from test_bad_input import nan_image, setup_files  # the same files as the CLI's cases
 
 from unet_volume import __version__
-from unet_volume.checkpoint import read_checkpoint, save_model
 from unet_volume.errors import (
     BlockError,
     CheckpointError,
@@ -39,10 +38,11 @@ from unet_volume.errors import (
     OutputExistsError,
     UnetVolumeError,
 )
-from unet_volume.model import UNet
-from unet_volume.output_run import read_status, run_info
-from unet_volume.predict import predict_volume
-from unet_volume.predict_config import PredictOptions
+from unet_volume.models.checkpoint import read_checkpoint, save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.lifecycle import read_status, run_info
+from unet_volume.prediction.options import PredictOptions
+from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import blob_volume, snapshot
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import default_preview, predict_flow

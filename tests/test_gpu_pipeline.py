@@ -17,18 +17,18 @@ import torch
 from distributed import Client
 from test_predict import run_blocks
 
-from unet_volume.checkpoint import checkpoint_bytes
-from unet_volume.errors import InputError
-from unet_volume.model import UNet
-from unet_volume.output_run import run_info
-from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import (
+from unet_volume.errors import InputError, OutputExistsError
+from unet_volume.models.checkpoint import checkpoint_bytes
+from unet_volume.models.unet import UNet
+from unet_volume.output.lifecycle import run_info
+from unet_volume.output.prediction import (
     OUTPUT_DTYPES,
     encode_probabilities,
     most_probable,
     segment,
 )
-from unet_volume.predictor import ModelPredictor, _segment
+from unet_volume.prediction.model_predictor import ModelPredictor, _segment
+from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import blob_volume, integer_unet, write_zarr
 from unet_volume.tiling import TileGeometry
 
@@ -131,7 +131,7 @@ def test_gpu_pipeline_precision_is_part_of_the_run_identity(client: Client, tmp_
     predict_volume(net, image, output, client=client, precision="bfloat16", block_shape=(1, 16, 16))
     info = run_info(str(output))
     assert info is not None and info["identity"]["precision"] == "bfloat16"
-    with pytest.raises(Exception, match=r"precision: bfloat16, now float32"):
+    with pytest.raises(OutputExistsError, match=r"precision: bfloat16, now float32"):
         predict_volume(net, image, output, client=client, block_shape=(1, 16, 16))
 
 

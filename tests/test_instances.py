@@ -18,14 +18,14 @@ import zarr
 from distributed import Client
 from scipy import ndimage
 
-from unet_volume.cli import main
-from unet_volume.components import structure
+from unet_volume.cli.main import main
 from unet_volume.errors import BlockError, InputError
-from unet_volume.evaluation import evaluate
-from unet_volume.instances import label_instances
-from unet_volume.model import UNet
-from unet_volume.output_run import run_info
-from unet_volume.predict import predict_volume
+from unet_volume.evaluation.scores import evaluate
+from unet_volume.instances.components import structure
+from unet_volume.instances.labelling import label_instances
+from unet_volume.models.unet import UNet
+from unet_volume.output.lifecycle import run_info
+from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import snapshot
 
 VOXEL = (50.0, 4.0, 4.0)

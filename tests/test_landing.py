@@ -12,10 +12,10 @@ import tifffile
 import zarr
 
 from unet_volume.errors import InputError
-from unet_volume.landing import Arrival, due, find_volumes, output_for, settled_volumes
-from unet_volume.output_run import finish_output
-from unet_volume.prediction_store import create_prediction
-from unet_volume.storage import open_volume
+from unet_volume.io.volumes import open_volume
+from unet_volume.output.lifecycle import finish_output
+from unet_volume.output.prediction import create_prediction
+from unet_volume.prediction.landing import Arrival, due, find_volumes, output_for, settled_volumes
 
 
 def landing_with(tmp_path: Path, *names: str) -> Path:

@@ -1,14 +1,23 @@
-"""The import graph: layers import downwards only, and the torch-free core stays torch-free.
+"""The import graph: folders are layers, each imports only its own and those below it.
 
-Imports form a DAG::
+The package's folders, from the bottom up::
 
-    geometry <- tiling <- store_retries <- locations <- storage <- run_record <- output_run
-             <- prediction_store <- predict <- cli
-    (errors and border are leaves that every layer may import; registration, beside border,
-    is how storage and augment move an image onto its labels)
+    (top-level modules)   the vocabulary: geometry, tiling, grid, errors, label offset, ...
+    io                    where volumes live and how they are read
+    cluster               Dask clients, cluster specs, the workers' processes
+    output                what a run writes and records
+    instances             instance labels, the object table
+    models                the U-Net, its checkpoints, the shipped models
+    prediction            plan, tasks, engine, the run
+    training              sampling, augmentation, weight maps, the loop
+    evaluation            scores against labels
+    cli                   the command line
+    testing               helpers for tests and benchmarks (nothing in the package imports it)
 
-Only ``model``, ``checkpoint``, ``train`` and ``predict`` import torch, so planning, storage and
-the cluster tooling import in a fraction of a second and run where torch is not installed.
+A vocabulary module imports only the vocabulary; a module in a folder imports its own folder and
+the folders below it; the graph has no circle, even through imports inside functions. Only the
+modules in :data:`TORCH` import torch, so planning, storage and the cluster tooling import in a
+fraction of a second and run where torch is not installed.
 """
 
 from __future__ import annotations
@@ -25,193 +34,66 @@ import unet_volume
 
 PACKAGE_DIR = Path(unet_volume.__file__).parent
 
-TORCH_FREE = [
-    "unet_volume",
-    "unet_volume.errors",
-    "unet_volume.geometry",
-    "unet_volume.border",
-    "unet_volume.registration",
-    "unet_volume.tiling",
-    "unet_volume.layout",
-    "unet_volume.chunk_cache",
-    "unet_volume.storage",
-    "unet_volume.task_plan",
-    "unet_volume.formats",
-    "unet_volume.locations",
-    "unet_volume.store_retries",
-    "unet_volume.prediction_store",
-    "unet_volume.run_record",
-    "unet_volume.output_run",
-    "unet_volume.block_memory",
-    "unet_volume.cluster",
-    "unet_volume.heap",
-    "unet_volume.task_window",
-    "unet_volume.metrics",
-    "unet_volume.evaluation",
-    "unet_volume.augment",
-    "unet_volume.spatial_transform",
-    "unet_volume.weight_map",
-    "unet_volume.weight_volume",
-    "unet_volume.preview",
-    "unet_volume.landing",
-    "unet_volume.cluster_spec",
-    "unet_volume.options",
-    "unet_volume.unet_config",
-    "unet_volume.predict_config",
-    "unet_volume.train_config",
-    "unet_volume.shipped_models",
-    "unet_volume.components",
-    "unet_volume.instances",
-    "unet_volume.instance_passes",
-    "unet_volume.objects",
-    "unet_volume.watershed",
-    "unet_volume.pyramid",
-    "unet_volume.ome",
-    # The command line parses and says --help without torch; commands import it when they run.
-    "unet_volume.cli",
-    "unet_volume.cli_common",
-    "unet_volume.cli_train",
-    "unet_volume.cli_segment",
+LAYERS = [
+    "",  # the vocabulary: modules at the package's top
+    "io",
+    "cluster",
+    "output",
+    "instances",
+    "models",
+    "prediction",
+    "training",
+    "evaluation",
+    "cli",
+    "testing",
 ]
 
-# What each lower-layer module may import from the package: the layers below it, and the leaf
-# `errors`. "__init__" is the package root, which imports nothing of ours eagerly.
-ALLOWED_IMPORTS = {
-    "errors": set(),
-    "geometry": set(),
-    "progress": set(),
-    "border": set(),
-    "registration": {"errors"},
-    "tiling": {"errors", "geometry"},
-    "layout": {"errors", "geometry"},
-    "store_retries": {"errors"},
-    "locations": {"errors", "store_retries"},
-    "formats": {"errors", "locations", "store_retries"},
-    "chunk_cache": {"geometry"},
-    "storage": {
-        "errors",
-        "geometry",
-        "tiling",
-        "border",
-        "locations",
-        "formats",
-        "registration",
-        "chunk_cache",
-    },
-    "task_plan": {"geometry", "layout", "registration", "storage", "tiling"},
-    "run_record": {"errors", "geometry", "storage", "locations", "formats"},
-    "output_run": {"errors", "geometry", "storage", "locations", "run_record"},
-    "block_memory": {"errors", "unet_config"},
-    "prediction_store": {
-        "errors",
-        "geometry",
-        "layout",
-        "tiling",
-        "storage",
-        "locations",
-        "run_record",
-        "output_run",
-        "__init__",
-    },
-    "metrics": {"errors"},
-    "evaluation": {
-        "errors",
-        "storage",
-        "formats",
-        "locations",
-        "prediction_store",
-        "metrics",
-        "__init__",
-    },
-    "spatial_transform": {"border", "augment"},
-    "augment": {"errors", "border", "registration", "spatial_transform"},
-    "weight_map": {"errors", "geometry", "options"},
-    "weight_volume": {
-        "progress",
-        "errors",
-        "geometry",
-        "tiling",
-        "storage",
-        "locations",
-        "run_record",
-        "output_run",
-        "prediction_store",
-        "predict_config",
-        "block_memory",
-        "cluster",
-        "task_window",
-        "weight_map",
-    },
-    "preview": {"errors", "geometry", "storage", "formats", "prediction_store"},
-    "landing": {"errors", "formats", "locations", "output_run"},
-    "cluster": {"errors", "cluster_spec", "heap"},
-    "heap": set(),
-    "task_window": {"errors"},
-    "cluster_spec": {"errors"},
-    "options": set(),
-    "unet_config": {"errors", "options"},
-    "predict_config": {"options", "prediction_store"},
-    "train_config": {
-        "errors",
-        "options",
-        "augment",
-        "registration",
-        "storage",
-        "tiling",
-        "unet_config",
-    },
-    "shipped_models": {"errors", "watershed"},
-    "components": {"errors", "geometry"},
-    "objects": {"errors", "geometry", "locations"},
-    "watershed": {"errors"},
-    "pyramid": {"errors", "geometry", "heap", "output_run", "task_window"},
-    "ome": {"geometry", "output_run", "pyramid"},
-    "instance_passes": {
-        "heap",
-        "components",
-        "geometry",
-        "objects",
-        "output_run",
-        "prediction_store",
-        "run_record",
-        "storage",
-        "task_window",
-        "watershed",
-    },
-    "instances": {
-        "instance_passes",
-        "ome",
-        "watershed",
-        "objects",
-        "components",
-        "errors",
-        "geometry",
-        "locations",
-        "output_run",
-        "prediction_store",
-        "run_record",
-        "storage",
-    },
+TORCH = {
+    "unet_volume.models.unet",
+    "unet_volume.models.checkpoint",
+    "unet_volume.models.ensemble",
+    "unet_volume.prediction.model_predictor",
+    "unet_volume.prediction.run",
+    "unet_volume.training.loop",
+    "unet_volume.training.start",
+    "unet_volume.training.tile_stream",
+    "unet_volume.testing",
+    "unet_volume.testing.stores",
 }
-UPPER_LAYERS = {
-    "predict",
-    "engine",
-    "model",
-    "checkpoint",
-    "train",
-    "train_start",
-    "cli",
-    "cli_train",
-    "cli_segment",
-    "tile_stream",
+
+
+def module_name(path: Path) -> str:
+    """``unet_volume.io.volumes`` for ``unet_volume/io/volumes.py`` (a package: its folder)."""
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {
+    module_name(path): path
+    for path in sorted(PACKAGE_DIR.rglob("*.py"))
+    if path.name != "__main__.py"
 }
+
+
+def layer_of(module: str) -> str:
+    """The folder ``module`` lives in ("" for the vocabulary and the package root)."""
+    parts = module.split(".")[1:]
+    if not parts or (len(parts) == 1 and not (PACKAGE_DIR / parts[0]).is_dir()):
+        return ""
+    return parts[0]
+
+
+def test_layering_every_module_lives_in_a_known_layer() -> None:
+    assert {layer_of(m) for m in MODULES} == set(LAYERS)
+    assert set(MODULES) >= TORCH
 
 
 def test_layering_core_modules_import_without_torch(tmp_path: Path) -> None:
     # A fresh interpreter: this test process has imported torch long ago.
+    free = sorted(set(MODULES) - TORCH)
     script = textwrap.dedent(f"""
         import importlib, sys
-        for name in {TORCH_FREE!r}:
+        for name in {free!r}:
             importlib.import_module(name)
             torch = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
             if torch:
@@ -243,77 +125,91 @@ def test_layering_public_names_resolve() -> None:
 
 def package_imports(module: str) -> set[str]:
     """The package modules ``module`` imports anywhere in its source (top level or in functions)."""
-    return source_imports((PACKAGE_DIR / f"{module}.py").read_text(), filename=f"{module}.py")
+    path = MODULES[module]
+    return source_imports(path.read_text(), filename=path.name)
 
 
 def source_imports(source: str, *, filename: str = "<source>") -> set[str]:
-    """The package modules a module's ``source`` imports, at top level or inside functions."""
+    """The package modules a module's ``source`` imports, at top level or inside functions:
+    for ``from package import name``, the module ``package.name`` where there is one."""
     tree = ast.parse(source, filename=filename)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif (
-            isinstance(node, ast.ImportFrom) and node.level > 0
-        ):  # `from .x import y`, `from . import x`
-            names = (
-                [f"unet_volume.{node.module}"]
-                if node.module
-                else [f"unet_volume.{a.name}" for a in node.names]
-            )
-        elif (
-            isinstance(node, ast.ImportFrom) and node.module == "unet_volume"
-        ):  # `from unet_volume import x`
-            names = [f"unet_volume.{a.name}" for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in names:
-            parts = name.split(".")
-            if parts[0] != "unet_volume":
-                continue
-            submodule = parts[1] if len(parts) > 1 else "__init__"
-            found.add(submodule if (PACKAGE_DIR / f"{submodule}.py").exists() else "__init__")
+            while name and name not in MODULES:
+                name = name.rpartition(".")[0]
+            if name.startswith("unet_volume"):
+                found.add(name)
     return found
 
 
-@pytest.mark.parametrize(
-    "module",
-    [pytest.param(module, id=module) for module in ALLOWED_IMPORTS],
-)
-def test_layering_lower_layers_import_only_downwards(module: str) -> None:
-    imported = package_imports(module)
-    assert not imported & UPPER_LAYERS, f"{module} imports {sorted(imported & UPPER_LAYERS)}"
-    assert imported <= ALLOWED_IMPORTS[module], (
-        f"{module} imports {sorted(imported - ALLOWED_IMPORTS[module])}"
-    )
+@pytest.mark.parametrize("module", [pytest.param(m, id=m) for m in MODULES])
+def test_layering_each_folder_imports_only_itself_and_the_folders_below(module: str) -> None:
+    mine = LAYERS.index(layer_of(module))
+    above = {
+        other
+        for other in package_imports(module) - {"unet_volume"}
+        if LAYERS.index(layer_of(other)) > mine or (mine == 0 and layer_of(other) != "")
+    }
+    assert not above, f"{module} ({layer_of(module) or 'vocabulary'}) imports {sorted(above)}"
+
+
+def test_layering_the_import_graph_has_no_circle() -> None:
+    graph = {m: package_imports(m) - {m, "unet_volume"} for m in MODULES}
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            assert state.get(other) != "open", " -> ".join([*path, module, other])
+            if other not in state:
+                visit(other, [*path, module])
+        state[module] = "done"
+
+    for module in MODULES:
+        if module not in state:
+            visit(module, [])
 
 
 def test_layering_import_scanner_finds_imports_inside_functions() -> None:
-    # Every import form, two of them hidden inside a function as the CLI hides its heavy ones;
+    # Every absolute form, two of them hidden inside a function as the CLI hides its heavy ones;
     # `from unet_volume import UNet` names no module, so it counts as the package root.
     source = textwrap.dedent("""
         import unet_volume.geometry
         from unet_volume.errors import InputError
-        from . import tiling
-        from .storage import read_box
+        from unet_volume.io import volumes
+        from unet_volume.io.volumes import read_box
         from unet_volume import UNet
         import numpy
 
         def run():
-            from unet_volume.predict import predict_volume
-            import unet_volume.cluster_spec as specs
+            from unet_volume.prediction.run import predict_volume
+            import unet_volume.cluster.spec as specs
     """)
     assert source_imports(source) == {
-        "geometry",
-        "errors",
-        "tiling",
-        "storage",
-        "__init__",
-        "predict",
-        "cluster_spec",
+        "unet_volume.geometry",
+        "unet_volume.errors",
+        "unet_volume.io.volumes",
+        "unet_volume",
+        "unet_volume.prediction.run",
+        "unet_volume.cluster.spec",
     }
+
+
+def test_layering_no_module_imports_relatively() -> None:
+    relative = [
+        f"{m}:{node.lineno}"
+        for m, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+    assert not relative
 
 
 FLOWS_DIR = Path(__file__).parents[1] / "flows"
@@ -341,9 +237,7 @@ def test_layering_flows_are_glue_over_prefect_and_the_library(path: Path) -> Non
     assert not third_party, f"{path.name} imports {sorted(third_party)}"
 
 
-@pytest.mark.parametrize(
-    "path", [pytest.param(p, id=p.name) for p in sorted(PACKAGE_DIR.glob("*.py"))]
-)
+@pytest.mark.parametrize("path", [pytest.param(p, id=m) for m, p in MODULES.items()])
 def test_layering_library_never_imports_prefect_or_the_flows(path: Path) -> None:
     assert not import_roots(path) & {"prefect", "unet_volume_flows"}, path.name
 
@@ -355,8 +249,8 @@ SHELL_CALLS = {"system", "popen", "execv", "execvp", "execl", "execlp", "spawnv"
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param(p, id=f"{p.parent.name}/{p.name}")
-        for p in sorted([*PACKAGE_DIR.glob("*.py"), *FLOWS_DIR.glob("*.py")])
+        pytest.param(p, id=str(p.relative_to(PACKAGE_DIR.parent)))
+        for p in sorted([*PACKAGE_DIR.rglob("*.py"), *FLOWS_DIR.glob("*.py")])
     ],
 )
 def test_layering_no_module_starts_a_shell_or_a_process_from_user_strings(path: Path) -> None:

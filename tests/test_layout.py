@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from test_predict import run_blocks
 from test_run_record import RowsFailPredictor, arange_plan, probe
 
-from unet_volume.errors import BlockError, GeometryError
-from unet_volume.layout import (
+from unet_volume.errors import BlockError, GeometryError, OutputExistsError
+from unet_volume.grid import (
     MAX_TASKS,
     MIN_TASKS,
     SHARD_VOXELS,
@@ -24,10 +24,10 @@ from unet_volume.layout import (
     auto_shard_shape,
     check_shard_shape,
 )
-from unet_volume.output_run import read_status
-from unet_volume.predict import run_plan
-from unet_volume.prediction_store import open_prediction
-from unet_volume.run_record import done_blocks, done_tasks
+from unet_volume.output.bookkeeping import done_blocks, done_tasks
+from unet_volume.output.lifecycle import read_status
+from unet_volume.output.prediction import open_prediction
+from unet_volume.prediction.run import run_plan
 from unet_volume.testing import CropPredictor
 from unet_volume.tiling import TileGeometry
 
@@ -53,7 +53,6 @@ def test_layout_auto_shard_is_whole_blocks_within_the_bounds(
         assert 2 * math.prod(shard) > SHARD_VOXELS[1] or all(
             p >= g for p, g in zip(layout.blocks_per_shard, grid)
         )
-    assert auto_shard_shape(volume, block, ndim=ndim) == shard  # a function of its inputs
 
 
 def test_layout_auto_shard_grows_a_2d_nets_shards_in_y_and_x_first() -> None:
@@ -163,5 +162,5 @@ def test_layout_another_shard_shape_is_another_run(client: Client, tmp_path: Pat
     plan = arange_plan(tmp_path, shard_shape=(1, 4, 20))
     with pytest.raises(BlockError):
         run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
-    with pytest.raises(Exception, match=r"shard_shape: \[1, 4, 20\], now \[1, 4, 4\]"):
+    with pytest.raises(OutputExistsError, match=r"shard_shape: \[1, 4, 20\], now \[1, 4, 4\]"):
         arange_plan(tmp_path, shard_shape=(1, 4, 4))

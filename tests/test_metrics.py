@@ -12,7 +12,7 @@ from skimage.metrics import adapted_rand_error as skimage_rand
 from skimage.metrics import variation_of_information as skimage_voi
 
 from unet_volume.errors import InputError
-from unet_volume.metrics import (
+from unet_volume.evaluation.metrics import (
     PairCounts,
     adapted_rand_error,
     dice,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from unet_volume.errors import GeometryError, InputError
-from unet_volume.model import UNet, UNetConfig, count_conv_layers
+from unet_volume.models.unet import UNet, UNetConfig, count_conv_layers
 from unet_volume.tiling import UNetShape
 
 PROPERTY = settings(max_examples=50, deadline=None)

@@ -19,12 +19,12 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from ome_zarr_models.v05.image import Image
 
-from unet_volume.cli import main
-from unet_volume.instances import label_instances, open_instances
-from unet_volume.model import UNet
-from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import open_prediction
-from unet_volume.pyramid import build_pyramid
+from unet_volume.cli.main import main
+from unet_volume.instances.labelling import label_instances, open_instances
+from unet_volume.models.unet import UNet
+from unet_volume.output.prediction import open_prediction
+from unet_volume.output.pyramid import build_pyramid
+from unet_volume.prediction.run import predict_volume
 
 VOXEL = (50.0, 4.0, 4.0)
 SHAPE = (2, 300, 36)  # y longer than the pyramid's smallest level: one level below

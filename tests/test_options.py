@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from unet_volume.cli import build_parser
-from unet_volume.cli_train import train_config_from, weight_map_config_from
-from unet_volume.options import options_from
-from unet_volume.predict import predict_volume
-from unet_volume.predict_config import PredictOptions
-from unet_volume.train_config import TrainConfig
-from unet_volume.unet_config import UNetConfig
-from unet_volume.weight_map import WeightMapConfig
+from unet_volume.cli.main import build_parser
+from unet_volume.cli.train import train_config_from, weight_map_config_from
+from unet_volume.models.config import UNetConfig
+from unet_volume.option_fields import options_from
+from unet_volume.prediction.options import PredictOptions
+from unet_volume.prediction.run import predict_volume
+from unet_volume.training.config import TrainConfig
+from unet_volume.training.weight_map import WeightMapConfig
 from unet_volume_flows.demo import demo_flow
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow

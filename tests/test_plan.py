@@ -11,17 +11,17 @@ import zarr
 from distributed import Client
 from test_cli import EXIT_OK, EXIT_USAGE, model_path, on, predict_args, volume_path  # noqa: F401
 
-from unet_volume.block_memory import WORKER_BASELINE
-from unet_volume.cli import main
+from unet_volume.cli.main import main
 from unet_volume.geometry import Box
-from unet_volume.model import UNet
-from unet_volume.output_run import run_info
-from unet_volume.planning import AUTO_SIDE, auto_block_shape, summarize
-from unet_volume.predict import plan_prediction
-from unet_volume.predict_config import PredictOptions
+from unet_volume.models.config import UNetConfig
+from unet_volume.models.unet import UNet
+from unet_volume.output.lifecycle import run_info
+from unet_volume.prediction.estimate import AUTO_SIDE, auto_block_shape, summarize
+from unet_volume.prediction.memory import WORKER_BASELINE
+from unet_volume.prediction.options import PredictOptions
+from unet_volume.prediction.run import plan_prediction
 from unet_volume.testing import snapshot
 from unet_volume.tiling import read_box_of
-from unet_volume.unet_config import UNetConfig
 
 
 def plan_args(volume: str, output: Path, model: Path, client: Client) -> list[str]:

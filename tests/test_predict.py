@@ -12,23 +12,23 @@ import xarray as xr
 import zarr
 from distributed import Client, get_task_stream
 
-from unet_volume.checkpoint import checkpoint_bytes, save_model
-from unet_volume.cluster import gpu_resources
-from unet_volume.engine import Predictor, RunReport, run_prediction
+from unet_volume.cluster.client import gpu_resources
 from unet_volume.errors import (
     CheckpointError,
     GeometryError,
     InputError,
     OutputExistsError,
 )
-from unet_volume.layout import OutputLayout
-from unet_volume.model import UNet
-from unet_volume.predict import plan_prediction, predict_volume
-from unet_volume.predict_config import PredictOptions
-from unet_volume.prediction_store import create_prediction, open_prediction
-from unet_volume.predictor import ModelPredictor
-from unet_volume.storage import open_volume
-from unet_volume.task_plan import TaskPlan, read_estimate
+from unet_volume.grid import OutputLayout
+from unet_volume.io.volumes import open_volume
+from unet_volume.models.checkpoint import checkpoint_bytes, save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.prediction import create_prediction, open_prediction
+from unet_volume.prediction.engine import Predictor, RunReport, run_prediction
+from unet_volume.prediction.model_predictor import ModelPredictor
+from unet_volume.prediction.options import PredictOptions
+from unet_volume.prediction.run import plan_prediction, predict_volume
+from unet_volume.prediction.tasks import TaskPlan, read_estimate
 from unet_volume.testing import (
     EXACT_LIMIT,
     CropPredictor,

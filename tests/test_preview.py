@@ -15,10 +15,10 @@ import zarr
 from matplotlib import image as mpimg
 
 from unet_volume.errors import InputError
-from unet_volume.output_run import finish_output
-from unet_volume.prediction_store import create_prediction
-from unet_volume.preview import choose_slices, write_preview
-from unet_volume.storage import open_volume
+from unet_volume.io.volumes import open_volume
+from unet_volume.output.lifecycle import finish_output
+from unet_volume.output.prediction import create_prediction
+from unet_volume.output.preview import choose_slices, write_preview
 from unet_volume.testing import blob_volume
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

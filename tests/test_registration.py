@@ -15,17 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from unet_volume.augment import AugmentConfig, augment
-from unet_volume.checkpoint import read_checkpoint
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.predict import predict_volume
-from unet_volume.prediction_store import open_prediction
-from unet_volume.registration import check_offset, model_offset, moved
-from unet_volume.storage import open_volume
+from unet_volume.io.volumes import open_volume
+from unet_volume.label_offset import check_offset, model_offset, moved
+from unet_volume.models.checkpoint import read_checkpoint
+from unet_volume.models.config import UNetConfig
+from unet_volume.output.prediction import open_prediction
+from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import boxes, write_zarr
-from unet_volume.train import TrainConfig, train
-from unet_volume.unet_config import UNetConfig
+from unet_volume.training.augment import AugmentConfig, augment
+from unet_volume.training.loop import TrainConfig, train
 
 OFFSETS = st.tuples(*(st.sampled_from([0.0, 0.25, -0.5, 0.75, 1.0, -1.0]) for _ in range(3)))
 

@@ -30,12 +30,12 @@ import xarray as xr
 import zarr
 from distributed import Client
 
-from unet_volume.checkpoint import load_model, save_model
-from unet_volume.cli import main
-from unet_volume.model import UNet
-from unet_volume.output_run import read_status
-from unet_volume.prediction_store import open_prediction
-from unet_volume.run_record import done_blocks
+from unet_volume.cli.main import main
+from unet_volume.models.checkpoint import load_model, save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.bookkeeping import done_blocks
+from unet_volume.output.lifecycle import read_status
+from unet_volume.output.prediction import open_prediction
 from unet_volume.testing import blob_labels, blob_volume, write_zarr
 
 pytest.importorskip("moto.server", reason="the S3 stand-in: pip install 'moto[server]'")
@@ -44,7 +44,7 @@ pytest.importorskip("s3fs", reason="s3:// URLs: pip install s3fs")
 from conftest import suite_client
 from test_failures import BLOCK, LONG, SHAPE, predict_args
 
-from unet_volume.served_stores import CountingProxy, FolderServer, S3Server, s3_environment
+from unet_volume.testing.stores import CountingProxy, FolderServer, S3Server, s3_environment
 
 pytestmark = pytest.mark.remote
 

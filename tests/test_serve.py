@@ -22,9 +22,9 @@ import torch
 import zarr
 
 from unet_volume import __version__
-from unet_volume.checkpoint import save_model
-from unet_volume.model import UNet
-from unet_volume.output_run import run_info
+from unet_volume.models.checkpoint import save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.lifecycle import run_info
 from unet_volume.testing import blob_volume, listening_sockets
 
 pytestmark = pytest.mark.slow

@@ -18,14 +18,14 @@ import torch
 import zarr
 from distributed import Client
 
-from unet_volume.checkpoint import read_checkpoint, save_model
-from unet_volume.cli import main
+from unet_volume.cli.main import main
 from unet_volume.errors import CheckpointError
-from unet_volume.evaluation import evaluate
-from unet_volume.instances import label_instances
-from unet_volume.model import UNet
-from unet_volume.predict import predict_volume
-from unet_volume.shipped_models import ShippedModel, check_shipped, shipped_models
+from unet_volume.evaluation.scores import evaluate
+from unet_volume.instances.labelling import label_instances
+from unet_volume.models.checkpoint import read_checkpoint, save_model
+from unet_volume.models.shipped import ShippedModel, check_shipped, shipped_models
+from unet_volume.models.unet import UNet
+from unet_volume.prediction.run import predict_volume
 
 DATA = Path(__file__).parents[1] / "data" / "isbi2012"
 SHIPPED = list(shipped_models().values())
@@ -39,8 +39,16 @@ def shipped_ids() -> list[object]:
     return [pytest.param(model, id=model.name) for model in SHIPPED]
 
 
-def test_shipped_models_include_the_isbi_membrane_model() -> None:
-    assert "isbi2012-membranes" in shipped_models()
+def test_shipped_models_include_the_isbi_membrane_model_as_its_record_describes_it() -> None:
+    model = shipped_models()["isbi2012-membranes"]
+    checkpoint = read_checkpoint(model.name)
+    members = checkpoint.metadata["ensemble"]
+    assert "ensemble of 2 networks" in model.record["made"][0] and len(members) == 2
+    seeds = [member["training"]["config"]["seed"] for member in members]
+    steps = {member["training"]["steps"] for member in members}
+    assert f"trained: {steps.pop()} steps each" in model.record["made"][2] and not steps
+    assert f"seeds {seeds[0]}, {seeds[1]}" in model.record["made"][2]
+    assert checkpoint.config.ndim == 2 and checkpoint.config.depth == 4  # the paper's net
 
 
 @pytest.mark.parametrize("shipped", shipped_ids())
@@ -49,7 +57,6 @@ def test_shipped_model_loads_by_name_and_is_the_recorded_file(shipped: ShippedMo
     assert checkpoint.sha256 == shipped.sha256
     assert hashlib.sha256(shipped.path.read_bytes()).hexdigest() == shipped.sha256
     assert shipped.path.stat().st_size <= MAX_BYTES
-    assert checkpoint.metadata["training"]["steps"] > 0
 
 
 @pytest.mark.parametrize("shipped", shipped_ids())

@@ -23,10 +23,10 @@ import zarr
 from distributed import Client
 from test_failures import predict_args, wait_for_done  # the same runs as the local ones
 
-from unet_volume.checkpoint import save_model
-from unet_volume.cli import main
-from unet_volume.model import UNet
-from unet_volume.output_run import read_status
+from unet_volume.cli.main import main
+from unet_volume.models.checkpoint import save_model
+from unet_volume.models.unet import UNet
+from unet_volume.output.lifecycle import read_status
 from unet_volume.testing import blob_labels, blob_volume, write_zarr
 
 pytestmark = pytest.mark.slurm
@@ -332,7 +332,7 @@ def test_slurm_an_adaptive_spec_submits_jobs_as_blocks_queue_and_releases_them(
 
 
 def test_slurm_an_adaptive_cluster_releases_its_jobs_when_idle(slurm: None, in_tmp: Path) -> None:
-    from unet_volume.cluster import open_client
+    from unet_volume.cluster.client import open_client
 
     spec = in_tmp / "adaptive.yaml"
     text = (ROOT / "deploy" / "clusters" / "slurm-cpu.yaml").read_text()

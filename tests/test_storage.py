@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.storage import convert_to_zarr, open_volume, read_box
+from unet_volume.io.volumes import convert_to_zarr, open_volume, read_box
 from unet_volume.testing import boxes
 
 

@@ -11,9 +11,9 @@ import pytest
 import zarr
 
 from unet_volume.geometry import Box, Shape
-from unet_volume.layout import OutputLayout, auto_shard_shape
-from unet_volume.storage import Volume, open_volume, read_box
-from unet_volume.task_plan import (
+from unet_volume.grid import OutputLayout, auto_shard_shape
+from unet_volume.io.volumes import Volume, open_volume, read_box
+from unet_volume.prediction.tasks import (
     READ_TARGET,
     SPLIT_VOXELS,
     TaskPlan,

@@ -13,9 +13,9 @@ import dask
 import pytest
 from distributed import Client, LocalCluster
 
-from unet_volume.cluster_spec import local_cluster_config
+from unet_volume.cluster.spec import local_cluster_config
+from unet_volume.cluster.task_window import map_bounded
 from unet_volume.errors import BlockError
-from unet_volume.task_window import map_bounded
 
 
 def interval(item: int, *, pause: float) -> tuple[int, float, float]:

@@ -19,23 +19,23 @@ import zarr
 from distributed import Client
 from torch.utils.data import DataLoader
 
-import unet_volume.train as train_module
-from unet_volume import sampling as sampling_module
-from unet_volume import tile_stream
-from unet_volume.augment import AugmentConfig
-from unet_volume.checkpoint import load_model, read_checkpoint
+import unet_volume.training.loop as train_module
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
-from unet_volume.model import UNet, channels_last
+from unet_volume.models.checkpoint import load_model, read_checkpoint
+from unet_volume.models.config import UNetConfig
+from unet_volume.models.unet import UNet, channels_last
 from unet_volume.progress import Progress
-from unet_volume.sampling import TileSampler, TrainingData, TrainingTile, to_classes
 from unet_volume.testing import snapshot
-from unet_volume.tile_stream import TileStream, augment_tile, class_weights
-from unet_volume.train import TrainConfig, train
-from unet_volume.train_start import resumed
-from unet_volume.unet_config import UNetConfig
-from unet_volume.weight_map import WeightMapConfig
-from unet_volume.weight_volume import compute_weight_volume
+from unet_volume.training import sampling as sampling_module
+from unet_volume.training import tile_stream
+from unet_volume.training.augment import AugmentConfig
+from unet_volume.training.loop import TrainConfig, train
+from unet_volume.training.sampling import TileSampler, TrainingData, TrainingTile, to_classes
+from unet_volume.training.start import resumed
+from unet_volume.training.tile_stream import TileStream, augment_tile, class_weights
+from unet_volume.training.weight_map import WeightMapConfig
+from unet_volume.training.weight_volume import compute_weight_volume
 
 # Training in this process: one torch thread unless UNET_VOLUME_TEST_THREADS says otherwise.
 pytestmark = pytest.mark.usefixtures("training_threads")
@@ -543,7 +543,7 @@ def test_class_weights_balance_the_classes() -> None:
 def test_weighted_cross_entropy_ignores_zero_weight_voxels_and_equals_ce_at_unit_weight() -> None:
     import torch.nn.functional as F
 
-    from unet_volume.train import weighted_cross_entropy
+    from unet_volume.training.loop import weighted_cross_entropy
 
     torch.manual_seed(0)
     logits, target = torch.randn(2, 2, 5, 5), torch.randint(0, 2, (2, 5, 5))

@@ -20,9 +20,9 @@ import torch
 from distributed import Client
 from imageio.v3 import imread
 
-from unet_volume.instances import label_instances
-from unet_volume.model import UNet
-from unet_volume.predict import predict_volume
+from unet_volume.instances.labelling import label_instances
+from unet_volume.models.unet import UNet
+from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import blob_volume, write_zarr
 
 pytestmark = pytest.mark.viewer

@@ -13,12 +13,12 @@ import zarr
 from distributed import Client
 from scipy import ndimage
 
-from unet_volume.cli import main
-from unet_volume.components import structure
+from unet_volume.cli.main import main
 from unet_volume.errors import InputError
-from unet_volume.evaluation import evaluate
-from unet_volume.instances import label_instances
-from unet_volume.watershed import WatershedConfig, seeded_watershed
+from unet_volume.evaluation.scores import evaluate
+from unet_volume.instances.components import structure
+from unet_volume.instances.labelling import label_instances
+from unet_volume.instances.watershed import WatershedConfig, seeded_watershed
 
 PER_SLICE = structure(6, per_slice=True)
 

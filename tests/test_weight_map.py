@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
-from unet_volume import weight_map as wm
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
 from unet_volume.testing import blob_labels
-from unet_volume.weight_map import (
+from unet_volume.training import weight_map as wm
+from unet_volume.training.weight_map import (
     WeightMapConfig,
     cutoff_distance,
     halo_for,

@@ -11,19 +11,19 @@ import pytest
 import zarr
 from distributed import Client
 
-from unet_volume import weight_volume
 from unet_volume.errors import InputError, OutputExistsError
-from unet_volume.output_run import update_run_info
-from unet_volume.storage import open_volume
+from unet_volume.io.volumes import open_volume
+from unet_volume.output.lifecycle import update_run_info
 from unet_volume.testing import blob_labels, write_zarr
-from unet_volume.weight_map import (
+from unet_volume.training import weight_volume
+from unet_volume.training.weight_map import (
     WeightMapConfig,
     balanced_class_weights,
     halo_for,
     training_target,
     weight_map,
 )
-from unet_volume.weight_volume import WeightReport, compute_weight_volume
+from unet_volume.training.weight_volume import WeightReport, compute_weight_volume
 
 
 @pytest.mark.parametrize(

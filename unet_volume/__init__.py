@@ -16,14 +16,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "UNet": "unet_volume.model",
-    "UNetConfig": "unet_volume.unet_config",
-    "save_model": "unet_volume.checkpoint",
-    "load_model": "unet_volume.checkpoint",
-    "predict_volume": "unet_volume.predict",
-    "RunReport": "unet_volume.engine",
-    "open_prediction": "unet_volume.prediction_store",
-    "evaluate": "unet_volume.evaluation",
+    "UNet": "unet_volume.models.unet",
+    "UNetConfig": "unet_volume.models.config",
+    "save_model": "unet_volume.models.checkpoint",
+    "load_model": "unet_volume.models.checkpoint",
+    "predict_volume": "unet_volume.prediction.run",
+    "RunReport": "unet_volume.prediction.engine",
+    "open_prediction": "unet_volume.output.prediction",
+    "evaluate": "unet_volume.evaluation.scores",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,5 +1,5 @@
 """``python -m unet_volume`` is the ``unet-volume`` command."""
 
-from unet_volume.cli import main
+from unet_volume.cli.main import main
 
 raise SystemExit(main())

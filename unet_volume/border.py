@@ -8,8 +8,9 @@ voxels::
     voxel        3  2  1 | 0  1  2  3 | 2  1  0  1
 
 Dask's ``boundary="reflect"`` and numpy's ``"symmetric"`` repeat the edge voxel instead; we do
-not. Reading a box (:func:`unet_volume.storage.read_box`) and gathering augmented targets
-(:mod:`unet_volume.augment`) both fold coordinates with :func:`reflect`, so the border is one
+not. Reading a box (:func:`unet_volume.io.volumes.read_box`) and gathering augmented targets
+(:mod:`unet_volume.training.augment`) both fold coordinates with :func:`reflect`, so the border is
+one
 rule written once. This module needs only numpy: every layer may import it.
 """
 

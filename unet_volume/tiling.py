@@ -47,7 +47,7 @@ class UNetShape:
 
     ``convs_per_level`` unpadded ``kernel_size`` convolutions per level, ``depth``
     2x pools down and 2x up-convolutions up. Used without torch by planning code;
-    :class:`unet_volume.model.UNet` traces its real layers and must agree (tested).
+    :class:`unet_volume.models.unet.UNet` traces its real layers and must agree (tested).
     """
 
     depth: int
@@ -142,7 +142,7 @@ def check_input_size(output_size: SizeMap, size: int, *, depth: int, axis: str =
     """The output size of input ``size``, or :class:`GeometryError` naming the nearest valid sizes.
 
     One rule and one message for the torch-free arithmetic (:class:`UNetShape`) and the
-    traced network (:class:`unet_volume.model.UNet`), whose tests check that they agree.
+    traced network (:class:`unet_volume.models.unet.UNet`), whose tests check that they agree.
 
     >>> check_input_size(UNetShape(4).output_size, 570, depth=4)
     Traceback (most recent call last):

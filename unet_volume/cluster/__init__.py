@@ -1,0 +1,1 @@
+"""Dask clusters: clients, cluster specs, bounded submission, the workers' native heap."""

@@ -1,0 +1,1 @@
+"""Scores of a prediction against labels: pixel error, Rand error, variation of information."""

@@ -1,0 +1,2 @@
+"""Instance labels of whole volumes: connected components, the seeded watershed, the object
+table."""

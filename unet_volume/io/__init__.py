@@ -1,0 +1,2 @@
+"""Where volumes live and how they are read: URLs and object stores, formats, retries, the chunk
+cache."""

@@ -1,0 +1,2 @@
+"""The U-Net (one readable file), its configuration, checkpoints, ensembles and the shipped
+models."""
