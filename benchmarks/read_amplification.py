@@ -44,7 +44,7 @@ from unet_volume.cluster.client import open_client
 from unet_volume.models.checkpoint import save_model
 from unet_volume.models.unet import UNet
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import fit_to_workers, plan_prediction, run_plan
+from unet_volume.prediction.run import plan_prediction, run_plan
 from unet_volume.testing.stores import CountingProxy, FolderServer, S3Server, s3_environment
 
 
@@ -118,8 +118,6 @@ def run(image: str, out: str, net: Path, per_shard: bool) -> tuple[Any, Any, flo
     if per_shard:
         plan = plan_prediction(net, image, out, PredictOptions(task_shape=plan.shard_shape))
     with open_client(n_workers=2, dashboard=False) as client:
-        if not per_shard:  # as predict does: tasks for these workers
-            plan = fit_to_workers(plan, options, client.scheduler_info(n_workers=-1)["workers"])
         report = run_plan(plan, client)
         peak = peak_worker_mib(client)
     return report, plan, peak

@@ -24,6 +24,7 @@ from unet_volume.instances.labelling import label_instances
 from unet_volume.io.volumes import convert_to_zarr
 from unet_volume.models.shipped import shipped_models
 from unet_volume.output.prediction import open_prediction
+from unet_volume.prediction.options import PredictOptions
 from unet_volume.training.config import DEFAULT_MINUTES
 from unet_volume_flows.common import HiddenNone
 from unet_volume_flows.predict import predict_flow
@@ -50,8 +51,7 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
         image,
         SHIPPED,
         str(root / "shipped.zarr"),
-        overwrite=True,
-        **shipped_models()[SHIPPED].predict_options,
+        PredictOptions(overwrite=True, **shipped_models()[SHIPPED].predict_options),
         preview=str(root / "shipped.preview.png"),
     )
     shipped["scores"] = evaluate(shipped["output_url"], labels, z_range=VALIDATION).to_dict()
@@ -70,7 +70,7 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
         image,
         str(root / "model.pt"),
         str(root / "prediction.zarr"),
-        overwrite=True,
+        PredictOptions(overwrite=True),
         preview=str(root / "prediction.preview.png"),
     )
     return {"shipped": shipped, "train": figures, "predict": report}

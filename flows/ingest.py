@@ -92,10 +92,10 @@ def ingest_flow(
                         arrival.source,
                         model,
                         arrival.output,
-                        tta=tta,
+                        # incomplete: resumed; predicted with another model: replaced
+                        PredictOptions(tta=tta, overwrite=arrival.reason == "model changed"),
                         instances=instances,
                         scheduler=address,
-                        overwrite=arrival.reason == "model changed",  # incomplete: resumed
                     )
                     done.append(
                         {

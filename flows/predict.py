@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster.client import describe
 from unet_volume.instances.labelling import label_instances
@@ -18,11 +17,11 @@ from unet_volume.instances.objects import read_objects, table_url
 from unet_volume.instances.watershed import WatershedConfig
 from unet_volume.io.locations import absolute
 from unet_volume.models.shipped import model_file
-from unet_volume.output.prediction import OutputDtype, environment, record_provenance
+from unet_volume.output.prediction import environment, record_provenance
 from unet_volume.output.preview import write_preview
 from unet_volume.prediction.engine import RunReport
 from unet_volume.prediction.options import DEFAULT_OPTIONS, PredictOptions
-from unet_volume.prediction.run import PredictionPlan, fit_to_workers, plan_prediction, run_plan
+from unet_volume.prediction.run import PredictionPlan, plan_prediction, run_plan
 from unet_volume.progress import duration
 from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (
@@ -34,14 +33,15 @@ from unet_volume_flows.common import (
     reported,
 )
 
-Shape = tuple[PositiveInt, PositiveInt, PositiveInt]
-VoxelSize = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
-
 
 @task(**STORAGE_RETRIES, timeout_seconds=600, cache_policy=NO_CACHE)
 def plan(image: str, model: str, out: str, options: PredictOptions) -> PredictionPlan:
-    """Validate input, model and output, and plan the blocks; nothing is written yet."""
-    planned = plan_prediction(model, image, out, options)
+    """Validate input, model and output; nothing is written, no cluster started yet."""
+    return plan_prediction(model, image, out, options)
+
+
+def log_plan(planned: PredictionPlan, model: str) -> None:
+    """The plan for the workers at hand, in one line of the run's log."""
     layout, volume = planned.layout, planned.volume
     get_run_logger().info(
         "input %s %s %s -> output %s; model %s (sha256 %s); blocks %s: %d in %d shard(s), "
@@ -50,7 +50,7 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
         "x".join(map(str, volume.shape)),
         volume.dtype_name,
         planned.output_url,
-        absolute(model_file(model)),
+        model,
         planned.info.sha256[:12],
         "x".join(map(str, planned.block_shape)),
         layout.num_blocks,
@@ -58,21 +58,25 @@ def plan(image: str, model: str, out: str, options: PredictOptions) -> Predictio
         planned.tasks.num_tasks,
         f", {planned.existing.done} done before (resumed)" if planned.existing else "",
     )
-    return planned
 
 
 @task(cache_policy=NO_CACHE)  # no timeout: a 10^12-voxel volume takes as long as it takes
-def predict(prediction: PredictionPlan, scheduler: str | None, cluster: str | None) -> RunReport:
-    """Every block not yet done on the Dask cluster; failed blocks are recorded, finished ones
-    kept. Logs how far it is every ~30 s and every tenth of the way."""
+def predict(
+    prediction: PredictionPlan, model: str, scheduler: str | None, cluster: str | None
+) -> RunReport:
+    """Every block not yet done on the Dask cluster, planned for its workers; failed blocks are
+    recorded, finished ones kept. Logs how far it is every ~30 s and every tenth of the way."""
     log = get_run_logger()
     with flow_client(scheduler, cluster) as client:
         log.info("blocks run on %s", describe(client))
-        workers = client.scheduler_info(n_workers=-1)["workers"]
-        prediction = fit_to_workers(prediction, DEFAULT_OPTIONS, workers)  # no task shape given
         description = f"Blocks of {prediction.output_url} done"
         with reported("prediction-progress", description) as progress:
-            report = run_plan(prediction, client, on_progress=progress)
+            report = run_plan(
+                prediction,
+                client,
+                on_plan=lambda fitted, _: log_plan(fitted, model),
+                on_progress=progress,
+            )
     log.info(
         "predicted %s: %d block(s)%s, %s voxels in %s (%.1f Mvoxel/s)",
         report.output_url,
@@ -166,13 +170,14 @@ def default_preview(out: str) -> str:
 
 @flow(name="predict")
 @described(
-    PredictOptions,
     image="the volume to segment: a Zarr array or TIFF stack, a path or an fsspec URL "
     "(s3://...), (z, y, x) or (c, z, y, x)",
     model="the checkpoint (.pt) to predict with, or a shipped model's name (isbi2012-membranes)",
     out="the output Zarr group to write (or to resume, if a run of the same model, geometry "
     "and input stopped early)",
     preview="where to write the preview PNG (default: beside a local output, out.preview.png)",
+    options="how to predict: block, shard and task shapes, precision, stored dtype, "
+    "test-time augmentation, threshold, voxel size, resume or overwrite, failure limits",
     instances="then label the objects into the output's OME-Zarr labels (OUT/labels/METHOD, "
     "its Parquet object table beside OUT): connected components of the foreground, or a "
     "seeded watershed that keeps touching cells apart; none by default",
@@ -182,18 +187,8 @@ def predict_flow(
     image: str,
     model: str,
     out: str,
+    options: PredictOptions = DEFAULT_OPTIONS,
     *,
-    block_shape: Shape | Literal["auto"] | None = DEFAULT_OPTIONS.block_shape,
-    shard_shape: Shape | None = DEFAULT_OPTIONS.shard_shape,
-    precision: Literal["float32", "bfloat16", "float16"] = DEFAULT_OPTIONS.precision,
-    output_dtype: OutputDtype = DEFAULT_OPTIONS.output_dtype,
-    tta: bool = DEFAULT_OPTIONS.tta,
-    label_offset: tuple[float, float] | None = None,
-    threshold: float | None = DEFAULT_OPTIONS.threshold,
-    voxel_size: VoxelSize | None = DEFAULT_OPTIONS.voxel_size,
-    overwrite: bool = DEFAULT_OPTIONS.overwrite,
-    max_failures: NonNegativeInt = DEFAULT_OPTIONS.max_failures,
-    stall_after: PositiveFloat = DEFAULT_OPTIONS.stall_after,
     scheduler: str | None = None,
     cluster: str | None = None,
     preview: str | None = None,
@@ -201,47 +196,21 @@ def predict_flow(
 ) -> dict[str, Any]:
     """Predict ``image`` (Zarr array or TIFF stack) with the checkpoint ``model`` into ``out``.
 
-    ``out`` is a Zarr group. Blocks run on the Dask scheduler at ``scheduler``, on a cluster
-    started from the spec named ``cluster`` (``deploy/clusters``), or on a LocalCluster.
-    ``preview`` is the PNG to write (default: beside the output). The other defaults are
-    :class:`~unet_volume.prediction.run.PredictOptions`'. Returns the run report as a dict.
+    ``out`` is a Zarr group; ``options`` are :class:`~unet_volume.prediction.options.
+    PredictOptions`, each field with its default and help (the run form shows them). Blocks
+    run on the Dask scheduler at ``scheduler``, on a cluster started from the spec named
+    ``cluster`` (``deploy/clusters``), or on a LocalCluster, planned for its workers.
+    ``preview`` is the PNG to write (default: beside the output). Returns the run report as a
+    dict.
 
     An incomplete output of the same run is resumed; failed blocks are recorded in it and the
     flow fails naming them (see ``unet-volume status OUT``).
     """
     check_locations(image=image, model=model, out=out, preview=preview)
-    options = replace(
-        DEFAULT_OPTIONS,
-        block_shape=block_shape,
-        shard_shape=shard_shape,
-        precision=precision,
-        output_dtype=output_dtype,
-        voxel_size=voxel_size,
-        overwrite=overwrite,
-        max_failures=max_failures,
-        stall_after=stall_after,
-        tta=tta,
-        label_offset=label_offset,
-        threshold=threshold,
-    )
     planned = plan(image, model, out, options)
-    report = predict(planned, scheduler, cluster)
-    record(
-        report,
-        {
-            "image": image,
-            "model": model,
-            "out": out,
-            "block_shape": planned.block_shape,
-            "shard_shape": planned.shard_shape,
-            "precision": precision,
-            "output_dtype": output_dtype,
-            "tta": tta,
-            "label_offset": label_offset,
-            "threshold": threshold,
-            "voxel_size": voxel_size,
-        },
-    )
+    model_path = str(absolute(model_file(model)))
+    report = predict(planned, model_path, scheduler, cluster)
+    record(report, {"image": image, "model": model_path, "out": out, "options": asdict(options)})
     png = publish(report, image, preview or default_preview(out))
     objects = (
         segment(report.output_url, instances, scheduler, cluster) if instances != "none" else None

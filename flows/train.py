@@ -19,7 +19,7 @@ from unet_volume.io.locations import absolute
 from unet_volume.models.config import UNetConfig
 from unet_volume.output.preview import write_preview
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import plan_prediction, run_plan
+from unet_volume.prediction.run import PredictionPlan, predict_volume
 from unet_volume.progress import duration
 from unet_volume.training.config import Augment
 from unet_volume.training.loop import TrainConfig, TrainReport, check_training, train
@@ -105,10 +105,13 @@ def assess(
 ) -> EvaluationReport:
     """Predict the image with the new model; score the held-out slices (pixel, Rand, VOI, IoU)."""
     out = f"{model}.evaluation.zarr"
-    prediction = plan_prediction(model, image, out, PredictOptions(overwrite=True))
-    with flow_client(scheduler, cluster) as client:
+
+    def on_plan(_: PredictionPlan, client: Any) -> None:
         get_run_logger().info("held-out prediction into %s on %s", out, describe(client))
-        run_plan(prediction, client)
+
+    options = PredictOptions(overwrite=True)
+    client = lambda: flow_client(scheduler, cluster)  # noqa: E731 (opened once checked)
+    predict_volume(model, image, out, options, client=client, on_plan=on_plan)
     return evaluate(out, labels, z_range=z_range)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import fsspec
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ import tifffile
 import torch
 import yaml
 import zarr
-from distributed import Client
+from distributed import Client, LocalCluster
 from fsspec.implementations.local import LocalFileSystem
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -31,6 +32,7 @@ from prefect.utilities.schema_tools import validate
 from test_bad_input import nan_image, setup_files  # the same files as the CLI's cases
 
 from unet_volume import __version__
+from unet_volume.cluster.spec import local_cluster_config
 from unet_volume.errors import (
     BlockError,
     CheckpointError,
@@ -42,7 +44,7 @@ from unet_volume.models.checkpoint import read_checkpoint, save_model
 from unet_volume.models.unet import UNet
 from unet_volume.output.lifecycle import read_status, run_info
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import predict_volume
+from unet_volume.prediction.run import plan_prediction, predict_volume
 from unet_volume.testing import blob_volume, snapshot
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import default_preview, predict_flow
@@ -108,7 +110,7 @@ def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Pat
         image,
         model,
         str(tmp_path / "flow.zarr"),
-        block_shape=(1, 16, 16),
+        PredictOptions(block_shape=(1, 16, 16)),
         scheduler=client.scheduler.address,
     )
     predict_volume(model, image, tmp_path / "library.zarr", block_shape=(1, 16, 16), client=client)
@@ -118,6 +120,35 @@ def test_predict_flow_output_equals_predict_volume(client: Client, tmp_path: Pat
             zarr.open_array(tmp_path / "library.zarr" / name)[:],
         )
     assert report["blocks"] == 3 * 3 * 3 and report["voxels"] == 3 * 40 * 36
+
+
+def test_predict_flow_plans_an_automatic_block_for_the_workers_that_run_it(
+    tmp_path: Path,
+) -> None:
+    # A GPU worker with a memory limit gets the block `unet-volume plan` picks for it, not the
+    # one for CPU workers without a limit that the flow could see before its cluster existed.
+    image = write_zarr(tmp_path / "in.zarr", blob_volume((2, 256, 256)))
+    model = tiny_model(tmp_path / "m.pt")
+    auto = PredictOptions(block_shape="auto")
+    gpu = {"n_workers": 1, "threads_per_worker": 1, "memory_limit": "2GiB", "resources": {"GPU": 1}}
+    with (
+        dask.config.set(local_cluster_config()),
+        LocalCluster(dashboard_address=None, **gpu) as cluster,
+        Client(cluster) as own,
+    ):
+        workers = own.scheduler_info(n_workers=-1)["workers"]
+        for_them = plan_prediction(model, image, tmp_path / "o.zarr", auto, workers=workers)
+        before = plan_prediction(model, image, tmp_path / "o.zarr", auto)
+        predict_flow(
+            image,
+            model,
+            str(tmp_path / "out.zarr"),
+            {"block_shape": "auto"},
+            scheduler=own.scheduler.address,
+        )
+    identity = run_info(str(tmp_path / "out.zarr"))["identity"]  # type: ignore[index]
+    assert identity["block_shape"] == list(for_them.block_shape) == [2, 256, 256]
+    assert before.block_shape != for_them.block_shape
 
 
 def test_predict_flow_instances_stage_labels_the_objects_and_publishes_the_largest(
@@ -147,8 +178,9 @@ def test_predict_flow_passes_shards_and_precision_to_the_library(
     image = write_zarr(tmp_path / "in.zarr", blob_volume((3, 40, 36)))
     model = tiny_model(tmp_path / "m.pt")
     options = {"block_shape": (1, 16, 16), "shard_shape": (3, 32, 32), "precision": "bfloat16"}
+    flow_options = {**options, "precision": "bfloat16"}  # as the run form sends them: JSON
     predict_flow(
-        image, model, str(tmp_path / "flow.zarr"), **options, scheduler=client.scheduler.address
+        image, model, str(tmp_path / "flow.zarr"), flow_options, scheduler=client.scheduler.address
     )
     predict_volume(model, image, tmp_path / "library.zarr", **options, client=client)
     for name in ("probabilities", "segmentation"):
@@ -213,8 +245,7 @@ def test_predict_flow_logs_what_runs_where_how_far_and_the_outcome(
         image,
         model,
         str(out),
-        block_shape=(1, 16, 16),
-        shard_shape=(1, 16, 16),
+        PredictOptions(block_shape=(1, 16, 16), shard_shape=(1, 16, 16)),
         scheduler=client.scheduler.address,
         return_state=True,
     )
@@ -239,15 +270,18 @@ def test_predict_flow_logs_what_runs_where_how_far_and_the_outcome(
         pytest.param({"output_dtype": "int7"}, "uint8", id="unknown-dtype"),
         pytest.param({"precision": "int4"}, "bfloat16", id="unknown-precision"),
         pytest.param(
-            {"shard_shape": (2, 16)}, "shard_shape.2: Field required", id="shard-of-two-axes"
+            {"shard_shape": (2, 16)},
+            "options.shard_shape.2: Field required",
+            id="shard-of-two-axes",
         ),
+        pytest.param({"stall_after": -1}, "greater than 0", id="negative-stall"),
     ],
 )
 def test_predict_flow_refuses_bad_parameters_before_running(
     tmp_path: Path, parameters: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ParameterTypeError, match=message):
-        predict_flow("in.zarr", "m.pt", str(tmp_path / "out.zarr"), **parameters)
+        predict_flow("in.zarr", "m.pt", str(tmp_path / "out.zarr"), parameters)
     assert not (tmp_path / "out.zarr").exists()
 
 
@@ -389,12 +423,17 @@ def test_optional_flow_parameters_offer_none_in_the_run_form_only_where_it_is_th
 @pytest.mark.parametrize("flow", [predict_flow, train_flow, ingest_flow], ids=lambda f: f.name)
 def test_every_flow_parameter_is_described_where_the_ui_shows_it(flow: Any) -> None:
     # The deployment form shows the schema's descriptions beside the fields.
-    properties = flow.parameters.model_dump()["properties"]
-    undescribed = [name for name, schema in properties.items() if not schema.get("description")]
+    schema = flow.parameters.model_dump()
+    properties = schema["properties"]
+    undescribed = [name for name, field in properties.items() if not field.get("description")]
     assert not undescribed
-    # The options the CLI also has are described in the CLI's words, from one place.
+    # The options the CLI also has are described in the CLI's words, from one place: the
+    # record's fields, each with its help, in the form's section for the record.
     if flow is predict_flow:
-        assert properties["block_shape"]["description"] == field_help(PredictOptions, "block_shape")
+        record = schema["definitions"]["PredictOptions"]["properties"]
+        assert set(record) == {f.name for f in dataclasses.fields(PredictOptions)}
+        for name, field in record.items():
+            assert field["description"] == field_help(PredictOptions, name), name
 
 
 @pytest.mark.parametrize("name", ["ingest", "predict", "train"])
@@ -515,7 +554,7 @@ FLOW_CASES: list[tuple[str, FlowCall, type[Exception], str]] = [
     (
         "predict-block-off-lattice",
         lambda f, r: predict_flow(
-            f["image"], f["model"], str(r / "out.zarr"), block_shape=(1, 18, 16)
+            f["image"], f["model"], str(r / "out.zarr"), {"block_shape": (1, 18, 16)}
         ),
         InputError,
         "period 4",
@@ -529,20 +568,22 @@ FLOW_CASES: list[tuple[str, FlowCall, type[Exception], str]] = [
     (
         "predict-zero-block-side",
         lambda f, r: predict_flow(
-            f["image"], f["model"], str(r / "o.zarr"), block_shape=(1, 0, 16)
+            f["image"], f["model"], str(r / "o.zarr"), {"block_shape": (1, 0, 16)}
         ),
         ParameterTypeError,
         "greater than 0",
     ),
     (
         "predict-unknown-dtype",
-        lambda f, r: predict_flow(f["image"], f["model"], str(r / "o.zarr"), output_dtype="int7"),
+        lambda f, r: predict_flow(
+            f["image"], f["model"], str(r / "o.zarr"), {"output_dtype": "int7"}
+        ),
         ParameterTypeError,
         "uint8",
     ),
     (
         "predict-negative-max-failures",
-        lambda f, r: predict_flow(f["image"], f["model"], str(r / "o.zarr"), max_failures=-1),
+        lambda f, r: predict_flow(f["image"], f["model"], str(r / "o.zarr"), {"max_failures": -1}),
         ParameterTypeError,
         "greater than or equal to 0",
     ),
@@ -640,7 +681,7 @@ def test_predict_flow_nan_input_fails_keeping_finished_blocks_and_recording_the_
             nan_image(tmp_path),
             files["model"],
             out,
-            block_shape=(1, 16, 16),
+            PredictOptions(block_shape=(1, 16, 16)),
             scheduler=client.scheduler.address,
         )
     status = read_status(out)

@@ -73,22 +73,20 @@ def test_options_train_flow_defaults_are_the_configs_defaults() -> None:
     assert flow_defaults(demo_flow)["minutes"] == config.time_budget
 
 
-def test_options_predict_flow_and_library_defaults_are_the_options_defaults() -> None:
-    defaults, options = flow_defaults(predict_flow), PredictOptions()
-    shared = {f.name for f in dataclasses.fields(PredictOptions)} & set(defaults)
-    assert {"block_shape", "output_dtype", "tta", "voxel_size", "overwrite"} <= shared
-    assert {name: defaults[name] for name in shared} == {n: getattr(options, n) for n in shared}
-    assert inspect.signature(predict_volume).parameters["options"].default == options
+def test_options_predict_flow_and_library_take_the_options_record_and_its_defaults() -> None:
+    # No field restated: the flow's parameter is the record, its default the record's own.
+    defaults = flow_defaults(predict_flow)
+    assert defaults["options"] == PredictOptions()
+    assert not {f.name for f in dataclasses.fields(PredictOptions)} & set(defaults)
+    assert inspect.signature(predict_volume).parameters["options"].default == PredictOptions()
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float16", "float32", "float64"])
 def test_options_predict_flow_takes_every_output_dtype(dtype: str) -> None:
     # issue 12: the flow's dtype Literal was a copy that had lost float64.
     required = {"image": "in.zarr", "model": "m.pt", "out": "out.zarr"}
-    assert (
-        predict_flow.validate_parameters({**required, "output_dtype": dtype})["output_dtype"]
-        == dtype
-    )
+    validated = predict_flow.validate_parameters({**required, "options": {"output_dtype": dtype}})
+    assert validated["options"] == PredictOptions(output_dtype=dtype)
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,12 @@ T = TypeVar("T")
 
 
 def option(default: Any, help_text: str) -> Any:
-    """A dataclass field with its help text (``metadata["help"]``), shown by ``--help``."""
-    return dataclasses.field(default=default, metadata={"help": help_text})
+    """A dataclass field with its help text, shown by ``--help`` (``metadata["help"]``) and
+    beside the field in Prefect's run form (``metadata["description"]``: pydantic, which
+    builds a flow's parameter schema, takes a field's description from there)."""
+    return dataclasses.field(
+        default=default, metadata={"help": help_text, "description": help_text}
+    )
 
 
 def parse_ints(text: str) -> tuple[int, ...]:

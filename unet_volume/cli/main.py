@@ -151,32 +151,20 @@ def _add_prediction_options(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from unet_volume.cluster.client import dashboard_link
-    from unet_volume.prediction.run import fit_to_workers, plan_prediction, run_plan
+    from unet_volume.prediction.run import predict_volume
 
-    options = options_from(args, PredictOptions)
-    # Checked before anything is said or started; an automatic block is picked again below,
-    # for the workers that run it.
-    plan = plan_prediction(args.model, args.image, args.output, options)
-    if _complete(plan):
+    report = predict_volume(
+        args.model,
+        args.image,
+        args.output,
+        options_from(args, PredictOptions),
+        client=lambda: client_from(args),
+        progress=not args.no_progress,
+        on_plan=_announce,
+    )
+    if report.complete_before:
+        print(f"{report.output_url} is complete ({report.skipped} blocks): nothing to do")
         return
-    with client_from(args) as active:
-        workers = active.scheduler_info(n_workers=-1)["workers"]
-        if options.block_shape == "auto":
-            plan = plan_prediction(args.model, args.image, args.output, options, workers=workers)
-            if _complete(plan):
-                return
-        plan = fit_to_workers(plan, options, workers)
-        _say_plan(plan, active)
-        existing = plan.existing
-        if existing is not None:
-            say(
-                f"resuming {plan.output_url}: {existing.done} of {existing.total} blocks done, "
-                f"{existing.total - existing.done} to go"
-            )
-        if dashboard := dashboard_link(active):
-            say(f"Dask dashboard: {dashboard}")
-        report = run_plan(plan, active, progress=not args.no_progress)
     resumed = f" (and {report.skipped} done before)" if report.skipped else ""
     print(
         f"wrote {report.output_url}: {report.blocks} blocks{resumed}, {report.voxels:,} voxels in "
@@ -190,13 +178,19 @@ def _predict(args: argparse.Namespace) -> None:
         say(f"store: {describe_faults(report.store_faults)}")
 
 
-def _complete(plan: PredictionPlan) -> bool:
-    """Say so and return True when the plan's output is already complete."""
+def _announce(plan: PredictionPlan, client: Client) -> None:
+    """What a run will do, before it does it: the plan, what it resumes, the dashboard."""
+    from unet_volume.cluster.client import dashboard_link
+
+    _say_plan(plan, client)
     existing = plan.existing
-    if existing is not None and existing.complete:
-        print(f"{plan.output_url} is complete ({existing.total} blocks): nothing to do")
-        return True
-    return False
+    if existing is not None:
+        say(
+            f"resuming {plan.output_url}: {existing.done} of {existing.total} blocks done, "
+            f"{existing.total - existing.done} to go"
+        )
+    if dashboard := dashboard_link(client):
+        say(f"Dask dashboard: {dashboard}")
 
 
 def _say_plan(plan: PredictionPlan, client: Client, predictor: Any = None) -> None:

@@ -76,6 +76,8 @@ class RunReport:
     store_faults: dict[str, int] = field(default_factory=dict)
     """Transient store faults (throttling, dropped connections, short reads) met and retried
     by the run's workers, per kind (:mod:`unet_volume.io.retries`)."""
+    complete_before: bool = False
+    """The output was complete already: nothing ran (no cluster was started for it)."""
 
     @property
     def read_amplification(self) -> float:

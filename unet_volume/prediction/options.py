@@ -9,13 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt
 
 from unet_volume.option_fields import option
 from unet_volume.output.prediction import OutputDtype
 
 DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
 """Block shape (z, y, x) by model ndim when none is given: one task, one output chunk."""
+
+
+Count = Annotated[int, Gt(0)]
+Shape3 = tuple[Count, Count, Count]
+"""Voxels along (z, y, x), each at least 1: the type pydantic checks a flow's parameter
+against (the library checks the values again, with the fix)."""
+Size = Annotated[float, Gt(0)]
 
 
 def _csv(shape: Sequence[int]) -> str:
@@ -28,35 +37,35 @@ class PredictOptions:
     ``unet-volume predict`` and the ``predict`` flow, each with its default and help, here only.
     """
 
-    block_shape: Sequence[int] | Literal["auto"] | None = option(
+    block_shape: Shape3 | Literal["auto"] | None = option(
         None,
         "voxels per output chunk, the unit the network's tiles are planned for (z, y, x); "
         f"multiples of 2**depth on convolved axes (default {_csv(DEFAULT_BLOCK[2])} for 2D "
         f"models, {_csv(DEFAULT_BLOCK[3])} for 3D); auto: picked from the network, the input's "
         "chunks, the workers' memory and their device (bigger on GPU)",
     )
-    shard_shape: Sequence[int] | None = option(
+    shard_shape: Shape3 | None = option(
         None,
         "voxels per task and per stored object (z, y, x): a whole number of blocks, computed "
         "and written at once (Zarr sharding; blocks stay the chunks) (default: picked from the "
         "volume and block, 4 to 64 Mi voxels and at most about 4096 tasks)",
     )
-    task_shape: Sequence[int] | None = option(
+    task_shape: Shape3 | None = option(
         None,
         "voxels per Dask task (z, y, x): a whole number of shards, read from the input "
         "together so that the chunks they share are fetched once; it changes how the input is "
         "read, never the output (default: grown from one shard until the run fetches at most "
         "about 1.1 times the stored chunks; `unet-volume plan` prints the figure)",
     )
-    tile_shape: Sequence[int] | None = option(
+    tile_shape: Shape3 | None = option(
         None,
         "smallest output of one forward pass (z, y, x); a block runs several tiles when it is "
         "larger (default: the block shape)",
     )
-    output_dtype: OutputDtype = option(  # noqa: RUF009 (a dataclasses.field, not a value)
+    output_dtype: OutputDtype = option(
         "uint8", "stored probability type; uint8 stores round(p * 255)"
     )
-    voxel_size: Sequence[float] | None = option(
+    voxel_size: tuple[Size, Size, Size] | None = option(
         None,
         "physical voxel size (z, y, x) for the output coordinates (default: read from the input)",
     )
@@ -66,12 +75,12 @@ class PredictOptions:
         "replace the output if it exists; without it, an incomplete output of the same run "
         "(model, geometry, dtype, input) is resumed, and a complete one is left as it is",
     )
-    stall_after: float = option(
+    stall_after: Size = option(
         600.0,
         "seconds without a finished block (or 10 times the usual gap, if longer) after which "
         "the run stops with an error naming the blocks in flight and their workers",
     )
-    max_failures: int = option(
+    max_failures: Annotated[int, Ge(0)] = option(
         10,
         "blocks that may fail (bad data) while the rest carry on; one more stops the run. "
         "Failed blocks are recorded in the output and redone when the run is resumed",

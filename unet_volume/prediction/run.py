@@ -11,8 +11,8 @@ builds the network once per worker process and keeps it.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -66,28 +66,46 @@ from unet_volume.tiling import (
 
 @dataclass(frozen=True)
 class PredictionPlan:
-    """A validated prediction run: everything is checked, nothing is written yet."""
+    """A validated prediction run: everything is checked, nothing is written yet.
+
+    ``options`` are the run's options as given; the fields are what they resolved to (an
+    automatic block, shard and task shape, the geometry, the run to resume).
+    """
 
     checkpoint: bytes = field(repr=False)
     info: Checkpoint = field(repr=False)
     volume: Volume
     output_url: str
+    options: PredictOptions
     block_shape: Shape
     geometry: TileGeometry
     shard_shape: Shape
-    output_dtype: OutputDtype
-    overwrite: bool
-    tta: bool = False
-    precision: str = "float32"
-    threshold: float | None = None
-    max_failures: int = 0
-    stall_after: float = 600.0
     identity: dict[str, Any] = field(default_factory=dict)
     existing: RunStatus | None = None
     """The run of the same identity found at the output, to resume (None: start anew)."""
     task_shape: Shape | None = None
     """Voxels per task, a whole number of shards (None: one shard), see
     :mod:`unet_volume.prediction.tasks`; not part of the identity: it changes no output voxel."""
+
+    @property
+    def output_dtype(self) -> OutputDtype:
+        return self.options.output_dtype
+
+    @property
+    def tta(self) -> bool:
+        return self.options.tta
+
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    @property
+    def threshold(self) -> float | None:
+        return self.options.threshold
+
+    @property
+    def overwrite(self) -> bool:
+        return self.options.overwrite
 
     @property
     def layout(self) -> OutputLayout:
@@ -103,7 +121,7 @@ class PredictionPlan:
 
 
 def plan_prediction(
-    model: UNet | str | Path,
+    model: UNet | str | Path | bytes,
     image: str | Path,
     output: str | Path,
     options: PredictOptions = DEFAULT_OPTIONS,
@@ -161,16 +179,10 @@ def plan_prediction(
         info,
         volume,
         output_url,
+        options,
         shape,
         geometry,
         shard,
-        dtype,
-        options.overwrite,
-        options.tta,
-        options.precision,
-        options.threshold,
-        options.max_failures,
-        options.stall_after,
         identity,
         existing,
         task,
@@ -183,17 +195,26 @@ def run_plan(
     *,
     progress: bool = False,
     predictor: Predictor | None = None,
+    on_plan: Callable[[PredictionPlan, Client], None] | None = None,
     on_progress: ProgressSink | None = None,
 ) -> RunReport:
-    """Create (or resume) the output, run its missing blocks on ``client``, mark it complete.
+    """Fit ``plan`` to ``client``'s workers (:func:`fit_to_workers`), create (or resume) the
+    output, run its missing blocks there, mark it complete: the one call under
+    :func:`predict_volume`, ``unet-volume predict`` and the ``predict`` flow.
 
-    ``predictor`` replaces the plan's model (e.g. a probe in tests); ``on_progress`` hears of
-    every finished task (:mod:`unet_volume.progress`). A run that stops early
-    (failed blocks, a killed driver, a lost cluster) keeps every finished block; failed blocks
-    are recorded, and running the same plan again redoes only what is not done.
+    ``on_plan`` hears of the fitted plan before anything is written; ``predictor`` replaces the
+    plan's model (e.g. a probe in tests); ``on_progress`` hears of every finished task
+    (:mod:`unet_volume.progress`). A run that stops early (failed blocks, a killed driver, a
+    lost cluster) keeps every finished block; failed blocks are recorded, and running the same
+    plan again redoes only what is not done.
     """
     if plan.existing is not None and plan.existing.complete:
-        return RunReport(plan.output_url, 0, 0, 0.0, skipped=plan.existing.total)
+        return complete_report(plan)
+    plan = fit_to_workers(plan, client.scheduler_info(n_workers=-1)["workers"])
+    if plan.existing is not None and plan.existing.complete:  # found by an automatic block
+        return complete_report(plan)
+    if on_plan is not None:
+        on_plan(plan, client)
     check_block_memory(plan, client)
     if plan.existing is None:
         create_planned_output(plan)
@@ -215,8 +236,8 @@ def run_plan(
             task_shape=plan.tasks.task_shape,
             progress=progress,
             skip=done,
-            max_failures=plan.max_failures,
-            stall_after=plan.stall_after,
+            max_failures=plan.options.max_failures,
+            stall_after=plan.options.stall_after,
             on_progress=on_progress,
         )
         start = time.perf_counter()
@@ -226,6 +247,12 @@ def run_plan(
     return run_recorded(
         plan.output_url, run, lambda r: {"report": r.to_dict()}, command="unet-volume predict"
     )
+
+
+def complete_report(plan: PredictionPlan) -> RunReport:
+    """The report of a run whose output was complete before it began."""
+    total = plan.existing.total if plan.existing is not None else plan.num_blocks
+    return RunReport(plan.output_url, 0, 0, 0.0, skipped=total, complete_before=True)
 
 
 def check_block_memory(plan: PredictionPlan, client: Client) -> None:
@@ -261,17 +288,25 @@ def _create_prediction(plan: PredictionPlan) -> None:
     )
 
 
+ClientSource = Client | Callable[[], AbstractContextManager[Client]] | None
+"""A Dask client, a function that opens one (called once the run is checked, so that bad input
+starts no cluster), or None: a LocalCluster of one worker per core."""
+
+
 def predict_volume(
     model: UNet | str | Path,
     image: str | Path,
     output: str | Path,
     options: PredictOptions = DEFAULT_OPTIONS,
     *,
-    client: Client | None = None,
+    client: ClientSource = None,
     progress: bool = False,
+    on_plan: Callable[[PredictionPlan, Client], None] | None = None,
+    on_progress: ProgressSink | None = None,
     **changes: Any,
 ) -> RunReport:
-    """Predict a whole volume with a U-Net into a Zarr group at ``output``.
+    """Predict a whole volume with a U-Net into a Zarr group at ``output``: the one call that
+    ``unet-volume predict`` and the ``predict`` flow wrap.
 
     Args:
         model: a :class:`UNet` or the path of a checkpoint.
@@ -279,20 +314,31 @@ def predict_volume(
             ``(z, y, x)`` or ``(c, z, y, x)``.
         output: the output group (refused if it exists, unless ``overwrite``).
         options: how to predict; see :class:`PredictOptions` for each field and its default.
-        client: an existing Dask client; by default a LocalCluster is started.
+        client: where the blocks run (:data:`ClientSource`).
         progress: show a progress bar.
+        on_plan: called with the plan for the client's workers, before anything is written.
+        on_progress: hears of every finished task (:mod:`unet_volume.progress`).
         changes: fields of ``options`` to change, e.g. ``block_shape=(1, 512, 512)``,
             ``output_dtype="float64"`` (``uint8``, ``float16``, ``float32`` or ``float64``).
 
-    Everything is validated before anything is written (:func:`plan_prediction`). An
-    incomplete output of the same run (model, geometry, dtype, input) is resumed: only its
-    missing blocks are computed (:attr:`RunReport.skipped` counts the others).
+    Everything is validated before a cluster starts or anything is written
+    (:func:`plan_prediction`); the plan is then made for the workers at hand
+    (:func:`run_plan`). An incomplete output of the same run (model, geometry, dtype,
+    input) is resumed: only its missing blocks are computed (:attr:`RunReport.skipped` counts
+    the others); a complete one is left as it is (:attr:`RunReport.complete_before`).
     """
     options = replace(options, **changes)
     plan = plan_prediction(model, image, output, options)
-    with nullcontext(client) if client is not None else open_client() as active:
-        plan = fit_to_workers(plan, options, active.scheduler_info(n_workers=-1)["workers"])
-        return run_plan(plan, active, progress=progress)
+    if plan.existing is not None and plan.existing.complete:
+        return complete_report(plan)
+    with _opened(client) as active:
+        return run_plan(plan, active, progress=progress, on_plan=on_plan, on_progress=on_progress)
+
+
+def _opened(client: ClientSource) -> AbstractContextManager[Client]:
+    if isinstance(client, Client):
+        return nullcontext(client)
+    return client() if client is not None else open_client()
 
 
 def plan_geometry(
@@ -368,19 +414,21 @@ def plan_task_shape(
 
 
 def fit_to_workers(
-    plan: PredictionPlan, options: PredictOptions, workers: Mapping[str, Mapping[str, Any]]
+    plan: PredictionPlan, workers: Mapping[str, Mapping[str, Any]]
 ) -> PredictionPlan:
-    """``plan`` (made with ``options`` before the cluster was known) with its automatic task
-    shape chosen again for ``workers`` (``scheduler_info()["workers"]``): enough tasks to keep
-    them busy.
-
-    An automatic block shape depends on the workers too, but through the whole plan: plan
-    again with ``workers`` for that (:func:`plan_prediction`).
+    """``plan`` (made before the cluster was known) for the ``workers`` that run it
+    (``client.scheduler_info()["workers"]``): an automatic block shape picked for their memory
+    and device, an automatic task shape that keeps them busy. A given shape stays as given.
     """
-    if options.task_shape is not None:
+    if plan.options.block_shape == "auto":
+        model, image = plan.checkpoint, plan.volume.url
+        return plan_prediction(model, image, plan.output_url, plan.options, workers=workers)
+    if plan.options.task_shape is not None:
         return plan
-    task = plan_task_shape(plan.volume, plan.layout, plan.geometry, None, slots=task_slots(workers))
-    return replace(plan, task_shape=task)
+    slots = task_slots(workers)
+    return replace(
+        plan, task_shape=plan_task_shape(plan.volume, plan.layout, plan.geometry, None, slots=slots)
+    )
 
 
 def check_threshold(threshold: float | None, num_classes: int) -> None:
@@ -395,7 +443,9 @@ def check_threshold(threshold: float | None, num_classes: int) -> None:
         )
 
 
-def _checkpoint_of(model: UNet | str | Path) -> bytes:
+def _checkpoint_of(model: UNet | str | Path | bytes) -> bytes:
+    if isinstance(model, bytes):
+        return model
     if isinstance(model, UNet):
         return checkpoint_bytes(model)
     return read_checkpoint_bytes(model)
