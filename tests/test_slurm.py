@@ -165,8 +165,7 @@ def test_slurm_the_predict_flow_runs_its_blocks_in_slurm_jobs(
             image,
             str(model_path),
             str(flow),
-            block_shape=(1, 16, 16),
-            output_dtype="float32",
+            {"block_shape": (1, 16, 16), "output_dtype": "float32"},
             cluster="slurm-cpu",
         )
     assert report["blocks"] == BLOCKS
