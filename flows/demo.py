@@ -25,7 +25,7 @@ from unet_volume.io.volumes import convert_to_zarr
 from unet_volume.models.shipped import shipped_models
 from unet_volume.output.prediction import open_prediction
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.training.config import DEFAULT_MINUTES
+from unet_volume.training.config import DEFAULT_MINUTES, TrainConfig
 from unet_volume_flows.common import HiddenNone
 from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
@@ -62,9 +62,7 @@ def demo_flow(data: str, out: str, minutes: float | HiddenNone = MINUTES) -> dic
         image,
         labels,
         str(root / "model.pt"),
-        minutes=minutes,
-        z_range=TRAIN,
-        validation_z_range=VALIDATION,
+        TrainConfig(minutes=minutes, z_range=TRAIN, validation_z_range=VALIDATION),
     )
     report = predict_flow(
         image,

@@ -5,24 +5,21 @@ The checkpoint is registered with its metrics, learning curve and preview as Pre
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from unet_volume.cluster.client import describe
 from unet_volume.evaluation.scores import EvaluationReport, evaluate
 from unet_volume.io.locations import absolute
-from unet_volume.models.config import UNetConfig
 from unet_volume.output.preview import write_preview
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.run import PredictionPlan, predict_volume
 from unet_volume.progress import duration
-from unet_volume.training.config import Augment
-from unet_volume.training.loop import TrainConfig, TrainReport, check_training, train
+from unet_volume.training.config import TrainConfig
+from unet_volume.training.loop import TrainReport, check_training, train
 from unet_volume.training.weight_map import WeightMapConfig
 from unet_volume.training.weight_volume import compute_weight_volume
 from unet_volume_flows.artifacts import embedded_image, metric_rows
@@ -35,8 +32,7 @@ from unet_volume_flows.common import (
     reported,
 )
 
-ZRange = tuple[NonNegativeInt, PositiveInt]
-DEFAULTS = TrainConfig()  # every default below is read from here, none is written twice
+DEFAULTS = TrainConfig()
 
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
@@ -159,72 +155,45 @@ def register(report: TrainReport, scores: EvaluationReport | None, image: str) -
 
 @flow(name="train")
 @described(
-    TrainConfig,
-    UNetConfig,
     image="the training image: a Zarr array or TIFF stack, (z, y, x) or (c, z, y, x)",
     labels="the annotations, the image's shape: 0 background/membrane, 1 foreground/interior "
     "(or instance ids, which the weight map separates)",
     model="where to write the checkpoint (.pt); its learning curve and preview go beside it",
-    weight_map="weigh the loss by the paper's weight map (borders between touching cells weigh "
-    "more; computed on Dask first); off: class-balanced weights",
-    tile_output="output side (y and x) of one training tile in voxels",
+    config="how to train: the network, tiles, steps or minutes, training and held-out slices, "
+    "augmentation, the weight map, label offset, optimizer and seed",
     init="start from this model's network and weights (fine-tuning on new data; "
-    "base_channels, depth and batch_norm are then the model's)",
+    "the network given in config is then the model's)",
     **CLUSTER_HELP,
 )
 def train_flow(
     image: str,
     labels: str,
     model: str,
+    config: TrainConfig = DEFAULTS,
     *,
-    minutes: PositiveFloat | None = DEFAULTS.minutes,
-    steps: PositiveInt | None = DEFAULTS.steps,
-    z_range: ZRange | None = DEFAULTS.z_range,
-    validation_z_range: ZRange | None = DEFAULTS.validation_z_range,
-    augment: Augment = DEFAULTS.augment,
-    weight_map: bool = DEFAULTS.weight_map,
-    label_offset: tuple[float, float] | None = DEFAULTS.label_offset,
-    base_channels: PositiveInt = DEFAULTS.model.base_channels,
-    depth: PositiveInt = DEFAULTS.model.depth,
-    batch_norm: bool = DEFAULTS.model.batch_norm,
-    tile_output: PositiveInt = DEFAULTS.tile_output[-1],
-    seed: int = DEFAULTS.seed,
     init: str | None = None,
     scheduler: str | None = None,
     cluster: str | None = None,
 ) -> dict[str, Any]:
-    """Train a U-Net on ``image`` against ``labels`` (slices ``z_range``) and save it to ``model``.
+    """Train a U-Net on ``image`` against ``labels`` and save it to ``model``.
 
-    With ``validation_z_range`` the model is scored on those held-out slices; with ``weight_map``
-    the loss is weighted by the paper's weight map, else class-balanced. The net is 2D, ``depth``
-    levels deep, trained on tiles of ``tile_output``² output voxels; with ``init`` it starts
-    from that model's network and weights instead (fine-tuning). Defaults are
-    :class:`~unet_volume.training.loop.TrainConfig`'s. Returns the figures.
+    ``config`` is a :class:`~unet_volume.training.config.TrainConfig`, each field with its
+    default and help (the run form shows them). With its ``validation_z_range`` the model is
+    scored on those held-out slices; with ``weight_map`` the loss is weighted by the paper's
+    weight map (computed on Dask first), else class-balanced. With ``init`` training starts
+    from that model's network and weights (fine-tuning). Returns the figures.
     """
     check_locations(image=image, labels=labels, model=model, init=init)
-    config = replace(
-        DEFAULTS,
-        model=replace(
-            DEFAULTS.model, base_channels=base_channels, depth=depth, batch_norm=batch_norm
-        ),
-        tile_output=(1, tile_output, tile_output),
-        minutes=minutes,
-        steps=steps,
-        z_range=z_range,
-        validation_z_range=validation_z_range,
-        augment=augment,
-        weight_map=weight_map,
-        label_offset=label_offset,
-        seed=seed,
-    )
     check(image, labels, config, init)
     weights = (
-        weigh(labels, f"{model}.weights.zarr", z_range, scheduler, cluster) if weight_map else None
+        weigh(labels, f"{model}.weights.zarr", config.z_range, scheduler, cluster)
+        if config.weight_map
+        else None
     )
     report = fit(image, labels, model, config, weights, init)
     scores = (
-        assess(image, labels, model, validation_z_range, scheduler, cluster)
-        if validation_z_range
+        assess(image, labels, model, config.validation_z_range, scheduler, cluster)
+        if config.validation_z_range
         else None
     )
     return register(report, scores, image)

@@ -41,11 +41,13 @@ from unet_volume.errors import (
     UnetVolumeError,
 )
 from unet_volume.models.checkpoint import read_checkpoint, save_model
+from unet_volume.models.config import UNetConfig
 from unet_volume.models.unet import UNet
 from unet_volume.output.lifecycle import read_status, run_info
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.run import plan_prediction, predict_volume
 from unet_volume.testing import blob_volume, snapshot
+from unet_volume.training.config import TrainConfig
 from unet_volume_flows.ingest import ingest_flow
 from unet_volume_flows.predict import default_preview, predict_flow
 from unet_volume_flows.train import train_flow
@@ -370,14 +372,14 @@ def test_train_flow_trains_evaluates_and_registers_the_model(
         write_zarr(Path("image.zarr"), image),
         write_zarr(Path("labels.zarr"), labels),
         str(model),
-        minutes=None,
-        steps=3,
-        z_range=(0, 3),
-        validation_z_range=(3, 4),
-        weight_map=True,
-        base_channels=8,
-        depth=2,
-        tile_output=16,
+        TrainConfig(
+            model=UNetConfig(base_channels=8, depth=2),
+            tile_output=(1, 16, 16),
+            steps=3,
+            z_range=(0, 3),
+            validation_z_range=(3, 4),
+            weight_map=True,
+        ),
         scheduler=client.scheduler.address,
     )
     assert (
@@ -413,11 +415,18 @@ def test_optional_flow_parameters_offer_none_in_the_run_form_only_where_it_is_th
     properties = flow.parameters.model_dump()["properties"]
     for name, schema in properties.items():
         assert nullable(schema) == (schema.get("default", 0) is None), name
+    for record in flow.parameters.model_dump().get("definitions", {}).values():
+        for name, schema in record["properties"].items():
+            assert nullable(schema) == (schema.get("default", 0) is None), name
     # The training budget defaults to None: TrainConfig's 3 minutes, or no limit with steps.
     if flow is train_flow:
-        assert nullable(properties["minutes"]) and "--steps" in properties["minutes"]["description"]
+        minutes = flow.parameters.model_dump()["definitions"]["TrainConfig"]["properties"][
+            "minutes"
+        ]
+        assert nullable(minutes) and "--steps" in minutes["description"]
         required = dict.fromkeys(flow.parameters.required, "x")
-        assert flow.validate_parameters({**required, "steps": 5000})["minutes"] is None
+        config = flow.validate_parameters({**required, "config": {"steps": 5000}})["config"]
+        assert config.minutes is None and config.time_budget is None
 
 
 @pytest.mark.parametrize("flow", [predict_flow, train_flow, ingest_flow], ids=lambda f: f.name)
@@ -429,11 +438,17 @@ def test_every_flow_parameter_is_described_where_the_ui_shows_it(flow: Any) -> N
     assert not undescribed
     # The options the CLI also has are described in the CLI's words, from one place: the
     # record's fields, each with its help, in the form's section for the record.
-    if flow is predict_flow:
-        record = schema["definitions"]["PredictOptions"]["properties"]
-        assert set(record) == {f.name for f in dataclasses.fields(PredictOptions)}
+    records = {
+        predict_flow: [PredictOptions],
+        train_flow: [TrainConfig, UNetConfig],
+        ingest_flow: [],
+    }[flow]
+    for record_type in records:
+        record = schema["definitions"][record_type.__name__]["properties"]
+        assert set(record) == {f.name for f in dataclasses.fields(record_type)}
         for name, field in record.items():
-            assert field["description"] == field_help(PredictOptions, name), name
+            if name != "model":  # the nested network: its own section
+                assert field["description"] == field_help(record_type, name), name
 
 
 @pytest.mark.parametrize("name", ["ingest", "predict", "train"])
@@ -508,6 +523,7 @@ def test_predict_flow_preview_goes_beside_a_local_output(out: str, expected: str
 
 FlowCall = Callable[[dict[str, str], Path], Any]
 
+ONE_STEP = {"steps": 1, "model": {"depth": 2}}
 FLOW_CASES: list[tuple[str, FlowCall, type[Exception], str]] = [
     (
         "predict-missing-image",
@@ -615,39 +631,39 @@ FLOW_CASES: list[tuple[str, FlowCall, type[Exception], str]] = [
     ),
     (
         "train-labels-shape",
-        lambda f, r: train_flow(f["image"], f["short_labels"], str(r / "m.pt"), steps=1),
+        lambda f, r: train_flow(f["image"], f["short_labels"], str(r / "m.pt"), {"steps": 1}),
         InputError,
         "shape",
     ),
     (
         "train-negative-labels",
-        lambda f, r: train_flow(f["image"], f["negative"], str(r / "m.pt"), steps=1, depth=2),
+        lambda f, r: train_flow(f["image"], f["negative"], str(r / "m.pt"), ONE_STEP),
         InputError,
         "negative",
     ),
     (
         "train-float-labels",
-        lambda f, r: train_flow(f["image"], f["float_labels"], str(r / "m.pt"), steps=1, depth=2),
+        lambda f, r: train_flow(f["image"], f["float_labels"], str(r / "m.pt"), ONE_STEP),
         InputError,
         "not integers",
     ),
     (
         "train-zero-minutes",
-        lambda f, r: train_flow(f["image"], f["labels"], str(r / "m.pt"), minutes=0),
+        lambda f, r: train_flow(f["image"], f["labels"], str(r / "m.pt"), {"minutes": 0}),
         ParameterTypeError,
         "greater than 0",
     ),
     (
         "train-init-missing",
         lambda f, r: train_flow(
-            f["image"], f["labels"], str(r / "m.pt"), steps=1, init=str(r / "none.pt")
+            f["image"], f["labels"], str(r / "m.pt"), {"steps": 1}, init=str(r / "none.pt")
         ),
         CheckpointError,
         "none.pt does not exist",
     ),
     (
         "train-model-url-unknown-protocol",
-        lambda f, r: train_flow(f["image"], f["labels"], "nosuch://models/m.pt", steps=1),
+        lambda f, r: train_flow(f["image"], f["labels"], "nosuch://models/m.pt", {"steps": 1}),
         InputError,
         "model 'nosuch://models/m.pt' uses nosuch://",
     ),

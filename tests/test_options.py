@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -61,24 +62,26 @@ def test_options_train_stops_at_steps_alone_when_only_steps_are_given(
     assert (config.steps, config.time_budget) == (steps, minutes)
 
 
-def test_options_train_flow_defaults_are_the_configs_defaults() -> None:
-    defaults, config = flow_defaults(train_flow), TrainConfig()
-    shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(defaults) - {"tile_output"}
-    shared_net = {f.name for f in dataclasses.fields(UNetConfig)} & set(defaults)
-    assert {"minutes", "steps", "augment", "seed"} <= shared  # the test compares something
-    assert {"base_channels", "depth", "batch_norm"} <= shared_net
-    assert {name: defaults[name] for name in shared} == {n: getattr(config, n) for n in shared}
-    assert {n: defaults[n] for n in shared_net} == {n: getattr(config.model, n) for n in shared_net}
-    assert (1, defaults["tile_output"], defaults["tile_output"]) == config.tile_output  # (y, x)
-    assert flow_defaults(demo_flow)["minutes"] == config.time_budget
-
-
-def test_options_predict_flow_and_library_take_the_options_record_and_its_defaults() -> None:
-    # No field restated: the flow's parameter is the record, its default the record's own.
-    defaults = flow_defaults(predict_flow)
-    assert defaults["options"] == PredictOptions()
-    assert not {f.name for f in dataclasses.fields(PredictOptions)} & set(defaults)
+def test_options_flows_and_library_take_the_records_and_their_defaults() -> None:
+    # No field restated: each flow's parameter is the record, its default the record's own.
+    for flow, name, record in (
+        (predict_flow, "options", PredictOptions),
+        (train_flow, "config", TrainConfig),
+    ):
+        defaults = flow_defaults(flow)
+        assert defaults[name] == record()
+        assert not {f.name for f in dataclasses.fields(record)} & set(defaults)
     assert inspect.signature(predict_volume).parameters["options"].default == PredictOptions()
+    assert flow_defaults(demo_flow)["minutes"] == TrainConfig().time_budget
+
+
+def test_options_a_network_given_in_part_changes_the_trained_default_not_the_papers() -> None:
+    # A deployment's {"model": {"depth": 2}} keeps the 16 base channels `unet-volume train` has.
+    required = {"image": "i.zarr", "labels": "l.zarr", "model": "m.pt"}
+    given = {**required, "config": {"steps": 5, "model": {"depth": 2}}}
+    config = train_flow.validate_parameters(given)["config"]
+    assert config == TrainConfig(steps=5, model=replace(TrainConfig().model, depth=2))
+    assert config.model.base_channels == 16 != UNetConfig().base_channels
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float16", "float32", "float64"])

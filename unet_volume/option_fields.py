@@ -20,9 +20,22 @@ import re
 import types
 import typing
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from annotated_types import Ge, Gt
 
 T = TypeVar("T")
+
+# The bounds of option values, as types: pydantic checks a flow's parameters against them and
+# Prefect's run form shows them; the records check the values again, with the fix.
+Count = Annotated[int, Gt(0)]
+"""A number of things (steps, tiles, voxels along an axis): at least 1."""
+Natural = Annotated[int, Ge(0)]
+"""At least 0 (a seed, a slice index, a number of extra processes)."""
+Size = Annotated[float, Gt(0)]
+"""A positive amount (minutes, seconds, a voxel's size, a learning rate)."""
+Shape3 = tuple[Count, Count, Count]
+"""Voxels along (z, y, x), each at least 1."""
 
 
 def option(default: Any, help_text: str) -> Any:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Lt
 
 from unet_volume.errors import InputError
-from unet_volume.option_fields import option
+from unet_volume.option_fields import Count, option
 
 
 def _is_int(value: object) -> bool:
@@ -30,15 +32,15 @@ class UNetConfig:
                batch_norm=False, dropout=0.5)
     """
 
-    in_channels: int = option(1, "image channels, e.g. 1 for grayscale")
-    num_classes: int = option(2, "number of classes")
-    base_channels: int = option(64, "channels of the first level; the paper's net has 64")
-    depth: int = option(4, "number of poolings; the paper's net has 4")
-    ndim: int = option(2, "2 (a 2D U-Net on slices) or 3 (a 3D U-Net)")
+    in_channels: Count = option(1, "image channels, e.g. 1 for grayscale")
+    num_classes: Annotated[int, Ge(2)] = option(2, "number of classes")
+    base_channels: Count = option(64, "channels of the first level; the paper's net has 64")
+    depth: Count = option(4, "number of poolings; the paper's net has 4")
+    ndim: Literal[2, 3] = option(2, "2 (a 2D U-Net on slices) or 3 (a 3D U-Net)")
     batch_norm: bool = option(
         False, "batch normalisation before each ReLU (as the 3D U-Net of Cicek et al.)"
     )
-    dropout: float = option(
+    dropout: Annotated[float, Ge(0), Lt(1)] = option(
         0.5, "dropout probability at the end of the contracting path, as the paper"
     )
 

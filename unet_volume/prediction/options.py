@@ -9,22 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 
-from annotated_types import Ge, Gt
-
-from unet_volume.option_fields import option
+from unet_volume.option_fields import Natural, Shape3, Size, option
 from unet_volume.output.prediction import OutputDtype
 
 DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
 """Block shape (z, y, x) by model ndim when none is given: one task, one output chunk."""
-
-
-Count = Annotated[int, Gt(0)]
-Shape3 = tuple[Count, Count, Count]
-"""Voxels along (z, y, x), each at least 1: the type pydantic checks a flow's parameter
-against (the library checks the values again, with the fix)."""
-Size = Annotated[float, Gt(0)]
 
 
 def _csv(shape: Sequence[int]) -> str:
@@ -80,7 +71,7 @@ class PredictOptions:
         "seconds without a finished block (or 10 times the usual gap, if longer) after which "
         "the run stops with an error naming the blocks in flight and their workers",
     )
-    max_failures: Annotated[int, Ge(0)] = option(
+    max_failures: Natural = option(
         10,
         "blocks that may fail (bad data) while the rest carry on; one more stops the run. "
         "Failed blocks are recorded in the output and redone when the run is resumed",

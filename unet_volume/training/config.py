@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator
 
 from unet_volume.errors import InputError
 from unet_volume.io.volumes import check_z_range
 from unet_volume.label_offset import check_offset
 from unet_volume.models.config import UNetConfig
-from unet_volume.option_fields import option
+from unet_volume.option_fields import Count, Natural, Shape3, Size, option
 from unet_volume.tiling import TileGeometry
 from unet_volume.training.augment import AugmentConfig
 
@@ -27,6 +30,17 @@ TRAINING_MODEL = UNetConfig(base_channels=16)
 """The network trained by default: the paper's, with 16 base channels instead of 64 (CPUs)."""
 DEFAULT_MINUTES = 3.0
 """The training budget of a run given neither steps nor minutes."""
+
+
+def _over_training_model(value: object) -> object:
+    """A network given in part (``{"depth": 2}``, a flow parameter) changes the one trained by
+    default, not the paper's 64-channel net."""
+    if isinstance(value, Mapping):
+        return {**TRAINING_MODEL.to_dict(), **value}
+    return value
+
+
+TrainingNet = Annotated[UNetConfig, BeforeValidator(_over_training_model)]
 
 
 def _positive_int(value: object) -> bool:
@@ -49,25 +63,29 @@ class TrainConfig:
     ``steps`` alone, it has no time limit (:attr:`time_budget`).
     """
 
-    model: UNetConfig = TRAINING_MODEL
-    tile_output: tuple[int, int, int] = option(
-        (1, 132, 132), "output shape (z, y, x) of one training tile"
+    model: TrainingNet = dataclasses.field(
+        default=TRAINING_MODEL,
+        metadata={
+            "description": "the network to train (default: the paper's with 16 base channels); "
+            "in_channels is the image's"
+        },
     )
-    batch_size: int = option(4, "tiles per step")
+    tile_output: Shape3 = option((1, 132, 132), "output shape (z, y, x) of one training tile")
+    batch_size: Count = option(4, "tiles per step")
     optimizer: Literal["adam", "sgd"] = option(
         "adam", "adam, or sgd with momentum 0.99 as the paper"
     )
-    learning_rate: float | None = option(
+    learning_rate: Size | None = option(
         None, "learning rate (default: the optimizer's, adam 1e-3, sgd 1e-2)"
     )
-    steps: int | None = option(None, "stop after this many steps (default: only --minutes)")
-    minutes: float | None = option(
+    steps: Count | None = option(None, "stop after this many steps (default: only --minutes)")
+    minutes: Size | None = option(
         None, f"training time budget in minutes (default: {DEFAULT_MINUTES:g}, none with --steps)"
     )
-    z_range: tuple[int, int] | None = option(
+    z_range: tuple[Natural, Count] | None = option(
         None, "train on slices BEGIN..END-1 only, e.g. 0:20 (default: all)"
     )
-    validation_z_range: tuple[int, int] | None = option(
+    validation_z_range: tuple[Natural, Count] | None = option(
         None, "held-out slices scored every --validate-every steps, e.g. 20:25 (default: none)"
     )
     class_balance: bool = option(
@@ -96,14 +114,14 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = option(
         "cosine", "cosine decay over the run's steps or minutes, or constant"
     )
-    validate_every: int = option(100, "steps between validations")
-    validation_tiles: int = option(8, "held-out tiles scored per validation")
-    checkpoint_every: int = option(200, "steps between checkpoints")
-    loader_workers: int = option(
+    validate_every: Count = option(100, "steps between validations")
+    validation_tiles: Count = option(8, "held-out tiles scored per validation")
+    checkpoint_every: Count = option(200, "steps between checkpoints")
+    loader_workers: Natural = option(
         0, "processes that read and augment tiles; 0 reads them in the training process"
     )
     amp: bool = option(True, "use mixed precision on CUDA (no effect on CPUs)")
-    seed: int = option(0, "random seed")
+    seed: Natural = option(0, "random seed")
 
     def __post_init__(self) -> None:
         # Everything checked here, once, so a bad value fails before any data is read.
