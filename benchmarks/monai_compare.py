@@ -5,7 +5,7 @@ uint8 volume, slice by slice (a 2D net):
 
 - MONAI 1.6 ``sliding_window_inference``, as a MONAI user would: windows of 512x512 with its
   default overlap 0.25 and gaussian blending. MONAI's windows must map to outputs of the same
-  size, so the network is wrapped to mirror-pad each window by its margin (92 voxels a side)
+  size, so the network is wrapped to mirror-pad each window by its halo (92 voxels a side)
   first: the padded convolutions of a typical MONAI net, made explicit. One process, torch with
   2 threads, the whole volume in memory.
 - unet-volume: ``predict_volume`` from the Zarr volume into a Zarr output, 2 single-threaded
@@ -41,17 +41,17 @@ METADATA = {"normalization": {"mean": 127.5, "std": 64.0}}
 
 
 class MirroredUNet(torch.nn.Module):
-    """The valid-convolution U-Net made same-size: each window mirror-padded by the margin."""
+    """The valid-convolution U-Net made same-size: each window mirror-padded by the halo."""
 
     def __init__(self, net: UNet) -> None:
         super().__init__()
-        self.net, self.margin = net, net.margin[-1]
+        self.net, self.halo = net, net.halo[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1]
         padded_size = self.net.tile_geometry(min_output=(1, size, size)).input_shape[-1]
-        high = padded_size - size - self.margin
-        padded = F.pad(x, (self.margin, high, self.margin, high), mode="reflect")
+        high = padded_size - size - self.halo
+        padded = F.pad(x, (self.halo, high, self.halo, high), mode="reflect")
         return torch.softmax(self.net(padded), dim=1)[..., :size, :size]
 
 

@@ -575,6 +575,24 @@ def test_cli_weights_chunk_shape_is_a_deprecated_name_of_block_shape(
     assert "--chunk-shape" not in build_parser().format_help() + subparser("weights").format_help()
 
 
+def test_cli_convert_chunks_is_a_deprecated_name_of_chunk_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_zarr(tmp_path / "in.zarr", blob_volume((2, 32, 32)))
+    out = tmp_path / "out.zarr"
+    assert main(["convert", source, str(out), "--chunks", "1,16,16"]) == EXIT_OK
+    assert "--chunks is deprecated; pass --chunk-shape" in capsys.readouterr().err
+    assert zarr.open_array(out, mode="r").chunks == (1, 16, 16)
+    assert "--chunks" not in subparser("convert").format_help()
+    # Both names at once: refused in one line, nothing written.
+    before = snapshot(tmp_path)
+    both = ["convert", source, str(tmp_path / "o2.zarr"), "--chunks", "1,16,16"]
+    assert main([*both, "--chunk-shape", "1,8,8"]) == EXIT_USAGE
+    line = assert_one_error_line(capsys.readouterr().err, "convert")
+    assert "--chunks is the old name of --chunk-shape" in line
+    assert snapshot(tmp_path) == before
+
+
 def test_cli_weights_prints_no_dask_logs_without_verbose(tmp_path: Path) -> None:
     # issue 12: distributed sets INFO on its loggers when imported, after the CLI set WARNING.
     _, labels = write_training_pair(tmp_path, (1, 16, 16))

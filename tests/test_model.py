@@ -1,8 +1,8 @@
 """Specification of the U-Net: the paper's numbers, geometry traced from the layers, init.
 
 Geometry facts used below (two unpadded 3x3 convs per level, depth d):
-margin = 6 * 2**d - 4 per side (92 at d = 4, 44 at d = 3, 20 at d = 2), period = 2**d,
-and valid inputs are 2 * margin + 4 + k * 2**d (188, 204, ... at d = 4).
+halo = 6 * 2**d - 4 per side (92 at d = 4, 44 at d = 3, 20 at d = 2), period = 2**d,
+and valid inputs are 2 * halo + 4 + k * 2**d (188, 204, ... at d = 4).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_unet_base16_has_1940834_params() -> None:
 
 def test_unet_paper_config_maps_572_to_388_with_margin_92_and_period_16() -> None:
     net = paper_unet()
-    assert net.margin == (92, 92)  # 6 * 16 - 4
+    assert net.halo == (92, 92)  # 6 * 16 - 4
     assert net.period == (16, 16)  # 2**4
     assert net.output_shape((572, 572)) == (388, 388)  # 572 - 2 * 92
     assert net.output_shape((188, 188)) == (4, 4)  # the smallest tile: bottom size 4 -> 16 * 4 - 60
@@ -74,7 +74,7 @@ def test_unet_forward_at_base_8_gives_the_paper_geometry() -> None:
 
 def test_unet_3d_depth_3_loses_44_per_side_as_in_cicek_et_al() -> None:
     net = tiny_unet(depth=3, ndim=3)
-    assert net.margin == (44, 44, 44)  # 6 * 8 - 4
+    assert net.halo == (44, 44, 44)  # 6 * 8 - 4
     assert net.period == (8, 8, 8)
     # Cicek et al.: input 132 x 132 x 116 gives output 44 x 44 x 28 (z first here).
     assert net.output_shape((116, 132, 132)) == (28, 44, 44)
@@ -107,7 +107,7 @@ def test_unet_tile_geometry_agrees_with_layer_trace(
     geometry = net.tile_geometry(min_output)  # (z, y, x); a 2D net convolves (y, x) only
     conv = slice(3 - ndim, 3)
     assert net.output_shape(geometry.input_shape[conv]) == geometry.output_shape[conv]
-    assert geometry.halo[conv] == net.margin
+    assert geometry.halo[conv] == net.halo
     assert geometry.period[conv] == net.period
     # A tile's output spans at least one period, so that tiles can step along the lattice.
     wanted = [max(w, p) for w, p in zip(min_output[conv], net.period)]
@@ -129,7 +129,7 @@ def test_unet_invalid_size_raises_geometry_error_naming_the_valid_neighbours(
     with pytest.raises(GeometryError, match=f"tile input {size} along y") as info:
         net.output_shape((size, valid_x))
     # Brute force: the largest valid size below (if any) and the smallest above.
-    reach = size + 2 * net.margin[0] + 2 * net.period[0]
+    reach = size + 2 * net.halo[0] + 2 * net.period[0]
     valid = [s for s in range(1, reach) if net.output_size(s) is not None]
     below, above = [s for s in valid if s < size], [s for s in valid if s > size]
     expected = ([max(below)] if below else []) + [min(above)]
@@ -232,7 +232,7 @@ def test_unet_batch_norm_precedes_every_relu_and_keeps_the_geometry() -> None:
     relus = [i for i, m in enumerate(layers) if isinstance(m, nn.ReLU)]
     assert len(relus) == 2 * (2 * 2 + 1)  # two per level, 5 levels at depth 2
     assert all(isinstance(layers[i - 1], nn.BatchNorm2d) for i in relus)
-    assert net.margin == tiny_unet(2, 2).margin == (20, 20)
+    assert net.halo == tiny_unet(2, 2).halo == (20, 20)
 
 
 def test_unet_dropout_acts_in_training_only() -> None:

@@ -175,7 +175,7 @@ def test_predict_stitched_blocks_equal_one_whole_volume_pass(
     tile: tuple[int, ...] | None,
 ) -> None:
     # The headline property: the tiled run across worker processes equals one forward pass
-    # over the whole volume mirror-padded by the margin, bit for bit, on any CPU. Exact by
+    # over the whole volume mirror-padded by the halo, bit for bit, on any CPU. Exact by
     # construction: integer weights and biases (integer_unet) on integer voxels make every
     # partial sum an integer below 2**53 (checked), which float64 holds exactly whatever order
     # the kernels add in; logits are compared, before the soft-max's inexact exp.

@@ -292,7 +292,7 @@ def test_run_record_a_stalled_run_stops_naming_the_blocks_in_flight_and_their_wo
         hanging = probe(plan, HangingPredictor)
         hanging.hang = 10 * limit
         started = time.monotonic()
-        with pytest.raises(StallError, match=r"no block finished for \d+ s") as info:
+        with pytest.raises(StallError, match=r"no task finished for \d+ s") as info:
             run_plan(plan, own, predictor=hanging)
         assert time.monotonic() - started < hanging.hang  # stopped, not waited out
     assert "predict-task-0-2-2-" in str(info.value) and " on tcp://" in str(info.value)

@@ -79,7 +79,7 @@ def test_map_bounded_yields_results_in_the_order_tasks_finish(client: Client) ->
 
 
 def test_map_bounded_names_the_failed_task(client: Client) -> None:
-    with pytest.raises(BlockError, match=r"block task probe-3 failed: bad block"):
+    with pytest.raises(BlockError, match=r"task probe-3 failed: bad block"):
         list(map_bounded(client, fail_on_three, range(6), name=lambda i: f"probe-{i}"))
 
 

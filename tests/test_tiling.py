@@ -23,17 +23,17 @@ from unet_volume.tiling import (
 def test_tiling_paper_numbers() -> None:
     # Ronneberger et al.: 572 -> 388, 92 voxels of context per side; the smallest tile is 188 -> 4.
     net = UNetShape(depth=4)
-    assert net.output_size(572) == 388 and net.margin == 92 and net.output_size(188) == 4
+    assert net.output_size(572) == 388 and net.halo == 92 and net.output_size(188) == 4
     g = TileGeometry.for_unet(ndim=2, depth=4, min_output=(1, 388, 388))
     assert g.input_shape == (1, 572, 572) and g.halo == (0, 92, 92) and g.stride == (1, 384, 384)
 
 
 @pytest.mark.parametrize(
-    ("depth", "margin"),
+    ("depth", "halo"),
     [pytest.param(1, 8, id="d1"), pytest.param(3, 44, id="d3"), pytest.param(4, 92, id="d4")],
 )
-def test_tiling_margin_is_6_times_period_minus_4(depth: int, margin: int) -> None:
-    assert UNetShape(depth).margin == margin == 6 * 2**depth - 4
+def test_tiling_halo_is_6_times_period_minus_4(depth: int, halo: int) -> None:
+    assert UNetShape(depth).halo == halo == 6 * 2**depth - 4
 
 
 def test_tiling_invalid_input_names_the_nearest_valid_sizes() -> None:

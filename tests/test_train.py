@@ -1,7 +1,7 @@
 """Training specifications, on tiny real Zarr and TIFF volumes and a tiny U-Net.
 
 The tiny net is 2D, depth 2, 4 base channels: a tile output of 12 needs an input of 52
-(margin 20 = 6 * 2**2 - 4), so a (6, 48, 48) volume gives plenty of distinct tiles.
+(halo 20 = 6 * 2**2 - 4), so a (6, 48, 48) volume gives plenty of distinct tiles.
 """
 
 from __future__ import annotations

@@ -51,9 +51,9 @@ class OutputExistsError(UnetVolumeError, FileExistsError):
 
 
 class BlockError(UnetVolumeError, RuntimeError):
-    """Block tasks failed during a run; the message names them, ``failures`` holds them.
+    """Tasks failed during a run; the message names them, ``failures`` holds them.
 
-    ``failures`` is a list of ``(item, exception)``: the block (or other task input) and
+    ``failures`` is a list of ``(item, exception)``: the region (or other task input) and
     what it raised, for callers that record them.
     """
 
@@ -69,11 +69,11 @@ class BlockError(UnetVolumeError, RuntimeError):
         if message is not None:
             pass
         elif len(failures) == 1:
-            message = f"block task {names[0]} failed: {failures[0][1]}"
+            message = f"task {names[0]} failed: {failures[0][1]}"
         else:
             shown = "; ".join(f"{n}: {error}" for n, (_, error) in zip(names[:3], failures))
             more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
-            message = f"{len(failures)} block tasks failed: {shown}{more}"
+            message = f"{len(failures)} tasks failed: {shown}{more}"
         super().__init__(message)
 
 
@@ -95,7 +95,7 @@ def is_unwritable(error: BaseException) -> bool:
 
 
 class StallError(UnetVolumeError, TimeoutError):
-    """No block finished for far longer than blocks take; the message names those in flight."""
+    """No task finished for far longer than tasks take; the message names those in flight."""
 
 
 def is_transient(error: BaseException) -> bool:

@@ -1,24 +1,25 @@
-"""Tile geometry of a valid-convolution U-Net, and the block plan of a volume.
+"""Tile geometry of a valid-convolution U-Net, and the boxes a volume's work is cut into.
 
-Terms (used the same way everywhere in unet-volume):
+The terms (tile, halo, period, stride, block, shard, task, chunk, read and write box) are
+defined once, in ``docs/concepts/terms.md``; in short:
 
-- **tile**: one forward pass, ``input_shape -> output_shape``.
-- **margin / halo**: the context a tile loses per side, ``(input - output) / 2``
-  (92 voxels for the paper's depth-4 net).
+- **tile**: one forward pass, ``input_shape -> output_shape``; its **halo** is the context it
+  loses per side, ``(input - output) / 2`` (92 voxels for the paper's depth-4 net).
 - **period**: ``2**depth`` per pooled axis. A U-Net with max-pooling is equivariant
   only to shifts by whole periods, so tiles whose origins all lie on the period
   lattice reproduce one whole-volume pass exactly.
 - **stride**: the step between tiles, ``period * (output // period)`` (384 for a
   388 output): the largest lattice step a tile's output still covers.
-- **block**: one task. Its *write box* is one output chunk; its *read box* is the
-  region of the input its tiles need: the write box grown by the halo, plus the
-  surplus of the last tile (valid outputs are ``4 mod 16`` at depth 4, blocks are
-  multiples of 16, so a tile covering a block overhangs it by a few voxels).
+- **block**: the output's unit of planning and record keeping, one chunk of every output
+  array; a :class:`Region` pairs a box of whole blocks (a block, a shard, a task) with the
+  region of the input its tiles need: the box grown by the halo, plus the surplus of the
+  last tile (valid outputs are ``4 mod 16`` at depth 4, blocks are multiples of 16, so a tile
+  covering a block overhangs it by a few voxels).
 
 The volume frame is always ``(z, y, x)``. A 2D U-Net convolves ``(y, x)`` only: its
 z axis has halo 0 and period 1, and a tile's z extent is a batch of slices.
 
-One axis of a block of a depth-3 net (write box ``[0, 40)``; tile output 20,
+One axis of a region of a depth-3 net (write box ``[0, 40)``; tile output 20,
 stride 16, halo 44):
 
     tiles (output)      [0......20)
@@ -84,7 +85,7 @@ class UNetShape:
         return size
 
     @property
-    def margin(self) -> int:
+    def halo(self) -> int:
         """Context lost per side: ``6 * 2**depth - 4`` for two 3x3 convs per level."""
         output = self._output_for_bottom(self._min_bottom())
         return (self.input_for_output(output) - output) // 2
@@ -214,7 +215,7 @@ class TileGeometry:
 
     @property
     def halo(self) -> Shape:
-        """Voxels of context lost per side (the network's margin)."""
+        """Voxels of context lost per side (the network's halo)."""
         return tuple((i - o) // 2 for i, o in zip(self.input_shape, self.output_shape))
 
     @property
@@ -228,10 +229,11 @@ class TileGeometry:
 
 
 @dataclass(frozen=True, slots=True)
-class Block:
-    """One task: write ``write_box`` of the output from ``read_box`` of the input.
+class Region:
+    """A box of work: write ``write_box`` of the output from ``read_box`` of the input.
 
-    ``index`` is the block's position in the block grid, e.g. ``(3, 0, 7)``.
+    The box is a block, a shard or a task (see the module's terms); ``index`` is its
+    position in the grid of its kind, e.g. ``(3, 0, 7)``.
     """
 
     index: Shape
@@ -298,7 +300,7 @@ def check_block_shape(block_shape: Sequence[int], geometry: TileGeometry) -> Sha
 
 def plan_blocks(
     volume_shape: Sequence[int], block_shape: Sequence[int], geometry: TileGeometry
-) -> Iterator[Block]:
+) -> Iterator[Region]:
     """Blocks of ``block_shape`` covering a volume, lazily, in C order.
 
     Write boxes are disjoint, aligned to ``block_shape`` (so each is exactly one
@@ -314,7 +316,7 @@ def plan_blocks(
     for index, write_box in volume.grid(shape):
         if write_box.shape not in reach:
             reach[write_box.shape] = read_box_of(Box.from_shape(write_box.shape), geometry)
-        yield Block(index, write_box, reach[write_box.shape].shift(write_box.begin))
+        yield Region(index, write_box, reach[write_box.shape].shift(write_box.begin))
 
 
 def count_blocks(volume_shape: Sequence[int], block_shape: Sequence[int]) -> int:
@@ -327,7 +329,7 @@ def count_blocks(volume_shape: Sequence[int], block_shape: Sequence[int]) -> int
 
 def plan_halo_blocks(
     volume_shape: Sequence[int], block_shape: Sequence[int], halo: Sequence[int]
-) -> Iterator[Block]:
+) -> Iterator[Region]:
     """Blocks of ``block_shape`` covering a volume, each reading ``halo`` voxels around it.
 
     For block-wise work without tiles (weight maps): the read box is the write box grown by
@@ -338,16 +340,16 @@ def plan_halo_blocks(
     """
     volume = Box.from_shape(as_shape(volume_shape, VOLUME_NDIM))
     for index, write_box in volume.grid(as_shape(block_shape, VOLUME_NDIM)):
-        yield Block(index, write_box, write_box.grow(as_shape(halo, VOLUME_NDIM)))
+        yield Region(index, write_box, write_box.grow(as_shape(halo, VOLUME_NDIM)))
 
 
-def block_key(prefix: str) -> Callable[[Block], str]:
-    """Dask task names for blocks: ``prefix`` and the block index, e.g. ``predict-block-3-0-7``.
+def block_key(prefix: str) -> Callable[[Region], str]:
+    """Dask task names for regions: ``prefix`` and the index, e.g. ``predict-shard-3-0-7``.
 
-    The index names the block in logs, the dashboard and errors (and keeps keys unique).
+    The index names the region in logs, the dashboard and errors (and keeps keys unique).
     """
 
-    def key(block: Block) -> str:
+    def key(block: Region) -> str:
         return prefix + "-" + "-".join(map(str, block.index))
 
     return key

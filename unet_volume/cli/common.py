@@ -19,6 +19,29 @@ if TYPE_CHECKING:
     from distributed import Client
 
 
+def add_old_name(p: argparse.ArgumentParser, old: str, new: str, **kwargs: object) -> None:
+    """Keep ``old``, a flag's former name, working for scripts, hidden from ``--help``.
+
+    :func:`apply_old_names` moves its value to ``new`` with a warning (``new`` must default to
+    None, so that giving both is seen and refused).
+    """
+    dest = "old_" + old.lstrip("-").replace("-", "_")
+    p.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+    p.set_defaults(old_names=(*(p.get_default("old_names") or ()), (old, new, dest)))
+
+
+def apply_old_names(args: argparse.Namespace) -> None:
+    """Each old flag given: its value under the new name, and a warning naming the new one."""
+    for old, new, dest in getattr(args, "old_names", ()):
+        value, new_dest = getattr(args, dest), new.lstrip("-").replace("-", "_")
+        if value is None:
+            continue
+        if getattr(args, new_dest) is not None:
+            raise InputError(f"{old} is the old name of {new}; pass {new} only")
+        say(f"unet-volume {args.command}: warning: {old} is deprecated; pass {new}")
+        setattr(args, new_dest, value)
+
+
 def add_cluster_options(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument(

@@ -16,7 +16,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from unet_volume.cli.common import add_cluster_options, client_from, fmt, say
+from unet_volume.cli.common import (
+    add_cluster_options,
+    add_old_name,
+    apply_old_names,
+    client_from,
+    fmt,
+    say,
+)
 from unet_volume.cli.segment import add_objects, add_segment
 from unet_volume.cli.train import add_ensemble, add_train, add_weights
 from unet_volume.errors import UnetVolumeError
@@ -28,6 +35,7 @@ from unet_volume.option_fields import (
     parse_floats,
     parse_ints,
     parse_range,
+    show,
 )
 from unet_volume.prediction.options import PredictOptions
 
@@ -38,6 +46,8 @@ if TYPE_CHECKING:
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a command the signal stopped
+CONVERT_CHUNKS = (1, 512, 512)
+"""Chunks of the arrays ``convert`` writes: a slice of 512 x 512, a block of a 2D net."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +69,12 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="TIFF stack or Zarr array, (z, y, x) or (c, z, y, x)")
     p.add_argument("output", help="the Zarr array to write (path or fsspec URL)")
     p.add_argument(
-        "--chunks",
+        "--chunk-shape",
         type=parse_ints,
-        default=(1, 512, 512),
         metavar="Z,Y,X",
-        help="chunk shape (default 1,512,512)",
+        help=f"voxels per chunk of the array written (default {show(CONVERT_CHUNKS)})",
     )
+    add_old_name(p, "--chunks", "--chunk-shape", type=parse_ints)
     p.add_argument(
         "--voxel-size", type=parse_floats, metavar="Z,Y,X", help="physical voxel size, e.g. 50,4,4"
     )
@@ -79,7 +89,7 @@ def _convert(args: argparse.Namespace) -> None:
     volume = convert_to_zarr(
         args.input,
         args.output,
-        chunks=args.chunks,
+        chunks=args.chunk_shape or CONVERT_CHUNKS,
         voxel_size=args.voxel_size,
         units=args.units,
         overwrite=args.overwrite,
@@ -411,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     run: Callable[[argparse.Namespace], None] = args.run
     try:
+        apply_old_names(args)
         _check_urls(args)
         run(args)
         sys.stdout.flush()  # here, so that a reader gone away is met below, not at exit

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-import typing
 
-from unet_volume.cli.common import add_cluster_options, client_from, say
+from unet_volume.cli.common import add_cluster_options, add_old_name, client_from, say
 from unet_volume.errors import InputError
 from unet_volume.models.config import UNetConfig
 from unet_volume.option_fields import (
@@ -54,7 +52,7 @@ def add_weights(p: argparse.ArgumentParser) -> None:
         help="voxels per task and output chunk (default "
         f"{show(WEIGHT_BLOCK[2])} in 2D, {show(WEIGHT_BLOCK[3])} in 3D)",
     )
-    p.add_argument("--chunk-shape", type=parse_ints, help=argparse.SUPPRESS)  # the old name
+    add_old_name(p, "--chunk-shape", "--block-shape", type=parse_ints)
     p.add_argument(
         "--balance-z-range",
         type=parse_range,
@@ -83,7 +81,6 @@ def _weights(args: argparse.Namespace) -> None:
     )
     physical = f" ({config.sigma:g} in --voxel-size units)" if config.voxel_size else ""
     say(f"sigma in voxels: {voxels}{physical}")
-    block_shape = _weight_block_shape(args)  # checked before a cluster starts
     with client_from(args) as client:
         if dashboard := dashboard_link(client):
             say(f"Dask dashboard: {dashboard}")
@@ -91,7 +88,7 @@ def _weights(args: argparse.Namespace) -> None:
             args.labels,
             args.output,
             config,
-            block_shape=block_shape,
+            block_shape=args.block_shape,
             client=client,
             overwrite=args.overwrite,
             balance_z_range=args.balance_z_range,
@@ -125,20 +122,6 @@ def weight_map_config_from(args: argparse.Namespace) -> WeightMapConfig:
         )
     sigma = value * min(config.sampling) if unit == "px" else value
     return dataclasses.replace(config, sigma=sigma)
-
-
-def _weight_block_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
-    """``--block-shape``, or its old name ``--chunk-shape`` with a warning."""
-    if args.chunk_shape is None:
-        return typing.cast("tuple[int, ...] | None", args.block_shape)
-    if args.block_shape is not None:
-        raise InputError("--chunk-shape is the old name of --block-shape; pass --block-shape only")
-    print(
-        "unet-volume weights: warning: --chunk-shape is deprecated; pass --block-shape "
-        "(a block is one task and one output chunk)",
-        file=sys.stderr,
-    )
-    return typing.cast("tuple[int, ...]", args.chunk_shape)
 
 
 def add_train(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Dask clusters: the one way to get a client, and running block tasks on it.
+"""Dask clusters: the one way to get a client, and running tasks on it.
 
 unet-volume never manages workers itself. :func:`open_client` connects to a scheduler the user
 started (dask-jobqueue on SLURM, dask-kubernetes, ``dask scheduler`` by hand) through its
@@ -220,7 +220,7 @@ def _local_options(n_workers: int | None, *, dashboard: bool) -> dict[str, Any]:
 
 
 TASKS_PER_GPU = 4
-"""Block tasks a GPU worker runs at once (as many as it has threads, at most this): while one
+"""Tasks a GPU worker runs at once (as many as it has threads, at most this): while one
 runs the network, the others read and decompress, or encode and write; the predictor's device
 lock makes them take turns on the GPU."""
 
@@ -241,7 +241,7 @@ def gpu_resources(client: Client) -> dict[str, float] | None:
 
 
 def task_slots(workers: Mapping[str, Mapping[str, Any]]) -> int:
-    """The block tasks ``workers`` (``scheduler_info()["workers"]``) run at once: on GPU workers
+    """The tasks ``workers`` (``scheduler_info()["workers"]``) run at once: on GPU workers
     up to :data:`TASKS_PER_GPU` per GPU (as many as each has threads), else one per thread;
     at least 1 (no workers known: plan for one)."""
     gpus = [w for w in workers.values() if w.get("resources", {}).get("GPU", 0) >= 1]

@@ -247,7 +247,7 @@ class StallWatchdog:
                     self.stalled = self._describe(futures, idle)
                 except Exception as error:  # the run must stop even if the cluster cannot say
                     self.stalled = (
-                        f"no block finished for {idle:.0f} s, and the cluster could not say "
+                        f"no task finished for {idle:.0f} s, and the cluster could not say "
                         f"which were in flight ({type(error).__name__}: {error}); finished "
                         "blocks are kept, so run the same command again to resume"
                     )
@@ -257,7 +257,7 @@ class StallWatchdog:
     def _describe(self, futures: list[Any], idle: float) -> str:
         if not self.client.scheduler_info(n_workers=-1)["workers"]:
             return (
-                f"no block finished for {idle:.0f} s and no worker is connected: the cluster "
+                f"no task finished for {idle:.0f} s and no worker is connected: the cluster "
                 "lost its workers (jobs cancelled, pre-empted or past their walltime?); "
                 "finished blocks are kept, so run the same command again to resume"
             )
@@ -265,7 +265,7 @@ class StallWatchdog:
         shown = ", ".join(f"{f.key} on {where.get(f.key, 'no worker')}" for f in futures[:5])
         more = f" and {len(futures) - 5} more" if len(futures) > 5 else ""
         return (
-            f"no block finished for {idle:.0f} s (limit {self.limit():.0f} s); in flight: "
+            f"no task finished for {idle:.0f} s (limit {self.limit():.0f} s); in flight: "
             f"{shown}{more}. Look at those workers (dashboard, logs); finished blocks are kept, "
             "so run the same command again to resume"
         )

@@ -1,8 +1,8 @@
 """Ensembles: several U-Nets of one geometry whose class probabilities are averaged.
 
 Networks of one recipe trained with different seeds err in different places; the mean of their
-probabilities errs less than either (on ISBI, two 10000-step networks: held-out pixel error
-0.0690 against 0.0693 and 0.0709, benchmarks/RESULTS.md), as nnU-Net ensembles its folds. An
+probabilities errs less than either (measured on ISBI in benchmarks/RESULTS.md), as nnU-Net
+ensembles its folds. An
 ensemble costs one forward pass per member.
 
 An :class:`Ensemble` is a network like :class:`~unet_volume.models.unet.UNet` to everything that

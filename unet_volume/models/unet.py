@@ -16,14 +16,14 @@ level's contracting features. The paper's net (depth 4, base 64), as ``size (cha
              | pool                                ^
     4       32 ->  30 ->  28 (1024) -> dropout ----+
 
-Unpadded convolutions make the output smaller than the input by a fixed ``margin`` per side
+Unpadded convolutions make the output smaller than the input by a fixed ``halo`` per side
 (92 for the paper's net) and make only some input sizes valid (every pooling must see an even
 size). This module derives the sizes by tracing the layers themselves (:meth:`UNet.output_size`);
 :mod:`unet_volume.tiling` computes the same numbers without torch, and a test checks they agree.
 Both use tiling's one search for valid sizes and its one error naming the nearest.
 
 >>> net = UNet(base_channels=8)
->>> net.margin, net.period, net.output_shape((572, 572))
+>>> net.halo, net.period, net.output_shape((572, 572))
 ((92, 92), (16, 16), (388, 388))
 >>> net.output_shape((570, 572))  # doctest: +ELLIPSIS
 Traceback (most recent call last):
@@ -256,7 +256,7 @@ class UNet(nn.Module):
         return sequence_output_size([self.head], size, axis)
 
     @property
-    def margin(self) -> tuple[int, ...]:
+    def halo(self) -> tuple[int, ...]:
         """Context lost per side per spatial axis, e.g. (92, 92) for the paper's net."""
         smallest = [next_valid_input(self._size_map(axis), 1) for axis in range(self.config.ndim)]
         outputs = [cast(int, self.output_size(s, axis)) for axis, s in enumerate(smallest)]
@@ -307,9 +307,9 @@ class UNet(nn.Module):
         if min(wanted) < 1:
             raise GeometryError(f"output_shape {wanted} must be positive; pass sizes >= 1")
         inputs = []
-        for axis, (want, margin) in enumerate(zip(wanted, self.margin)):
-            # A valid input loses exactly 2 * margin, so no smaller input can cover `want`.
-            size = next_valid_input(self._size_map(axis), want + 2 * margin)
+        for axis, (want, halo) in enumerate(zip(wanted, self.halo)):
+            # A valid input loses exactly 2 * halo, so no smaller input can cover `want`.
+            size = next_valid_input(self._size_map(axis), want + 2 * halo)
             while cast(int, self.output_size(size, axis)) < want:
                 size = next_valid_input(self._size_map(axis), size + 1)
             inputs.append(size)

@@ -75,7 +75,7 @@ def run_info(url: str) -> dict[str, Any] | None:
 @functools.lru_cache(maxsize=16)
 def opened_arrays(url: str, token: str, names: tuple[str, ...]) -> tuple[Any, ...]:
     """The arrays ``names`` of the output group at ``url``, opened for writing once per worker
-    process and run (``token``): block tasks then write without reading metadata again.
+    process and run (``token``): tasks then write without reading metadata again.
 
     Keyed by the run's token as well: an output created anew under the same URL is reopened.
     """

@@ -52,7 +52,7 @@ OutputDtype = Literal["float32", "float16", "uint8", "float64"]
 OUTPUT_DTYPES: tuple[str, ...] = get_args(OutputDtype)
 DIMS = ("z", "y", "x")
 OUTPUT_ARRAYS = ("segmentation", "probabilities", DONE)
-"""The arrays a block task writes, in the order it opens them."""
+"""The arrays a task writes, in the order it opens them."""
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 

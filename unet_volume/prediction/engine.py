@@ -44,7 +44,7 @@ from unet_volume.output.prediction import (
 )
 from unet_volume.prediction.tasks import Task, TaskPlan, shards_of, stored_chunks
 from unet_volume.progress import Progress, ProgressSink
-from unet_volume.tiling import Block, TileGeometry, block_key, plan_tiles
+from unet_volume.tiling import Region, TileGeometry, block_key, plan_tiles
 
 T = TypeVar("T")
 _FLOAT_STORE = PredictionStore("", "float64")
@@ -62,7 +62,7 @@ class RunReport:
     voxels: int
     seconds: float
     task_seconds: dict[str, float] = field(default_factory=dict)
-    """Time summed over block tasks, per stage: ``read``, ``predict``, ``write``."""
+    """Time summed over tasks, per stage: ``read``, ``predict``, ``write``."""
     skipped: int = 0
     """Blocks done by an earlier run of the same prediction (resumed), not redone."""
     pyramid_seconds: float = 0.0
@@ -162,7 +162,7 @@ def encoded_tiles(
     )
 
 
-def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:
+def check_finite(data: np.ndarray, block: Region, volume: Volume) -> None:
     """Refuse NaN or Inf in a block's input, naming the block and the first bad voxel.
 
     Checked per block, as it is read: scanning a terabyte up front would take as long as
@@ -182,7 +182,7 @@ def check_finite(data: np.ndarray, block: Block, volume: Volume) -> None:
 
 
 def predict_shard(
-    shard: Block,
+    shard: Region,
     reader: VolumeReader,
     *,
     store: PredictionStore,
@@ -234,7 +234,7 @@ def predict_task(
     shards = shards_of(task, shard_shape, geometry)
     seconds: Counter[str] = Counter()
     done: list[Shape] = []
-    failures: list[tuple[Block, BaseException]] = []
+    failures: list[tuple[Region, BaseException]] = []
     voxels = 0
     with volume.reading(shard.read_box for shard in shards) as reader:
         for shard in shards:
@@ -282,7 +282,7 @@ def _itself(value: T) -> T:
 
 
 def shared_predictor(client: Client, predictor: Predictor) -> Any:
-    """The predictor as one task's result, which every block task depends on.
+    """The predictor as one task's result, which every task depends on.
 
     Not ``client.scatter``: scattered data is lost for good when every worker holding it
     dies, and then every remaining block fails. A task's result is recomputed from its spec
@@ -291,7 +291,7 @@ def shared_predictor(client: Client, predictor: Predictor) -> Any:
     """
     with warnings.catch_warnings():
         # Dask warns of a graph over 10 MB (a network of 2.5 M parameters) and advises a task
-        # or scatter instead: this is that one task, which every block task reuses.
+        # or scatter instead: this is that one task, which every task reuses.
         warnings.filterwarnings("ignore", "Sending large graph", UserWarning)
         key = f"predictor-{uuid.uuid4().hex[:8]}"
         return client.submit(_itself, predictor, key=key, pure=False)
@@ -417,7 +417,7 @@ class _Tally:
     tasks: int = 0
     chunks_read: int = 0
     stages: Counter[str] = field(default_factory=Counter)
-    failures: list[tuple[Block, BaseException]] = field(default_factory=list)
+    failures: list[tuple[Region, BaseException]] = field(default_factory=list)
 
     def add(self, result: dict[str, Any]) -> int:
         """Count one task's result; the blocks it finished."""
@@ -441,5 +441,5 @@ def task_key(task: Task) -> str:
     return "predict-task-" + "-".join(map(str, task.index))
 
 
-shard_name = block_key("predict-block")
-"""A shard's name in errors and records: ``predict-block-`` and its shard index."""
+shard_name = block_key("predict-shard")
+"""A shard's name in errors and records: ``predict-shard-`` and its shard index."""

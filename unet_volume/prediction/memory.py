@@ -1,8 +1,8 @@
-"""How much memory one block task needs, checked against the workers' before a run starts.
+"""How much memory one task needs, checked against the workers' before a run starts.
 
 A block too large for its workers does not fail cleanly: the worker is killed for memory, Dask
 retries the block on another worker, which dies too, and the run stops after hours with
-``KilledWorker``. So the planner estimates a block task's peak memory and refuses, before
+``KilledWorker``. So the planner estimates a task's peak memory and refuses, before
 anything is written, a block that cannot fit, printing the estimate.
 
 The estimates are upper-leaning, within about 2x of peaks measured with ``ru_maxrss`` on CPU
@@ -34,7 +34,7 @@ WEIGHT_BYTES_PER_VOXEL = 64
 
 @dataclass(frozen=True, slots=True)
 class MemoryEstimate:
-    """A block task's estimated peak memory, in named parts (bytes)."""
+    """A task's estimated peak memory, in named parts (bytes)."""
 
     parts: Mapping[str, int]
 
@@ -69,7 +69,7 @@ def prediction_memory(
     output_itemsize: int,
     network_on_host: bool = True,
 ) -> MemoryEstimate:
-    """Peak memory of one prediction block task (see the module's docstring for the model).
+    """Peak memory of one prediction task (see the module's docstring for the model).
 
     ``network_on_host=False`` (GPU workers) leaves the activations out: they live on the GPU.
     """
@@ -98,7 +98,7 @@ def network_activations(config: UNetConfig, tile_input: Sequence[int]) -> int:
 
 
 def weight_memory(read_shape: Sequence[int]) -> MemoryEstimate:
-    """Peak memory of one weight-map block task reading ``read_shape`` voxels of labels."""
+    """Peak memory of one weight-map task reading ``read_shape`` voxels of labels."""
     return MemoryEstimate({"weight map": WEIGHT_BYTES_PER_VOXEL * math.prod(read_shape)})
 
 

@@ -15,7 +15,7 @@ from unet_volume.option_fields import Natural, Shape3, Size, option
 from unet_volume.output.prediction import OutputDtype
 
 DEFAULT_BLOCK = {2: (1, 512, 512), 3: (64, 64, 64)}
-"""Block shape (z, y, x) by model ndim when none is given: one task, one output chunk."""
+"""Block shape (z, y, x) by model ndim when none is given: one chunk of each output array."""
 
 
 def _csv(shape: Sequence[int]) -> str:
@@ -37,8 +37,8 @@ class PredictOptions:
     )
     shard_shape: Shape3 | None = option(
         None,
-        "voxels per task and per stored object (z, y, x): a whole number of blocks, computed "
-        "and written at once (Zarr sharding; blocks stay the chunks) (default: picked from the "
+        "voxels per stored object (z, y, x): a whole number of blocks, written at once (Zarr "
+        "sharding: the blocks are its inner chunks, read one by one) (default: picked from the "
         "volume and block, 4 to 64 Mi voxels and at most about 4096 tasks)",
     )
     task_shape: Shape3 | None = option(
@@ -68,8 +68,8 @@ class PredictOptions:
     )
     stall_after: Size = option(
         600.0,
-        "seconds without a finished block (or 10 times the usual gap, if longer) after which "
-        "the run stops with an error naming the blocks in flight and their workers",
+        "seconds without a finished task (or 10 times the usual gap, if longer) after which "
+        "the run stops with an error naming the tasks in flight and their workers",
     )
     max_failures: Natural = option(
         10,

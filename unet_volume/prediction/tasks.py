@@ -34,7 +34,7 @@ from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.grid import OutputLayout
 from unet_volume.io.volumes import Volume
 from unet_volume.label_offset import margins
-from unet_volume.tiling import Block, TileGeometry, read_box_of
+from unet_volume.tiling import Region, TileGeometry, read_box_of
 
 READ_TARGET = 1.1
 """Chunks fetched per chunk stored at which a task stops growing."""
@@ -87,13 +87,13 @@ class TaskPlan:
         return [(z, y, x) for z in ranges[0] for y in ranges[1] for x in ranges[2]]
 
 
-def shards_of(task: Task, shard_shape: Shape, geometry: TileGeometry) -> list[Block]:
+def shards_of(task: Task, shard_shape: Shape, geometry: TileGeometry) -> list[Region]:
     """The shards ``task`` computes, not done yet, with their read boxes, in C order."""
     blocks = []
     for offset, write_box in task.box.grid(shard_shape):
         index = tuple(t // s + o for t, s, o in zip(task.box.begin, shard_shape, offset))
         if index not in task.done:
-            blocks.append(Block(index, write_box, read_box_of(write_box, geometry)))
+            blocks.append(Region(index, write_box, read_box_of(write_box, geometry)))
     return blocks
 
 

@@ -52,7 +52,7 @@ def predict_whole(
 ) -> np.ndarray:
     """The reference: one forward pass over the whole mirror-padded volume.
 
-    The volume is padded by the margin on both sides (plus the few voxels that
+    The volume is padded by the halo on both sides (plus the few voxels that
     make its size valid on the high side), run once, and cropped back.
     """
     shape = tuple(array.shape[-3:])

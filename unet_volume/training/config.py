@@ -100,8 +100,8 @@ class TrainConfig:
     augment: Augment = option(
         "paper",
         "paper: elastic deformation (3x3 grid, 10 px), any rotation, flips and gray-value "
-        "changes (on ISBI, 5000 steps: held-out Rand error 0.042 against 0.18 with plain); "
-        "plain: random flips and right-angle turns (better for runs of under ~2000 steps); "
+        "changes (the better for long runs: benchmarks/RESULTS.md); "
+        "plain: random flips and right-angle turns (the better for short runs); "
         "upright: the paper's without rotations or flips (learns a label offset itself, but "
         "--label-offset with paper scored better); none",
     )
@@ -109,7 +109,7 @@ class TrainConfig:
         None,
         "where the image's boundaries sit against the labels', in voxels per axis (y,x; at most "
         "1): training samples the image that far from each label, and prediction reads the "
-        "image moved alike (ISBI 2012: 0.6,0.2, as benchmarks/label_offset.py measures it)",
+        "image moved alike (benchmarks/label_offset.py measures it for a stack)",
     )
     lr_schedule: Literal["constant", "cosine"] = option(
         "cosine", "cosine decay over the run's steps or minutes, or constant"

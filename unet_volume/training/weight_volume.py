@@ -50,7 +50,7 @@ from unet_volume.output.prediction import new_single_array_output, volume_attrs
 from unet_volume.prediction.memory import check_worker_memory, weight_memory
 from unet_volume.prediction.options import DEFAULT_OPTIONS
 from unet_volume.progress import Progress, ProgressSink
-from unet_volume.tiling import Block, block_key, count_blocks, plan_halo_blocks
+from unet_volume.tiling import Region, block_key, count_blocks, plan_halo_blocks
 from unet_volume.training.weight_map import (
     TOLERANCE,
     WEIGHT_BLOCK,
@@ -314,7 +314,7 @@ def _count_target(box: Box, *, volume: Volume, config: WeightMapConfig) -> int:
 
 
 def _weigh_block(
-    block: Block,
+    block: Region,
     *,
     volume: Volume,
     out_url: str,
