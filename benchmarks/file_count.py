@@ -21,6 +21,7 @@ import zarr
 from unet_volume.cluster.client import open_client
 from unet_volume.grid import OutputLayout, auto_shard_shape
 from unet_volume.io.volumes import open_volume
+from unet_volume.output.bookkeeping import DONE
 from unet_volume.output.prediction import create_prediction
 from unet_volume.prediction.engine import run_prediction
 from unet_volume.testing import CropPredictor
@@ -32,7 +33,7 @@ DATA_ARRAYS = ("probabilities", "segmentation")
 
 def count_objects(output: Path) -> int:
     """Data objects and done markers: every file but metadata and the coordinates."""
-    arrays = (*DATA_ARRAYS, "done")
+    arrays = (*DATA_ARRAYS, DONE)
     return sum(
         1 for a in arrays for p in (output / a).rglob("*") if p.is_file() and p.name != "zarr.json"
     )

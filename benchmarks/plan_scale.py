@@ -28,6 +28,7 @@ import zarr
 
 from unet_volume.cluster.client import open_client
 from unet_volume.models.unet import UNet
+from unet_volume.output.bookkeeping import DONE
 from unet_volume.output.lifecycle import read_status
 from unet_volume.output.prediction import PredictionStore
 from unet_volume.prediction.engine import run_prediction
@@ -95,7 +96,7 @@ def main() -> None:
             )
         submitted = time.perf_counter()
         client_cpu = time.process_time() - client_cpu
-        done = zarr.open_array(output / "done", mode="r+")
+        done = zarr.open_array(output / DONE, mode="r+")
         done[...] = 1  # every task's marker, as a finished run leaves them
         status = read_status(plan.output_url)
         statused = time.perf_counter()

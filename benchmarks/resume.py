@@ -32,7 +32,7 @@ import zarr
 
 from unet_volume.models.checkpoint import save_model
 from unet_volume.models.unet import UNet
-from unet_volume.output.bookkeeping import done_blocks
+from unet_volume.output.bookkeeping import DONE, done_blocks
 from unet_volume.testing import blob_volume, write_zarr
 
 SHAPE, BLOCK, WORKERS = (32, 256, 256), "1,64,64", 2
@@ -70,7 +70,7 @@ def killed_run(args: list[str], output: Path, kill_at: int) -> tuple[float, set,
     driver = subprocess.Popen(
         args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    while not (output / "done").exists() or len(done_blocks(str(output))) < kill_at:
+    while not (output / DONE).exists() or len(done_blocks(str(output))) < kill_at:
         if driver.poll() is not None:
             raise SystemExit("the run finished before it could be killed; lower --kill-at")
         time.sleep(0.02)

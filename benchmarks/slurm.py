@@ -30,7 +30,7 @@ import zarr
 
 from unet_volume.models.checkpoint import save_model
 from unet_volume.models.unet import UNet
-from unet_volume.output.bookkeeping import done_blocks
+from unet_volume.output.bookkeeping import DONE, done_blocks
 from unet_volume.testing import blob_volume, write_zarr
 
 SHAPE, BLOCK, BLOCKS = (32, 256, 256), "1,64,64", 512
@@ -46,7 +46,7 @@ def run(args: list[str], output: Path, cwd: Path, cancel_at: int | None = None) 
     )
     first = cancelled = None
     while process.poll() is None:
-        done = len(done_blocks(str(output))) if (output / "done").exists() else 0
+        done = len(done_blocks(str(output))) if (output / DONE).exists() else 0
         if done and first is None:
             first = time.monotonic() - start
         if cancel_at is not None and cancelled is None and done >= cancel_at:

@@ -26,7 +26,7 @@ from unet_volume.cluster.spec import local_cluster_config
 from unet_volume.errors import UnetVolumeError
 from unet_volume.models.checkpoint import read_checkpoint, save_model
 from unet_volume.models.unet import UNet
-from unet_volume.output.bookkeeping import done_blocks
+from unet_volume.output.bookkeeping import DONE, done_blocks
 from unet_volume.output.lifecycle import read_status
 from unet_volume.testing import (
     FULL_DISK,
@@ -81,7 +81,7 @@ def wait_for_done(output: Path, at_least: int, timeout: float = 120.0) -> int:
     """Poll the done markers until ``at_least`` blocks are done; returns how many are."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = len(done_blocks(str(output))) if (output / "done").exists() else 0
+        done = len(done_blocks(str(output))) if (output / DONE).exists() else 0
         if done >= at_least:
             return done
         time.sleep(0.05)

@@ -24,6 +24,7 @@ from unet_volume.evaluation.scores import evaluate
 from unet_volume.instances.components import structure
 from unet_volume.instances.labelling import label_instances
 from unet_volume.models.unet import UNet
+from unet_volume.output.bookkeeping import DONE
 from unet_volume.output.lifecycle import run_info
 from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import snapshot
@@ -196,6 +197,7 @@ def test_instances_a_failed_block_is_recorded_and_the_same_call_redoes_only_it(
     assert_table_describes(
         out, expected, count, zarr.open_group(prediction)["probabilities"][1] / 255.0
     )
-    assert sorted(zarr.open_group(out).array_keys()) == ["done", "instances", "x", "y", "z"]
+    assert sorted(zarr.open_group(out).array_keys()) == ["instances", "x", "y", "z"]
+    assert zarr.open_group(out)[DONE][...].all()  # the bookkeeping, in its own group
     again = label_instances(str(prediction), out, **run)  # complete: left be
     assert (again.skipped, again.objects) == (report.blocks, count)

@@ -24,7 +24,7 @@ from unet_volume.grid import (
     auto_shard_shape,
     check_shard_shape,
 )
-from unet_volume.output.bookkeeping import done_blocks, done_tasks
+from unet_volume.output.bookkeeping import DONE, done_blocks, done_tasks
 from unet_volume.output.lifecycle import read_status
 from unet_volume.output.prediction import open_prediction
 from unet_volume.prediction.run import run_plan
@@ -129,7 +129,7 @@ def test_layout_one_object_per_shard_and_array_and_block_chunks_for_readers(
     run_blocks(client, tmp_path, ParityPredictor(geometry), geometry, data, block, shard=shard)
     out = tmp_path / "out.zarr"
     layout = OutputLayout(data.shape, block, shard)
-    for name in ("probabilities", "segmentation", "done"):
+    for name in ("probabilities", "segmentation", DONE):
         objects = [p for p in (out / name).rglob("*") if p.is_file() and p.name != "zarr.json"]
         assert len(objects) == layout.num_shards == 4, name
     segmentation = zarr.open_array(out / "segmentation")

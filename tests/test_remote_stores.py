@@ -33,7 +33,7 @@ from distributed import Client
 from unet_volume.cli.main import main
 from unet_volume.models.checkpoint import load_model, save_model
 from unet_volume.models.unet import UNet
-from unet_volume.output.bookkeeping import done_blocks
+from unet_volume.output.bookkeeping import DONE, done_blocks
 from unet_volume.output.lifecycle import read_status
 from unet_volume.output.prediction import open_prediction
 from unet_volume.testing import blob_labels, blob_volume, write_zarr
@@ -204,7 +204,7 @@ def test_remote_driver_killed_then_the_same_command_resumes_from_the_markers_in_
 
 def done_in(output: str) -> int:
     """Blocks marked done in ``output`` (0 before its ``done`` array exists)."""
-    fs, path = fsspec.core.url_to_fs(f"{output}/done/zarr.json")
+    fs, path = fsspec.core.url_to_fs(f"{output}/{DONE}/zarr.json")
     return len(done_blocks(output)) if fs.exists(path) else 0
 
 

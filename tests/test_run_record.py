@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,19 +16,22 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 from distributed import Client, LocalCluster
 
 from unet_volume.cluster.spec import local_cluster_config
 from unet_volume.errors import BlockError, OutputExistsError, StallError
 from unet_volume.output.bookkeeping import (
+    DONE,
+    LEGACY_DONE,
     Lease,
     done_blocks,
     identity_differences,
     read_lease,
     write_lease,
 )
-from unet_volume.output.lifecycle import read_status
+from unet_volume.output.lifecycle import read_status, reconsolidate
 from unet_volume.output.prediction import open_prediction
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.run import PredictionPlan, plan_prediction, run_plan
@@ -132,6 +136,36 @@ def test_run_record_resume_redoes_only_missing_and_failed_blocks(
     status = read_status(resumed.output_url)
     assert status.complete and (status.done, status.failures) == (25, ())
     probabilities = open_prediction(resumed.output_url).probabilities.values
+    np.testing.assert_array_equal(probabilities[0], np.arange(400).reshape(SHAPE))
+
+
+def test_run_record_the_done_markers_are_not_a_variable_of_the_dataset_a_user_opens(
+    client: Client, tmp_path: Path
+) -> None:
+    plan = arange_plan(tmp_path)
+    run_plan(plan, client, predictor=probe(plan))
+    dataset = xr.open_zarr(plan.output_url)
+    assert set(dataset.data_vars) == {"probabilities", "segmentation"}
+    assert not {"block_z", "block_y", "block_x"} & set(dataset.dims)
+    assert zarr.open_group(plan.output_url)[DONE][...].all()  # kept beside, in their own group
+
+
+def test_run_record_an_output_with_its_done_markers_at_the_top_still_resumes(
+    client: Client, tmp_path: Path
+) -> None:
+    # Outputs written before kept ``done`` beside the data: they resume, marking it there.
+    plan = failed_run(client, tmp_path)
+    out = Path(plan.output_url)
+    (out / DONE).rename(out / LEGACY_DONE)
+    shutil.rmtree(out / DONE.split("/")[0])
+    reconsolidate(plan.output_url)
+    resumed = arange_plan(tmp_path)
+    assert resumed.existing is not None and resumed.existing.done == 15
+    report = run_plan(resumed, client, predictor=probe(resumed))
+    assert (report.blocks, report.skipped) == (10, 15)
+    assert read_status(plan.output_url).complete and not (out / DONE).exists()
+    assert zarr.open_group(plan.output_url)[LEGACY_DONE][...].all()
+    probabilities = open_prediction(plan.output_url).probabilities.values
     np.testing.assert_array_equal(probabilities[0], np.arange(400).reshape(SHAPE))
 
 

@@ -13,6 +13,7 @@ from distributed import Client
 
 from unet_volume.errors import InputError, OutputExistsError
 from unet_volume.io.volumes import open_volume
+from unet_volume.output.bookkeeping import DONE
 from unet_volume.output.lifecycle import update_run_info
 from unet_volume.testing import blob_labels, write_zarr
 from unet_volume.training import weight_volume
@@ -164,7 +165,7 @@ def test_compute_weight_volume_resumes_only_missing_blocks_and_leaves_a_complete
     expected = zarr.open_array(out / "weights")[:]
     # A run stopped midway: two blocks neither written nor marked, the output not complete.
     for index in ((1, 0, 1), (3, 1, 1)):
-        (out / "done" / ("c." + ".".join(map(str, index)))).unlink()
+        (out / DONE / ("c." + ".".join(map(str, index)))).unlink()
         (out / "weights" / "c" / Path(*map(str, index))).unlink()
     update_run_info(str(out), {"complete": False})
     with pytest.raises(InputError, match="is incomplete"):  # e.g. train --weights OUT

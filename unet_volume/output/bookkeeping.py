@@ -8,8 +8,10 @@ pre-empted, drivers are killed. So the output itself says how far the run got:
   input (URL, shape, dtype, chunking, and hashes of a few sampled regions). Running the same
   prediction again compares identities: equal resumes, different is refused naming what
   differs. A resume can never mix the blocks of two runs.
-- **Done markers**: a ``done`` array with one element per block (dims ``block_z, block_y,
-  block_x``) and one chunk object per task (a shard of blocks, see :mod:`unet_volume.grid`).
+- **Done markers**: a ``run/done`` array with one element per block (dims ``block_z, block_y,
+  block_x``) and one chunk object per shard of blocks (see :mod:`unet_volume.grid`). It sits in
+  its own group, so that ``xarray.open_zarr(OUTPUT)`` shows the data and not the bookkeeping;
+  outputs written before kept it at the top (``done``), where it is still read and resumed.
   A task writes its marker after its data is written, and no two tasks write the same object.
   The chunk keys are flat (``done/c.3.0.7``), so the done blocks of a 10^6-block run are one
   listing away, not 10^6 reads.
@@ -20,7 +22,7 @@ pre-empted, drivers are killed. So the output itself says how far the run got:
 
     OUTPUT/
       zarr.json     attributes: unet_volume = {identity, complete, failures, report, ...}
-      done/         uint8 (block_z, block_y, block_x), chunk = a shard's blocks: c.0.0.0, ...
+      run/done/     uint8 (block_z, block_y, block_x), chunk = a shard's blocks: c.0.0.0, ...
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ from unet_volume.io.volumes import Volume
 
 log = logging.getLogger(__name__)
 
-DONE = "done"
-"""Name of the done-marker array in the output group."""
+DONE = "run/done"
+"""Path of the done-marker array in the output group."""
+LEGACY_DONE = "done"
+"""Where outputs written before kept it: beside the data, a variable of ``xarray.open_zarr``."""
 BLOCK_DIMS = ("block_z", "block_y", "block_x")
 DONE_KEY = re.compile(r"c\.\d+\.\d+\.\d+")
 SAMPLE = (1, 256, 256)
@@ -148,10 +152,23 @@ def create_done_markers(group: zarr.Group, grid: Shape, per_task: Shape | None =
     )
 
 
+def done_array(group: zarr.Group) -> zarr.Array[Any]:
+    """The done markers of an opened output group, where it keeps them (:data:`DONE`, or
+    :data:`LEGACY_DONE` in an older output)."""
+    try:
+        return group[DONE]  # type: ignore[return-value]
+    except KeyError:
+        return group[LEGACY_DONE]  # type: ignore[return-value]
+
+
 def done_tasks(group_url: str) -> set[Shape]:
-    """The indices of the tasks (shards) marked done: one listing of the ``done`` chunks."""
-    fs, path = fsspec.core.url_to_fs(f"{group_url.rstrip('/')}/{DONE}")
-    fs.invalidate_cache(path)  # an object store's cached listing misses what others wrote since
+    """The indices of the shards marked done: one listing of the done markers' chunks."""
+    fs, root = fsspec.core.url_to_fs(group_url.rstrip("/"))
+    fs.invalidate_cache(root)  # an object store's cached listing misses what others wrote since
+    path = f"{root}/{DONE}"
+    if not fs.exists(path) and fs.exists(f"{root}/{LEGACY_DONE}"):
+        path = f"{root}/{LEGACY_DONE}"
+    fs.invalidate_cache(path)
     names = fs.ls(path, detail=False) if fs.exists(path) else []
     found = set()
     for name in names:
@@ -198,7 +215,7 @@ def _blocks_in(task: Sequence[int], per: Shape, grid: Shape) -> int:
 
 def _task_grid(group_url: str) -> tuple[Shape, Shape]:
     """Blocks per task and blocks per axis, from the ``done`` array's metadata."""
-    done = zarr.open_array(f"{group_url.rstrip('/')}/{DONE}", mode="r", zarr_format=3)
+    done = done_array(zarr.open_group(group_url, mode="r", zarr_format=3))
     return tuple(done.chunks), tuple(done.shape)
 
 

@@ -46,6 +46,7 @@ from unet_volume.output.bookkeeping import (
     blocks_of_task,
     check_lease_free,
     count_done_blocks,
+    done_array,
     done_tasks,
     held_lease,
     identity_differences,
@@ -81,7 +82,7 @@ def opened_arrays(url: str, token: str, names: tuple[str, ...]) -> tuple[Any, ..
     """
     with fast_io(url):
         group = zarr.open_group(url, mode="r+", zarr_format=3)
-        return tuple(group[name] for name in names)
+        return tuple(done_array(group) if name == DONE else group[name] for name in names)
 
 
 def recorded_grid(group: zarr.Group) -> dict[str, Any]:
@@ -129,7 +130,7 @@ def read_status(url: str) -> RunStatus:
             "or `unet-volume weights`"
         )
     group = zarr.open_group(url, mode="r", zarr_format=3)
-    total = int(np.prod(cast("zarr.Array[Any]", group[DONE]).shape))
+    total = int(np.prod(done_array(group).shape))
     failures = tuple(BlockFailure.from_dict(f) for f in info.get("failures", []))
     return RunStatus(
         url,

@@ -39,7 +39,14 @@ from unet_volume.geometry import Box, Shape
 from unet_volume.grid import OutputLayout
 from unet_volume.io.locations import exists
 from unet_volume.io.volumes import Volume
-from unet_volume.output.bookkeeping import DONE, block_grid, create_done_markers
+from unet_volume.output.bookkeeping import (
+    BLOCK_DIMS,
+    DONE,
+    LEGACY_DONE,
+    block_grid,
+    create_done_markers,
+    done_array,
+)
 from unet_volume.output.lifecycle import (
     ATTRS_KEY,
     opened_arrays,
@@ -331,8 +338,9 @@ def open_prediction(url: str, *, allow_incomplete: bool = False) -> xr.Dataset:
     """Open a prediction as an xarray Dataset with dims (class, z, y, x), lazily (dask).
 
     An incomplete output (a run still going, killed or failed) is refused: its missing
-    blocks would read as zeros. ``allow_incomplete=True`` opens it with a warning; its
-    ``done`` variable (dims ``block_z, block_y, block_x``) then says which blocks hold data.
+    blocks would read as zeros. ``allow_incomplete=True`` opens it with a warning, and with
+    a ``done`` variable (dims ``block_z, block_y, block_x``) that says which blocks hold data:
+    a complete output's Dataset holds its data alone, the run's bookkeeping stays in its store.
 
     >>> # ds = open_prediction("out.zarr"); ds.segmentation.sel(z=100.0)
     """
@@ -357,7 +365,11 @@ def open_prediction(url: str, *, allow_incomplete: bool = False) -> xr.Dataset:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         dataset: xr.Dataset = xr.open_zarr(url, consolidated=consolidated, zarr_format=3)
-        return dataset
+    if not info.get("complete", True):
+        done = done_array(group)
+        markers = xr.DataArray(done[...], dims=BLOCK_DIMS, attrs=dict(done.attrs))
+        dataset = dataset.drop_vars(LEGACY_DONE, errors="ignore").assign(done=markers)
+    return dataset
 
 
 def volume_attrs(volume: Volume) -> dict[str, Any]:
