@@ -37,13 +37,14 @@ import torch
 import zarr
 
 from unet_volume.cluster.client import open_client
-from unet_volume.grid import auto_shard_shape
+from unet_volume.grid import OutputLayout, auto_shard_shape
 from unet_volume.io.volumes import open_volume
 from unet_volume.models.checkpoint import checkpoint_bytes
 from unet_volume.models.unet import UNet
 from unet_volume.output.prediction import create_prediction, encode_probabilities, segment
-from unet_volume.prediction.engine import run_prediction
+from unet_volume.prediction.engine import PredictionWork, run_prediction
 from unet_volume.prediction.model_predictor import ModelPredictor
+from unet_volume.prediction.tasks import TaskPlan
 from unet_volume.testing import CropPredictor
 from unet_volume.tiling import TileGeometry, count_blocks
 
@@ -64,25 +65,13 @@ def measure(client, root: Path, shape, block, *, sharded: bool) -> dict[str, flo
     geometry = TileGeometry.for_unet(2, 4, min_output=block)
     out = str(root / f"out-{block[1]}.zarr")
     shard = auto_shard_shape(shape, block, ndim=2) if sharded else block
+    layout = OutputLayout(shape, block, shard)
     store = create_prediction(
-        out,
-        volume=volume,
-        num_classes=1,
-        block_shape=block,
-        shard_shape=shard,
-        output_dtype="uint8",
-        attrs={},
+        out, volume=volume, num_classes=1, layout=layout, output_dtype="uint8", attrs={}
     )
     start = time.perf_counter()
-    report = run_prediction(
-        client,
-        predictor=CropPredictor(geometry),
-        geometry=geometry,
-        volume=volume,
-        store=store,
-        block_shape=block,
-        shard_shape=shard,
-    )
+    work = PredictionWork(volume, geometry, TaskPlan(layout, shard), store)
+    report = run_prediction(client, work, CropPredictor(geometry))
     seconds = time.perf_counter() - start
     blocks = count_blocks(shape, block)
     per_block = {k: 1000 * v / blocks for k, v in report.task_seconds.items()}

@@ -23,7 +23,8 @@ from unet_volume.grid import OutputLayout, auto_shard_shape
 from unet_volume.io.volumes import open_volume
 from unet_volume.output.bookkeeping import DONE
 from unet_volume.output.prediction import create_prediction
-from unet_volume.prediction.engine import run_prediction
+from unet_volume.prediction.engine import PredictionWork, run_prediction
+from unet_volume.prediction.tasks import TaskPlan
 from unet_volume.testing import CropPredictor
 from unet_volume.tiling import TileGeometry
 
@@ -55,26 +56,20 @@ def main() -> None:
             ("sharded", auto_shard_shape(SHAPE, BLOCK, ndim=2)),
         ]:
             output = root / f"{name}.zarr"
+            layout = OutputLayout(SHAPE, BLOCK, shard)
             store = create_prediction(
                 str(output),
                 volume=volume,
                 num_classes=2,
-                block_shape=BLOCK,
-                shard_shape=shard,
+                layout=layout,
                 output_dtype="uint8",
                 attrs={},
             )
             predictor = CropPredictor(geometry)
+            work = PredictionWork(volume, geometry, TaskPlan(layout, shard), store)
             run_prediction(
-                client,
-                predictor=lambda t, p=predictor: np.concatenate([p(t), 255 - p(t)]) / 255,
-                geometry=geometry,
-                volume=volume,
-                store=store,
-                block_shape=BLOCK,
-                shard_shape=shard,
+                client, work, lambda t, p=predictor: np.concatenate([p(t), 255 - p(t)]) / 255
             )
-            layout = OutputLayout(SHAPE, BLOCK, shard)
             counted, expected = count_objects(output), layout.objects(arrays=len(DATA_ARRAYS))
             tb_shard = auto_shard_shape(TERABYTE, BLOCK, ndim=2) if name == "sharded" else BLOCK
             tb = OutputLayout(TERABYTE, BLOCK, tb_shard)

@@ -31,9 +31,10 @@ from unet_volume.models.unet import UNet
 from unet_volume.output.bookkeeping import DONE
 from unet_volume.output.lifecycle import read_status
 from unet_volume.output.prediction import PredictionStore
-from unet_volume.prediction.engine import run_prediction
+from unet_volume.prediction.engine import PredictionWork, run_prediction
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.run import create_planned_output, plan_prediction
+from unet_volume.prediction.tasks import TaskPlan
 
 WORKERS = 2
 
@@ -82,18 +83,11 @@ def main() -> None:
         planned = time.perf_counter()
         create_planned_output(plan)
         created = time.perf_counter()
-        store = PredictionStore(plan.output_url, "uint8", plan.layout.blocks_per_shard)
+        store = PredictionStore(plan.output_url, "uint8", plan.layout)
+        tasks = TaskPlan(plan.layout, plan.shard_shape)  # a shard a task, as it measured first
+        work = PredictionWork(plan.volume, plan.geometry, tasks, store)
         with SchedulerTasks(client) as held:
-            report = run_prediction(
-                client,
-                predictor=lambda tile: tile,
-                geometry=plan.geometry,
-                volume=plan.volume,
-                store=store,
-                block_shape=plan.block_shape,
-                shard_shape=plan.shard_shape,
-                dry_run=True,
-            )
+            report = run_prediction(client, work, lambda tile: tile, dry_run=True)
         submitted = time.perf_counter()
         client_cpu = time.process_time() - client_cpu
         done = zarr.open_array(output / DONE, mode="r+")

@@ -23,6 +23,7 @@ from unet_volume.evaluation.metrics import (
 )
 from unet_volume.evaluation.scores import evaluate
 from unet_volume.geometry import Box
+from unet_volume.grid import OutputLayout
 from unet_volume.io.volumes import open_volume
 from unet_volume.output.lifecycle import finish_output
 from unet_volume.output.prediction import create_prediction
@@ -140,7 +141,7 @@ def test_evaluate_reads_a_prediction_group_and_tiff_labels(tmp_path: Path) -> No
         str(tmp_path / "out.zarr"),
         volume=volume,
         num_classes=2,
-        block_shape=(1, 20, 24),
+        layout=OutputLayout.unsharded(volume.shape, (1, 20, 24)),
         output_dtype="float32",
         attrs={},
     )

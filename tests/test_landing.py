@@ -12,6 +12,7 @@ import tifffile
 import zarr
 
 from unet_volume.errors import InputError
+from unet_volume.grid import OutputLayout
 from unet_volume.io.volumes import open_volume
 from unet_volume.output.lifecycle import finish_output
 from unet_volume.output.prediction import create_prediction
@@ -32,11 +33,12 @@ def landing_with(tmp_path: Path, *names: str) -> Path:
 
 
 def prediction(url: str, source: str, sha256: str, *, complete: bool = True) -> None:
+    volume = open_volume(source)
     create_prediction(
         url,
-        volume=open_volume(source),
+        volume=volume,
         num_classes=2,
-        block_shape=(1, 8, 8),
+        layout=OutputLayout.unsharded(volume.shape, (1, 8, 8)),
         output_dtype="uint8",
         attrs={"model": {"sha256": sha256}},
     )

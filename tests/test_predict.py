@@ -24,7 +24,13 @@ from unet_volume.io.volumes import open_volume
 from unet_volume.models.checkpoint import checkpoint_bytes, save_model
 from unet_volume.models.unet import UNet
 from unet_volume.output.prediction import create_prediction, open_prediction
-from unet_volume.prediction.engine import Predictor, RunReport, run_prediction
+from unet_volume.prediction.engine import (
+    PredictionWork,
+    Predictor,
+    RunLimits,
+    RunReport,
+    run_prediction,
+)
 from unet_volume.prediction.model_predictor import ModelPredictor
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.run import plan_prediction, predict_volume
@@ -118,31 +124,25 @@ def run_blocks(
     *,
     num_classes: int = 2,
     shard: tuple[int, ...] | None = None,
-    **options: Any,
+    task_shape: tuple[int, ...] | None = None,
+    max_in_flight: int | None = None,
 ) -> tuple[RunReport, np.ndarray]:
-    """Predict ``data`` block by block (``shard`` blocks a task) on the cluster into float64;
-    the report and the output."""
+    """Predict ``data`` block by block (``shard`` blocks a shard, ``task_shape`` voxels a
+    task) on the cluster into float64; the report and the output."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     volume = open_volume(write_zarr(tmp_path / "in.zarr", data))
+    layout = OutputLayout(volume.shape, block, shard or block)
     store = create_prediction(
         str(tmp_path / "out.zarr"),
         volume=volume,
         num_classes=num_classes,
-        block_shape=block,
-        shard_shape=shard,
+        layout=layout,
         output_dtype="float64",
         attrs={},
     )
-    report = run_prediction(
-        client,
-        predictor=predictor,
-        geometry=geometry,
-        volume=volume,
-        store=store,
-        block_shape=block,
-        shard_shape=shard,
-        **options,
-    )
+    tasks = TaskPlan(layout, task_shape or layout.shard_shape)
+    work = PredictionWork(volume, geometry, tasks, store)
+    report = run_prediction(client, work, predictor, limits=RunLimits(max_in_flight=max_in_flight))
     return report, np.asarray(zarr.open_array(tmp_path / "out.zarr" / "probabilities")[:])
 
 

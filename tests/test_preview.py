@@ -15,6 +15,7 @@ import zarr
 from matplotlib import image as mpimg
 
 from unet_volume.errors import InputError
+from unet_volume.grid import OutputLayout
 from unet_volume.io.volumes import open_volume
 from unet_volume.output.lifecycle import finish_output
 from unet_volume.output.prediction import create_prediction
@@ -34,7 +35,7 @@ def _predicted(tmp_path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> tup
         prediction_url,
         volume=volume,
         num_classes=2,
-        block_shape=chunks[-3:],
+        layout=OutputLayout.unsharded(volume.shape, chunks[-3:]),
         output_dtype="uint8",
         attrs={},
     )

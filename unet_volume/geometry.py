@@ -53,6 +53,15 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def grid_shape(shape: Sequence[int], step: Sequence[int]) -> Shape:
+    """Boxes of ``step`` per axis that cover ``shape`` (the last ones may stick out).
+
+    >>> grid_shape((5, 40, 24), (2, 16, 16))
+    (3, 3, 2)
+    """
+    return tuple(ceil_div(n, s) for n, s in zip(shape, step, strict=True))
+
+
 def within(sizes: Sequence[int], volume: Sequence[int], unit: Sequence[int]) -> Shape:
     """``sizes`` no larger than ``volume`` rounded up to whole ``unit``s, axis by axis: a
     block, shard or chunk that still holds whole units and no more than the volume needs.

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from unet_volume.errors import GeometryError
-from unet_volume.geometry import Shape, ceil_div
+from unet_volume.geometry import Shape, ceil_div, grid_shape
 
 SHARD_VOXELS = (2**22, 2**26)
 """Voxels per shard the automatic choice aims within: 4 Mi (a task worth scheduling) to 64 Mi
@@ -48,17 +48,23 @@ class OutputLayout:
                 f"{self.block_shape}; pass a multiple of the block shape per axis"
             )
 
+    @classmethod
+    def unsharded(cls, volume_shape: Sequence[int], block_shape: Sequence[int]) -> OutputLayout:
+        """Each block its own shard (its own stored object)."""
+        return cls(tuple(volume_shape), tuple(block_shape), tuple(block_shape))
+
     @property
     def blocks_per_shard(self) -> Shape:
         return tuple(s // b for s, b in zip(self.shard_shape, self.block_shape))
 
     @property
     def block_grid(self) -> Shape:
-        return tuple(ceil_div(n, b) for n, b in zip(self.volume_shape, self.block_shape))
+        """Blocks per axis: the shape of the done markers."""
+        return grid_shape(self.volume_shape, self.block_shape)
 
     @property
     def shard_grid(self) -> Shape:
-        return tuple(ceil_div(n, s) for n, s in zip(self.volume_shape, self.shard_shape))
+        return grid_shape(self.volume_shape, self.shard_shape)
 
     @property
     def num_blocks(self) -> int:
@@ -75,13 +81,22 @@ class OutputLayout:
 
     def blocks_in_shard(self, index: Sequence[int]) -> int:
         """Blocks in shard ``index``: fewer at the volume's far edges."""
-        per, grid = self.blocks_per_shard, self.block_grid
-        return math.prod(min(p, g - i * p) for i, p, g in zip(index, per, grid))
+        return blocks_in(index, self.blocks_per_shard, self.block_grid)
 
     def objects(self, arrays: int) -> int:
         """Stored objects (files) of ``arrays`` data arrays: one per shard each, plus one done
         marker per shard (metadata and coordinates left out)."""
         return (arrays + 1) * self.num_shards
+
+
+def blocks_in(index: Sequence[int], per: Sequence[int], grid: Sequence[int]) -> int:
+    """Cells of a ``grid`` in group ``index`` of ``per`` cells per axis (blocks in a shard,
+    shards in a task): fewer at the grid's far edges.
+
+    >>> blocks_in((1, 0), per=(2, 2), grid=(3, 4))
+    2
+    """
+    return math.prod(min(p, g - i * p) for i, p, g in zip(index, per, grid, strict=True))
 
 
 def check_shard_shape(

@@ -32,11 +32,12 @@ stride 16, halo 44):
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from unet_volume.errors import GeometryError
-from unet_volume.geometry import Box, Shape, as_shape, ceil_div
+from unet_volume.geometry import Box, Shape, as_shape, ceil_div, grid_shape
 
 VOLUME_NDIM = 3
 """Every volume is (z, y, x); channels and classes ride in front."""
@@ -321,10 +322,7 @@ def plan_blocks(
 
 def count_blocks(volume_shape: Sequence[int], block_shape: Sequence[int]) -> int:
     """Number of blocks :func:`plan_blocks` yields."""
-    n = 1
-    for size, block in zip(volume_shape, block_shape, strict=True):
-        n *= ceil_div(size, block)
-    return n
+    return math.prod(grid_shape(volume_shape, block_shape))
 
 
 def plan_halo_blocks(

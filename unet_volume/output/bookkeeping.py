@@ -46,7 +46,8 @@ import numpy as np
 import zarr
 
 from unet_volume.errors import OutputExistsError
-from unet_volume.geometry import Box, Shape, ceil_div
+from unet_volume.geometry import Box, Shape
+from unet_volume.grid import OutputLayout, blocks_in
 from unet_volume.io.formats import opened_array
 from unet_volume.io.volumes import Volume
 
@@ -131,18 +132,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def block_grid(volume_shape: Sequence[int], block_shape: Sequence[int]) -> Shape:
-    """Blocks per axis: the shape of the done-marker array."""
-    return tuple(ceil_div(n, b) for n, b in zip(volume_shape, block_shape, strict=True))
-
-
-def create_done_markers(group: zarr.Group, grid: Shape, per_task: Shape | None = None) -> None:
-    """The ``done`` array: one element per block, one uncompressed chunk per task (``per_task``
-    blocks, default 1), flat chunk keys."""
+def create_done_markers(group: zarr.Group, layout: OutputLayout) -> None:
+    """The done markers: one element per block of ``layout``, one uncompressed chunk per
+    shard, flat chunk keys."""
     group.create_array(
         DONE,
-        shape=grid,
-        chunks=per_task or (1,) * len(grid),
+        shape=layout.block_grid,
+        chunks=layout.blocks_per_shard,
         dtype="uint8",
         fill_value=0,
         compressors=None,
@@ -197,24 +193,17 @@ def count_done_blocks(group_url: str) -> int:
     tasks = done_tasks(group_url)
     if not tasks:
         return 0
-    grid = _task_grid(group_url)
-    return sum(_blocks_in(task, *grid) for task in tasks)
+    per, grid = _task_grid(group_url)
+    return sum(blocks_in(task, per, grid) for task in tasks)
 
 
 def blocks_of_task(group_url: str, task: Sequence[int]) -> int:
-    """How many blocks task ``task`` (a shard index) holds: fewer at the volume's far edges."""
-    return _blocks_in(task, *_task_grid(group_url))
-
-
-def _blocks_in(task: Sequence[int], per: Shape, grid: Shape) -> int:
-    count = 1
-    for t, p, g in zip(task, per, grid):
-        count *= min(p, g - t * p)
-    return count
+    """How many blocks shard ``task`` holds: fewer at the volume's far edges."""
+    return blocks_in(task, *_task_grid(group_url))
 
 
 def _task_grid(group_url: str) -> tuple[Shape, Shape]:
-    """Blocks per task and blocks per axis, from the ``done`` array's metadata."""
+    """Blocks per shard and blocks per axis, from the done markers' metadata."""
     done = done_array(zarr.open_group(group_url, mode="r", zarr_format=3))
     return tuple(done.chunks), tuple(done.shape)
 

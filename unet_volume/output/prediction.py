@@ -43,7 +43,6 @@ from unet_volume.output.bookkeeping import (
     BLOCK_DIMS,
     DONE,
     LEGACY_DONE,
-    block_grid,
     create_done_markers,
     done_array,
 )
@@ -96,8 +95,9 @@ class PredictionStore:
 
     url: str
     output_dtype: OutputDtype
-    blocks_per_task: Shape = (1, 1, 1)
-    """Blocks in one task's shard: the done marker it writes covers them all."""
+    layout: OutputLayout | None = None
+    """The output's grid: a shard's done marker covers its blocks (None: a store that only
+    encodes, e.g. to time the network, and marks nothing done)."""
     threshold: float | None = None
     """The segmentation's foreground threshold (None: argmax); see :func:`segment`."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False, repr=False)
@@ -132,7 +132,9 @@ class PredictionStore:
 
     def mark_done(self, index: Shape) -> None:
         """Record task ``index`` (its shard of blocks) as done, after :meth:`write` returned."""
-        per = self.blocks_per_task
+        if self.layout is None:
+            raise TypeError("this store only encodes: give it the output's layout to mark done")
+        per = self.layout.blocks_per_shard
         where = tuple(slice(i * p, (i + 1) * p) for i, p in zip(index, per))
         opened_arrays(self.url, self.token, OUTPUT_ARRAYS)[2][where] = 1
 
@@ -195,21 +197,19 @@ def create_prediction(
     *,
     volume: Volume,
     num_classes: int,
-    block_shape: Shape,
+    layout: OutputLayout,
     output_dtype: OutputDtype,
     attrs: Mapping[str, Any],
-    shard_shape: Shape | None = None,
     threshold: float | None = None,
 ) -> PredictionStore:
     """Create the output group with its arrays, coordinates and metadata (no voxel data yet).
 
-    Chunks are ``block_shape``; with a ``shard_shape`` of several blocks, each array stores
-    one object per shard (the Zarr v3 sharding codec).
+    Chunks are ``layout``'s blocks; with shards of several blocks, each array stores one
+    object per shard (the Zarr v3 sharding codec).
     """
-    layout = OutputLayout(volume.shape, tuple(block_shape), tuple(shard_shape or block_shape))
     chunks = tuple(min(b, s) for b, s in zip(layout.block_shape, volume.shape))
     shards = layout.shard_shape if layout.sharded else None
-    group = new_output_group(url, volume, chunks, attrs, per_task=layout.blocks_per_shard)
+    group = new_output_group(url, volume, layout, attrs)
     group.create_array(
         "probabilities",
         shape=(num_classes, *volume.shape),
@@ -233,7 +233,7 @@ def create_prediction(
         attributes={"long_name": segmentation_name(threshold)},
     )
     _write_coordinate(group, "class", np.arange(num_classes, dtype=np.int64), {})
-    return PredictionStore(url, output_dtype, layout.blocks_per_shard, threshold)
+    return PredictionStore(url, output_dtype, layout, threshold)
 
 
 def segmentation_name(threshold: float | None) -> str:
@@ -244,18 +244,14 @@ def segmentation_name(threshold: float | None) -> str:
 
 
 def new_output_group(
-    url: str,
-    volume: Volume,
-    chunks: Shape,
-    attrs: Mapping[str, Any],
-    *,
-    per_task: Shape | None = None,
+    url: str, volume: Volume, layout: OutputLayout, attrs: Mapping[str, Any]
 ) -> zarr.Group:
     """A new output group over ``volume``'s grid: physical z, y, x coordinates, a done marker
-    per block of ``chunks`` (one object per task of ``per_task`` blocks), and the run
-    information ``attrs``, not yet complete.
+    per block of ``layout`` (one object per shard), and the run information ``attrs``, not
+    yet complete.
 
-    Predictions and weight volumes add their data arrays, chunked by ``chunks``.
+    Predictions, weight volumes and instance labels add their data arrays, chunked by the
+    layout's blocks.
     """
     group = zarr.open_group(url, mode="w", zarr_format=3)
     for axis, name in enumerate(DIMS):
@@ -265,7 +261,7 @@ def new_output_group(
         )
         centres = np.arange(volume.shape[axis], dtype=np.float64) * spacing
         _write_coordinate(group, name, centres, units)
-    create_done_markers(group, block_grid(volume.shape, chunks), per_task)
+    create_done_markers(group, layout)
     group.attrs.update({ATTRS_KEY: {**attrs, "complete": False, "failures": []}})
     return group
 
@@ -284,7 +280,8 @@ def new_single_array_output(
     are such outputs."""
     name, dtype, fill_value, long_name = array
     sharded = inner_chunks is not None and tuple(inner_chunks) != tuple(block_shape)
-    new_output_group(url, volume, block_shape, attrs).create_array(
+    layout = OutputLayout.unsharded(volume.shape, block_shape)  # a task per block
+    new_output_group(url, volume, layout, attrs).create_array(
         name,
         shape=volume.shape,
         chunks=inner_chunks if sharded else block_shape,

@@ -297,46 +297,57 @@ def shared_predictor(client: Client, predictor: Predictor) -> Any:
         return client.submit(_itself, predictor, key=key, pure=False)
 
 
+@dataclass(frozen=True)
+class PredictionWork:
+    """What a run computes: ``volume`` through tiles of ``geometry``, in the tasks of ``tasks``
+    (its layout: blocks in shards, see :mod:`unet_volume.grid`; its tasks: boxes of whole
+    shards, see :mod:`unet_volume.prediction.tasks`), into ``store``."""
+
+    volume: Volume
+    geometry: TileGeometry
+    tasks: TaskPlan
+    store: PredictionStore
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """When a run stops: after ``max_failures`` failed shards, or ``stall_after`` seconds in
+    which no task finished; ``max_in_flight`` tasks at most at once (default: 4 per worker
+    thread)."""
+
+    max_failures: int = 0
+    stall_after: float = STALL_AFTER
+    max_in_flight: int | None = None
+
+
 def run_prediction(
     client: Client,
-    *,
+    work: PredictionWork,
     predictor: Predictor,
-    geometry: TileGeometry,
-    volume: Volume,
-    store: PredictionStore,
-    block_shape: Shape,
-    shard_shape: Shape | None = None,
-    task_shape: Shape | None = None,
-    max_in_flight: int | None = None,
-    progress: bool = False,
+    *,
     skip: Collection[Shape] = (),
-    max_failures: int = 0,
-    stall_after: float = STALL_AFTER,
+    limits: RunLimits = RunLimits(),
+    progress: bool = False,
     dry_run: bool = False,
     on_progress: ProgressSink | None = None,
 ) -> RunReport:
-    """Submit one task per box of shards with a shard not in ``skip``, keeping at most
-    ``max_in_flight`` running.
+    """Submit one task per box of shards with a shard not in ``skip`` (shard indices, as the
+    done markers record them), a bounded window of them at once.
 
-    A shard (``shard_shape``, default one block) is a box of whole blocks: see
-    :mod:`unet_volume.grid`; a task (``task_shape``, default one shard) a box of whole
-    shards, which reads each input chunk once: see :mod:`unet_volume.prediction.tasks`. ``skip``
-    holds shard indices, as the done markers record them.
-
-    A bounded window (default: 4 per worker thread) keeps a 10^6-block volume from
+    A bounded window (``limits.max_in_flight``) keeps a 10^6-block volume from
     flooding the scheduler; the predictor reaches workers once, as
     :func:`shared_predictor`. When workers advertise a ``GPU`` resource, tasks run only
     there, a few per GPU at once (see
-    :func:`~unet_volume.cluster.client.gpu_resources`). Up to
-    ``max_failures`` shards may fail while the others carry on; then :class:`BlockError`
-    (its ``failures`` hold the shards) is raised; a run in which no task finishes for
-    ``stall_after`` seconds stops with :class:`~unet_volume.errors.StallError`.
+    :func:`~unet_volume.cluster.client.gpu_resources`). Up to ``limits.max_failures``
+    shards may fail while the others carry on; then :class:`BlockError` (its ``failures``
+    hold the shards) is raised; a run in which no task finishes for ``limits.stall_after``
+    seconds stops with :class:`~unet_volume.errors.StallError`.
     ``dry_run`` submits tasks that read, compute and write nothing (:func:`dry_task`).
     ``on_progress`` hears of every finished task (see :mod:`unet_volume.progress`).
     """
     start = time.perf_counter()
-    layout = OutputLayout(volume.shape, tuple(block_shape), tuple(shard_shape or block_shape))
-    plan = TaskPlan(layout, tuple(task_shape or layout.shard_shape))
+    volume, geometry, store, layout = work.volume, work.geometry, work.store, work.tasks.layout
+    max_failures = limits.max_failures
     skipped = set(map(tuple, skip))
     skipped_blocks = sum(layout.blocks_in_shard(index) for index in skipped)
     total = layout.num_blocks - skipped_blocks
@@ -345,12 +356,12 @@ def run_prediction(
     results = map_bounded(
         client,
         dry_task if dry_run else predict_task,
-        plan.tasks(skipped),
+        work.tasks.tasks(skipped),
         name=task_key,
-        window=max_in_flight,
+        window=limits.max_in_flight,
         resources=gpu_resources(client),
         max_failures=max_failures,
-        stall_after=stall_after,
+        stall_after=limits.stall_after,
         volume=volume,
         store=store,
         predictor=shared,

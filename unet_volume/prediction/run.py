@@ -51,7 +51,13 @@ from unet_volume.output.prediction import (
     segmentation_name,
     volume_attrs,
 )
-from unet_volume.prediction.engine import Predictor, RunReport, run_prediction
+from unet_volume.prediction.engine import (
+    PredictionWork,
+    Predictor,
+    RunLimits,
+    RunReport,
+    run_prediction,
+)
 from unet_volume.prediction.estimate import auto_block_shape, task_memory
 from unet_volume.prediction.memory import check_worker_memory
 from unet_volume.prediction.model_predictor import PRECISIONS, ModelPredictor
@@ -77,15 +83,15 @@ class PredictionPlan:
     volume: Volume
     output_url: str
     options: PredictOptions
-    block_shape: Shape
     geometry: TileGeometry
-    shard_shape: Shape
+    tasks: TaskPlan
+    """The output's grid (blocks in shards, its :class:`~unet_volume.grid.OutputLayout`) and the
+    tasks over it (:mod:`unet_volume.prediction.tasks`), built once here: the store, the engine
+    and the done records all read this one value. The task shape is not part of the identity:
+    it changes no output voxel."""
     identity: dict[str, Any] = field(default_factory=dict)
     existing: RunStatus | None = None
     """The run of the same identity found at the output, to resume (None: start anew)."""
-    task_shape: Shape | None = None
-    """Voxels per task, a whole number of shards (None: one shard), see
-    :mod:`unet_volume.prediction.tasks`; not part of the identity: it changes no output voxel."""
 
     @property
     def output_dtype(self) -> OutputDtype:
@@ -109,15 +115,23 @@ class PredictionPlan:
 
     @property
     def layout(self) -> OutputLayout:
-        return OutputLayout(self.volume.shape, self.block_shape, self.shard_shape)
+        return self.tasks.layout
+
+    @property
+    def block_shape(self) -> Shape:
+        return self.layout.block_shape
+
+    @property
+    def shard_shape(self) -> Shape:
+        return self.layout.shard_shape
+
+    @property
+    def task_shape(self) -> Shape:
+        return self.tasks.task_shape
 
     @property
     def num_blocks(self) -> int:
         return self.layout.num_blocks
-
-    @property
-    def tasks(self) -> TaskPlan:
-        return TaskPlan(self.layout, self.task_shape or self.shard_shape)
 
 
 def plan_prediction(
@@ -180,12 +194,10 @@ def plan_prediction(
         volume,
         output_url,
         options,
-        shape,
         geometry,
-        shard,
+        TaskPlan(layout, task),
         identity,
         existing,
-        task,
     )
 
 
@@ -220,24 +232,18 @@ def run_plan(
         create_planned_output(plan)
     if predictor is None:
         predictor = ModelPredictor(plan.checkpoint, tta=plan.tta, precision=plan.precision)
-    store = PredictionStore(
-        plan.output_url, plan.output_dtype, plan.layout.blocks_per_shard, plan.threshold
-    )
+    store = PredictionStore(plan.output_url, plan.output_dtype, plan.layout, plan.threshold)
+    work = PredictionWork(plan.volume, plan.geometry, plan.tasks, store)
+    limits = RunLimits(plan.options.max_failures, plan.options.stall_after)
 
     def run(done: Collection[Shape]) -> RunReport:
         report = run_prediction(
             client,
-            predictor=predictor,
-            geometry=plan.geometry,
-            volume=plan.volume,
-            store=store,
-            block_shape=plan.block_shape,
-            shard_shape=plan.shard_shape,
-            task_shape=plan.tasks.task_shape,
-            progress=progress,
+            work,
+            predictor,
             skip=done,
-            max_failures=plan.options.max_failures,
-            stall_after=plan.options.stall_after,
+            limits=limits,
+            progress=progress,
             on_progress=on_progress,
         )
         start = time.perf_counter()
@@ -280,8 +286,7 @@ def _create_prediction(plan: PredictionPlan) -> None:
         plan.output_url,
         volume=plan.volume,
         num_classes=plan.info.config.num_classes,
-        block_shape=plan.block_shape,
-        shard_shape=plan.shard_shape,
+        layout=plan.layout,
         output_dtype=plan.output_dtype,
         attrs=_run_attrs(plan),
         threshold=plan.threshold,
@@ -426,9 +431,8 @@ def fit_to_workers(
     if plan.options.task_shape is not None:
         return plan
     slots = task_slots(workers)
-    return replace(
-        plan, task_shape=plan_task_shape(plan.volume, plan.layout, plan.geometry, None, slots=slots)
-    )
+    task = plan_task_shape(plan.volume, plan.layout, plan.geometry, None, slots=slots)
+    return replace(plan, tasks=TaskPlan(plan.layout, task))
 
 
 def check_threshold(threshold: float | None, num_classes: int) -> None:
