@@ -5,8 +5,9 @@ verbatim, to its constructor (``local``: ``distributed.LocalCluster``, ``slurm``
 ``dask_jobqueue.SLURMCluster``, ``kubernetes``: ``dask_kubernetes.operator.KubeCluster``);
 an optional ``scale`` key asks for that many workers (SLURM jobs, worker pods) once it
 has started, or ``adapt: {minimum: 0, maximum: 8}`` lets Dask ask for workers as blocks queue
-up and release them when idle; ``storage_options`` gives fsspec's options per protocol to this
-process and to every worker (an object store's endpoint, a profile of the AWS config files)::
+up and release them when idle; ``storage_options`` gives fsspec's options per protocol to every
+worker (an object store's endpoint, a profile of the AWS config files; this process, which plans
+and records the run, takes its own environment)::
 
     kind: slurm
     scale: 4

@@ -9,7 +9,8 @@ Layout of ``OUTPUT`` (all arrays carry ``dimension_names``, which is what
       segmentation       (z, y, x)         uint8 argmax of the float probabilities (or, with
                                            a threshold, foreground p > threshold)
       class, z, y, x     1-D coordinates: class index; voxel centres in physical units
-      done               (block_z, block_y, block_x) uint8: 1 where a block is written
+      run/done           (block_z, block_y, block_x) uint8: 1 where a block is written (the
+                         run's bookkeeping, in its own group: not a variable of the Dataset)
 
 Chunks are the blocks; a task writes one shard of blocks (:mod:`unet_volume.grid`), with the
 Zarr v3 sharding codec one object per array when a shard holds several blocks, so no two tasks
