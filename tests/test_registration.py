@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from scipy import ndimage
 from unet_volume.errors import InputError
 from unet_volume.geometry import Box
 from unet_volume.io.volumes import open_volume
-from unet_volume.label_offset import check_offset, model_offset, moved
-from unet_volume.models.checkpoint import read_checkpoint
+from unet_volume.label_offset import check_offset, moved
+from unet_volume.models.checkpoint import TrainedInput, read_checkpoint
 from unet_volume.models.config import UNetConfig
 from unet_volume.output.prediction import open_prediction
 from unet_volume.prediction.run import predict_volume
@@ -84,11 +85,19 @@ def test_check_offset_refuses_what_is_not_at_most_one_voxel_per_axis(offset: obj
 
 
 def test_model_offset_is_the_override_else_the_training_record_else_none() -> None:
-    recorded = {"training": {"config": {"label_offset": [0.6, 0.2]}}}
-    assert model_offset(recorded) == (0.0, 0.6, 0.2)
-    assert model_offset(recorded, (0.0, 0.0)) == (0.0, 0.0, 0.0)
-    assert model_offset({}) == (0.0, 0.0, 0.0)
-    assert model_offset({"training": {"config": {"label_offset": None}}}) == (0.0, 0.0, 0.0)
+    recorded = TrainedInput(0.0, 1.0, (0.6, 0.2))
+    assert recorded.read_offset() == (0.0, 0.6, 0.2)
+    assert recorded.read_offset((0.0, 0.0)) == (0.0, 0.0, 0.0)
+    assert TrainedInput().read_offset() == (0.0, 0.0, 0.0)
+    # Checkpoints written before kept it in the recipe, where the record still finds it.
+    legacy: dict[str, Any] = {
+        "normalization": {"mean": 0, "std": 1},
+        "training": {"config": {"label_offset": None}},
+    }
+    assert TrainedInput.of(legacy) == TrainedInput()
+    legacy["training"]["config"]["label_offset"] = [0.6, 0.2]
+    assert TrainedInput.of(legacy) == recorded
+    assert TrainedInput.of(recorded.to_metadata()) == recorded
 
 
 @pytest.mark.parametrize(

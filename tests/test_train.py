@@ -91,8 +91,11 @@ def test_train_loss_decreases_and_checkpoint_loads(
     assert report.final_loss == pytest.approx(np.mean(report.losses[-20:]))
     assert report.checkpoint == out and out.is_file()
     assert load_model(out).config.base_channels == 4
-    metadata = read_checkpoint(out).metadata
-    assert set(metadata["normalization"]) == {"mean", "std"}
+    checkpoint = read_checkpoint(out)
+    metadata = checkpoint.metadata
+    # How it saw its input, in one record: the normalisation, and no label offset here.
+    assert set(metadata["input"]) == {"mean", "std", "label_offset"}
+    assert checkpoint.trained_input.std > 0 and checkpoint.trained_input.label_offset == ()
     assert metadata["classes"] == ["background/membrane", "foreground/interior"]
     assert metadata["training"]["steps"] == 60
     assert metadata["training"]["config"]["tile_output"] == [1, 12, 12]
@@ -167,8 +170,8 @@ def test_train_init_fine_tunes_a_models_network_and_weights_on_new_data(
     for name, weight in start.state_dict.items():
         torch.testing.assert_close(tuned.state_dict[name], weight, rtol=0, atol=1e-9)
     # This data's normalisation (the same tiles, inverted), and where the weights came from.
-    mean = start.metadata["normalization"]["mean"]
-    assert tuned.metadata["normalization"]["mean"] == pytest.approx(255 - mean, rel=1e-6)
+    mean = start.trained_input.mean
+    assert tuned.trained_input.mean == pytest.approx(255 - mean, rel=1e-6)
     assert tuned.metadata["training"]["init"] == {"checkpoint": str(source), "sha256": start.sha256}
 
 
@@ -192,11 +195,11 @@ def test_train_normalization_estimates_the_volume_statistics(
     volumes: tuple[str, str], tmp_path: Path
 ) -> None:
     train(*volumes, tmp_path / "m.pt", tiny(steps=1))
-    norm = read_checkpoint(tmp_path / "m.pt").metadata["normalization"]
+    norm = read_checkpoint(tmp_path / "m.pt").trained_input
     image = zarr.open_array(volumes[0], mode="r")[...].astype(float)
     # Estimated from 32 sampled (mirrored) tiles, not the whole volume: close, not equal.
-    assert norm["mean"] == pytest.approx(image.mean(), rel=0.1)
-    assert norm["std"] == pytest.approx(image.std(), rel=0.2)
+    assert norm.mean == pytest.approx(image.mean(), rel=0.1)
+    assert norm.std == pytest.approx(image.std(), rel=0.2)
 
 
 def test_train_same_seed_gives_identical_weights(volumes: tuple[str, str], tmp_path: Path) -> None:
@@ -590,10 +593,10 @@ def test_train_validates_saves_state_and_curve_then_resumes(
     assert read_checkpoint(out).metadata["training"]["validation"]["step"] == 4.0
     assert (tmp_path / "m.pt.state.pt").exists()
     assert (tmp_path / "m.pt.curve.png").read_bytes()[:4] == b"\x89PNG"
-    normalization = read_checkpoint(out).metadata["normalization"]
+    normalization = read_checkpoint(out).trained_input
     resumed = train(*volumes, out, dataclasses.replace(config, steps=6), resume=out)
     assert resumed.steps == 6 and resumed.losses[:4] == first.losses  # the curve goes on
-    assert read_checkpoint(out).metadata["normalization"] == normalization  # kept, not re-estimated
+    assert read_checkpoint(out).trained_input == normalization  # kept, not re-estimated
 
 
 def test_train_resume_refuses_a_different_architecture(

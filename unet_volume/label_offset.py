@@ -15,22 +15,21 @@ prediction reads the image moved by the same offset (:func:`moved`), so the net'
 land where the labels put them.
 
 Prediction moves the image by linear interpolation: two taps per axis, a fixed function of the
-mirrored volume, so blocks stitch exactly. A read grows by :data:`MARGIN` voxels per side on
+mirrored volume, so blocks stitch exactly. A read grows by :data:`REACH` voxels per side on
 the moved axes; an offset is at most one voxel per axis.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from unet_volume.errors import InputError
 
 Offset3 = tuple[float, float, float]
-MARGIN = 1
+REACH = 1
 """Voxels read beyond a box per side, on each moved axis: enough for offsets up to 1."""
 
 
@@ -40,7 +39,7 @@ def check_offset(offset: object, name: str = "label offset") -> tuple[float, ...
         values = tuple(float(v) for v in offset)  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         values = None
-    if values is None or any(not math.isfinite(v) or abs(v) > MARGIN for v in values):
+    if values is None or any(not math.isfinite(v) or abs(v) > REACH for v in values):
         raise InputError(
             f"{name} {offset!r} must be numbers of voxels in [-1, 1] per axis, e.g. (0.6, 0.2) "
             "for (y, x); benchmarks/label_offset.py measures it"
@@ -58,15 +57,15 @@ def spatial_offset(offset: Sequence[float], rank: int = 3) -> tuple[float, ...]:
     return (0.0,) * (rank - len(values)) + values
 
 
-def margins(offset: Sequence[float]) -> tuple[int, ...]:
+def offset_reach(offset: Sequence[float]) -> tuple[int, ...]:
     """Voxels to read beyond a box per side on each axis, to move it by ``offset``."""
-    return tuple(MARGIN if v else 0 for v in offset)
+    return tuple(REACH if v else 0 for v in offset)
 
 
 def moved(data: np.ndarray, offset: Sequence[float]) -> np.ndarray:
     """``data`` at every voxel p + ``offset``, linearly interpolated; trailing axes move.
 
-    ``data`` carries :func:`margins` extra voxels per side on the moved axes, which the result
+    ``data`` carries :func:`offset_reach` extra voxels per side on the moved axes, which the result
     loses. Each output voxel is ``(1 - f) a + f b`` of the same two voxels, in float32, wherever
     the box lies: a block's values are the whole volume's.
     """
@@ -77,19 +76,10 @@ def moved(data: np.ndarray, offset: Sequence[float]) -> np.ndarray:
             continue
         whole = math.floor(value)
         fraction = np.float32(value - whole)
-        n = out.shape[axis] - 2 * MARGIN
-        low = out.take(range(MARGIN + whole, MARGIN + whole + n), axis=axis)
+        n = out.shape[axis] - 2 * REACH
+        low = out.take(range(REACH + whole, REACH + whole + n), axis=axis)
         if fraction:
-            high = out.take(range(MARGIN + whole + 1, MARGIN + whole + 1 + n), axis=axis)
+            high = out.take(range(REACH + whole + 1, REACH + whole + 1 + n), axis=axis)
             low = (np.float32(1) - fraction) * low + fraction * high
         out = low
     return out
-
-
-def model_offset(metadata: Mapping[str, Any], override: Sequence[float] | None = None) -> Offset3:
-    """The ``(z, y, x)`` offset to read a model's input with: ``override`` if given, else the
-    ``label_offset`` its training recorded, else none."""
-    if override is None:
-        override = metadata.get("training", {}).get("config", {}).get("label_offset") or ()
-    padded = spatial_offset(override)
-    return (padded[0], padded[1], padded[2])

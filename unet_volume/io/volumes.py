@@ -47,7 +47,7 @@ from unet_volume.io.locations import (
     remove_output,
     removed_on_failure,
 )
-from unet_volume.label_offset import margins, moved
+from unet_volume.label_offset import moved, offset_reach
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Volume:
 
     def window(self, box: Box) -> Box:
         """The stored voxels (z, y, x) that :meth:`read` of ``box`` touches."""
-        return stored_window(box.grow(margins(self.offset)), self.shape)
+        return stored_window(box.grow(offset_reach(self.offset)), self.shape)
 
     @contextmanager
     def reading(self, boxes: Iterable[Box]) -> Iterator[VolumeReader]:
@@ -188,7 +188,7 @@ class Volume:
 
     def _read(self, array: Any, box: Box) -> np.ndarray:
         if any(self.offset):
-            return moved(self._stored_read(array, box.grow(margins(self.offset))), self.offset)
+            return moved(self._stored_read(array, box.grow(offset_reach(self.offset))), self.offset)
         return self._stored_read(array, box)
 
     def _stored_read(self, array: Any, box: Box) -> np.ndarray:

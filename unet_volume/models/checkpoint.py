@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 
 from unet_volume.errors import CheckpointError, InputError
 from unet_volume.io.locations import location, read_whole, write_whole
-from unet_volume.label_offset import model_offset
+from unet_volume.label_offset import Offset3, spatial_offset
 from unet_volume.models.ensemble import Ensemble
 from unet_volume.models.shipped import check_shipped, model_names, shipped_model
 from unet_volume.models.unet import UNet, UNetConfig
@@ -46,6 +47,54 @@ _FIX = "pass a file written by `unet-volume train` or `save_model`"
 
 StateDict = dict[str, torch.Tensor]
 Network = UNet | Ensemble
+
+
+@dataclass(frozen=True)
+class TrainedInput:
+    """How training saw its input, which prediction must repeat: the intensity normalisation
+    (``(x - mean) / std``) and the label offset (where the image's boundaries sat against the
+    labels', :mod:`unet_volume.label_offset`; empty: none).
+
+    Written by training as the checkpoint's ``input`` record and read here alone
+    (:meth:`of`), by prediction, fine-tuning, resumed runs and ensembles. Checkpoints written
+    before kept the two apart (``normalization``, and the recipe's ``label_offset``), where
+    :meth:`of` still finds them.
+
+    >>> TrainedInput.of({"normalization": {"mean": 127.5, "std": 64}})
+    TrainedInput(mean=127.5, std=64.0, label_offset=())
+    >>> TrainedInput.of(TrainedInput(1.0, 2.0, (0.6, 0.2)).to_metadata()).label_offset
+    (0.6, 0.2)
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+    label_offset: tuple[float, ...] = ()
+
+    KEY = "input"
+    """The record's key in a checkpoint's metadata."""
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The record as a checkpoint's metadata holds it (plain JSON values)."""
+        record = {"mean": self.mean, "std": self.std, "label_offset": list(self.label_offset)}
+        return {self.KEY: record}
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, Any]) -> TrainedInput | None:
+        """The record in a checkpoint's ``metadata``; None for a network training never wrote
+        (e.g. :func:`save_model` of a new one): it takes its input as it comes."""
+        if (record := metadata.get(cls.KEY)) is not None:
+            offset = record.get("label_offset") or ()
+            return cls(float(record["mean"]), float(record["std"]), tuple(map(float, offset)))
+        norm = metadata.get("normalization")
+        if not norm:
+            return None
+        offset = metadata.get("training", {}).get("config", {}).get("label_offset") or ()
+        return cls(float(norm["mean"]), float(norm["std"]), tuple(map(float, offset)))
+
+    def read_offset(self, override: Sequence[float] | None = None) -> Offset3:
+        """The ``(z, y, x)`` offset to read the image with: ``override`` if given, else this."""
+        z, y, x = spatial_offset(self.label_offset if override is None else override)
+        return (z, y, x)
 
 
 @dataclass(frozen=True)
@@ -77,6 +126,11 @@ class Checkpoint:
         return Checkpoint(
             self.config, weights, self.metadata, self.num_params // self.members, self.sha256
         )
+
+    @property
+    def trained_input(self) -> TrainedInput:
+        """How training saw the input (:class:`TrainedInput`); as it comes if untrained."""
+        return TrainedInput.of(self.metadata) or TrainedInput()
 
     def to_model(self) -> Network:
         """A new model with these weights, on their device, in eval mode (dropout off)."""
@@ -329,7 +383,7 @@ def save_ensemble(
             raise InputError(f"{name} is an ensemble already; pass its members' checkpoints")
     recorded = {
         "classes": lambda c: c.metadata.get("classes"),
-        "label_offset": lambda c: model_offset(c.metadata),  # as prediction reads it
+        "label_offset": lambda c: list(c.trained_input.read_offset()),  # as prediction reads it
     }
     for what, value in recorded.items():
         values = {json.dumps(value(c)) for c in read}
@@ -350,7 +404,7 @@ def save_ensemble(
 def trained_normalization(checkpoint: Checkpoint, name: str) -> tuple[float, float]:
     """The input (mean, std) that training recorded in ``checkpoint`` (called ``name`` in the
     error when it has none)."""
-    norm = checkpoint.metadata.get("normalization")
-    if not norm:
+    trained = TrainedInput.of(checkpoint.metadata)
+    if trained is None:
         raise CheckpointError(f"{name} has no normalization; it was not written by training")
-    return float(norm["mean"]), float(norm["std"])
+    return trained.mean, trained.std

@@ -92,9 +92,7 @@ class ModelPredictor:
         self.sha256 = info.sha256
         self.config = info.config
         self.ndim = info.config.ndim
-        norm = info.metadata.get("normalization", {})
-        self.mean = float(norm.get("mean", 0.0))
-        self.std = float(norm.get("std", 1.0))
+        self.mean, self.std = info.trained_input.mean, info.trained_input.std
 
     @property
     def layout(self) -> torch.memory_format:

@@ -26,7 +26,6 @@ from unet_volume.geometry import Shape, within
 from unet_volume.grid import OutputLayout, auto_shard_shape, check_shard_shape
 from unet_volume.io.locations import absolute
 from unet_volume.io.volumes import Volume, open_volume
-from unet_volume.label_offset import model_offset
 from unet_volume.models.checkpoint import (
     Checkpoint,
     checkpoint_bytes,
@@ -165,7 +164,7 @@ def plan_prediction(
             f"precision {options.precision!r} is unknown; pass one of {', '.join(PRECISIONS)}"
         )
     check_threshold(options.threshold, info.config.num_classes)
-    offset = model_offset(info.metadata, options.label_offset)
+    offset = info.trained_input.read_offset(options.label_offset)
     volume = replace(volume, offset=offset)
     block = options.block_shape
     if block == "auto":

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.grid import OutputLayout
 from unet_volume.io.volumes import Volume
-from unet_volume.label_offset import margins
+from unet_volume.label_offset import offset_reach
 from unet_volume.tiling import Region, TileGeometry, read_box_of
 
 READ_TARGET = 1.1
@@ -224,7 +224,7 @@ def held_voxels(
     if outer is not None:
         band[outer] = layout.shard_shape[outer]
     box = Box.from_shape(tuple(min(b, n) for b, n in zip(band, layout.volume_shape)))
-    reach = task_read_box(box, layout.shard_shape, geometry).grow(margins(volume.offset))
+    reach = task_read_box(box, layout.shard_shape, geometry).grow(offset_reach(volume.offset))
     chunks = volume.chunks or volume.shape
     counts = (
         min(ceil_div(extent, c) + 1, ceil_div(n, c))

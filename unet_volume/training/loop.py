@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from unet_volume.io.locations import location, write_whole
-from unet_volume.models.checkpoint import save_model
+from unet_volume.models.checkpoint import TrainedInput, save_model
 from unet_volume.models.unet import UNet, channels_last
 from unet_volume.progress import Progress, ProgressSink
 from unet_volume.training.config import TrainConfig
@@ -339,8 +339,9 @@ class _Loop:
     def metadata(self) -> dict[str, Any]:
         k = self.config.model.num_classes
         mean, std = self.normalization
+        trained = TrainedInput(mean, std, tuple(self.config.label_offset or ()))
         return {
-            "normalization": {"mean": mean, "std": std},
+            **trained.to_metadata(),
             "classes": BINARY_CLASSES if k == 2 else [str(i) for i in range(k)],
             "training": {
                 "config": self.config.to_dict(),
