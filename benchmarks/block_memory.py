@@ -62,7 +62,8 @@ def _prediction_block(root, ndim, depth, base, block, tile, rng):  # type: ignor
     from unet_volume.prediction.memory import prediction_memory
     from unet_volume.prediction.model_predictor import ModelPredictor
     from unet_volume.prediction.options import PredictOptions
-    from unet_volume.prediction.run import create_planned_output, plan_prediction
+    from unet_volume.prediction.plan import plan_prediction
+    from unet_volume.prediction.run import create_planned_output
     from unet_volume.tiling import plan_blocks, read_box_of
 
     image = zarr.create_array(f"{root}/in.zarr", shape=block, chunks=block, dtype="uint8")

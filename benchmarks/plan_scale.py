@@ -33,7 +33,8 @@ from unet_volume.output.lifecycle import read_status
 from unet_volume.output.prediction import PredictionStore
 from unet_volume.prediction.engine import PredictionWork, run_prediction
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import create_planned_output, plan_prediction
+from unet_volume.prediction.plan import plan_prediction
+from unet_volume.prediction.run import create_planned_output
 from unet_volume.prediction.tasks import TaskPlan
 
 WORKERS = 2

@@ -44,7 +44,8 @@ from unet_volume.cluster.client import open_client
 from unet_volume.models.checkpoint import save_model
 from unet_volume.models.unet import UNet
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import plan_prediction, run_plan
+from unet_volume.prediction.plan import plan_prediction
+from unet_volume.prediction.run import run_plan
 from unet_volume.testing.stores import CountingProxy, FolderServer, S3Server, s3_environment
 
 

@@ -21,7 +21,8 @@ from unet_volume.output.prediction import environment, record_provenance
 from unet_volume.output.preview import write_preview
 from unet_volume.prediction.engine import RunReport
 from unet_volume.prediction.options import DEFAULT_OPTIONS, PredictOptions
-from unet_volume.prediction.run import PredictionPlan, plan_prediction, run_plan
+from unet_volume.prediction.plan import PredictionPlan, plan_prediction
+from unet_volume.prediction.run import run_plan
 from unet_volume.progress import duration
 from unet_volume_flows.artifacts import embedded_image, metric_rows
 from unet_volume_flows.common import (

@@ -16,7 +16,8 @@ from unet_volume.evaluation.scores import EvaluationReport, evaluate
 from unet_volume.io.locations import absolute
 from unet_volume.output.preview import write_preview
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import PredictionPlan, predict_volume
+from unet_volume.prediction.plan import PredictionPlan
+from unet_volume.prediction.run import predict_volume
 from unet_volume.progress import duration
 from unet_volume.training.config import TrainConfig
 from unet_volume.training.loop import TrainReport, check_training, train

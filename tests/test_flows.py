@@ -45,7 +45,8 @@ from unet_volume.models.config import UNetConfig
 from unet_volume.models.unet import UNet
 from unet_volume.output.lifecycle import read_status, run_info
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import plan_prediction, predict_volume
+from unet_volume.prediction.plan import plan_prediction
+from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import blob_volume, snapshot
 from unet_volume.training.config import TrainConfig
 from unet_volume_flows.ingest import ingest_flow

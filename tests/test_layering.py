@@ -53,6 +53,7 @@ TORCH = {
     "unet_volume.models.checkpoint",
     "unet_volume.models.ensemble",
     "unet_volume.prediction.model_predictor",
+    "unet_volume.prediction.plan",  # it reads the checkpoint (torch.load)
     "unet_volume.prediction.run",
     "unet_volume.training.loop",
     "unet_volume.training.start",

@@ -13,13 +13,14 @@ from test_cli import EXIT_OK, EXIT_USAGE, model_path, on, predict_args, volume_p
 
 from unet_volume.cli.main import main
 from unet_volume.geometry import Box
+from unet_volume.models.checkpoint import save_model
 from unet_volume.models.config import UNetConfig
 from unet_volume.models.unet import UNet
 from unet_volume.output.lifecycle import run_info
 from unet_volume.prediction.estimate import AUTO_SIDE, auto_block_shape, summarize
 from unet_volume.prediction.memory import WORKER_BASELINE
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import plan_prediction
+from unet_volume.prediction.plan import fit_to_workers, plan_prediction
 from unet_volume.testing import snapshot
 from unet_volume.tiling import read_box_of
 
@@ -138,3 +139,21 @@ def test_plan_block_shape_takes_integers_or_auto_only(
         main(args)
     assert exit_info.value.code == EXIT_USAGE
     assert "expected comma-separated integers like 1,512,512 or auto" in capsys.readouterr().err
+
+
+def test_plan_an_automatic_block_is_fitted_to_the_workers_without_reading_again(
+    tmp_path: Path,
+) -> None:
+    # The CLI and the flow plan before their cluster exists, then fit the plan to its workers:
+    # that re-plan reads neither the model file nor the input (the fingerprint's chunks) again.
+    image = str(tmp_path / "in.zarr")
+    zarr.create_array(image, shape=(2, 256, 256), chunks=(1, 128, 128), dtype="uint8")[...] = 7
+    model = tmp_path / "m.pt"
+    save_model(UNet(base_channels=2, depth=2), model)
+    plan = plan_prediction(model, image, tmp_path / "out.zarr", PredictOptions(block_shape="auto"))
+    model.unlink()
+    zarr.open_array(image, mode="r+")[...] = 9  # read again, it would change the fingerprint
+    gpu = {"w": {"memory_limit": 2**34, "resources": {"GPU": 1}, "nthreads": 1}}
+    fitted = fit_to_workers(plan, gpu)
+    assert fitted.identity["input"] == plan.identity["input"]
+    assert fitted.block_shape != plan.block_shape  # a GPU worker's block: bigger

@@ -33,7 +33,8 @@ from unet_volume.prediction.engine import (
 )
 from unet_volume.prediction.model_predictor import ModelPredictor
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import plan_prediction, predict_volume
+from unet_volume.prediction.plan import plan_prediction
+from unet_volume.prediction.run import predict_volume
 from unet_volume.prediction.tasks import TaskPlan, read_estimate
 from unet_volume.testing import (
     EXACT_LIMIT,

@@ -34,7 +34,8 @@ from unet_volume.output.bookkeeping import (
 from unet_volume.output.lifecycle import read_status, reconsolidate
 from unet_volume.output.prediction import open_prediction
 from unet_volume.prediction.options import PredictOptions
-from unet_volume.prediction.run import PredictionPlan, plan_prediction, run_plan
+from unet_volume.prediction.plan import PredictionPlan, plan_prediction
+from unet_volume.prediction.run import run_plan
 from unet_volume.testing import CropPredictor, integer_unet, write_zarr
 from unet_volume.tiling import TileGeometry
 

@@ -42,7 +42,7 @@ from unet_volume.prediction.options import PredictOptions
 if TYPE_CHECKING:
     from distributed import Client
 
-    from unet_volume.prediction.run import PredictionPlan
+    from unet_volume.prediction.plan import PredictionPlan
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a command the signal stopped
@@ -238,7 +238,7 @@ def _plan(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from unet_volume.prediction.model_predictor import ModelPredictor
-    from unet_volume.prediction.run import plan_prediction
+    from unet_volume.prediction.plan import plan_prediction
 
     options = options_from(args, PredictOptions)
     output = args.output or str(Path(tempfile.gettempdir()) / "unet-volume-plan-no-output.zarr")
