@@ -9,7 +9,8 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+from uuid import UUID
 
 from prefect import Task, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -129,7 +130,7 @@ def reported(key: str, description: str, *, seconds: float = 30.0) -> Iterator[P
     stage with nothing left to do). A stage that fails leaves the artifact where it got to.
     """
     log = get_run_logger()
-    artifact = create_progress_artifact(0.0, key=key, description=description)
+    artifact = cast("UUID", create_progress_artifact(0.0, key=key, description=description))
 
     def tell(progress: Progress) -> None:
         log.info("%s", progress)

@@ -10,6 +10,7 @@ not know our types.
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT})
 """I/O errors worth another try: busy or flaky storage, not a missing file or a full disk."""
@@ -59,12 +60,12 @@ class BlockError(UnetVolumeError, RuntimeError):
 
     def __init__(
         self,
-        failures: list[tuple[object, BaseException]],
+        failures: Sequence[tuple[object, BaseException]],
         *,
         names: list[str] | None = None,
         message: str | None = None,
     ):
-        self.failures = failures
+        self.failures = list(failures)
         names = names or [str(item) for item, _ in failures]
         if message is not None:
             pass

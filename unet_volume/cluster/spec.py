@@ -262,7 +262,7 @@ def make_cluster(spec: ClusterSpec) -> Cluster:
         with dask.config.set(local_cluster_config()):  # the scheduler runs in this process
             cluster = _scaled(backend(**spec.options), spec.scale)
     if spec.adapt is not None:
-        cluster.adapt(**spec.adapt)
+        cluster.adapt(**spec.adapt)  # type: ignore[arg-type]  # distributed's stub: Adaptive's keys
     return cluster
 
 

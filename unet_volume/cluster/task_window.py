@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Generic, TypeVar
@@ -42,7 +42,7 @@ def map_bounded(
     stall_after: float = STALL_AFTER,
     beats: str | None = None,
     **kwargs: Any,
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """``function(item, **kwargs)`` as one Dask task per item; yields results as tasks finish.
 
     At most ``window`` tasks (default: 4 per worker thread) are on the cluster at once, so
@@ -183,7 +183,7 @@ class _Tasks(Generic[Item]):
     def finished(self, future: Future) -> tuple[Item, bool]:
         """The item ``future`` ran, and whether it ran alone; the future is released."""
         future.release()
-        return self.pending.pop(future.key)
+        return self.pending.pop(str(future.key))  # our keys are names
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -250,7 +250,7 @@ def _open_source(source: str | Path | np.ndarray, role: str, stack: ExitStack) -
         )
     opened = zarr.open(url, mode="r") if input_kind(url) == "zarr" else None
     if isinstance(opened, zarr.Group) and "instances" in opened and "segmentation" not in opened:
-        ids = opened["instances"]  # instance labels of `unet-volume segment`
+        ids = cast("zarr.Array[Any]", opened["instances"])  # the labels of `unet-volume segment`
         return _Source(url, tuple(ids.shape), 2, lambda z: np.asarray(ids[z]), instances=True)
     if isinstance(opened, zarr.Group):
         dataset = open_prediction(url)

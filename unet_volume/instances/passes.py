@@ -82,7 +82,7 @@ class Block(NamedTuple):
     finished it. Failed blocks are recorded by index and box, as a prediction's."""
 
     number: int
-    index: Shape
+    index: Shape  # type: ignore[assignment]  # the grid index (tuple.index is never called)
     write_box: Box
     done: bool = False
 
@@ -99,7 +99,12 @@ def run_passes(
     """The passes still to run (the module docstring); returns every block's object
     statistics, done blocks' included."""
     volume = how.volume.shape
-    task = {"how": how, "out_url": out_url, "token": uuid.uuid4().hex, "cap": capacity(shape)}
+    task: dict[str, Any] = {
+        "how": how,
+        "out_url": out_url,
+        "token": uuid.uuid4().hex,
+        "cap": capacity(shape),
+    }
     if not (run_info(out_url) or {}).get(STORED):
         _label_and_merge(client, how, shape, out_url, task)
     finished = {tuple(int(i) for i in index) for index in done}

@@ -111,9 +111,9 @@ class ChunkCache(_CountedArray):
         for index in needed:
             chunk = self._box(index)
             part = chunk.intersect(window)
-            out[(..., *part.to_slices(window.begin))] = self._held[index][
-                (..., *part.to_slices(chunk.begin))
-            ]
+            target: tuple[Any, ...] = (..., *part.to_slices(window.begin))
+            source: tuple[Any, ...] = (..., *part.to_slices(chunk.begin))
+            out[target] = self._held[index][source]
             self._used(index)
         return out
 
@@ -132,10 +132,12 @@ class ChunkCache(_CountedArray):
         """Fetch ``missing`` chunks in as few calls as cover exactly them."""
         for group in _exact_boxes(missing, self.chunks, self.objects):
             hull = self._box(group[0]).hull(self._box(group[-1]))
-            data = np.asarray(self.array[(..., *hull.to_slices())])
+            where: tuple[Any, ...] = (..., *hull.to_slices())
+            data = np.asarray(self.array[where])
             for index in group:
                 chunk = self._box(index)
-                part = data[(..., *chunk.to_slices(hull.begin))]
+                inside: tuple[Any, ...] = (..., *chunk.to_slices(hull.begin))
+                part = data[inside]
                 # A view would keep the whole fetched box alive while any of its chunks is held.
                 self._held[index] = part.copy() if len(group) > 1 else part
                 self.count.chunks += 1

@@ -178,7 +178,8 @@ class N5Array:
         self._store = ts.open({"driver": "n5", "kvstore": where}, read=True).result().T
         self.shape = tuple(int(n) for n in self._store.shape)
         self.dtype = np.dtype(self._store.dtype.numpy_dtype)
-        self.chunks = tuple(int(c) for c in self._store.chunk_layout.read_chunk.shape)
+        read_chunk = self._store.chunk_layout.read_chunk.shape  # always set for N5
+        self.chunks = tuple(int(c) for c in read_chunk)  # type: ignore[union-attr, arg-type]
         with fsspec.open(f"{url.rstrip('/')}/attributes.json", "r") as f:
             stored = json.load(f)
         units = stored.get("units")

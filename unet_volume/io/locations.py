@@ -146,12 +146,13 @@ def is_remote(url: str | Path) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
 
 
-def location(url: str | Path) -> Path | str:
+def location(url: str | os.PathLike[str]) -> Path | str:
     """``url`` as a :class:`~pathlib.Path` where it is local, else the URL as it is."""
-    return str(url) if is_remote(url) else Path(str(url).removeprefix("file://"))
+    text = os.fspath(url)
+    return text if is_remote(text) else Path(text.removeprefix("file://"))
 
 
-def write_whole(url: str | Path, data: bytes) -> None:
+def write_whole(url: str | os.PathLike[str], data: bytes) -> None:
     """Store ``data`` at ``url`` so that no reader ever sees part of it.
 
     A local file is written beside its name and renamed (its folder made if needed), so a crash

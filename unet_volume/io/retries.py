@@ -126,7 +126,7 @@ def _watch_client(store: Any) -> None:
     """Count the retries an S3 client makes by itself (once per client)."""
     client = getattr(getattr(store, "fs", None), "_s3", None)  # s3fs' botocore client
     events = getattr(getattr(client, "meta", None), "events", None)
-    if events is None or getattr(client, "_unet_volume_watched", False):
+    if client is None or events is None or getattr(client, "_unet_volume_watched", False):
         return
     events.register("needs-retry.s3", _on_s3_attempt)
     client._unet_volume_watched = True

@@ -369,7 +369,7 @@ def save_ensemble(
     path: str | os.PathLike[str],
     *,
     weights_dtype: torch.dtype | None = None,
-) -> Path:
+) -> Path | str:
     """Write one checkpoint at ``path`` of the :class:`~unet_volume.models.ensemble.Ensemble` of the
     networks at ``checkpoints`` (files or shipped names), e.g. one recipe's seeds.
 

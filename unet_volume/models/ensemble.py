@@ -73,6 +73,9 @@ class Ensemble(nn.Module):
         """``members`` fresh networks of ``config`` (weights to load, e.g. from a checkpoint)."""
         return cls([UNet.from_config(config) for _ in range(members)])
 
+    scale: torch.Tensor  # buffers (one per member): the input moved to its normalisation
+    shift: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack(
             [

@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Sequence
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -185,7 +185,7 @@ class UNet(nn.Module):
         num_classes: int = 2,
         base_channels: int = 64,
         depth: int = 4,
-        ndim: int = 2,
+        ndim: Literal[2, 3] = 2,
         batch_norm: bool = False,
         dropout: float = 0.5,
     ) -> None:

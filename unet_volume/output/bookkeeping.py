@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import numpy as np
@@ -328,7 +328,7 @@ def read_lease(group_url: str) -> Lease | None:
     """The lease on the output at ``group_url``, or None if there is none (or it is unreadable)."""
     try:
         attrs = zarr.open_group(f"{group_url.rstrip('/')}/{LEASE}", mode="r").attrs
-        return Lease(str(attrs["holder"]), float(attrs["expires"]))
+        return Lease(str(attrs["holder"]), float(cast("float", attrs["expires"])))
     except (FileNotFoundError, KeyError, ValueError, TypeError):
         return None
 

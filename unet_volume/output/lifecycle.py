@@ -51,6 +51,7 @@ from unet_volume.output.bookkeeping import (
     held_lease,
     identity_differences,
 )
+from unet_volume.tiling import Region
 
 R = TypeVar("R")
 ATTRS_KEY = "unet_volume"
@@ -87,7 +88,8 @@ def opened_arrays(url: str, token: str, names: tuple[str, ...]) -> tuple[Any, ..
 
 def recorded_grid(group: zarr.Group) -> dict[str, Any]:
     """The voxel size and units an output recorded of its input (None where it had none)."""
-    recorded = group.attrs.get(ATTRS_KEY, {}).get("input", {})  # type: ignore[union-attr]
+    info: Any = group.attrs.get(ATTRS_KEY, {})
+    recorded = info.get("input", {})
     size = recorded.get("voxel_size")
     return {"voxel_size": tuple(size) if size else None, "units": recorded.get("units")}
 
@@ -261,10 +263,10 @@ def recorded(url: str, error: BlockError, command: str) -> BlockError:
     """Record the failed blocks in the output; the error that names them and says what next."""
     failures = sorted(
         BlockFailure(
-            block.index,
-            str(block.write_box),
+            cast(Region, block).index,
+            str(cast(Region, block).write_box),
             describe_failure(cause),
-            blocks_of_task(url, block.index),
+            blocks_of_task(url, cast(Region, block).index),
         )
         for block, cause in error.failures
     )

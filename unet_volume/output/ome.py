@@ -53,7 +53,8 @@ def publish_levels(
     grid = recorded_grid(group)
     spacing, units = grid["voxel_size"], grid["units"]
     factors = build_pyramid(client, url, array, reduction, spacing, flat=label)
-    dims = group[array].metadata.dimension_names  # type: ignore[union-attr]
+    named = group[array].metadata.dimension_names  # type: ignore[union-attr]
+    dims = [str(d) for d in named or ()]
     entry = multiscales(
         array, dims, factors, spacing, units, name=array, reduction=reduction, flat=label
     )
@@ -101,7 +102,11 @@ def multiscales(
         for level, factor in enumerate(factors)
     ]
     metadata = Multiscale(
-        axes=axes, datasets=datasets, name=name, type=reduction, coordinateTransformations=None
+        axes=axes,
+        datasets=tuple(datasets),
+        name=name,
+        type=reduction,
+        coordinateTransformations=None,
     )
     return metadata.model_dump(mode="json", exclude_none=True, by_alias=True)
 
@@ -136,7 +141,8 @@ def register_label(url: str) -> str | None:
         return None
     name = url.rstrip("/").rsplit("/", 1)[1]
     labels = zarr.open_group(f"{image}/{LABELS_GROUP}", mode="a", zarr_format=3)
-    known = list(labels.attrs.get("ome", {}).get("labels", []))  # type: ignore[union-attr]
+    ome: Any = labels.attrs.get("ome", {})
+    known = list(ome.get("labels", []))
     labels.attrs["ome"] = {"version": VERSION, "labels": sorted({*known, name})}
     reconsolidate(image)
     return image

@@ -285,7 +285,7 @@ def new_single_array_output(
     new_output_group(url, volume, layout, attrs).create_array(
         name,
         shape=volume.shape,
-        chunks=inner_chunks if sharded else block_shape,
+        chunks=tuple(inner_chunks) if inner_chunks is not None and sharded else block_shape,
         shards=block_shape if sharded else None,
         dtype=dtype,
         fill_value=fill_value,

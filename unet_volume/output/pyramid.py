@@ -20,9 +20,10 @@ volume never floods the scheduler.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -108,7 +109,7 @@ def build_pyramid(
             client,
             _reduce_block,
             blocks,
-            name=lambda box, level=level: f"pyramid-{level}-{box.begin}",
+            name=functools.partial(_reduce_key, level),
             url=url,
             token=token,
             names=(paths[level - 1], paths[level]),
@@ -175,6 +176,11 @@ def _reduce_block(
     malloc.give_back()  # see unet_volume.cluster.malloc
 
 
+def _reduce_key(level: int, box: Box) -> str:
+    """A reduction task's Dask name: the level and the box's origin."""
+    return f"pyramid-{level}-{box.begin}"
+
+
 def reduce_window(data: np.ndarray, halving: Shape, reduction: Reduction) -> np.ndarray:
     """``data`` (its last three axes z, y, x) downsampled by ``halving`` per axis.
 
@@ -188,7 +194,8 @@ def reduce_window(data: np.ndarray, halving: Shape, reduction: Reduction) -> np.
     """
     lead = data.ndim - 3
     if reduction == "stride":
-        return data[(Ellipsis, *(slice(None, None, h) for h in halving))]
+        strides: tuple[Any, ...] = (Ellipsis, *(slice(None, None, h) for h in halving))
+        return data[strides]
     pad = [(0, 0)] * lead + [(0, -n % h) for n, h in zip(data.shape[lead:], halving)]
     padded = np.pad(data, pad, mode="edge")
     split: list[int] = list(padded.shape[:lead])

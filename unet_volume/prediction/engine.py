@@ -21,7 +21,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from distributed import Client
@@ -383,7 +383,7 @@ def run_prediction(
         tally.failures += [
             (shard, cause)
             for task, cause in error.failures
-            for shard in shards_of(task, layout.shard_shape, geometry)
+            for shard in shards_of(cast(Task, task), layout.shard_shape, geometry)
         ]
     finally:
         results.close()  # cancels what is still in flight

@@ -31,7 +31,7 @@ from unet_volume.output.bookkeeping import RunStatus, fingerprint
 from unet_volume.output.lifecycle import check_run_limits, find_resumable, run_info
 from unet_volume.output.prediction import OutputDtype, check_output_dtype
 from unet_volume.prediction.estimate import auto_block_shape
-from unet_volume.prediction.model_predictor import PRECISIONS
+from unet_volume.prediction.model_predictor import PRECISIONS, Precision
 from unet_volume.prediction.options import DEFAULT_BLOCK, DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction.tasks import TaskPlan, auto_task_shape
 from unet_volume.tiling import TileGeometry, check_block_shape
@@ -69,7 +69,7 @@ class PredictionPlan:
         return self.options.tta
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> Precision:
         return self.options.precision
 
     @property
@@ -148,11 +148,10 @@ def _plan(
     check_threshold(options.threshold, info.config.num_classes)
     offset = info.trained_input.read_offset(options.label_offset)
     volume = replace(volume, offset=offset)
-    block = options.block_shape
-    if block == "auto":
-        block = _auto_block(info, volume, workers)
+    wanted = options.block_shape
+    block = _auto_block(info, volume, workers) if isinstance(wanted, str) else wanted
     shape, geometry = plan_geometry(info, volume, block, options.tile_shape)
-    wanted_shard = options.shard_shape
+    wanted_shard: Sequence[int] | None = options.shard_shape
     if wanted_shard is None and not options.overwrite:
         wanted_shard = recorded_shard_shape(absolute(output), shape)
     shard = plan_shards(volume.shape, shape, wanted_shard, ndim=info.config.ndim)

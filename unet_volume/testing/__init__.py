@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
 import numpy as np
@@ -102,7 +102,7 @@ def blob_labels(
 
 
 def write_zarr(
-    path: str | Path, data: np.ndarray, chunks: tuple[int, ...] | None = None, **attrs: object
+    path: str | Path, data: np.ndarray, chunks: tuple[int, ...] | None = None, **attrs: Any
 ) -> str:
     """A real Zarr v3 array on disk, with odd chunks (2, 17, 19) unless told otherwise.
 
@@ -128,7 +128,12 @@ def boxes(ndim: int = 3, low: int = -20, high: int = 40) -> Any:
 
 
 def integer_unet(
-    *, ndim: int = 2, depth: int = 2, base_channels: int = 8, in_channels: int = 1, seed: int = 0
+    *,
+    ndim: Literal[2, 3] = 2,
+    depth: int = 2,
+    base_channels: int = 8,
+    in_channels: int = 1,
+    seed: int = 0,
 ) -> UNet:
     """A U-Net whose weights are in {-1, 0, 1} and biases in {-2, ..., 2}: exact in float64.
 
@@ -183,7 +188,7 @@ class SumBound:
     def _measure(self, layer: Any, inputs: tuple[Any, ...], _output: Any) -> None:
         from torch.nn import functional
 
-        convs = {
+        convs: dict[str, Callable[..., Any]] = {
             "Conv2d": functional.conv2d,
             "Conv3d": functional.conv3d,
             "ConvTranspose2d": functional.conv_transpose2d,

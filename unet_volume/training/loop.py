@@ -183,7 +183,8 @@ class _Loop:
     ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.layout = channels_last(config.model.ndim)  # same sums, in oneDNN's fast order
-        self.model = model.to(self.device, memory_format=self.layout).train()
+        # torch's stub lacks memory_format, which Module.to takes
+        self.model = model.to(self.device, memory_format=self.layout).train()  # type: ignore[call-overload]
         self.config, self.sampler, self.validation, self.out = config, sampler, validation, out
         self.normalization, self.balance = normalization, balance
         self.optimizer = build_optimizer(self.model, config)

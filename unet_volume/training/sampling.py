@@ -173,7 +173,8 @@ class TileSampler:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(
+        TileSampler.__init__(  # rebuilt from its recipe: a worker process opens its own files
+            self,
             state["data"],
             state["geometry"],
             num_classes=state["num_classes"],  # type: ignore[misc]

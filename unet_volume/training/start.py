@@ -175,7 +175,7 @@ def check_training(
         config, start = with_network_of(init, config)
     data = TrainingData.open(image, labels, weights=weights, mask=mask, z_range=config.z_range)
     close_samplers(*samplers(data, config))  # the tiles fit the data
-    if start is not None:
+    if start is not None and init is not None:
         check_channels(start, data.image.channels, init)
     previous = resumed(resume, config) if resume is not None else None
     return CheckedRun(config, data, start, previous)

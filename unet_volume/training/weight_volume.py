@@ -137,8 +137,8 @@ def compute_weight_volume(
             overwrite=overwrite,
         )
     blocks = plan_halo_blocks(volume.shape, shape, halo_for(config))
-    run_options = {"max_failures": max_failures, "stall_after": stall_after}
-    task = {
+    run_options: dict[str, Any] = {"max_failures": max_failures, "stall_after": stall_after}
+    task: dict[str, Any] = {
         "volume": volume,
         "out_url": out_url,
         "token": uuid.uuid4().hex,  # this run's opening of the output, once per worker
