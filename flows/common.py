@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 from uuid import UUID
 
 from prefect import Task, get_run_logger
@@ -32,6 +32,8 @@ type, not a switch between it and "None" ('Property is type "None"').
 Not for parameters whose default is None: the form fills a field with the schema's default
 and checks it against the field's type, so a None default needs the null type (Prefect 3.9.1,
 submitted in a browser by scripts/prefect_screenshots.py)."""
+Instances = Literal["none", "components", "watershed"]
+"""The objects a flow labels after predicting: none, connected components, or the watershed."""
 CLUSTER_HELP = {
     "scheduler": "address of a running Dask scheduler (tcp://HOST:8786) to run the blocks on",
     "cluster": "a cluster spec to start for the run: a name in deploy/clusters (local, "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -16,6 +16,7 @@ from unet_volume.prediction.options import PredictOptions
 from unet_volume_flows.common import (
     CLUSTER_HELP,
     STORAGE_RETRIES,
+    Instances,
     check_locations,
     described,
     scheduler_address,
@@ -64,7 +65,7 @@ def ingest_flow(
     model: str,
     *,
     reprocess: bool = False,
-    instances: Literal["none", "components", "watershed"] = "components",
+    instances: Instances = "components",
     tta: bool = False,
     scheduler: str | None = None,
     cluster: str | None = None,

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
-from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
-from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from unet_volume.cluster.client import describe
 from unet_volume.instances.labelling import label_instances
-from unet_volume.instances.objects import read_objects, table_url
 from unet_volume.instances.watershed import WatershedConfig
 from unet_volume.io.locations import absolute
 from unet_volume.models.shipped import model_file
-from unet_volume.output.prediction import environment, record_provenance
-from unet_volume.output.preview import write_preview
 from unet_volume.prediction.engine import RunReport
 from unet_volume.prediction.options import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction.plan import PredictionPlan, plan_prediction
 from unet_volume.prediction.run import run_plan
 from unet_volume.progress import duration
-from unet_volume_flows.artifacts import embedded_image, metric_rows
+from unet_volume_flows.artifacts import default_preview, log_plan, publish, publish_objects, record
 from unet_volume_flows.common import (
     CLUSTER_HELP,
     STORAGE_RETRIES,
+    Instances,
     check_locations,
     described,
     flow_client,
@@ -39,26 +34,6 @@ from unet_volume_flows.common import (
 def plan(image: str, model: str, out: str, options: PredictOptions) -> PredictionPlan:
     """Validate input, model and output; nothing is written, no cluster started yet."""
     return plan_prediction(model, image, out, options)
-
-
-def log_plan(planned: PredictionPlan, model: str) -> None:
-    """The plan for the workers at hand, in one line of the run's log."""
-    layout, volume = planned.layout, planned.volume
-    get_run_logger().info(
-        "input %s %s %s -> output %s; model %s (sha256 %s); blocks %s: %d in %d shard(s), "
-        "%d task(s)%s",
-        volume.url,
-        "x".join(map(str, volume.shape)),
-        volume.dtype_name,
-        planned.output_url,
-        model,
-        planned.info.sha256[:12],
-        "x".join(map(str, planned.block_shape)),
-        layout.num_blocks,
-        layout.num_shards,
-        planned.tasks.num_tasks,
-        f", {planned.existing.done} done before (resumed)" if planned.existing else "",
-    )
 
 
 @task(cache_policy=NO_CACHE)  # no timeout: a 10^12-voxel volume takes as long as it takes
@@ -90,47 +65,6 @@ def predict(
     return report
 
 
-@task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
-def record(report: RunReport, parameters: dict[str, Any]) -> None:
-    """Write who made the output and how next to the data."""
-    run = {
-        "flow_run": str(runtime.flow_run.id),
-        "flow_run_name": runtime.flow_run.name,
-        "deployment": runtime.deployment.name,
-    }
-    record_provenance(
-        report.output_url, {**run, "parameters": parameters, "environment": environment()}
-    )
-
-
-@task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
-def publish(report: RunReport, image: str, preview: str) -> str:
-    """The run's figures as a table, and a preview of a few slices shown inline, as artifacts."""
-    png = write_preview(image, report.output_url, preview)
-    figures = {
-        "input": absolute(image),
-        "output": report.output_url,
-        "blocks": report.blocks,
-        "blocks resumed": report.skipped,
-        "voxels": report.voxels,
-        "seconds": round(report.seconds, 2),
-        "Mvoxel/s": round(report.voxels_per_second / 1e6, 3),
-    }
-    create_table_artifact(
-        metric_rows(figures),
-        key="prediction-run",
-        description=f"Prediction of {absolute(image)}: what ran, how long",
-    )
-    create_markdown_artifact(
-        f"# Prediction of `{absolute(image)}`\n\nOutput: `{report.output_url}`\n\n"
-        "Input with the segmentation overlaid (left), foreground probability (right):\n\n"
-        f"{embedded_image(png, 'preview of the prediction')}\n",
-        key="prediction-preview",
-        description=f"Preview of {report.output_url}",
-    )
-    return str(png)
-
-
 @task(cache_policy=NO_CACHE)
 def segment(
     prediction: str, method: str, scheduler: str | None, cluster: str | None
@@ -144,7 +78,6 @@ def segment(
         # a complete labelling is left be, a stopped one resumed; a new prediction (overwrite)
         # has removed its labels with it
         report = label_instances(prediction, out, client=client, watershed=watershed)
-    table = read_objects(report.output_url)
     get_run_logger().info(
         "segmented %s (%s): %s objects in %s",
         out,
@@ -152,21 +85,8 @@ def segment(
         f"{report.objects:,}",
         duration(report.seconds),
     )
-    largest = table.nlargest(20, "voxels").round(3)
-    create_table_artifact(
-        json.loads(largest.to_json(orient="records")),  # plain JSON types, not numpy's
-        key="objects",
-        description=f"The 20 largest of {report.objects:,} objects in {report.output_url} "
-        f"({method}); the whole table: {table_url(report.output_url)}",
-    )
+    publish_objects(report.output_url, report.objects, method)
     return {"objects": report.objects, "output_url": report.output_url}
-
-
-def default_preview(out: str) -> str:
-    """Beside a local output (``out.zarr`` -> ``out.preview.png``); for a URL, in the working
-    folder."""
-    name = f"{PurePosixPath(out.rstrip('/')).stem}.preview.png"
-    return name if "://" in out else str(Path(out.rstrip("/")).with_name(name))
 
 
 @flow(name="predict")
@@ -193,7 +113,7 @@ def predict_flow(
     scheduler: str | None = None,
     cluster: str | None = None,
     preview: str | None = None,
-    instances: Literal["none", "components", "watershed"] = "none",
+    instances: Instances = "none",
 ) -> dict[str, Any]:
     """Predict ``image`` (Zarr array or TIFF stack) with the checkpoint ``model`` into ``out``.
 

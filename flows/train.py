@@ -8,13 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from unet_volume.cluster.client import describe
 from unet_volume.evaluation.scores import EvaluationReport, evaluate
 from unet_volume.io.locations import absolute
-from unet_volume.output.preview import write_preview
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.plan import PredictionPlan
 from unet_volume.prediction.run import predict_volume
@@ -23,7 +21,7 @@ from unet_volume.training.config import TrainConfig
 from unet_volume.training.loop import TrainReport, check_training, train
 from unet_volume.training.weight_map import WeightMapConfig
 from unet_volume.training.weight_volume import compute_weight_volume
-from unet_volume_flows.artifacts import embedded_image, metric_rows
+from unet_volume_flows.artifacts import register
 from unet_volume_flows.common import (
     CLUSTER_HELP,
     STORAGE_RETRIES,
@@ -110,48 +108,6 @@ def assess(
     client = lambda: flow_client(scheduler, cluster)  # noqa: E731 (opened once checked)
     predict_volume(model, image, out, options, client=client, on_plan=on_plan)
     return evaluate(out, labels, z_range=z_range)
-
-
-@task(cache_policy=NO_CACHE)
-def register(report: TrainReport, scores: EvaluationReport | None, image: str) -> dict[str, Any]:
-    """The checkpoint's figures as Prefect artifacts: a metrics table, and a model card that
-    shows the learning curve and a validation preview inline."""
-    checkpoint = absolute(report.checkpoint)
-    figures: dict[str, Any] = {
-        "checkpoint": checkpoint,
-        "steps": report.steps,
-        "seconds": round(report.seconds, 1),
-        "final_loss": round(report.final_loss, 4),
-    }
-    lines = [
-        f"# Model `{checkpoint}`",
-        "",
-        f"{report.steps} steps in {report.seconds / 60:.1f} min; "
-        f"final loss {report.final_loss:.4f}.",
-        "",
-        "## Learning curve",
-        "",
-        embedded_image(f"{checkpoint}.curve.png", "learning curve"),
-    ]
-    if scores is not None:
-        figures.update(
-            {f"validation_{k}": round(v, 4) for k, v in scores.to_dict()["volume"].items()}
-        )
-        first, stop = scores.z_range
-        png = write_preview(
-            image, scores.prediction, f"{checkpoint}.preview.png", slices=[first, stop - 1]
-        )
-        lines += ["", f"## Validation, slices z {first}:{stop}", ""]
-        lines.append(embedded_image(png, "validation preview"))
-    create_table_artifact(
-        metric_rows(figures),
-        key="model-metrics",
-        description=f"Figures of the model {checkpoint}",
-    )
-    create_markdown_artifact(
-        "\n".join(lines) + "\n", key="model-card", description=f"Model card of {checkpoint}"
-    )
-    return figures
 
 
 @flow(name="train")

@@ -49,8 +49,9 @@ from unet_volume.prediction.plan import plan_prediction
 from unet_volume.prediction.run import predict_volume
 from unet_volume.testing import blob_volume, snapshot
 from unet_volume.training.config import TrainConfig
+from unet_volume_flows.artifacts import default_preview
 from unet_volume_flows.ingest import ingest_flow
-from unet_volume_flows.predict import default_preview, predict_flow
+from unet_volume_flows.predict import predict_flow
 from unet_volume_flows.train import train_flow
 
 
