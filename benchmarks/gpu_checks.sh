@@ -24,7 +24,7 @@ torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.ver
 # float64 kernels keep every integer sum exact too. Flow tests need Prefect: not here.
 timeout 150 python3 -m pytest -p no:cacheprovider -q -o addopts="" -m "not slow" \
   --durations=8 tests/test_predict.py tests/test_checkpoint.py tests/test_model.py \
-  tests/test_train.py tests/test_gpu_pipeline.py tests/test_layout.py 2>&1 \
+  tests/test_train.py tests/test_gpu_pipeline.py tests/test_grid.py 2>&1 \
   | tee "$out/tests.txt" | tail -30
 # The bare model and the engine on this GPU: paper net and base 16, float32 and bfloat16, a 4 GB
 # volume (issue 15's figures: engine / bare, ms per 512x512 slice, GPU utilisation).

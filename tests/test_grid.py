@@ -12,8 +12,8 @@ import zarr
 from distributed import Client
 from hypothesis import given
 from hypothesis import strategies as st
+from test_bookkeeping import RowsFailPredictor, arange_plan, probe
 from test_predict import run_blocks
-from test_run_record import RowsFailPredictor, arange_plan, probe
 
 from unet_volume.errors import BlockError, GeometryError, OutputExistsError
 from unet_volume.grid import (
@@ -37,7 +37,7 @@ from unet_volume.tiling import TileGeometry
     block=st.sampled_from([(1, 64, 64), (1, 512, 512), (8, 128, 128), (64, 64, 64)]),
     ndim=st.sampled_from([2, 3]),
 )
-def test_layout_auto_shard_is_whole_blocks_within_the_bounds(
+def test_grid_auto_shard_is_whole_blocks_within_the_bounds(
     volume: tuple[int, int, int], block: tuple[int, int, int], ndim: int
 ) -> None:
     shard = auto_shard_shape(volume, block, ndim=ndim)
@@ -55,7 +55,7 @@ def test_layout_auto_shard_is_whole_blocks_within_the_bounds(
         )
 
 
-def test_layout_auto_shard_grows_a_2d_nets_shards_in_y_and_x_first() -> None:
+def test_grid_auto_shard_grows_a_2d_nets_shards_in_y_and_x_first() -> None:
     # The halo is in y and x: tasks of whole shards must be able to grow wide there, not deep
     # in z, to read their ring of halo chunks seldom (task_plan); z comes once y and x span.
     assert auto_shard_shape((1000, 4096, 4096), (1, 512, 512), ndim=2) == (1, 2048, 2048)
@@ -64,7 +64,7 @@ def test_layout_auto_shard_grows_a_2d_nets_shards_in_y_and_x_first() -> None:
     assert auto_shard_shape((4000, 1024, 1024), (1, 512, 512), ndim=2) == (4, 1024, 1024)
 
 
-def test_layout_small_volumes_keep_one_block_per_task() -> None:
+def test_grid_small_volumes_keep_one_block_per_task() -> None:
     assert auto_shard_shape((10, 1024, 1024), (1, 512, 512), ndim=2) == (1, 512, 512)
 
 
@@ -76,12 +76,12 @@ def test_layout_small_volumes_keep_one_block_per_task() -> None:
         ((0, 64, 64), "must be 3 positive sizes"),
     ],
 )
-def test_layout_a_shard_of_partial_blocks_is_refused(shard: tuple[int, ...], match: str) -> None:
+def test_grid_a_shard_of_partial_blocks_is_refused(shard: tuple[int, ...], match: str) -> None:
     with pytest.raises(GeometryError, match=match):
         check_shard_shape(shard, (1, 64, 64))
 
 
-def test_layout_counts_blocks_per_shard_at_the_far_edges() -> None:
+def test_grid_counts_blocks_per_shard_at_the_far_edges() -> None:
     layout = OutputLayout((5, 20, 20), (1, 8, 8), (2, 16, 16))
     assert (layout.block_grid, layout.shard_grid) == ((5, 3, 3), (3, 2, 2))
     assert layout.blocks_in_shard((0, 0, 0)) == 8
@@ -96,7 +96,7 @@ def test_layout_counts_blocks_per_shard_at_the_far_edges() -> None:
     ("block", "shard"),
     [((1, 8, 8), (2, 16, 24)), ((2, 8, 16), (4, 16, 32))],
 )
-def test_layout_sharded_output_holds_the_volume_exactly(
+def test_grid_sharded_output_holds_the_volume_exactly(
     client: Client, tmp_path: Path, block: tuple[int, ...], shard: tuple[int, ...]
 ) -> None:
     # The crop probe returns each voxel of an arange volume: any voxel of a shard written in
@@ -120,7 +120,7 @@ class ParityPredictor(CropPredictor):
         return np.stack([1 - odd, odd])
 
 
-def test_layout_one_object_per_shard_and_array_and_block_chunks_for_readers(
+def test_grid_one_object_per_shard_and_array_and_block_chunks_for_readers(
     client: Client, tmp_path: Path
 ) -> None:
     data = np.arange(4 * 32 * 32, dtype=np.float32).reshape(4, 32, 32)
@@ -140,7 +140,7 @@ def test_layout_one_object_per_shard_and_array_and_block_chunks_for_readers(
     np.testing.assert_array_equal(dataset.segmentation.values, data % 2)
 
 
-def test_layout_a_failed_shard_counts_its_blocks_and_resumes_alone(
+def test_grid_a_failed_shard_counts_its_blocks_and_resumes_alone(
     client: Client, tmp_path: Path
 ) -> None:
     # Blocks of 1x4x4 in shards of 1x4x20 (one block row each): rows 3 and 4 fail.
@@ -158,7 +158,7 @@ def test_layout_a_failed_shard_counts_its_blocks_and_resumes_alone(
     np.testing.assert_array_equal(probabilities[0], np.arange(400).reshape(1, 20, 20))
 
 
-def test_layout_another_shard_shape_is_another_run(client: Client, tmp_path: Path) -> None:
+def test_grid_another_shard_shape_is_another_run(client: Client, tmp_path: Path) -> None:
     plan = arange_plan(tmp_path, shard_shape=(1, 4, 20))
     with pytest.raises(BlockError):
         run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))

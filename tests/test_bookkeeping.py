@@ -81,7 +81,7 @@ class BigPredictor(CropPredictor):
         self.weights = np.ones(3 * 2**20, dtype=np.float32)
 
 
-def test_run_record_a_predictor_of_12_mb_travels_once_without_a_warning(
+def test_bookkeeping_a_predictor_of_12_mb_travels_once_without_a_warning(
     client: Client, tmp_path: Path
 ) -> None:
     plan = arange_plan(tmp_path)
@@ -100,7 +100,7 @@ def failed_run(client: Client, tmp_path: Path) -> PredictionPlan:
     return plan
 
 
-def test_run_record_failed_blocks_are_recorded_and_finished_blocks_kept(
+def test_bookkeeping_failed_blocks_are_recorded_and_finished_blocks_kept(
     client: Client, tmp_path: Path
 ) -> None:
     plan = arange_plan(tmp_path)
@@ -115,7 +115,7 @@ def test_run_record_failed_blocks_are_recorded_and_finished_blocks_kept(
     assert done_blocks(plan.output_url) == {(0, y, x) for y in range(3) for x in range(5)}
 
 
-def test_run_record_stops_after_max_failures_and_leaves_the_rest_missing(
+def test_bookkeeping_stops_after_max_failures_and_leaves_the_rest_missing(
     client: Client, tmp_path: Path
 ) -> None:
     plan = arange_plan(tmp_path, max_failures=1)
@@ -126,7 +126,7 @@ def test_run_record_stops_after_max_failures_and_leaves_the_rest_missing(
     assert status.done + len(status.failures) + status.missing == 25
 
 
-def test_run_record_resume_redoes_only_missing_and_failed_blocks(
+def test_bookkeeping_resume_redoes_only_missing_and_failed_blocks(
     client: Client, tmp_path: Path
 ) -> None:
     failed_run(client, tmp_path)
@@ -140,7 +140,7 @@ def test_run_record_resume_redoes_only_missing_and_failed_blocks(
     np.testing.assert_array_equal(probabilities[0], np.arange(400).reshape(SHAPE))
 
 
-def test_run_record_the_done_markers_are_not_a_variable_of_the_dataset_a_user_opens(
+def test_bookkeeping_the_done_markers_are_not_a_variable_of_the_dataset_a_user_opens(
     client: Client, tmp_path: Path
 ) -> None:
     plan = arange_plan(tmp_path)
@@ -151,7 +151,7 @@ def test_run_record_the_done_markers_are_not_a_variable_of_the_dataset_a_user_op
     assert zarr.open_group(plan.output_url)[DONE][...].all()  # kept beside, in their own group
 
 
-def test_run_record_an_output_with_its_done_markers_at_the_top_still_resumes(
+def test_bookkeeping_an_output_with_its_done_markers_at_the_top_still_resumes(
     client: Client, tmp_path: Path
 ) -> None:
     # Outputs written before kept ``done`` beside the data: they resume, marking it there.
@@ -170,7 +170,7 @@ def test_run_record_an_output_with_its_done_markers_at_the_top_still_resumes(
     np.testing.assert_array_equal(probabilities[0], np.arange(400).reshape(SHAPE))
 
 
-def test_run_record_a_complete_output_is_left_as_it_is(client: Client, tmp_path: Path) -> None:
+def test_bookkeeping_a_complete_output_is_left_as_it_is(client: Client, tmp_path: Path) -> None:
     plan = arange_plan(tmp_path)
     run_plan(plan, client, predictor=probe(plan))
     before = (tmp_path / "out.zarr" / "zarr.json").read_bytes()
@@ -180,7 +180,7 @@ def test_run_record_a_complete_output_is_left_as_it_is(client: Client, tmp_path:
     assert (tmp_path / "out.zarr" / "zarr.json").read_bytes() == before
 
 
-def test_run_record_incomplete_output_is_refused_unless_asked_for(
+def test_bookkeeping_incomplete_output_is_refused_unless_asked_for(
     client: Client, tmp_path: Path
 ) -> None:
     # Missing blocks must never pass for zeros.
@@ -201,7 +201,7 @@ def test_run_record_incomplete_output_is_refused_unless_asked_for(
         pytest.param({"tta": True}, "tta: False, now True", id="tta"),
     ],
 )
-def test_run_record_another_run_is_refused_naming_what_differs(
+def test_bookkeeping_another_run_is_refused_naming_what_differs(
     client: Client, tmp_path: Path, change: dict[str, object], named: str
 ) -> None:
     failed_run(client, tmp_path)
@@ -212,7 +212,7 @@ def test_run_record_another_run_is_refused_naming_what_differs(
     assert fresh.existing is None
 
 
-def test_run_record_a_changed_input_is_noticed_by_its_sampled_content(
+def test_bookkeeping_a_changed_input_is_noticed_by_its_sampled_content(
     client: Client, tmp_path: Path
 ) -> None:
     failed_run(client, tmp_path)
@@ -222,7 +222,7 @@ def test_run_record_a_changed_input_is_noticed_by_its_sampled_content(
         arange_plan(tmp_path)
 
 
-def test_run_record_identity_differences_name_each_field() -> None:
+def test_bookkeeping_identity_differences_name_each_field() -> None:
     before = {"model_sha256": "abc", "tta": False, "input": {"shape": [1, 2, 3]}}
     assert identity_differences(before, before) == []
     now = {**before, "model_sha256": "def"}
@@ -239,7 +239,7 @@ class CrashingPredictor(CropPredictor):
         return super().__call__(tile)
 
 
-def test_run_record_a_block_that_kills_its_worker_twice_is_recorded_not_retried_forever(
+def test_bookkeeping_a_block_that_kills_its_worker_twice_is_recorded_not_retried_forever(
     tmp_path: Path,
 ) -> None:
     # allowed-failures 1 (clusters we start): the second death gives the block up, and the
@@ -263,7 +263,7 @@ def another_run_lease(seconds: float) -> Lease:
     return Lease("other-host:4242:cafe0000", time.time() + seconds)
 
 
-def test_run_record_an_output_another_live_run_writes_is_refused_even_with_overwrite(
+def test_bookkeeping_an_output_another_live_run_writes_is_refused_even_with_overwrite(
     client: Client, tmp_path: Path
 ) -> None:
     plan = failed_run(client, tmp_path)
@@ -274,7 +274,7 @@ def test_run_record_an_output_another_live_run_writes_is_refused_even_with_overw
         assert "host other-host, pid 4242" in str(info.value)
 
 
-def test_run_record_a_lease_left_by_a_stopped_run_is_taken_over_with_a_warning(
+def test_bookkeeping_a_lease_left_by_a_stopped_run_is_taken_over_with_a_warning(
     client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     plan = failed_run(client, tmp_path)
@@ -286,7 +286,7 @@ def test_run_record_a_lease_left_by_a_stopped_run_is_taken_over_with_a_warning(
     assert left is not None and not left.is_alive()  # released when the run ended
 
 
-def test_run_record_a_lease_held_on_this_machine_by_a_dead_process_is_free_at_once() -> None:
+def test_bookkeeping_a_lease_held_on_this_machine_by_a_dead_process_is_free_at_once() -> None:
     # A driver killed with SIGKILL cannot release its lease; on its own machine that is seen.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -307,7 +307,7 @@ class HangingPredictor(CropPredictor):
         return super().__call__(tile)
 
 
-def test_run_record_a_stalled_run_stops_naming_the_blocks_in_flight_and_their_workers(
+def test_bookkeeping_a_stalled_run_stops_naming_the_blocks_in_flight_and_their_workers(
     tmp_path: Path,
 ) -> None:
     with (
@@ -344,7 +344,7 @@ class SlowPredictor(CropPredictor):
         return super().__call__(tile)
 
 
-def test_run_record_a_long_task_is_no_stall_while_its_shards_finish(
+def test_bookkeeping_a_long_task_is_no_stall_while_its_shards_finish(
     client: Client, tmp_path: Path
 ) -> None:
     # One task of all 25 shards takes over 10 s, past the 4 s limit; each shard done (every
