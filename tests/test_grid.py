@@ -17,8 +17,8 @@ from test_predict import run_blocks
 
 from unet_volume.errors import BlockError, GeometryError, OutputExistsError
 from unet_volume.grid import (
-    MAX_TASKS,
-    MIN_TASKS,
+    MAX_SHARDS,
+    MIN_SHARDS,
     SHARD_VOXELS,
     OutputLayout,
     auto_shard_shape,
@@ -45,11 +45,11 @@ def test_grid_auto_shard_is_whole_blocks_within_the_bounds(
     blocks_per = math.prod(layout.blocks_per_shard)
     assert math.prod(shard) <= max(SHARD_VOXELS[1], math.prod(block))
     if blocks_per > 1:  # grown only while enough tasks are left to spread
-        assert layout.num_shards >= MIN_TASKS
+        assert layout.num_shards >= MIN_SHARDS
     # Not grown further although it could have: big enough, or few enough tasks, or a bound hit.
     grid = layout.block_grid
-    small = math.prod(shard) < SHARD_VOXELS[0] or layout.num_shards > MAX_TASKS
-    if small and layout.num_blocks >= 2 * MIN_TASKS * blocks_per:
+    small = math.prod(shard) < SHARD_VOXELS[0] or layout.num_shards > MAX_SHARDS
+    if small and layout.num_blocks >= 2 * MIN_SHARDS * blocks_per:
         assert 2 * math.prod(shard) > SHARD_VOXELS[1] or all(
             p >= g for p, g in zip(layout.blocks_per_shard, grid)
         )

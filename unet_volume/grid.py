@@ -23,14 +23,14 @@ from unet_volume.errors import GeometryError
 from unet_volume.geometry import Shape, ceil_div, grid_shape
 
 SHARD_VOXELS = (2**22, 2**26)
-"""Voxels per shard the automatic choice aims within: 4 Mi (a task worth scheduling) to 64 Mi
-(a task's outputs held in memory until its one write)."""
-MAX_TASKS = 4096
-"""Above this many tasks the automatic shard grows (up to 64 Mi voxels): a 10^6-block volume
-is planned, submitted and tracked as a few thousand tasks."""
-MIN_TASKS = 64
-"""Below this many tasks the automatic shard shrinks (to one block): small volumes keep
-enough tasks to spread over the workers."""
+"""Voxels per shard the automatic choice aims within: 4 Mi (a write worth an object and a done
+marker) to 64 Mi (a shard's outputs held in memory until its one write)."""
+MAX_SHARDS = 4096
+"""Above this many shards the automatic shard grows (up to 64 Mi voxels): a 10^6-block volume
+is planned, recorded and tracked as a few thousand shards (and at most as many tasks)."""
+MIN_SHARDS = 64
+"""Below this many shards the automatic shard shrinks (to one block): small volumes keep
+enough shards to spread over the workers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +131,8 @@ def auto_shard_shape(
     """The shard a run gets when none is given: a function of the volume and block only.
 
     Blocks per shard double, one axis at a time, until the shard holds at least 4 Mi voxels
-    and the volume at most :data:`MAX_TASKS` shards, never past 64 Mi voxels (or
-    ``max_voxels``), the volume's extent, or so far that fewer than :data:`MIN_TASKS` shards
+    and the volume at most :data:`MAX_SHARDS` shards, never past 64 Mi voxels (or
+    ``max_voxels``), the volume's extent, or so far that fewer than :data:`MIN_SHARDS` shards
     remain. A shard grows on its shortest axis first (the least halo per voxel); a 2D net's
     in y and x before z, so that tasks of whole shards (:mod:`unet_volume.prediction.tasks`) can be
     wide in y and x, where the halo is, within their size.
@@ -147,18 +147,18 @@ def auto_shard_shape(
     block_voxels = math.prod(block_shape)
     ceiling = min(SHARD_VOXELS[1], max_voxels or SHARD_VOXELS[1])
 
-    def tasks(blocks: Sequence[int]) -> int:
+    def shards(blocks: Sequence[int]) -> int:
         return math.prod(ceil_div(g, p) for g, p in zip(grid, blocks))
 
     while True:
         voxels = block_voxels * math.prod(per)
-        if voxels >= SHARD_VOXELS[0] and tasks(per) <= MAX_TASKS:
+        if voxels >= SHARD_VOXELS[0] and shards(per) <= MAX_SHARDS:
             break
         axis = _next_axis(per, grid, block_shape, ndim)
         if axis is None:
             break
         grown = [p * 2 if a == axis else p for a, p in enumerate(per)]
-        if voxels * 2 > ceiling or tasks(grown) < MIN_TASKS:
+        if voxels * 2 > ceiling or shards(grown) < MIN_SHARDS:
             break
         per = grown
     return tuple(b * p for b, p in zip(block_shape, per))

@@ -30,7 +30,8 @@ class PredictOptions:
 
     block_shape: Shape3 | Literal["auto"] | None = option(
         None,
-        "voxels per output chunk, the unit the network's tiles are planned for (z, y, x); "
+        "voxels per block (z, y, x): one chunk of each output array, covered by whole tiles "
+        "and recorded done as one; "
         f"multiples of 2**depth on convolved axes (default {_csv(DEFAULT_BLOCK[2])} for 2D "
         f"models, {_csv(DEFAULT_BLOCK[3])} for 3D); auto: picked from the network, the input's "
         "chunks, the workers' memory and their device (bigger on GPU)",
@@ -39,7 +40,7 @@ class PredictOptions:
         None,
         "voxels per stored object (z, y, x): a whole number of blocks, written at once (Zarr "
         "sharding: the blocks are its inner chunks, read one by one) (default: picked from the "
-        "volume and block, 4 to 64 Mi voxels and at most about 4096 tasks)",
+        "volume and block, 4 to 64 Mi voxels and at most about 4096 shards)",
     )
     task_shape: Shape3 | None = option(
         None,
