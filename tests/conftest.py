@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 
 import dask
 import pytest
-from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+from distributed import Client, Nanny, Scheduler, SpecCluster
 from hypothesis import settings
 
 from unet_volume.cluster.spec import local_cluster_config
+from unet_volume.testing import free_port_cluster
 
 settings.register_profile("ci", max_examples=50, deadline=None)
 settings.load_profile("ci")
 
 THREADS = int(os.environ.get("UNET_VOLUME_TEST_THREADS", "0")) or None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dashboard_port_taken() -> Iterator[None]:
+    """Port 8787, Dask's default dashboard, held for the whole run: a test that would take it
+    fails here every time, not only where a user's own Dask or a second run holds it."""
+    held = socket.socket()
+    try:
+        held.bind(("127.0.0.1", 8787))
+        held.listen()
+    except OSError:  # taken already: the same for the tests
+        pass
+    yield
+    held.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,15 +70,8 @@ def training_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def suite_client(threads_per_worker: int = THREADS or 1) -> Iterator[Client]:
     """Two worker processes on 127.0.0.1, started with this process's environment."""
     with dask.config.set(local_cluster_config()):
-        cluster = LocalCluster(
-            n_workers=2,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-            # The scheduler's web server still starts without a dashboard: a free port, so a
-            # Dask cluster or benchmark already on 8787 cannot break the suite.
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        cluster = free_port_cluster(
+            n_workers=2, threads_per_worker=threads_per_worker, processes=True
         )
     with cluster, Client(cluster) as client:
         yield client

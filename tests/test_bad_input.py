@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from unet_volume.cli.main import main
 from unet_volume.models.checkpoint import save_model
 from unet_volume.models.unet import UNet
 from unet_volume.output.bookkeeping import Lease, write_lease
 from unet_volume.output.lifecycle import read_status
-from unet_volume.testing import blob_labels, blob_volume, snapshot, write_zarr
+from unet_volume.testing import blob_labels, blob_volume, free_port_cluster, snapshot, write_zarr
 
 EXIT_USAGE = 2
 SHAPE = (3, 40, 36)  # blocks of 1 x 16 x 16: 27
@@ -252,14 +252,7 @@ def test_bad_input_before_a_run_is_one_line_exit_2_and_changes_nothing(
 def small_workers() -> Iterator[Client]:
     """One worker process with a memory limit of 1 GiB."""
     with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            memory_limit="1GiB",
-            dashboard_address=None,
-            host="127.0.0.1",
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        ) as cluster,
+        free_port_cluster(n_workers=1, threads_per_worker=1, memory_limit="1GiB") as cluster,
         Client(cluster) as client,
     ):
         yield client

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from unet_volume.cluster.spec import local_cluster_config
 from unet_volume.errors import BlockError, OutputExistsError, StallError
@@ -36,7 +36,7 @@ from unet_volume.output.prediction import open_prediction
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.plan import PredictionPlan, plan_prediction
 from unet_volume.prediction.run import run_plan
-from unet_volume.testing import CropPredictor, integer_unet, write_zarr
+from unet_volume.testing import CropPredictor, free_port_cluster, integer_unet, write_zarr
 from unet_volume.tiling import TileGeometry
 
 # 1 x 20 x 20 voxels in blocks of 1 x 4 x 4: a 1 x 5 x 5 block grid, 25 blocks.
@@ -247,7 +247,7 @@ def test_bookkeeping_a_block_that_kills_its_worker_twice_is_recorded_not_retried
     plan = arange_plan(tmp_path)
     with (
         dask.config.set(local_cluster_config()),
-        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        free_port_cluster(n_workers=2, threads_per_worker=1) as cluster,
         Client(cluster) as own,
         pytest.raises(BlockError, match=r"1 block\(s\) failed: block \(0, 4, 4\)") as info,
     ):
@@ -312,7 +312,7 @@ def test_bookkeeping_a_stalled_run_stops_naming_the_blocks_in_flight_and_their_w
 ) -> None:
     with (
         dask.config.set(local_cluster_config()),
-        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        free_port_cluster(n_workers=2, threads_per_worker=1) as cluster,
         Client(cluster) as own,
     ):
         # The limit is scaled by this machine's speed now: a whole undisturbed run of the same

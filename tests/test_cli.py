@@ -383,7 +383,7 @@ def test_cli_predict_on_a_cluster_spec_starts_and_closes_that_cluster(
     spec = tmp_path / "one.yaml"
     spec.write_text(
         "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\n"
-        "dashboard_address: null\n"
+        "dashboard_address: null\nscheduler_kwargs: {dashboard_address: '127.0.0.1:0'}\n"
     )
     output = tmp_path / "out.zarr"
     args = predict_args(volume_path, output, model_path, "--cluster", str(spec))

@@ -128,7 +128,7 @@ def test_open_client_starts_the_cluster_a_spec_describes_and_closes_it(tmp_path:
     spec = tmp_path / "one.yaml"
     spec.write_text(
         "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\n"
-        "dashboard_address: null\n"
+        "dashboard_address: null\nscheduler_kwargs: {dashboard_address: '127.0.0.1:0'}\n"
     )
     with open_client(cluster=spec) as client:
         assert list(client.nthreads().values()) == [1]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from unet_volume.cli.main import main
 from unet_volume.cluster.spec import local_cluster_config
@@ -33,6 +33,7 @@ from unet_volume.testing import (
     SPACE_FILE,
     blob_labels,
     blob_volume,
+    free_port_cluster,
     register_full_disk,
     write_zarr,
 )
@@ -158,9 +159,7 @@ def test_failures_worker_killed_mid_run_still_gives_the_undisturbed_output(
     expected, output = tmp_path / "expected.zarr", tmp_path / "out.zarr"
     with (
         dask_config(),
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
-        ) as cluster,
+        free_port_cluster(n_workers=2, threads_per_worker=1) as cluster,
         Client(cluster) as own,
     ):
         where = ("--scheduler", own.scheduler.address)

@@ -20,7 +20,7 @@ import tifffile
 import torch
 import yaml
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 from fsspec.implementations.local import LocalFileSystem
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -47,7 +47,7 @@ from unet_volume.output.lifecycle import read_status, run_info
 from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.plan import plan_prediction
 from unet_volume.prediction.run import predict_volume
-from unet_volume.testing import blob_volume, snapshot
+from unet_volume.testing import blob_volume, free_port_cluster, snapshot
 from unet_volume.training.config import TrainConfig
 from unet_volume_flows.artifacts import default_preview
 from unet_volume_flows.ingest import ingest_flow
@@ -137,7 +137,7 @@ def test_predict_flow_plans_an_automatic_block_for_the_workers_that_run_it(
     gpu = {"n_workers": 1, "threads_per_worker": 1, "memory_limit": "2GiB", "resources": {"GPU": 1}}
     with (
         dask.config.set(local_cluster_config()),
-        LocalCluster(dashboard_address=None, **gpu) as cluster,
+        free_port_cluster(**gpu) as cluster,
         Client(cluster) as own,
     ):
         workers = own.scheduler_info(n_workers=-1)["workers"]

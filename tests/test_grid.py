@@ -24,7 +24,7 @@ from unet_volume.grid import (
     auto_shard_shape,
     check_shard_shape,
 )
-from unet_volume.output.bookkeeping import DONE, done_blocks, done_tasks
+from unet_volume.output.bookkeeping import DONE, done_blocks, done_shards
 from unet_volume.output.lifecycle import read_status
 from unet_volume.output.prediction import open_prediction
 from unet_volume.prediction.run import run_plan
@@ -150,7 +150,7 @@ def test_grid_a_failed_shard_counts_its_blocks_and_resumes_alone(
         run_plan(plan, client, predictor=probe(plan, RowsFailPredictor))
     status = read_status(plan.output_url)
     assert (status.done, status.failed, status.missing, status.total) == (15, 10, 0, 25)
-    assert done_tasks(plan.output_url) == {(0, 0, 0), (0, 1, 0), (0, 2, 0)}
+    assert done_shards(plan.output_url) == {(0, 0, 0), (0, 1, 0), (0, 2, 0)}
     resumed = arange_plan(tmp_path, shard_shape=(1, 4, 20))
     report = run_plan(resumed, client, predictor=probe(resumed))
     assert (report.blocks, report.skipped) == (10, 15)

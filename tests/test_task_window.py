@@ -11,11 +11,12 @@ from itertools import pairwise
 
 import dask
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from unet_volume.cluster.spec import local_cluster_config
 from unet_volume.cluster.task_window import map_bounded
 from unet_volume.errors import BlockError
+from unet_volume.testing import free_port_cluster
 
 
 def interval(item: int, *, pause: float) -> tuple[int, float, float]:
@@ -99,7 +100,7 @@ def test_map_bounded_a_task_that_kills_its_worker_fails_alone_not_the_tasks_besi
     # gives both up. Run again alone, item 0 succeeds; item 1 kills its worker again and fails.
     with (
         dask.config.set(local_cluster_config()),
-        LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster,
+        free_port_cluster(n_workers=1, threads_per_worker=2) as cluster,
         Client(cluster) as own,
         pytest.raises(BlockError) as info,
     ):

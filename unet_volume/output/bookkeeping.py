@@ -157,7 +157,7 @@ def done_array(group: zarr.Group) -> zarr.Array[Any]:
         return group[LEGACY_DONE]  # type: ignore[return-value]
 
 
-def done_tasks(group_url: str) -> set[Shape]:
+def done_shards(group_url: str) -> set[Shape]:
     """The indices of the shards marked done: one listing of the done markers' chunks."""
     fs, root = fsspec.core.url_to_fs(group_url.rstrip("/"))
     fs.invalidate_cache(root)  # an object store's cached listing misses what others wrote since
@@ -176,33 +176,33 @@ def done_tasks(group_url: str) -> set[Shape]:
 
 
 def done_blocks(group_url: str) -> set[Shape]:
-    """The indices of the blocks marked done: each done task's blocks."""
-    tasks = done_tasks(group_url)
-    if not tasks:
+    """The indices of the blocks marked done: each done shard's blocks."""
+    shards = done_shards(group_url)
+    if not shards:
         return set()
-    per, grid = _task_grid(group_url)
+    per, grid = _shard_grid(group_url)
     blocks: set[Shape] = set()
-    for task in tasks:
-        ranges = (range(t * p, min((t + 1) * p, g)) for t, p, g in zip(task, per, grid))
+    for shard in shards:
+        ranges = (range(t * p, min((t + 1) * p, g)) for t, p, g in zip(shard, per, grid))
         blocks.update(itertools.product(*ranges))
     return blocks
 
 
 def count_done_blocks(group_url: str) -> int:
-    """How many blocks are marked done, counted per done task (no set of 10^6 indices)."""
-    tasks = done_tasks(group_url)
-    if not tasks:
+    """How many blocks are marked done, counted per done shard (no set of 10^6 indices)."""
+    shards = done_shards(group_url)
+    if not shards:
         return 0
-    per, grid = _task_grid(group_url)
-    return sum(blocks_in(task, per, grid) for task in tasks)
+    per, grid = _shard_grid(group_url)
+    return sum(blocks_in(shard, per, grid) for shard in shards)
 
 
-def blocks_of_task(group_url: str, task: Sequence[int]) -> int:
-    """How many blocks shard ``task`` holds: fewer at the volume's far edges."""
-    return blocks_in(task, *_task_grid(group_url))
+def blocks_of_shard(group_url: str, shard: Sequence[int]) -> int:
+    """How many blocks shard ``shard`` holds: fewer at the volume's far edges."""
+    return blocks_in(shard, *_shard_grid(group_url))
 
 
-def _task_grid(group_url: str) -> tuple[Shape, Shape]:
+def _shard_grid(group_url: str) -> tuple[Shape, Shape]:
     """Blocks per shard and blocks per axis, from the done markers' metadata."""
     done = done_array(zarr.open_group(group_url, mode="r", zarr_format=3))
     return tuple(done.chunks), tuple(done.shape)

@@ -43,11 +43,11 @@ from unet_volume.output.bookkeeping import (
     DONE,
     BlockFailure,
     RunStatus,
-    blocks_of_task,
+    blocks_of_shard,
     check_lease_free,
     count_done_blocks,
     done_array,
-    done_tasks,
+    done_shards,
     held_lease,
     identity_differences,
 )
@@ -244,7 +244,7 @@ def run_recorded(
         with held_lease(url, url):  # one driver writes an output
             record_failures(url, [])
             try:
-                result = run(done_tasks(url))
+                result = run(done_shards(url))
             except BlockError as error:
                 raise recorded(url, error, command) from error
             finish_output(url, report(result))
@@ -266,7 +266,7 @@ def recorded(url: str, error: BlockError, command: str) -> BlockError:
             cast(Region, block).index,
             str(cast(Region, block).write_box),
             describe_failure(cause),
-            blocks_of_task(url, cast(Region, block).index),
+            blocks_of_shard(url, cast(Region, block).index),
         )
         for block, cause in error.failures
     )

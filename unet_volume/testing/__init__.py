@@ -303,3 +303,21 @@ def listening_sockets(process: Any) -> set[tuple[str, int]]:
                 if conn.status == psutil.CONN_LISTEN:
                     found.add((conn.laddr.ip, conn.laddr.port))
     return found
+
+
+def free_port_cluster(**options: Any) -> Any:
+    """A ``distributed.LocalCluster`` of ``options`` on 127.0.0.1 that claims no fixed port.
+
+    A LocalCluster serves its dashboard on 8787 by default; where that port is taken (a user's
+    own Dask or Jupyter, a second test run beside this one) it warns, which the suite's
+    warnings-as-errors turns into "Cluster failed to start". So the dashboard is off and the
+    scheduler's web server takes a free port.
+    """
+    from distributed import LocalCluster
+
+    defaults = {
+        "dashboard_address": None,
+        "host": "127.0.0.1",
+        "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
+    }
+    return LocalCluster(**{**defaults, **options})
