@@ -266,7 +266,8 @@ def _plan(args: argparse.Namespace) -> None:
 def _add_status(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "output",
-        help="an output written (or being written) by `unet-volume predict` or `weights`",
+        help="an output written (or being written) by `unet-volume predict`, `weights` "
+        "or `segment` (its labels group)",
     )
     p.add_argument(
         "--errors", type=int, default=5, metavar="N", help="show the first N failures (default 5)"

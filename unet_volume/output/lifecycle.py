@@ -128,8 +128,8 @@ def read_status(url: str) -> RunStatus:
     info = run_info(url)
     if info is None:
         raise InputError(
-            f"{url} is not a unet-volume output; pass the OUTPUT of `unet-volume predict` "
-            "or `unet-volume weights`"
+            f"{url} is not a unet-volume output; pass the OUTPUT of `unet-volume predict`, "
+            "`weights` or `segment`"
         )
     group = zarr.open_group(url, mode="r", zarr_format=3)
     total = int(np.prod(done_array(group).shape))
