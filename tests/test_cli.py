@@ -31,7 +31,7 @@ from unet_volume.cluster.client import dashboard_link
 from unet_volume.models.checkpoint import load_model, save_model
 from unet_volume.models.unet import UNet
 from unet_volume.prediction.run import predict_volume
-from unet_volume.testing import blob_volume, snapshot
+from unet_volume.testing import ONE_LOCAL_WORKER, blob_volume, snapshot
 
 EXIT_OK, EXIT_USAGE = 0, 2
 SUBPROCESS_TIMEOUT_S = 120
@@ -381,10 +381,7 @@ def test_cli_predict_on_a_cluster_spec_starts_and_closes_that_cluster(
     tmp_path: Path, volume_path: str, model_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = tmp_path / "one.yaml"
-    spec.write_text(
-        "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\n"
-        "dashboard_address: null\nscheduler_kwargs: {dashboard_address: '127.0.0.1:0'}\n"
-    )
+    spec.write_text(ONE_LOCAL_WORKER)
     output = tmp_path / "out.zarr"
     args = predict_args(volume_path, output, model_path, "--cluster", str(spec))
     assert main(args) == EXIT_OK

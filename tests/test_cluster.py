@@ -19,7 +19,7 @@ from unet_volume.cluster.client import (
 )
 from unet_volume.cluster.task_window import map_bounded
 from unet_volume.errors import InputError
-from unet_volume.testing import listening_sockets
+from unet_volume.testing import ONE_LOCAL_WORKER, listening_sockets
 
 
 def where(item: int, *, pause: float) -> tuple[str, float, float]:
@@ -126,10 +126,7 @@ def test_dashboard_link_names_a_dashboard_only_where_one_answers(dashboard: bool
 
 def test_open_client_starts_the_cluster_a_spec_describes_and_closes_it(tmp_path: Path) -> None:
     spec = tmp_path / "one.yaml"
-    spec.write_text(
-        "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\n"
-        "dashboard_address: null\nscheduler_kwargs: {dashboard_address: '127.0.0.1:0'}\n"
-    )
+    spec.write_text(ONE_LOCAL_WORKER)
     with open_client(cluster=spec) as client:
         assert list(client.nthreads().values()) == [1]
         cluster = client.cluster

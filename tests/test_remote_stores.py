@@ -36,7 +36,7 @@ from unet_volume.models.unet import UNet
 from unet_volume.output.bookkeeping import DONE, done_blocks
 from unet_volume.output.lifecycle import read_status
 from unet_volume.output.prediction import open_prediction
-from unet_volume.testing import blob_labels, blob_volume, write_zarr
+from unet_volume.testing import ONE_LOCAL_WORKER, blob_labels, blob_volume, write_zarr
 
 pytest.importorskip("moto.server", reason="the S3 stand-in: pip install 'moto[server]'")
 pytest.importorskip("s3fs", reason="s3:// URLs: pip install s3fs")
@@ -236,8 +236,7 @@ def test_remote_workers_take_the_storage_options_of_their_cluster_spec(
     with CountingProxy(endpoint) as proxy:
         spec = tmp_path / "one-worker.yaml"
         spec.write_text(
-            "kind: local\nn_workers: 1\nthreads_per_worker: 1\n"
-            f"storage_options:\n  s3: {{endpoint_url: '{proxy.url}'}}\n"
+            ONE_LOCAL_WORKER + f"storage_options:\n  s3: {{endpoint_url: '{proxy.url}'}}\n"
         )
         assert main([*predict_args(image[1], out, model_path), "--cluster", str(spec)]) == EXIT_OK
         requests, _ = proxy.traffic.total(under=f"/{BUCKET}/in.zarr/", chunks=True)

@@ -321,3 +321,11 @@ def free_port_cluster(**options: Any) -> Any:
         "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
     }
     return LocalCluster(**{**defaults, **options})
+
+
+ONE_LOCAL_WORKER = (
+    "kind: local\nn_workers: 1\nthreads_per_worker: 1\nhost: 127.0.0.1\n"
+    "dashboard_address: null\nscheduler_kwargs: {dashboard_address: '127.0.0.1:0'}\n"
+)
+"""A cluster spec (``deploy/clusters`` YAML) of one local worker that, as
+:func:`free_port_cluster`, claims no fixed port."""
