@@ -1,6 +1,6 @@
 """How close the planner's block memory estimate comes to a block task's measured peak.
 
-Each case runs one block task in a fresh process (the real ``predict_block``: read, predict tile
+Each case runs one block task in a fresh process (the real ``predict_task``: read, predict tile
 by tile, write, mark done, with the model already loaded as in a worker; or a weight-map block)
 and reads its peak resident memory (``ru_maxrss``) above the process's peak before the task.
 Prints the estimate of :mod:`unet_volume.prediction.memory` beside it; the planner refuses blocks
@@ -51,20 +51,18 @@ def measure(case: list, root: str) -> dict[str, object]:
 
 
 def _prediction_block(root, ndim, depth, base, block, tile, rng):  # type: ignore[no-untyped-def]
-    """The real block task of a one-block prediction, its model loaded (once per worker)."""
+    """The real task of a one-block prediction, its model loaded (once per worker)."""
     import zarr
 
-    from unet_volume.geometry import Box
     from unet_volume.models.checkpoint import save_model
     from unet_volume.models.unet import UNet
     from unet_volume.output.prediction import PredictionStore
-    from unet_volume.prediction.engine import predict_block
-    from unet_volume.prediction.memory import prediction_memory
+    from unet_volume.prediction.estimate import task_memory
     from unet_volume.prediction.model_predictor import ModelPredictor
     from unet_volume.prediction.options import PredictOptions
     from unet_volume.prediction.plan import plan_prediction
     from unet_volume.prediction.run import create_planned_output
-    from unet_volume.tiling import plan_blocks, read_box_of
+    from unet_volume.prediction.worker import predict_task
 
     image = zarr.create_array(f"{root}/in.zarr", shape=block, chunks=block, dtype="uint8")
     image[...] = rng.integers(0, 255, block, dtype="uint8")
@@ -72,20 +70,18 @@ def _prediction_block(root, ndim, depth, base, block, tile, rng):  # type: ignor
     options = PredictOptions(block_shape=block, tile_shape=tile)
     plan = plan_prediction(model, f"{root}/in.zarr", f"{root}/out.zarr", options)
     create_planned_output(plan)
-    estimate = prediction_memory(
-        plan.info.config,
-        plan.geometry.input_shape,
-        plan.block_shape,
-        read_box_of(Box.from_shape(plan.block_shape), plan.geometry).shape,
-        input_itemsize=1,
-        output_itemsize=1,
-    )
+    estimate = task_memory(plan, on_gpu=False)
     predictor = ModelPredictor(plan.checkpoint)
     predictor.network()
-    first = next(iter(plan_blocks(plan.volume.shape, plan.block_shape, plan.geometry)))
-    store = PredictionStore(plan.output_url, "uint8")
-    return estimate, lambda: predict_block(
-        first, volume=plan.volume, store=store, predictor=predictor, geometry=plan.geometry
+    first = next(iter(plan.tasks.tasks()))
+    store = PredictionStore(plan.output_url, plan.output_dtype, plan.layout, plan.threshold)
+    return estimate, lambda: predict_task(
+        first,
+        volume=plan.volume,
+        store=store,
+        predictor=predictor,
+        geometry=plan.geometry,
+        shard_shape=plan.layout.shard_shape,
     )
 
 

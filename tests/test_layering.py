@@ -8,7 +8,7 @@ The package's folders, from the bottom up::
     output                what a run writes and records
     instances             instance labels, the object table
     models                the U-Net, its checkpoints, the shipped models
-    prediction            plan, tasks, engine, the run
+    prediction            plan, tasks, a task's work, the engine, the run
     training              sampling, augmentation, weight maps, the loop
     evaluation            scores against labels
     cli                   the command line

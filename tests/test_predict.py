@@ -26,7 +26,6 @@ from unet_volume.models.unet import UNet
 from unet_volume.output.prediction import create_prediction, open_prediction
 from unet_volume.prediction.engine import (
     PredictionWork,
-    Predictor,
     RunLimits,
     RunReport,
     run_prediction,
@@ -36,6 +35,7 @@ from unet_volume.prediction.options import PredictOptions
 from unet_volume.prediction.plan import plan_prediction
 from unet_volume.prediction.run import predict_volume
 from unet_volume.prediction.tasks import TaskPlan, read_estimate
+from unet_volume.prediction.worker import Predictor
 from unet_volume.testing import (
     EXACT_LIMIT,
     CropPredictor,

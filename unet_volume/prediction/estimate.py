@@ -24,6 +24,7 @@ from distributed import Client
 
 from unet_volume.geometry import Box, Shape, ceil_div
 from unet_volume.models.config import UNetConfig
+from unet_volume.output.prediction import PredictionStore
 from unet_volume.prediction.engine import shared_predictor
 from unet_volume.prediction.memory import (
     WORKER_BASELINE,
@@ -32,6 +33,7 @@ from unet_volume.prediction.memory import (
     size_text,
 )
 from unet_volume.prediction.tasks import ReadEstimate, held_voxels, read_estimate
+from unet_volume.prediction.worker import predict_tiles
 from unet_volume.tiling import TileGeometry, read_box_of
 
 AUTO_SIDE = {
@@ -53,13 +55,14 @@ def auto_block_shape(
     input_itemsize: int = 1,
 ) -> Shape:
     """The block for ``--block-shape auto``: device size, aligned to the input's chunks,
-    halved until one task fits the workers' memory limit.
+        halved until one task fits the workers' memory limit.
 
-    >>> from unet_volume.models.config import UNetConfig
-    >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=False)
-    (1, 512, 512)
-    >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=True)
-    (4, 1024, 1024)
+        >>> from unet_volume.models.config import UNetConfig
+    from unet_volume.output.prediction import PredictionStore
+        >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=False)
+        (1, 512, 512)
+        >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=True)
+        (4, 1024, 1024)
     """
     period = 2**config.depth
     z_side, side = AUTO_SIDE[("gpu" if on_gpu else "cpu", config.ndim)]
@@ -234,9 +237,6 @@ def time_one_block(client: Client, plan: Any, predictor: Any) -> float:
 
 
 def _timed_block(volume: Any, write: Box, read: Box, predictor: Any, geometry: Any) -> float:
-    from unet_volume.output.prediction import PredictionStore
-    from unet_volume.prediction.engine import predict_tiles
-
     store = PredictionStore("", "uint8")
     seconds = 0.0
     for _ in range(2):

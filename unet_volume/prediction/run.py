@@ -35,7 +35,6 @@ from unet_volume.output.prediction import (
 )
 from unet_volume.prediction.engine import (
     PredictionWork,
-    Predictor,
     RunLimits,
     RunReport,
     run_prediction,
@@ -45,6 +44,7 @@ from unet_volume.prediction.memory import check_worker_memory
 from unet_volume.prediction.model_predictor import ModelPredictor
 from unet_volume.prediction.options import DEFAULT_OPTIONS, PredictOptions
 from unet_volume.prediction.plan import PredictionPlan, fit_to_workers, plan_prediction
+from unet_volume.prediction.worker import Predictor
 from unet_volume.progress import ProgressSink
 
 
