@@ -28,6 +28,7 @@ from unet_volume.models.checkpoint import save_model
 from unet_volume.models.unet import UNet
 from unet_volume.output.lifecycle import read_status
 from unet_volume.testing import blob_labels, blob_volume, write_zarr
+from unet_volume.testing.stores import FolderServer
 
 pytestmark = pytest.mark.slurm
 
@@ -250,20 +251,30 @@ def test_slurm_all_jobs_cancelled_fails_clearly_then_the_same_command_resumes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     (image, expected), output = reference, in_tmp / "out.zarr"
-    args = predict_args(image, output, model_path, "--cluster", "slurm-cpu", "--stall-after", "20")
-    canceller = cancel_after(output, 10, slice(None))
-    start = time.monotonic()
-    capsys.readouterr()
-    assert main(args) == EXIT_USAGE
-    canceller.join()
-    failed_after = time.monotonic() - start
-    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error) == 1 and "no worker is connected" in error[0], error
-    print(f"all jobs cancelled: the run stopped after {failed_after:.1f} s")
-    done = read_status(str(output)).done
-    assert 10 <= done < BLOCKS
-    wait_for_no_jobs()
-    assert main(args) == EXIT_OK
+    # The input over HTTP, one row of its chunks (z 2-3, chunks of 2 slices: 18 of the 72 blocks;
+    # a row the input's fingerprint, of its first, middle and last slice, does not read) held
+    # unanswered until the first run has failed: however fast the machine, the run cannot
+    # finish before the cancel lands, while its other blocks (10 before it) can.
+    held, held_blocks = f"/{Path(image).name}/c/1/", 18
+    with FolderServer(in_tmp, hold=lambda path: path.startswith(held)) as server:
+        url = f"{server.url}/{Path(image).name}"
+        args = predict_args(
+            url, output, model_path, "--cluster", "slurm-cpu", "--stall-after", "20"
+        )
+        canceller = cancel_after(output, 10, slice(None))
+        start = time.monotonic()
+        capsys.readouterr()
+        assert main(args) == EXIT_USAGE
+        canceller.join()
+        failed_after = time.monotonic() - start
+        server.release()
+        error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(error) == 1 and "no worker is connected" in error[0], error
+        print(f"all jobs cancelled: the run stopped after {failed_after:.1f} s")
+        done = read_status(str(output)).done
+        assert 10 <= done <= BLOCKS - held_blocks
+        wait_for_no_jobs()
+        assert main(args) == EXIT_OK
     assert read_status(str(output)).complete
     assert_same(output, expected, PREDICTION)
     wait_for_no_jobs()

@@ -5,7 +5,9 @@ chunks, throttling, dropped connections) is the engine's business; these stand-i
 tests and ``benchmarks/read_amplification.py`` see it on one machine:
 
 - :class:`FolderServer`: a local folder over plain HTTP (GET and HEAD, byte ranges including
-  the suffix ranges a Zarr v3 shard index is read with), counting requests and bytes sent.
+  the suffix ranges a Zarr v3 shard index is read with), counting requests and bytes sent; it
+  can hold chosen reads unanswered until released, so a test can stop a run part-way by
+  construction rather than by racing it.
 - :class:`S3Server`: moto's S3 API server, in threads of this process (``moto[server]``).
   moto speaks the S3 protocol over HTTP as s3fs does; it is a stand-in, not a production store.
 - :class:`CountingProxy`: forwards every request to one of them, counting what it returns, and
@@ -27,7 +29,7 @@ import socket
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -133,6 +135,9 @@ class _FolderHandler(_Quiet, SimpleHTTPRequestHandler):
 
     def send_head(self) -> Any:
         self._range: tuple[int, int] | None = None
+        owner = self.server.owner  # type: ignore[attr-defined]
+        if self.command == "GET" and owner.hold(self.path):
+            owner.released.wait()
         path = Path(self.translate_path(self.path))
         if not path.is_file():
             self.send_error(404, "Not Found")
@@ -172,11 +177,26 @@ class _FolderHandler(_Quiet, SimpleHTTPRequestHandler):
 
 
 class FolderServer(_Server):
-    """``folder`` over HTTP at :attr:`url` (read only), counting what it sends."""
+    """``folder`` over HTTP at :attr:`url` (read only), counting what it sends.
 
-    def __init__(self, folder: str | Path) -> None:
+    A GET of a path that ``hold`` selects waits, unanswered, until :meth:`release` (or
+    :meth:`close`): the reads of a run that need those bytes cannot finish before then,
+    whatever the machine's speed.
+    """
+
+    def __init__(self, folder: str | Path, hold: Callable[[str], bool] | None = None) -> None:
         self.folder = Path(folder)
+        self.hold: Callable[[str], bool] = hold or (lambda _: False)
+        self.released = threading.Event()
         super().__init__(_FolderHandler)
+
+    def release(self) -> None:
+        """Answer the held reads, and every read from now on."""
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        super().close()
 
 
 class _ProxyHandler(_Quiet, BaseHTTPRequestHandler):
