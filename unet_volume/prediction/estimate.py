@@ -55,14 +55,13 @@ def auto_block_shape(
     input_itemsize: int = 1,
 ) -> Shape:
     """The block for ``--block-shape auto``: device size, aligned to the input's chunks,
-        halved until one task fits the workers' memory limit.
+    halved until one task fits the workers' memory limit.
 
-        >>> from unet_volume.models.config import UNetConfig
-    from unet_volume.output.prediction import PredictionStore
-        >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=False)
-        (1, 512, 512)
-        >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=True)
-        (4, 1024, 1024)
+    >>> from unet_volume.models.config import UNetConfig
+    >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=False)
+    (1, 512, 512)
+    >>> auto_block_shape(UNetConfig(ndim=2), (100, 4096, 4096), (1, 1024, 1024), on_gpu=True)
+    (4, 1024, 1024)
     """
     period = 2**config.depth
     z_side, side = AUTO_SIDE[("gpu" if on_gpu else "cpu", config.ndim)]
