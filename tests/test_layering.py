@@ -49,6 +49,7 @@ LAYERS = [
 ]
 
 TORCH = {
+    "unet_volume.models.architecture",
     "unet_volume.models.unet",
     "unet_volume.models.checkpoint",
     "unet_volume.models.ensemble",

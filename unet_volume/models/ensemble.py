@@ -13,6 +13,7 @@ takes its first member's and moves the input to each other member's by an exact 
 (``scale``, ``shift``), so one normalised input serves all. A checkpoint holds an ensemble as
 one file (:func:`~unet_volume.models.checkpoint.save_ensemble`).
 
+>>> import torch
 >>> a, b = UNet(depth=1, base_channels=2).eval(), UNet(depth=1, base_channels=2).eval()
 >>> x = torch.randn(1, 1, 18, 18)
 >>> mean = (a(x).softmax(1) + b(x).softmax(1)) / 2
@@ -24,18 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
 from unet_volume.errors import InputError
+from unet_volume.models import architecture
 from unet_volume.models.config import UNetConfig
 from unet_volume.models.unet import UNet
 
-TINY = 1e-12
-"""The floor of a mean probability before its log: log(0) would be -inf, whose soft-max is 0."""
 
-
-class Ensemble(nn.Module):
+class Ensemble(architecture.Ensemble):
     """The mean of ``members``' class probabilities, as logits (see the module's docstring).
 
     ``normalizations`` are the members' input (mean, std); the input comes normalised by the
@@ -47,7 +43,6 @@ class Ensemble(nn.Module):
         members: Sequence[UNet],
         normalizations: Sequence[tuple[float, float]] | None = None,
     ) -> None:
-        super().__init__()
         if len(members) < 2:
             raise InputError(f"an ensemble takes 2 or more networks, got {len(members)}")
         configs = {m.config for m in members}
@@ -56,8 +51,6 @@ class Ensemble(nn.Module):
                 f"an ensemble's networks must share one config, got {sorted(map(str, configs))}; "
                 "pass networks of one recipe (e.g. other seeds)"
             )
-        self.config: UNetConfig = members[0].config
-        self.members = nn.ModuleList(members)
         norms = list(normalizations or [(0.0, 1.0)] * len(members))
         if len(norms) != len(members):
             raise InputError(f"{len(norms)} normalizations for {len(members)} networks")
@@ -65,25 +58,13 @@ class Ensemble(nn.Module):
         # Member i sees (raw - m_i) / s_i, with raw = x * std + mean: x * scale_i + shift_i.
         scale = [std / s for s in stds]
         shift = [(mean - m) / s for m, s in zip(means, stds, strict=True)]
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
-        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32))
+        super().__init__(list(members), scale, shift)
+        self.config: UNetConfig = members[0].config
 
     @classmethod
     def from_config(cls, config: UNetConfig, members: int) -> Ensemble:
         """``members`` fresh networks of ``config`` (weights to load, e.g. from a checkpoint)."""
         return cls([UNet.from_config(config) for _ in range(members)])
-
-    scale: torch.Tensor  # buffers (one per member): the input moved to its normalisation
-    shift: torch.Tensor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack(
-            [
-                net(x * self.scale[i].to(x.dtype) + self.shift[i].to(x.dtype)).float().softmax(1)
-                for i, net in enumerate(self.members)
-            ]
-        ).mean(dim=0)
-        return torch.log(probs.clamp_min(TINY)).to(x.dtype)  # float32 until here: no log(0)
 
     def num_params(self) -> int:
         """Parameters of all members (the ``scale`` and ``shift`` buffers excluded)."""

@@ -16,6 +16,10 @@ level's contracting features. The paper's net (depth 4, base 64), as ``size (cha
              | pool                                ^
     4       32 ->  30 ->  28 (1024) -> dropout ----+
 
+The layers and the forward pass are :mod:`unet_volume.models.architecture`'s (torch alone, the
+file a bioimage.io package carries); this class adds the checks of the input, the He init of
+the paper and the geometry, with the same parameters and state dict.
+
 Unpadded convolutions make the output smaller than the input by a fixed ``halo`` per side
 (92 for the paper's net) and make only some input sizes valid (every pooling must see an even
 size). This module derives the sizes by tracing the layers themselves (:meth:`UNet.output_size`);
@@ -49,15 +53,11 @@ import torch
 from torch import nn
 
 from unet_volume.errors import GeometryError, InputError
+from unet_volume.models import architecture
+from unet_volume.models.architecture import Up
 from unet_volume.models.config import UNetConfig
 from unet_volume.tiling import SizeMap, TileGeometry, check_input_size, next_valid_input
 
-# A 3D U-Net is the 2D one with every layer one rank up [2].
-_CONV: dict[int, type[nn.Conv2d | nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
-_UPCONV: dict[int, type[nn.ConvTranspose2d | nn.ConvTranspose3d]]
-_UPCONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_POOL: dict[int, type[nn.MaxPool2d | nn.MaxPool3d]] = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_NORM: dict[int, type[nn.BatchNorm2d | nn.BatchNorm3d]] = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _CONV_TYPES = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _POINTWISE = (nn.ReLU, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout, nn.Identity)
 _AXES = {2: "yx", 3: "zyx"}
@@ -116,45 +116,13 @@ def sequence_output_size(layers: Iterable[nn.Module], size: int | None, axis: in
 # --- the network --------------------------------------------------------------------------------
 
 
-def _double_conv(in_ch: int, out_ch: int, config: UNetConfig) -> list[nn.Module]:
-    """Two unpadded 3x3 convs, each followed by (batch norm and) ReLU."""
-    layers: list[nn.Module] = []
-    for c in (in_ch, out_ch):
-        # With batch norm a conv bias would be cancelled by the mean subtraction: leave it out.
-        layers.append(_CONV[config.ndim](c, out_ch, kernel_size=3, bias=not config.batch_norm))
-        if config.batch_norm:
-            layers.append(_NORM[config.ndim](out_ch))
-        layers.append(nn.ReLU(inplace=True))
-    return layers
-
-
-def _center_crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The centre ``shape`` of the spatial axes of ``x`` (n, c, *spatial)."""
-    starts = [(have - want) // 2 for have, want in zip(x.shape[2:], shape)]
-    index = tuple(slice(s, s + w) for s, w in zip(starts, shape))
-    return x[(slice(None), slice(None), *index)]
-
-
-class Up(nn.Module):
-    """One expanding level: up-conv halving the channels, crop-and-concat, two 3x3 convs."""
-
-    def __init__(self, in_ch: int, config: UNetConfig) -> None:
-        super().__init__()
-        self.up = _UPCONV[config.ndim](in_ch, in_ch // 2, kernel_size=2, stride=2)
-        self.convs = nn.Sequential(*_double_conv(in_ch, in_ch // 2, config))
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)  # (n, c, *s) -> (n, c/2, *2s)
-        skip = _center_crop(skip, x.shape[2:])  # (n, c/2, *2s), the contracting features
-        x = torch.cat([skip, x], dim=1)  # (n, c, *2s)
-        return cast(torch.Tensor, self.convs(x))  # (n, c/2, *(2s - 4))
-
-    def output_size(self, size: int | None, skip_size: int, axis: int) -> int | None:
-        """Output size along ``axis``; None if the skip is too small to crop or off-centre."""
-        up = sequence_output_size([self.up], size, axis)
-        if up is None or up > skip_size or (skip_size - up) % 2:
-            return None
-        return sequence_output_size(self.convs, up, axis)
+def _up_output_size(up: Up, size: int | None, skip_size: int, axis: int) -> int | None:
+    """Output size of an expanding level along ``axis``; None if the skip is too small to crop
+    or off-centre."""
+    size = sequence_output_size([up.up], size, axis)
+    if size is None or size > skip_size or (skip_size - size) % 2:
+        return None
+    return sequence_output_size(up.convs, size, axis)
 
 
 def _init_he_normal(module: nn.Module) -> None:
@@ -171,7 +139,7 @@ def _init_he_normal(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class UNet(nn.Module):
+class UNet(architecture.UNet):
     """The U-Net [1] (2D) or 3D U-Net [2]: ``(n, c, [z,] y, x)`` -> logits ``(n, k, [z,] y, x)``.
 
     The forward pass returns logits (no soft-max) of a smaller spatial shape: see
@@ -189,19 +157,11 @@ class UNet(nn.Module):
         batch_norm: bool = False,
         dropout: float = 0.5,
     ) -> None:
-        super().__init__()
-        self.config = config = UNetConfig(
+        config = UNetConfig(
             in_channels, num_classes, base_channels, depth, ndim, batch_norm, dropout
-        )
-        channels = [base_channels * 2**level for level in range(depth + 1)]  # 64 ... 1024
-        first = nn.Sequential(*_double_conv(in_channels, base_channels, config))
-        self.encoder = nn.ModuleList([first])
-        for c in channels[1:]:
-            pool = _POOL[ndim](kernel_size=2, stride=2)
-            self.encoder.append(nn.Sequential(pool, *_double_conv(c // 2, c, config)))
-        self.dropout = nn.Dropout(dropout)  # the end of the contracting path [1]
-        self.decoder = nn.ModuleList([Up(c, config) for c in reversed(channels[1:])])
-        self.head = _CONV[ndim](channels[0], num_classes, kernel_size=1)
+        )  # checked before any layer is built
+        super().__init__(**config.to_dict())
+        self.config = config
         self.apply(_init_he_normal)
 
     @classmethod
@@ -210,16 +170,9 @@ class UNet(nn.Module):
         return cls(**config.to_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch; shapes below are the paper's 572 tile at depth 4."""
+        """Logits for a batch, after checking its rank, channels and sizes."""
         self._check_input(x)
-        skips: list[torch.Tensor] = []
-        for block in self.encoder:
-            x = block(x)  # (n, 64, 568, 568), (n, 128, 280, 280), ..., (n, 1024, 28, 28)
-            skips.append(x)
-        x = self.dropout(skips.pop())  # (n, 1024, 28, 28), the bottom
-        for up in self.decoder:
-            x = up(x, skips.pop())  # (n, 512, 52, 52), ..., (n, 64, 388, 388)
-        return cast(torch.Tensor, self.head(x))  # (n, num_classes, 388, 388)
+        return super().forward(x)
 
     def _check_input(self, x: torch.Tensor) -> None:
         ndim, axes = self.config.ndim, ", ".join(_AXES[self.config.ndim])
@@ -252,7 +205,7 @@ class UNet(nn.Module):
             skips.append(size)
         size = sequence_output_size([self.dropout], skips.pop(), axis)  # the bottom
         for up in self.decoder:
-            size = cast(Up, up).output_size(size, skips.pop(), axis)
+            size = _up_output_size(cast(Up, up), size, skips.pop(), axis)
         return sequence_output_size([self.head], size, axis)
 
     @property
