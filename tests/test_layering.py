@@ -8,6 +8,7 @@ The package's folders, from the bottom up::
     output                what a run writes and records
     instances             instance labels, the object table
     models                the U-Net, its checkpoints, the shipped models
+    zoo                   models to and from bioimage.io packages
     prediction            plan, tasks, a task's work, the engine, the run
     training              sampling, augmentation, weight maps, the loop
     evaluation            scores against labels
@@ -41,6 +42,7 @@ LAYERS = [
     "output",
     "instances",
     "models",
+    "zoo",
     "prediction",
     "training",
     "evaluation",
@@ -61,6 +63,8 @@ TORCH = {
     "unet_volume.training.tile_stream",
     "unet_volume.testing",
     "unet_volume.testing.stores",
+    "unet_volume.zoo.documentation",
+    "unet_volume.zoo.export",
 }
 
 
@@ -267,3 +271,15 @@ def test_layering_no_module_starts_a_shell_or_a_process_from_user_strings(path: 
             )
         if isinstance(node, ast.keyword) and node.arg == "shell":
             raise AssertionError(f"{path.name}:{node.value.lineno} passes shell=")
+
+
+def test_layering_the_architecture_a_package_carries_imports_torch_alone() -> None:
+    # bioimage.io consumers import architecture.py by itself, with no unet-volume installed.
+    tree = ast.parse(MODULES["unet_volume.models.architecture"].read_text())
+    imported = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    imported |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert imported == {"torch", "typing"}

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from unet_volume.errors import GeometryError, InputError
+from unet_volume.models import architecture
 from unet_volume.models.unet import UNet, UNetConfig, count_conv_layers
 from unet_volume.tiling import UNetShape
 
@@ -275,3 +277,21 @@ def test_unet_config_round_trips_through_json() -> None:
 def test_unet_config_from_dict_rejects_unknown_keys() -> None:
     with pytest.raises(InputError, match="unknown U-Net config keys \\['padding'\\]"):
         UNetConfig.from_dict({"depth": 3, "padding": 1})
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_model_architecture_alone_and_scripted_give_the_unets_logits(ndim: int) -> None:
+    # What a bioimage.io package runs: the layers without the checks, eager and TorchScript.
+    torch.manual_seed(0)
+    net = UNet(base_channels=4, depth=2, ndim=ndim).eval()
+    plain = architecture.UNet(base_channels=4, depth=2, ndim=ndim).eval()
+    plain.load_state_dict(net.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
+        scripted = torch.jit.script(plain)
+    for size in (44, 52):
+        x = torch.randn(2, 1, *[size] * ndim)
+        with torch.inference_mode():
+            want = net(x)
+            assert torch.equal(plain(x), want)  # the same modules, called in the same order
+            torch.testing.assert_close(scripted(x), want, rtol=0, atol=1e-6)

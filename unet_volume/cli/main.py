@@ -26,6 +26,7 @@ from unet_volume.cli.common import (
 )
 from unet_volume.cli.segment import add_objects, add_segment
 from unet_volume.cli.train import add_ensemble, add_train, add_weights
+from unet_volume.cli.zoo import add_export
 from unet_volume.errors import UnetVolumeError
 from unet_volume.io.locations import check_no_credentials
 from unet_volume.io.retries import describe_faults
@@ -395,6 +396,15 @@ COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None], str, str]] 
         "the models shipped with unet-volume, with how they were made and how well they score",
         "List the shipped models: pass a name to --model (predict, plan) or --init (train) "
         "instead of a checkpoint path.",
+    ),
+    (
+        "export",
+        add_export,
+        "write a model as a bioimage.io package that other tools run",
+        "Write MODEL (a checkpoint, an ensemble or a shipped name) as a bioimage.io model "
+        "package (format 0.5): state-dict weights with the architecture's source, "
+        "TorchScript and ONNX, test tensors, the axes' voxel size, the valid-convolution sizes "
+        "and the trained normalisation; then run bioimageio.core's test of it.",
     ),
     (
         "convert",
