@@ -139,6 +139,7 @@ def test_cli_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str
         "convert",
         "ensemble",
         "evaluate",
+        "export",
         "models",
         "objects",
         "plan",
