@@ -65,6 +65,8 @@ TORCH = {
     "unet_volume.testing.stores",
     "unet_volume.zoo.documentation",
     "unet_volume.zoo.export",
+    "unet_volume.zoo.samples",
+    "unet_volume.zoo.weights",
 }
 
 

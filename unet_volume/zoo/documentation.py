@@ -1,15 +1,97 @@
-"""The model card a package carries as its documentation (``README.md``).
+"""What a package says of its model in words and records: name, description, citation,
+training data, unet-volume's own record, and the model card (``README.md``).
 
-The spec asks for a ``Validation`` section: how to check the model on new data. The card also
-says what the spec cannot state as a step: the label offset prediction applies, and that the
-figures were measured with test-time augmentation where they were.
+The spec asks the card for a ``Validation`` section: how to check the model on new data. The
+card also says what the spec cannot state as a step: the label offset prediction applies, and
+that the figures were measured with test-time augmentation where they were.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bioimageio.spec.dataset.v0_3 import DatasetDescr
+from bioimageio.spec.model.v0_5 import CiteEntry, Doi, HttpUrl
+
 from unet_volume.models.checkpoint import Checkpoint
 from unet_volume.models.shipped import ShippedModel, describe
 from unet_volume.models.unet import UNet
+
+_CITE = {
+    2: ("Ronneberger, Fischer, Brox. U-Net: Convolutional Networks for Biomedical Image "
+        "Segmentation. MICCAI 2015.", "10.1007/978-3-319-24574-4_28"),
+    3: ("Cicek, Abdulkadir, Lienkamp, Brox, Ronneberger. 3D U-Net: Learning Dense Volumetric "
+        "Segmentation from Sparse Annotation. MICCAI 2016.", "10.1007/978-3-319-46723-8_49"),
+}  # fmt: skip
+
+
+def name(model: str | os.PathLike[str], checkpoint: Checkpoint) -> str:
+    stem = Path(str(model)).stem if Path(str(model)).suffix else str(model)
+    return f"unet-volume {stem} ({checkpoint.config.ndim}D U-Net)"
+
+
+def description(checkpoint: Checkpoint) -> str:
+    config, offset = checkpoint.config, checkpoint.trained_input.label_offset
+    what = f"an ensemble of {checkpoint.members} " if checkpoint.members > 1 else "a "
+    nets = "U-Nets" if checkpoint.members > 1 else "U-Net"
+    text = (
+        f"{what}{config.ndim}D {nets} (depth {config.depth}, {config.base_channels} base "
+        "channels, valid convolutions) giving class probabilities; trained with unet-volume"
+    )
+    if any(offset):
+        text += f"; its labels lay {', '.join(f'{v:g}' for v in offset)} voxels off the image"
+    return text
+
+
+def citation(checkpoint: Checkpoint) -> CiteEntry:
+    """The paper of the net: the U-Net's, or the 3D U-Net's."""
+    text, doi = _CITE[checkpoint.config.ndim]
+    return CiteEntry(text=text, doi=Doi(doi))
+
+
+def tags(checkpoint: Checkpoint) -> list[str]:
+    return ["unet", "semantic-segmentation", f"{checkpoint.config.ndim}d", "pytorch", "unet-volume"]
+
+
+def classes(checkpoint: Checkpoint) -> list[str]:
+    """The output channels' names: the checkpoint's classes, else class0, class1, ..."""
+    names = checkpoint.metadata.get("classes")
+    if isinstance(names, list) and len(names) == checkpoint.config.num_classes:
+        return [str(c) for c in names]
+    return [f"class{i}" for i in range(checkpoint.config.num_classes)]
+
+
+def training_data(checkpoint: Checkpoint, shipped: ShippedModel | None) -> DatasetDescr | None:
+    """The data the net learnt from: a shipped model's record, else the checkpoint's files."""
+    data = (shipped.record.get("data") or {}) if shipped else {}
+    if data:
+        return DatasetDescr(
+            name=data["name"], description=data["name"], source=HttpUrl(data["source"])
+        )
+    training = checkpoint.metadata.get("training") or {}
+    if not training.get("image"):
+        return None
+    return DatasetDescr(
+        name=str(training["image"]),
+        description=f"image {training['image']}, labels {training.get('labels')}",
+    )
+
+
+def record(checkpoint: Checkpoint, shipped: ShippedModel | None) -> dict[str, Any]:
+    """What unet-volume knows of the net, as plain values: config, trained input, recipe."""
+    facts: dict[str, Any] = {
+        "checkpoint_sha256": checkpoint.sha256,
+        "networks": checkpoint.members,
+        "model": checkpoint.config.to_dict(),
+        "trained_input": checkpoint.trained_input.to_metadata()["input"],
+        "training": checkpoint.metadata.get("training"),
+    }
+    if shipped is not None:
+        facts["shipped"] = {"name": shipped.name, **shipped.record}
+    return json.loads(json.dumps(facts))
 
 
 def model_card(checkpoint: Checkpoint, shipped: ShippedModel | None, net: UNet) -> str:
