@@ -166,12 +166,9 @@ def test_package(path: str | os.PathLike[str]) -> str:
         summary = test_model(Path(path))
     if summary.status != "passed":
         failed = [d for d in summary.details if d.status == "failed"]
-        first = failed[0] if failed else None
-        why = (
-            f"{first.name}: {first.errors[0].msg if first and first.errors else ''}"
-            if first
-            else summary.status
-        )
+        why = failed[0].name if failed else summary.status
+        if failed and failed[0].errors:
+            why += f": {failed[0].errors[0].msg}"
         raise ExportError(
             f"{path} fails bioimageio.core's test ({why}); the package is kept for a look"
         )
